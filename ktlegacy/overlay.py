@@ -1,0 +1,309 @@
+"""The overlay engine: code that edits a pristine upstream ktransformers tree at build time.
+
+An overlay (one per file under ``overlays/``) is a small class that reads files of the
+tree and states its edits as anchored replacements. The engine guarantees, for the whole
+set of overlays:
+
+* **anchored**: every edit names the exact text it expects; a missing or ambiguous anchor
+  is *drift* and raises :class:`Drift`, one line naming the overlay, the file and the
+  expected text;
+* **all-or-nothing**: every edit is staged in memory first; if any overlay drifts, not a
+  byte of the tree is written;
+* **idempotent**: an edit whose result is already in the file is a no-op, so a second
+  ``patch`` on a patched tree changes nothing;
+* **reported**: each overlay's changes are printed; ``check=True`` reports without writing;
+* **digested**: the applied set has a content digest, written into the tree as
+  ``ktlegacy-overlays.json`` and later used as an image label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .arch import Arch
+from .errors import KtlegacyError
+from .refs import REFS, Ref, ref_for_version
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OVERLAYS_DIR = Path(os.environ.get("KTLEGACY_OVERLAYS_DIR", REPO_ROOT / "overlays"))
+MANIFEST_NAME = "ktlegacy-overlays.json"
+ALL_REFS = tuple(REFS)
+
+
+class Drift(KtlegacyError):
+    """Upstream is not what an overlay expects; the tree was left untouched."""
+
+
+@dataclass
+class Change:
+    overlay: str
+    path: str
+    what: str
+
+
+@dataclass
+class PatchContext:
+    arch: Arch
+    ref: Ref
+
+
+class StagedTree:
+    """A view of an upstream tree whose writes stay in memory until :meth:`commit`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._staged: dict[str, str] = {}
+        self._original: dict[str, str | None] = {}
+        self.changes: list[Change] = []
+        self.current_overlay = "?"
+
+    # -- reading -----------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return rel in self._staged or (self.root / rel).is_file()
+
+    def read(self, rel: str) -> str:
+        if rel in self._staged:
+            return self._staged[rel]
+        path = self.root / rel
+        if not path.is_file():
+            raise self.drift(rel, "the file to exist")
+        return path.read_text(encoding="utf-8")
+
+    def glob(self, pattern: str) -> list[str]:
+        """Relative paths (sorted) of files matching ``pattern`` under the root."""
+        return sorted(str(p.relative_to(self.root)) for p in self.root.glob(pattern) if p.is_file())
+
+    # -- writing (staged) --------------------------------------------------------------
+    def write(self, rel: str, text: str, what: str) -> None:
+        """Stage ``text`` as the new content of ``rel``; a write that changes nothing is no change."""
+        old = self.read(rel) if self.exists(rel) else None
+        if old == text:
+            return
+        if rel not in self._original:
+            self._original[rel] = old
+        self._staged[rel] = text
+        self.changes.append(Change(self.current_overlay, rel, what))
+
+    def replace(self, rel: str, old: str, new: str, *, count: int = 1, what: str | None = None) -> bool:
+        """Replace the anchor ``old`` by ``new`` in ``rel``, exactly ``count`` times.
+
+        Returns True if it edited, False if the edit was already there. Raises Drift if the
+        file holds neither ``count`` anchors nor the finished edit, or both forms at once.
+        """
+        if old == new:
+            raise ValueError("an edit must change something")
+        text = self.read(rel)
+        if new in text:
+            # Already applied. The unpatched form may not linger beside it.
+            rest = text.replace(new, "\0")
+            if old in rest:
+                raise self.drift(rel, f"either {_short(old)} or {_short(new)}, found both")
+            return False
+        found = text.count(old)
+        if found != count:
+            raise self.drift(rel, f"{count} occurrence(s) of {_short(old)}, found {found}")
+        self.write(rel, text.replace(old, new), what or f"{_short(old)} -> {_short(new)}")
+        return True
+
+    def sub(self, rel: str, pattern: str, repl, *, count: int | None = None, applied: str | None = None,
+            what: str) -> bool:
+        """Regex form of :meth:`replace` for anchors with variable whitespace.
+
+        ``count`` is the number of matches expected (None: at least one). ``applied`` is a
+        regex that, when it matches and ``pattern`` does not, means the edit is already there.
+        """
+        text = self.read(rel)
+        matches = list(re.finditer(pattern, text, flags=re.M))
+        if not matches and applied and re.search(applied, text, flags=re.M):
+            return False
+        if not matches or (count is not None and len(matches) != count):
+            raise self.drift(rel, f"{count or 'at least 1'} match(es) of /{pattern}/, found {len(matches)}")
+        self.write(rel, re.sub(pattern, repl, text, flags=re.M), what)
+        return True
+
+    def drift(self, rel: str, expected: str) -> Drift:
+        return Drift(f"overlay {self.current_overlay}: {rel}: expected {expected}; "
+                     "upstream drifted, tree left untouched (update the overlay or pick a supported --ref)")
+
+    # -- committing --------------------------------------------------------------------
+    @property
+    def changed_paths(self) -> list[str]:
+        return sorted(self._staged)
+
+    def commit(self) -> None:
+        """Write every staged file: all temp files first, then renames, so a failure while
+        writing temp files leaves the tree as it was."""
+        temps: list[tuple[Path, Path]] = []
+        try:
+            for rel in self.changed_paths:
+                dest = self.root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".ktlegacy-", dir=dest.parent)
+                with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+                    fh.write(self._staged[rel])
+                if dest.exists():
+                    os.chmod(tmp, dest.stat().st_mode & 0o7777)
+                else:
+                    os.chmod(tmp, 0o644)
+                temps.append((Path(tmp), dest))
+        except BaseException:
+            for tmp, _ in temps:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, dest in temps:
+            os.replace(tmp, dest)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    one = " ".join(text.split())
+    return repr(one if len(one) <= limit else one[: limit - 3] + "...")
+
+
+class Overlay:
+    """Base class of an overlay. Subclasses set the attributes and implement :meth:`apply`."""
+
+    name: str = ""          # short id, e.g. "torch-linear-rules"
+    summary: str = ""       # one line: what it does and why
+    refs: tuple = ALL_REFS  # the refs whose code it was written against
+
+    def applies_to(self, ref: Ref) -> bool:
+        return ref.name in self.refs
+
+    def apply(self, tree: StagedTree, ctx: PatchContext) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def load_overlays(directory: Path = OVERLAYS_DIR) -> list[tuple[Overlay, Path]]:
+    """Import every ``overlays/*.py`` and return its ``OVERLAY`` with its source file, in
+    file-name order (files are numbered where order matters)."""
+    found = []
+    for path in sorted(Path(directory).glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"ktlegacy_overlays.{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        overlay = getattr(module, "OVERLAY", None)
+        if not isinstance(overlay, Overlay):
+            raise KtlegacyError(f"{path}: an overlay file must define OVERLAY = <Overlay subclass>()")
+        found.append((overlay, path))
+    if not found:
+        raise KtlegacyError(f"no overlays found in {directory}")
+    return found
+
+
+def detect_ref(src: Path) -> Ref:
+    """The supported ref of an upstream tree: from the record ``fetch-source`` wrote,
+    else from ``ktransformers.__version__``."""
+    record = src / "ktlegacy-source.json"
+    if record.is_file():
+        name = json.loads(record.read_text()).get("ref", "")
+        if name in REFS:
+            return REFS[name]
+    init = src / "ktransformers" / "__init__.py"
+    if not init.is_file():
+        raise KtlegacyError(f"{src} is not a ktransformers source tree (no ktransformers/__init__.py); "
+                            "fetch one with: invoke fetch-source --ref REF --dest DIR")
+    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", init.read_text(encoding="utf-8"))
+    version = m.group(1) if m else "?"
+    ref = ref_for_version(version)
+    if ref is None:
+        raise KtlegacyError(f"{src} holds ktransformers {version}, which no overlay set supports; "
+                            f"supported refs: {', '.join(REFS)} (pass --ref to force one)")
+    return ref
+
+
+def digest(overlay_files: Iterable[Path], arch: Arch, ref: Ref) -> str:
+    """sha256 over the applied overlays' source (plus the files they ship), arch and ref."""
+    h = hashlib.sha256()
+    h.update(f"arch={arch.name}\nref={ref.name}\n".encode())
+    for path in sorted(set(overlay_files)):
+        rel = path.relative_to(OVERLAYS_DIR) if path.is_relative_to(OVERLAYS_DIR) else Path(path.name)
+        h.update(f"\0{rel.as_posix()}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass
+class PatchResult:
+    ref: Ref
+    arch: Arch
+    digest: str
+    applied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    written: bool = False
+
+
+def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = False,
+               overlays: list[tuple[Overlay, Path]] | None = None,
+               out: Callable[[str], None] = print) -> PatchResult:
+    """Apply every overlay that declares ``ref`` to the tree at ``src``, all or nothing."""
+    src = Path(src)
+    if not src.is_dir():
+        raise KtlegacyError(f"source tree {src} does not exist; fetch one with: invoke fetch-source --dest {src}")
+    ref = ref or detect_ref(src)
+    overlays = overlays if overlays is not None else load_overlays()
+    ctx = PatchContext(arch=arch, ref=ref)
+    tree = StagedTree(src)
+    applied, skipped, files = [], [], []
+    for overlay, path in overlays:
+        if not overlay.applies_to(ref):
+            skipped.append(overlay.name)
+            continue
+        tree.current_overlay = overlay.name
+        overlay.apply(tree, ctx)  # raises Drift before anything is written
+        applied.append(overlay.name)
+        files.append(path)
+        files.extend(getattr(overlay, "shipped_files", lambda: [])())
+    result = PatchResult(ref=ref, arch=arch, digest=digest(files, arch, ref),
+                         applied=applied, skipped=skipped)
+
+    manifest = {
+        "ktlegacy_version": _version(),
+        "ref": ref.name,
+        "arch": arch.name,
+        "overlay_digest": result.digest,
+        "overlays": applied,
+    }
+    tree.current_overlay = "manifest"
+    tree.write(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n", f"overlay digest {result.digest[:12]}")
+    result.changes = list(tree.changes)
+
+    verb = "would change" if check else "changed"
+    for name in applied:
+        mine = [c for c in tree.changes if c.overlay == name]
+        if not mine:
+            out(f"{name}: already applied, nothing to change")
+        for c in mine:
+            out(f"{name}: {verb} {c.path}: {c.what}")
+    for name in skipped:
+        out(f"{name}: not for ref {ref.name}, skipped")
+    code_changes = [c for c in tree.changes if c.overlay != "manifest"]
+    if not check and tree.changed_paths:
+        tree.commit()
+        result.written = True
+    summary = "would change" if check else "changed"
+    out(f"ref {ref.name}, arch {arch.name}: {len(applied)} overlays, {summary} "
+        f"{len({c.path for c in code_changes})} files; overlay digest {result.digest}")
+    return result
+
+
+def read_manifest(src: Path) -> dict | None:
+    path = Path(src) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__

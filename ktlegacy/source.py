@@ -1,0 +1,180 @@
+"""Get a pristine upstream ktransformers tree: from the PyPI sdist, a git ref, or a local directory.
+
+Every tree this module produces carries ``ktlegacy-source.json`` at its root, recording
+where it came from (ref, origin, sha256 or resolved commit). The overlay engine reads it to
+pick the overlay set, and the image build turns it into OCI labels.
+
+Failures (hash mismatch, unknown ref, network) are one-line :class:`KtlegacyError`s and leave
+``dest`` as it was: everything is fetched into a temporary directory next to ``dest`` and
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .errors import KtlegacyError
+from .refs import PYPI_SIMPLE_URL, REFS, UPSTREAM_GIT_URL, Ref, get_ref
+
+RECORD_NAME = "ktlegacy-source.json"
+CACHE_DIR = Path(os.environ.get("KTLEGACY_CACHE", Path.home() / ".cache" / "ktlegacy"))
+
+
+def read_record(tree: Path) -> dict:
+    path = Path(tree) / RECORD_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# -- sdist -------------------------------------------------------------------------------------
+
+def _simple_index_url(project: str, filename: str, index: str) -> str:
+    """Find ``filename``'s download URL on a PEP 691 (JSON) or PEP 503 (HTML) simple index."""
+    url = f"{index.rstrip('/')}/{project}/"
+    req = urllib.request.Request(url, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            body = resp.read().decode("utf-8", "replace")
+            ctype = resp.headers.get("Content-Type", "")
+    except (urllib.error.URLError, OSError) as exc:
+        raise KtlegacyError(f"cannot reach the package index {url}: {exc}; "
+                            "set --index-url / PIP_INDEX_URL to a mirror you can reach") from None
+    if "json" in ctype:
+        for entry in json.loads(body).get("files", []):
+            if entry.get("filename") == filename:
+                return urllib.parse.urljoin(url, entry["url"])
+    else:
+        import re
+        for href in re.findall(r'href="([^"]+)"', body):
+            if href.split("#")[0].rsplit("/", 1)[-1] == filename:
+                return urllib.parse.urljoin(url, href.split("#")[0])
+    raise KtlegacyError(f"{filename} is not listed on {url}; is the index a full PyPI mirror?")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_sdist(ref: Ref, index: str = PYPI_SIMPLE_URL, cache: Path = CACHE_DIR) -> Path:
+    """The ref's sdist, from the cache if its hash matches, else from the index (then verified)."""
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / ref.filename
+    if target.is_file() and _sha256(target) == ref.sha256:
+        return target
+    url = _simple_index_url("ktransformers", ref.filename, index)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".download-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=300) as resp:
+            shutil.copyfileobj(resp, out)
+        got = _sha256(Path(tmp))
+        if got != ref.sha256:
+            raise KtlegacyError(f"{ref.filename} from {url} has sha256 {got}, expected {ref.sha256}; "
+                                "the mirror serves a different file, refusing it")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as exc:
+        raise KtlegacyError(f"downloading {url} failed: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _extract_sdist(archive: Path, into: Path) -> None:
+    with tarfile.open(archive) as tar:
+        top = {m.name.split("/", 1)[0] for m in tar.getmembers()}
+        if len(top) != 1:
+            raise KtlegacyError(f"{archive} does not have a single top-level directory")
+        tar.extractall(into.parent / ".sdist-extract", filter="data")
+    inner = into.parent / ".sdist-extract" / top.pop()
+    os.replace(inner, into)
+    shutil.rmtree(into.parent / ".sdist-extract", ignore_errors=True)
+
+
+# -- git ---------------------------------------------------------------------------------------
+
+def _git(*args: str, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise KtlegacyError("git is not installed; install it or fetch the sdist ref 0.2.1.post1") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise KtlegacyError(f"git {' '.join(args[:2])} failed: {last}")
+    return proc.stdout.strip()
+
+
+def _clone(url: str, rev: str, into: Path) -> str:
+    """Clone ``url`` at tag/branch/commit ``rev`` with submodules; return the resolved commit."""
+    _git("init", "-q", str(into))
+    _git("remote", "add", "origin", url, cwd=into)
+    _git("fetch", "-q", "--depth", "1", "origin", rev, cwd=into)
+    _git("checkout", "-q", "FETCH_HEAD", cwd=into)
+    _git("submodule", "update", "-q", "--init", "--recursive", "--depth", "1", cwd=into)
+    return _git("rev-parse", "HEAD", cwd=into)
+
+
+# -- front -------------------------------------------------------------------------------------
+
+def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = None,
+                 local: Path | None = None, index: str = PYPI_SIMPLE_URL,
+                 force: bool = False) -> dict:
+    """Make ``dest`` a pristine upstream tree and return its record.
+
+    Exactly one origin: ``local`` (copy a directory), ``git_url`` (clone at ``ref``, which may be
+    a tag or a commit), or a supported ``ref`` (sdist refs from PyPI, git refs from upstream).
+    """
+    dest = Path(dest)
+    occupied = dest.is_file() or (dest.is_dir() and any(dest.iterdir()))
+    if occupied and not force:
+        raise KtlegacyError(f"{dest} already exists and is not empty; pick another --dest or pass --force")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=parent))
+    tree = work / "tree"
+    try:
+        if local is not None:
+            local = Path(local)
+            if not (local / "ktransformers" / "__init__.py").is_file():
+                raise KtlegacyError(f"{local} is not a ktransformers source tree (no ktransformers/__init__.py)")
+            shutil.copytree(local, tree, symlinks=True)
+            record = {"ref": ref or "", "origin": "local", "path": str(local.resolve())}
+        elif git_url is not None:
+            if not ref:
+                raise KtlegacyError("--git-url needs --ref with a tag or commit to check out")
+            commit = _clone(git_url, ref, tree)
+            record = {"ref": ref, "origin": "git", "url": git_url, "commit": commit}
+        else:
+            r = get_ref(ref or "")
+            if r.kind == "sdist":
+                archive = download_sdist(r, index)
+                _extract_sdist(archive, tree)
+                record = {"ref": r.name, "origin": "sdist", "file": r.filename, "sha256": r.sha256,
+                          "commit": ""}
+            else:
+                commit = _clone(UPSTREAM_GIT_URL, r.name, tree)
+                record = {"ref": r.name, "origin": "git", "url": UPSTREAM_GIT_URL, "commit": commit}
+        if record["ref"] and record["ref"] not in REFS:
+            # A commit or an unsupported tag: keep it, patch will detect the version itself.
+            record["note"] = "not a supported ref; overlays pick their set from ktransformers.__version__"
+        (tree / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tree, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return record

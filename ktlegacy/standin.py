@@ -1,0 +1,65 @@
+"""A stand-in base image for machines that cannot pull ``nvidia/cuda`` (CI, air-gapped tests).
+
+``debootstrap`` builds a minimal Debian bookworm root file system from Debian's own mirror and
+``docker import`` turns it into an image. It has no CUDA: it exercises every stage of the real
+Dockerfile that needs none (source + overlays, the flash-attn stub, runtime wiring, smoke tests).
+The root file system tarball is cached so later runs only re-import it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import KtlegacyError
+from .source import CACHE_DIR
+
+STANDIN_IMAGE = "ktlegacy-standin/bookworm:base"
+SUITE = "bookworm"
+MIRROR = os.environ.get("KTLEGACY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+# What the real CUDA base images also have (python3 comes from the toolchain stage there too,
+# but a python is needed to run the stand-in's smoke tests and the library).
+PACKAGES = ["ca-certificates", "python3", "python3-venv", "python3-pip", "git"]
+
+
+def rootfs_tarball(cache: Path = CACHE_DIR) -> Path:
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    tarball = cache / f"standin-{SUITE}-{'-'.join(sorted(PACKAGES))}.tar"
+    with open(cache / ".standin.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs build it once
+        if tarball.is_file():
+            return tarball
+        if not shutil.which("debootstrap"):
+            raise KtlegacyError("debootstrap is not installed; run tests/host-setup (apt-get install debootstrap)")
+        root = Path(tempfile.mkdtemp(prefix="standin-root-", dir=cache))
+        try:
+            proc = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+                                   SUITE, str(root), MIRROR], capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+                raise KtlegacyError(f"debootstrap {SUITE} failed: {tail}")
+            tmp = tarball.with_suffix(".tmp")
+            subprocess.run(["tar", "-C", str(root), "-cf", str(tmp), "."], check=True)
+            os.replace(tmp, tarball)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return tarball
+
+
+def ensure_standin_image(docker_path: str = "/usr/bin/docker", tag: str = STANDIN_IMAGE) -> str:
+    """Import the stand-in base as ``tag`` unless the daemon already has it; return the tag."""
+    if subprocess.run([docker_path, "image", "inspect", tag], capture_output=True).returncode == 0:
+        return tag
+    tarball = rootfs_tarball()
+    with open(tarball, "rb") as fh:
+        proc = subprocess.run([docker_path, "import", "--change", "CMD [\"/bin/bash\"]",
+                               "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                               "-", tag], stdin=fh, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KtlegacyError(f"docker import of the stand-in base failed: {proc.stderr.strip()[-200:]}")
+    return tag

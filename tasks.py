@@ -1,0 +1,65 @@
+"""Invoke tasks: a thin front over the ``ktlegacy`` library (run ``invoke --list``).
+
+Each task parses its flags and calls one library function; errors are the library's
+one-line ``KtlegacyError``s, printed as ``error: ...`` with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from invoke import task
+
+from ktlegacy.errors import KtlegacyError
+
+
+def one_line_errors(fn):
+    """Print a KtlegacyError as one line and exit with its code (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KtlegacyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+@task(help={
+    "ref": "supported ref (0.2.1.post1, v0.2.4post1, v0.3.1, v0.3.2) or, with --git-url, any tag/commit",
+    "dest": "directory to create with the pristine tree",
+    "git-url": "clone this repository instead of the default origin of the ref",
+    "local": "copy this local ktransformers tree instead",
+    "index-url": "PyPI simple index for the sdist (a mirror behind a firewall)",
+    "force": "replace a non-empty --dest",
+})
+@one_line_errors
+def fetch_source(c, dest, ref=None, git_url=None, local=None, index_url=None, force=False):
+    """Get a pristine upstream ktransformers tree (sdist hash-checked, git commit recorded)."""
+    from ktlegacy.cli import main
+    argv = ["fetch-source", "--dest", dest]
+    for flag, value in (("--ref", ref), ("--git-url", git_url), ("--local", local), ("--index-url", index_url)):
+        if value:
+            argv += [flag, value]
+    if force:
+        argv.append("--force")
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
+@task(help={
+    "src": "upstream tree to patch (from fetch-source)",
+    "arch": "sm70 (V100) or sm75 (T4, RTX 2080 Ti)",
+    "ref": "force the overlay set of this ref (default: detected from the tree)",
+    "check": "say what would change without writing",
+})
+@one_line_errors
+def patch(c, src, arch, ref=None, check=False):
+    """Apply the sm70/sm75 overlays to an upstream tree: all or nothing, idempotent."""
+    from ktlegacy.arch import get_arch
+    from ktlegacy.overlay import patch_tree
+    from ktlegacy.refs import get_ref
+    patch_tree(Path(src), get_arch(arch), ref=get_ref(ref) if ref else None, check=check)
