@@ -1,0 +1,48 @@
+#!/bin/sh
+# Entrypoint of the GPU profiles (compose.yaml mounts it read-only): start upstream's ktransformers
+# server on the patched rule file named by KTLEGACY_RULES, with the model mounted at /models.
+# Each refusal is one line naming what is wrong and how to fix it; the real preflight is
+# `invoke doctor` on the host - this only catches what can only be seen inside the container.
+set -eu
+
+fail() { echo "ktlegacy serve: error: $*" >&2; exit 2; }
+
+state="${KTLEGACY_STATE_DIR:-/var/lib/ktlegacy}"
+mkdir -p "$state/logs" 2>/dev/null || fail "state dir $state is not writable by uid $(id -u): mount a writable tmpfs or volume there"
+
+[ -f /models/hf/config.json ] || fail "no config.json in /models/hf: set KTLEGACY_MODEL_DIR in compose/.env to the model's Hugging Face config/tokenizer directory"
+ls /models/gguf/*.gguf >/dev/null 2>&1 || fail "no *.gguf in /models/gguf: set KTLEGACY_GGUF_DIR in compose/.env to the directory holding the GGUF file(s)"
+
+rules="${KTLEGACY_RULES:?KTLEGACY_RULES is empty: name a rule file (compose/.env)}"
+case "$rules" in
+  /*) ;;  # an absolute path: a rule file the user mounted
+  *)
+    rules_dir=$(python3 -c 'import os, ktransformers; print(os.path.join(os.path.dirname(ktransformers.__file__), "optimize", "optimize_rules"))') \
+      || fail "python3 in this image cannot import ktransformers: is this a ktlegacy runtime image?"
+    rules="$rules_dir/$rules"
+    ;;
+esac
+[ -f "$rules" ] || fail "rule file $rules does not exist: set KTLEGACY_RULES to a file of the image's optimize_rules directory or an absolute path"
+# sm70/sm75 have no Marlin or FP8 kernels; the image's overlays rewrote them to Torch ops
+if grep -Eq 'KLinearMarlin|KExpertsMarlin|VLinearMarlin|KLinearFP8' "$rules"; then
+  fail "rule file $rules still uses Marlin/FP8 ops (sm80+ only): use the patched rule files of a ktlegacy image"
+fi
+
+if command -v ktransformers >/dev/null 2>&1; then
+  set -- ktransformers
+else
+  set -- python3 -m ktransformers.server.main
+fi
+echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer ${KTLEGACY_CPU_INFER}, max_new_tokens ${KTLEGACY_MAX_NEW_TOKENS}, cache_lens ${KTLEGACY_CACHE_LENS}" >&2
+# KTLEGACY_SERVER_ARGS is split on spaces on purpose: extra upstream flags from .env
+# shellcheck disable=SC2086
+exec "$@" \
+  --host 0.0.0.0 --port 10002 \
+  --model_path /models/hf --gguf_path /models/gguf \
+  --optimize_config_path "$rules" \
+  --model_name "${KTLEGACY_MODEL_NAME:-ktransformers}" \
+  --cpu_infer "${KTLEGACY_CPU_INFER}" \
+  --max_new_tokens "${KTLEGACY_MAX_NEW_TOKENS}" \
+  --cache_lens "${KTLEGACY_CACHE_LENS}" \
+  --log_dir "$state/logs" --db_host "$state" \
+  ${KTLEGACY_SERVER_ARGS:-}
