@@ -63,6 +63,7 @@ class StagedTree:
         self.root = Path(root)
         self._staged: dict[str, str] = {}
         self._original: dict[str, str | None] = {}
+        self._newline: dict[str, str] = {}  # files whose line ends are CRLF on disk
         self.changes: list[Change] = []
         self.current_overlay = "?"
 
@@ -76,7 +77,15 @@ class StagedTree:
         path = self.root / rel
         if not path.is_file():
             raise self.drift(rel, "the file to exist")
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes().decode("utf-8")
+        # Overlays see "\n" line ends; a CRLF file is written back as CRLF (see commit), so
+        # an edit never rewrites the line ends of lines it did not touch. A file mixing both
+        # is shown as it is: anchors with "\n" then miss and the overlay reports drift.
+        crlf, lf = raw.count("\r\n"), raw.count("\n")
+        if crlf and crlf == lf:
+            self._newline[rel] = "\r\n"
+            return raw.replace("\r\n", "\n")
+        return raw
 
     def glob(self, pattern: str) -> list[str]:
         """Relative paths (sorted) of files matching ``pattern`` under the root."""
@@ -130,6 +139,22 @@ class StagedTree:
         self.write(rel, re.sub(pattern, repl, text, flags=re.M), what)
         return True
 
+    def insert_line(self, rel: str, line: str, *, after: str, what: str | None = None) -> bool:
+        """Insert ``line`` after the first line matching the regex ``after`` (an import
+        after ``^import torch$``, say). Returns False if ``line`` is already in the file.
+        Raises Drift if no line matches ``after``."""
+        text = self.read(rel)
+        if re.search(r"^" + re.escape(line) + r"$", text, flags=re.M):
+            return False
+        m = re.search(after, text, flags=re.M)
+        if not m:
+            raise self.drift(rel, f"a line matching /{after}/ to insert {_short(line)} after")
+        end = text.find("\n", m.end())
+        end = len(text) if end < 0 else end + 1
+        prefix = text[:end] if text[:end].endswith("\n") or not text[:end] else text[:end] + "\n"
+        self.write(rel, prefix + line + "\n" + text[end:], what or f"added {_short(line)}")
+        return True
+
     def drift(self, rel: str, expected: str) -> Drift:
         return Drift(f"overlay {self.current_overlay}: {rel}: expected {expected}; "
                      "upstream drifted, tree left untouched (update the overlay or pick a supported --ref)")
@@ -148,8 +173,11 @@ class StagedTree:
                 dest = self.root / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=".ktlegacy-", dir=dest.parent)
+                text = self._staged[rel]
+                if self._newline.get(rel) == "\r\n":
+                    text = text.replace("\n", "\r\n")
                 with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                    fh.write(self._staged[rel])
+                    fh.write(text)
                 if dest.exists():
                     os.chmod(tmp, dest.stat().st_mode & 0o7777)
                 else:
@@ -224,11 +252,19 @@ def detect_ref(src: Path) -> Ref:
 
 
 def digest(overlay_files: Iterable[Path], arch: Arch, ref: Ref) -> str:
-    """sha256 over the applied overlays' source (plus the files they ship), arch and ref."""
+    """sha256 over the applied overlays' source (plus the files they ship), arch and ref.
+
+    The engine's own source is hashed too: its edit helpers shape what an overlay writes,
+    so a change there is a change of the applied set."""
     h = hashlib.sha256()
     h.update(f"arch={arch.name}\nref={ref.name}\n".encode())
-    for path in sorted(set(overlay_files)):
-        rel = path.relative_to(OVERLAYS_DIR) if path.is_relative_to(OVERLAYS_DIR) else Path(path.name)
+    for path in sorted(set(Path(p) for p in overlay_files)) + [Path(__file__).resolve()]:
+        if path.is_relative_to(OVERLAYS_DIR):
+            rel = path.relative_to(OVERLAYS_DIR)
+        elif path.is_relative_to(REPO_ROOT):
+            rel = path.relative_to(REPO_ROOT)
+        else:
+            rel = Path(path.name)
         h.update(f"\0{rel.as_posix()}\0".encode())
         h.update(path.read_bytes())
     return h.hexdigest()

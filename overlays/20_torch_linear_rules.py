@@ -1,0 +1,130 @@
+"""torch-linear-rules: Marlin and FP8 ops in the optimize rules become their Torch equivalents.
+
+Marlin kernels (KLinearMarlin, VLinearMarlin, KExpertsMarlin) use sm80 tensor-core
+instructions; KLinearFP8 needs fp8 GEMMs (sm89+). Below sm80 the rules must name the Torch
+ops, which dequantize the GGUF weights and run a plain matmul. The edit is textual, anchored on
+the ``generate_op:`` / ``prefill_op:`` keys, so comments and layout stay as they were; the
+rule files parsed before and after differ only in those op values, which the overlay checks.
+The Python defaults of the same arguments (``generate_op="KLinearMarlin"``) change too.
+"""
+
+import re
+
+import yaml
+
+from ktlegacy.overlay import ALL_REFS, Overlay
+
+# sm80+-only op -> the Torch op of the same family (present in every supported ref).
+TORCH_EQUIVALENT = {
+    "KLinearMarlin": "KLinearTorch",
+    "VLinearMarlin": "KLinearTorch",
+    "KLinearFP8": "KLinearTorch",
+    "KExpertsMarlin": "KExpertsTorch",
+}
+RULES_GLOBS = ("ktransformers/optimize/optimize_rules/**/*.yaml", "ktransformers/optimize/optimize_rules/**/*.yml")
+OPS = "|".join(TORCH_EQUIVALENT)
+# One block-style key per line: `generate_op: "KLinearMarlin"  # comment` (quotes optional).
+RULE_LINE = re.compile(
+    r"^(?P<pre>[ \t]*(?:-[ \t]+)?(?:generate_op|prefill_op)[ \t]*:[ \t]*)(?P<q>[\"']?)(?P<op>" + OPS
+    + r")(?P=q)(?P<post>[ \t]*(?:#.*)?)$", re.M)
+# Python keyword defaults: `generate_op: str| None = "KLinearMarlin",`
+PY_DEFAULT = re.compile(r"(?P<pre>\b(?:generate_op|prefill_op)\s*:\s*str\s*\|\s*None\s*=\s*)(?P<q>[\"'])(?P<op>"
+                        + OPS + r")(?P=q)")
+PY_FILES = {  # file -> whether the ref must have such a default there
+    "ktransformers/operators/linear.py": True,
+    "ktransformers/operators/gate.py": False,
+    "ktransformers/operators/experts.py": False,
+}
+REGISTRIES = {  # the Torch ops must exist in the tree's op maps
+    "ktransformers/operators/linear.py": '"KLinearTorch": KLinearTorch',
+    "ktransformers/operators/experts.py": '"KExpertsTorch": KExpertsTorch',
+}
+
+
+def _sm80_values(node, path=()):
+    """Paths of every scalar in a parsed rule file that names an sm80-only op."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _sm80_values(value, path + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _sm80_values(value, path + (i,))
+    elif isinstance(node, str) and node in TORCH_EQUIVALENT:
+        yield path
+
+
+def _only_ops_changed(before, after) -> bool:
+    """True if ``after`` is ``before`` with sm80 op values replaced by their equivalents."""
+    if isinstance(before, dict):
+        return (isinstance(after, dict) and list(before) == list(after)
+                and all(_only_ops_changed(before[k], after[k]) for k in before))
+    if isinstance(before, list):
+        return isinstance(after, list) and len(before) == len(after) and all(
+            _only_ops_changed(b, a) for b, a in zip(before, after))
+    if isinstance(before, str) and before in TORCH_EQUIVALENT:
+        return after == TORCH_EQUIVALENT[before]
+    return before == after and type(before) is type(after)
+
+
+class TorchLinearRulesOverlay(Overlay):
+    name = "torch-linear-rules"
+    summary = "optimize rules: Marlin/FP8 ops -> KLinearTorch / KExpertsTorch (sm80+ kernels)"
+    refs = ALL_REFS
+
+    def apply(self, tree, ctx):
+        for rel, anchor in REGISTRIES.items():
+            if anchor not in tree.read(rel):
+                raise tree.drift(rel, f"the op map entry {anchor!r}")
+        rules = sorted({rel for pattern in RULES_GLOBS for rel in tree.glob(pattern)})
+        if not rules:
+            raise tree.drift("ktransformers/optimize/optimize_rules", "optimize-rule YAML files")
+        for rel in rules:
+            self._rule_file(tree, rel)
+        for rel, required in PY_FILES.items():
+            self._python_defaults(tree, rel, required)
+
+    def _rule_file(self, tree, rel):
+        text = tree.read(rel)
+        try:
+            before = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise tree.drift(rel, f"valid YAML ({str(exc).splitlines()[0]})") from None
+        counts = {}
+
+        def swap(m):
+            counts[m["op"]] = counts.get(m["op"], 0) + 1
+            return f'{m["pre"]}{m["q"]}{TORCH_EQUIVALENT[m["op"]]}{m["q"]}{m["post"]}'
+
+        new = RULE_LINE.sub(swap, text)
+        after = list(yaml.safe_load_all(new))
+        left = [p for doc in after for p in _sm80_values(doc)]
+        if left:
+            where = "/".join(str(x) for x in left[0])
+            raise tree.drift(rel, f"sm80 ops only as block-style generate_op:/prefill_op: values, found one at {where}")
+        if not _only_ops_changed(before, after):
+            raise tree.drift(rel, "an edit that changes only op values (the parsed rules differ elsewhere)")
+        if counts:
+            what = ", ".join(f"{op} -> {TORCH_EQUIVALENT[op]} x{n}" for op, n in sorted(counts.items()))
+            tree.write(rel, new, what)
+
+    def _python_defaults(self, tree, rel, required):
+        if not tree.exists(rel):
+            if required:
+                tree.read(rel)  # raises Drift naming the file
+            return
+        text = tree.read(rel)
+        counts = {}
+
+        def swap(m):
+            counts[m["op"]] = counts.get(m["op"], 0) + 1
+            return f'{m["pre"]}{m["q"]}{TORCH_EQUIVALENT[m["op"]]}{m["q"]}'
+
+        new = PY_DEFAULT.sub(swap, text)
+        if counts:
+            what = "default " + ", ".join(f"{op} -> {TORCH_EQUIVALENT[op]} x{n}" for op, n in sorted(counts.items()))
+            tree.write(rel, new, what)
+        elif required and not re.search(r'\bgenerate_op\s*:\s*str\s*\|\s*None\s*=\s*"KLinearTorch"', text):
+            raise tree.drift(rel, 'a generate_op default of "KLinearMarlin" (or the patched "KLinearTorch")')
+
+
+OVERLAY = TorchLinearRulesOverlay()
