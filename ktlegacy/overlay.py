@@ -140,8 +140,9 @@ class StagedTree:
         return True
 
     def insert_line(self, rel: str, line: str, *, after: str, what: str | None = None) -> bool:
-        """Insert ``line`` after the first line matching the regex ``after`` (an import
-        after ``^import torch$``, say). Returns False if ``line`` is already in the file.
+        """Insert ``line`` (one line or a block of lines) after the first line matching the
+        regex ``after`` (an import after ``^import torch$``, say). Returns False if ``line``
+        is already in the file, as whole lines.
         Raises Drift if no line matches ``after``."""
         text = self.read(rel)
         if re.search(r"^" + re.escape(line) + r"$", text, flags=re.M):

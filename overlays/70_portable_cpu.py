@@ -7,7 +7,12 @@ normalises the value and refuses unknown ones. From v0.3.1 the extension's CMake
 probes ``lscpu`` and turns on AVX512 and AMX code whenever the *build host* has them, whatever
 was asked; the overlay lets that probe count only for NATIVE builds and otherwise derives it
 from the requested LLAMA_AVX512 option (AMX stays off: no CPU_INSTRUCT value asks for it).
+From v0.2.4post1 the optional balance_serve extension (USE_BALANCE_SERVE=1) hard-codes
+``-march=native`` in three CMakeLists; setup.py hands it the same LLAMA_* options, so the
+overlay makes its flag follow them too.
 """
+
+import re
 
 from ktlegacy.overlay import ALL_REFS, Overlay
 
@@ -36,6 +41,22 @@ PROBE_GATED = PROBE + (
     "    endif()\n")
 
 
+BALANCE_ROOT = "csrc/balance_serve/CMakeLists.txt"
+BALANCE_PROJECT = r"^project\(balance_serve\b.*\)$"
+MARCH_VAR = (
+    "# ktlegacy: -march=native only for a NATIVE build; otherwise the instruction set setup.py\n"
+    "# asked for (it passes the same LLAMA_* options to every extension).\n"
+    "if (NOT DEFINED LLAMA_NATIVE OR LLAMA_NATIVE)\n"
+    "    set(KTLEGACY_MARCH \"-march=native\")\n"
+    "elseif (LLAMA_AVX512)\n"
+    "    set(KTLEGACY_MARCH \"-mavx -mavx2 -mfma -mf16c -mavx512f -mavx512bw\")\n"
+    "else()\n"
+    "    set(KTLEGACY_MARCH \"-mavx -mavx2 -mfma -mf16c\")\n"
+    "endif()")
+# An active (uncommented) `set(CMAKE_CXX_FLAGS "... -march=native ...")`.
+NATIVE_FLAGS = r'^([ \t]*set\(CMAKE_CXX_FLAGS "[^"\n]*?)-march=native([^"\n]*"\))'
+
+
 class PortableCpuOverlay(Overlay):
     name = "portable-cpu"
     summary = "C++ build: CPU_INSTRUCT validated; host lscpu AVX512/AMX probe only for NATIVE builds"
@@ -45,6 +66,16 @@ class PortableCpuOverlay(Overlay):
         tree.replace(SETUP, CHOICE, CHECKED_CHOICE, what="CPU_INSTRUCT normalised, unknown values refused")
         if ctx.ref.name in ("v0.3.1", "v0.3.2"):
             tree.replace(EXT_CMAKE, PROBE, PROBE_GATED, what="lscpu AVX512/AMX probe only for NATIVE builds")
+        if ctx.ref.name != "0.2.1.post1":
+            self._balance_serve(tree)
+
+    def _balance_serve(self, tree):
+        tree.insert_line(BALANCE_ROOT, MARCH_VAR, after=BALANCE_PROJECT,
+                         what="KTLEGACY_MARCH from the requested instruction set")
+        for rel in tree.glob("csrc/balance_serve/**/CMakeLists.txt"):
+            if re.search(NATIVE_FLAGS, tree.read(rel), flags=re.M):
+                tree.sub(rel, NATIVE_FLAGS, r"\1${KTLEGACY_MARCH}\2",
+                         what="-march=native -> ${KTLEGACY_MARCH}")
 
 
 OVERLAY = PortableCpuOverlay()
