@@ -63,3 +63,36 @@ def patch(c, src, arch, ref=None, check=False):
     from ktlegacy.overlay import patch_tree
     from ktlegacy.refs import get_ref
     patch_tree(Path(src), get_arch(arch), ref=get_ref(ref) if ref else None, check=check)
+
+
+@task(help={
+    "profile": "check one compose profile (v100, t4x4, 2080ti-x2); default: every profile",
+    "model-dir": "the model's Hugging Face directory (default: KTLEGACY_MODEL_DIR of compose/.env)",
+    "gguf-dir": "the GGUF directory (default: KTLEGACY_GGUF_DIR of compose/.env)",
+    "image": "check this image instead of the profile's tag",
+    "rules": "rule file to estimate VRAM with (default: the profile's, read from the image)",
+    "host-facts": "use host facts recorded by tests/fixtures/hosts/record.sh instead of probing",
+})
+@one_line_errors
+def doctor(c, profile=None, model_dir=None, gguf_dir=None, image=None, rules=None, host_facts=None):
+    """Check that this host can serve a compose profile: one table, a fix on each failing row."""
+    from ktlegacy.cli import main
+    argv = ["doctor"]
+    for flag, value in (("--profile", profile), ("--model-dir", model_dir), ("--gguf-dir", gguf_dir),
+                        ("--image", image), ("--rules", rules), ("--host-facts", host_facts)):
+        if value:
+            argv += [flag, value]
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
+@task(help={
+    "profile": "compose profile to start: v100, t4x4 or 2080ti-x2",
+    "force": "start even if a doctor check fails",
+})
+@one_line_errors
+def up(c, profile, force=False):
+    """Run the doctor, then `docker compose --profile P up -d` (refuses on a failing check)."""
+    from ktlegacy.up import up as compose_up
+    compose_up(profile, force)

@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that register sub-commands of their own with @command (build, doctor, publish...).
-PLUGIN_MODULES: tuple[str, ...] = ()
+PLUGIN_MODULES: tuple[str, ...] = (
+    "ktlegacy.doctor",
+    "ktlegacy.up",
+)
 
 
 def _load_plugins() -> None:

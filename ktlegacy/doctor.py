@@ -1,0 +1,397 @@
+"""``invoke doctor``: can this host serve a compose profile? One table, a fix on every failing row.
+
+The checks are pure functions of three inputs, so the same code runs against this host and
+against hosts recorded in ``tests/fixtures/hosts``:
+
+* :class:`~ktlegacy.hostfacts.HostFacts` - GPUs, container runtime, CPU flags, NUMA memory,
+  image labels, ports in use;
+* :class:`~ktlegacy.profiles.ServiceSpec` - what ``docker compose --profile P`` resolves to
+  (image, GPU ids, rule file, model dirs, port);
+* the model: the GGUF header (:mod:`ktlegacy.vram`) and the profile's rule file.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arch import ARCHES
+from .cli import command
+from .errors import KtlegacyError
+from .hostfacts import Gpu, HostFacts
+from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF
+from .profiles import PROFILES, ServiceSpec, get_profile, resolve
+from .vram import GPU_OVERHEAD_MIB, GgufModel, Estimate, estimate, load_rules, read_gguf
+
+OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
+GIB = 1024 ** 3
+
+# Linux CPU flags each CPU_INSTRUCT build compiles for (upstream setup.py's CMake options:
+# AVX2 = AVX + AVX2 + FMA + F16C; AVX512 adds AVX512F/BW; FANCY adds VL, DQ and VNNI).
+CPU_FLAGS = {
+    "AVX2": ("avx", "avx2", "fma", "f16c"),
+    "AVX512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
+    "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+}
+RUNTIME_FIX = ("install the NVIDIA Container Toolkit (nvidia-container-toolkit), run "
+               "`nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
+
+
+@dataclass
+class Row:
+    check: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.status == FAIL]
+
+    def table(self) -> str:
+        width = max(len(r.check) for r in self.rows)
+        lines = [f"{'check':<{width}}  status  detail", f"{'-' * width}  ------  {'-' * 40}"]
+        for r in self.rows:
+            lines.append(f"{r.check:<{width}}  {r.status:<6}  {r.detail}")
+            if r.fix and r.status in (FAIL, WARN):
+                lines.append(f"{'':<{width}}  {'':<6}  fix: {r.fix}")
+        return "\n".join(lines)
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.1f} GiB"
+
+
+def _gpu_text(g: Gpu) -> str:
+    return f"{g.index}: {g.name}, cc {g.cc_string}, {g.vram_mib} MiB"
+
+
+def _profiles_for(arch_name: str) -> str:
+    return " or ".join(p.name for p in PROFILES.values() if p.arch_name == arch_name)
+
+
+# --- host rows ---------------------------------------------------------------------------------
+
+def row_docker(facts: HostFacts) -> Row:
+    if facts.docker_runtimes is None:
+        return Row("NVIDIA container runtime", FAIL, f"no Docker daemon: {facts.docker_error}",
+                   "install Docker (e.g. apt-get install docker.io) and start dockerd, then " + RUNTIME_FIX)
+    if not facts.nvidia_runtime:
+        return Row("NVIDIA container runtime", FAIL,
+                   f"Docker has no NVIDIA runtime (runtimes: {', '.join(sorted(facts.docker_runtimes)) or 'none'}): "
+                   "containers cannot get GPUs", RUNTIME_FIX)
+    how = "nvidia" if "nvidia" in (facts.docker_runtimes or {}) else facts.nvidia_hook
+    return Row("NVIDIA container runtime", OK, f"present ({how})")
+
+
+def row_gpus_host(facts: HostFacts) -> Row:
+    if facts.gpus is None:
+        return Row("GPUs", FAIL, f"no NVIDIA GPU usable: {facts.gpu_error}",
+                   "run on a host with a V100, T4 or RTX 2080 Ti and the NVIDIA driver installed")
+    if not facts.gpus:
+        return Row("GPUs", FAIL, "nvidia-smi lists no GPU", "check the driver (nvidia-smi) and the cards")
+    return Row("GPUs", OK, f"{len(facts.gpus)}: " + "; ".join(_gpu_text(g) for g in facts.gpus))
+
+
+def row_cpu_host(facts: HostFacts) -> Row:
+    have = [name for name, flags in CPU_FLAGS.items() if set(flags) <= facts.cpu_flags]
+    return Row("CPU", OK if have else FAIL,
+               f"{facts.cpu_model or 'unknown CPU'}; image CPU sets it can run: {', '.join(have) or 'none'}",
+               "" if have else "ktransformers' CPU experts need at least AVX2 + FMA + F16C")
+
+
+def row_ram_host(facts: HostFacts) -> Row:
+    nodes = ", ".join(f"node{n} {_gib(kib * 1024)}" for n, kib in sorted(facts.numa_mem_kib.items()))
+    return Row("RAM per NUMA node", OK, nodes or "unknown")
+
+
+# --- profile rows ------------------------------------------------------------------------------
+
+def row_gpus(spec: ServiceSpec, facts: HostFacts) -> tuple[Row, list[Gpu]]:
+    p = spec.profile
+    if facts.gpus is None or not facts.gpus:
+        return row_gpus_host(facts), []
+    if len(facts.gpus) < p.gpus:
+        others = [q.name for q in PROFILES.values() if q.gpus <= len(facts.gpus)]
+        return Row("GPUs", FAIL, f"profile {p.name} needs {p.gpus} GPUs, this host has {len(facts.gpus)} "
+                   f"({'; '.join(_gpu_text(g) for g in facts.gpus)})",
+                   f"use a profile for {len(facts.gpus)} GPU(s) ({', '.join(others) or 'none fits'}) "
+                   f"or a host with {p.gpus} GPUs"), []
+    chosen, missing = [], []
+    for dev in spec.device_ids:
+        gpu = next((g for g in facts.gpus if g.matches(dev)), None)
+        (chosen.append(gpu) if gpu else missing.append(dev))
+    if missing:
+        return Row("GPUs", FAIL, f"device id(s) {', '.join(missing)} name no GPU here "
+                   f"(indexes 0-{len(facts.gpus) - 1})",
+                   "set KTLEGACY_GPU_0.. in compose/.env to nvidia-smi indexes or UUIDs of this host"), chosen
+    if len({g.index for g in chosen}) < len(chosen):
+        return Row("GPUs", FAIL, f"device ids {', '.join(spec.device_ids)} name the same GPU twice",
+                   "give each KTLEGACY_GPU_n a different GPU"), chosen
+    return Row("GPUs", OK, f"{p.name} uses {len(chosen)} of {len(facts.gpus)}: "
+               + "; ".join(_gpu_text(g) for g in chosen)), chosen
+
+
+def image_arch_and_cpu(spec: ServiceSpec, labels: dict | None) -> tuple[str, str]:
+    """The image's arch and CPU set: from its labels, else from its tag."""
+    labels = labels or {}
+    arch = labels.get(LABEL_ARCH) or (m.group(1) if (m := re.search(r"-(sm\d+)-", spec.image)) else spec.profile.arch_name)
+    cpu = labels.get(LABEL_CPU) or spec.image.rsplit("-", 1)[-1]
+    return arch, cpu.upper()
+
+
+def row_image(spec: ServiceSpec, facts: HostFacts) -> tuple[Row, dict | None]:
+    labels = facts.image_labels(spec.image)
+    if labels is None:
+        return Row("image", FAIL, f"{spec.image} is not on this host",
+                   f"build it: invoke build --arch {spec.profile.arch_name} (or docker pull it; "
+                   "KTLEGACY_REF / KTLEGACY_CPU in compose/.env pick the tag)"), None
+    arch, cpu = image_arch_and_cpu(spec, labels)
+    return Row("image", OK, f"{spec.image} (arch {arch}, CPU {cpu}, ref {labels.get(LABEL_REF, '?')})"), labels
+
+
+def row_arch(spec: ServiceSpec, gpus: list[Gpu], labels: dict | None) -> Row:
+    arch_name, _ = image_arch_and_cpu(spec, labels)
+    arch = ARCHES.get(arch_name)
+    if arch is None:
+        return Row("GPU arch vs image", FAIL, f"{spec.image} is built for {arch_name!r}, not sm70/sm75",
+                   "use a ktlegacy image (invoke build --arch sm70|sm75)")
+    if not gpus:
+        return Row("GPU arch vs image", SKIP, f"image is {arch.name} (cc {arch.cc_string}); no GPU to compare")
+    for g in gpus:
+        if g.cc >= (8, 0):
+            return Row("GPU arch vs image", FAIL,
+                       f"GPU {g.index} ({g.name}) is cc {g.cc_string}, Ampere or newer; ktlegacy images are for "
+                       "sm70/sm75 only", "use the upstream ktransformers images on this GPU")
+        if g.cc != arch.compute_capability:
+            want = next((a for a in ARCHES.values() if a.compute_capability == g.cc), None)
+            fix = (f"use the {want.name} image: profile {_profiles_for(want.name)}" if want else
+                   "ktlegacy supports cc 7.0 (V100) and 7.5 (T4, RTX 2080 Ti) only")
+            return Row("GPU arch vs image", FAIL,
+                       f"GPU {g.index} ({g.name}) is cc {g.cc_string}, the image is {arch.name} (cc {arch.cc_string})",
+                       fix)
+    return Row("GPU arch vs image", OK, f"all {len(gpus)} GPU(s) cc {arch.cc_string} = image {arch.name}")
+
+
+def row_cpu(spec: ServiceSpec, facts: HostFacts, labels: dict | None) -> Row:
+    _, cpu = image_arch_and_cpu(spec, labels)
+    if cpu == "NATIVE":
+        return Row("CPU vs image", WARN, "image built with CPU_INSTRUCT=NATIVE: it runs only on CPUs with its "
+                   "build host's flags", "use the portable avx2 image (KTLEGACY_CPU=avx2) unless you built it here")
+    need = CPU_FLAGS.get(cpu)
+    if need is None:
+        return Row("CPU vs image", FAIL, f"unknown CPU_INSTRUCT {cpu!r} on {spec.image}",
+                   "use an image of the ktlegacy tag scheme")
+    lacking = [f for f in need if f not in facts.cpu_flags]
+    if lacking:
+        can = [n.lower() for n, flags in CPU_FLAGS.items() if set(flags) <= facts.cpu_flags]
+        return Row("CPU vs image", FAIL, f"CPU ({facts.cpu_model or '?'}) lacks {', '.join(lacking)}, needed by the "
+                   f"image's {cpu} build", f"use an image built for {can[-1]} (KTLEGACY_CPU={can[-1]})" if can
+                   else "this CPU cannot run ktransformers' CPU kernels (needs AVX2 + FMA + F16C)")
+    return Row("CPU vs image", OK, f"CPU has {cpu} ({', '.join(need[-3:])}...)")
+
+
+def row_model_dir(spec: ServiceSpec) -> Row:
+    d = spec.model_dir
+    fix = ("set KTLEGACY_MODEL_DIR in compose/.env (or --model-dir) to the model's Hugging Face directory "
+           "(config.json + tokenizer)")
+    if not d.is_dir():
+        return Row("model dir", FAIL, f"{d} does not exist", fix)
+    if not any(d.iterdir()):
+        return Row("model dir", FAIL, f"{d} is empty", fix)
+    if not (d / "config.json").is_file():
+        return Row("model dir", FAIL, f"{d} has no config.json", fix)
+    return Row("model dir", OK, f"{d} (config.json present)")
+
+
+def row_gguf(spec: ServiceSpec) -> tuple[Row, GgufModel | None]:
+    try:
+        model = read_gguf(spec.gguf_dir)
+    except KtlegacyError as exc:
+        return Row("GGUF", FAIL, str(exc).split(":")[0],
+                   "set KTLEGACY_GGUF_DIR in compose/.env (or --gguf-dir) to the directory of the GGUF file(s)"), None
+    return Row("GGUF", OK, f"{spec.gguf_dir}: {len(model.files)} file(s), {_gib(model.total_bytes)}, "
+               f"arch {model.arch or '?'}, {len(model.tensors)} tensors"), model
+
+
+def row_ram(model: GgufModel | None, facts: HostFacts) -> Row:
+    if model is None:
+        return Row("RAM vs GGUF", SKIP, "no GGUF to compare")
+    if not facts.numa_mem_kib:
+        return Row("RAM vs GGUF", WARN, "NUMA memory unknown", "check /sys/devices/system/node")
+    node, kib = max(facts.numa_mem_kib.items(), key=lambda kv: kv[1])
+    if kib * 1024 < model.total_bytes:
+        return Row("RAM vs GGUF", FAIL, f"the GGUF ({_gib(model.total_bytes)}) does not fit in one NUMA node's RAM "
+                   f"(largest: node{node}, {_gib(kib * 1024)})",
+                   "use a smaller quantization of the model or a host with more RAM per NUMA node")
+    return Row("RAM vs GGUF", OK, f"GGUF {_gib(model.total_bytes)} fits in node{node} ({_gib(kib * 1024)})")
+
+
+def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None, rules_error: str,
+             gpus: list[Gpu]) -> tuple[Row, Estimate | None]:
+    if model is None:
+        return Row("VRAM per GPU", SKIP, "no GGUF to estimate from"), None
+    if rules_text is None:
+        return Row("VRAM per GPU", WARN, f"cannot read rule file {spec.rules}: {rules_error}",
+                   "pass --rules FILE, or build/pull the image so its rule file can be read"), None
+    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens)
+    devs = est.gpu_devices
+    parts = []
+    for dev in devs:
+        need = est.need_mib(dev)
+        k = int(dev.split(":")[1])
+        have = gpus[k] if k < len(gpus) else None
+        parts.append(f"{dev} {need / 1024:.1f}" + (f"/{have.vram_mib / 1024:.1f} GiB" if have else " GiB"))
+    detail = (f"{spec.rules}, cache_lens {spec.cache_lens}: " + "; ".join(parts)
+              + f" (fp16 weights + KV cache + {GPU_OVERHEAD_MIB} MiB overhead each)")
+    if est.unplaced:
+        detail += f"; {len(est.unplaced)} unknown tensor(s) counted on cuda:0"
+    if not gpus:
+        return Row("VRAM per GPU", SKIP, detail + "; no GPU to compare"), est
+    if len(devs) > len(gpus):
+        return Row("VRAM per GPU", FAIL, f"{spec.rules} places modules on {len(devs)} GPUs ({', '.join(devs)}), "
+                   f"profile {spec.profile.name} reserves {len(gpus)}",
+                   f"use a rule file for {len(gpus)} GPU(s) (KTLEGACY_RULES in compose/.env)"), est
+    short = [(dev, gpus[int(dev.split(':')[1])]) for dev in devs
+             if est.need_mib(dev) > gpus[int(dev.split(':')[1])].vram_mib]
+    if short:
+        dev, g = short[0]
+        return Row("VRAM per GPU", FAIL, f"{dev} needs ~{est.need_mib(dev) / 1024:.1f} GiB under {spec.rules}, "
+                   f"GPU {g.index} ({g.name}) has {g.vram_mib / 1024:.1f} GiB; " + "; ".join(parts),
+                   "spread the layers over more GPUs (another rule file / profile), use a smaller model, "
+                   "or lower KTLEGACY_CACHE_LENS"), est
+    return Row("VRAM per GPU", OK, detail), est
+
+
+def row_port(spec: ServiceSpec, facts: HostFacts) -> Row:
+    where = f"{spec.bind}:{spec.port}"
+    if facts.port_taken(spec.bind, spec.port):
+        return Row("port", FAIL, f"{where} is already in use",
+                   "set KTLEGACY_PORT in compose/.env to a free port, or stop what listens there "
+                   "(`docker compose --profile P down` if it is ktlegacy)")
+    if spec.bind not in ("127.0.0.1", "::1", "localhost"):
+        return Row("port", WARN, f"{where} is reachable from the network and the server has no authentication",
+                   "keep KTLEGACY_BIND=127.0.0.1 unless a proxy in front of it authenticates")
+    return Row("port", OK, f"{where} free (loopback only)")
+
+
+# --- rule files --------------------------------------------------------------------------------
+
+def read_rules(spec: ServiceSpec, labels: dict | None, docker_path: str | None,
+               rules_file: Path | None = None) -> tuple[str | None, str]:
+    """The profile's rule file text: --rules, an absolute path, the image's copy, or upstream's sdist.
+
+    The placement of modules (what the estimate needs) is the same in the patched and the
+    pristine file: the overlays only change ops, never devices.
+    """
+    if rules_file is not None:
+        return Path(rules_file).read_text(), ""
+    if spec.rules.startswith("/"):
+        p = Path(spec.rules)
+        return (p.read_text(), "") if p.is_file() else (None, f"{p} does not exist on this host")
+    if labels is not None and docker_path:
+        script = ("import os, sys, ktransformers; sys.stdout.write(open(os.path.join(os.path.dirname("
+                  f"ktransformers.__file__), 'optimize', 'optimize_rules', {spec.rules!r})).read())")
+        proc = subprocess.run([docker_path, "run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "python3",
+                               spec.image, "-c", script], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout, ""
+    from .refs import REFS, DEFAULT_REF
+    from .source import download_sdist
+    ref = REFS.get((labels or {}).get(LABEL_REF) or _ref_from_tag(spec.image) or DEFAULT_REF)
+    if ref is None or ref.kind != "sdist":
+        return None, "not readable from the image, and its ref is not the PyPI sdist"
+    try:
+        archive = download_sdist(ref)
+    except KtlegacyError as exc:
+        return None, str(exc)
+    with tarfile.open(archive) as tar:
+        member = f"ktransformers-{ref.version}/ktransformers/optimize/optimize_rules/{spec.rules}"
+        try:
+            return tar.extractfile(member).read().decode(), ""
+        except KeyError:
+            return None, f"no rule file {spec.rules} in upstream {ref.name}"
+
+
+def _ref_from_tag(image: str) -> str | None:
+    m = re.search(r":(.+)-cu\d+-sm\d+-\w+$", image)
+    return m.group(1) if m else None
+
+
+# --- the doctor --------------------------------------------------------------------------------
+
+def check_profile(spec: ServiceSpec, facts: HostFacts, docker_path: str | None = None,
+                  rules_file: Path | None = None) -> Report:
+    gpu_row, gpus = row_gpus(spec, facts)
+    rows = [gpu_row, row_docker(facts)]
+    image_row, labels = row_image(spec, facts)
+    rows += [image_row, row_arch(spec, gpus, labels), row_cpu(spec, facts, labels), row_model_dir(spec)]
+    gguf_row, model = row_gguf(spec)
+    rows += [gguf_row, row_ram(model, facts)]
+    rules_text, rules_error = (None, "") if model is None else read_rules(spec, labels, docker_path, rules_file)
+    rows.append(row_vram(spec, model, rules_text, rules_error, gpus)[0])
+    rows.append(row_port(spec, facts))
+    return Report(rows)
+
+
+def check_host(facts: HostFacts, specs: list[ServiceSpec], docker_path: str | None = None) -> Report:
+    """No profile named: the host, then one verdict per profile (its first failing check)."""
+    rows = [row_gpus_host(facts), row_docker(facts), row_cpu_host(facts), row_ram_host(facts)]
+    for spec in specs:
+        report = check_profile(spec, facts, docker_path)
+        failed = report.failed
+        if failed:
+            first = failed[0]
+            rows.append(Row(f"profile {spec.profile.name}", FAIL,
+                            f"cannot run here: {first.check}: {first.detail}"
+                            + (f" (also failing: {', '.join(r.check for r in failed[1:])})" if len(failed) > 1 else ""),
+                            first.fix))
+        else:
+            rows.append(Row(f"profile {spec.profile.name}", OK, f"can run ({spec.profile.cards})"))
+    return Report(rows)
+
+
+def docker_or_none() -> tuple[str | None, str]:
+    from .docker import client
+    try:
+        return client().path, ""
+    except KtlegacyError as exc:
+        return None, str(exc)
+
+
+def doctor(profile: str | None = None, model_dir=None, gguf_dir=None, image=None,
+           rules_file=None, facts: HostFacts | None = None) -> Report:
+    if profile is not None:
+        get_profile(profile)   # unknown profile: one line, before probing anything
+    docker_path, docker_error = docker_or_none()
+    facts = facts or HostFacts.probe(docker_path, docker_error)
+    names = [profile] if profile else list(PROFILES)
+    specs = [resolve(n, docker_path).with_overrides(model_dir, gguf_dir, image) for n in names]
+    if profile:
+        return check_profile(specs[0], facts, docker_path, rules_file)
+    return check_host(facts, specs, docker_path)
+
+
+def _doctor_args(p) -> None:
+    p.add_argument("--profile", default=None, help=f"check one profile ({', '.join(PROFILES)}); default: all")
+    p.add_argument("--model-dir", default=None, type=Path, help="model's Hugging Face dir (default: compose/.env)")
+    p.add_argument("--gguf-dir", default=None, type=Path, help="GGUF directory (default: compose/.env)")
+    p.add_argument("--image", default=None, help="check this image instead of the profile's tag")
+    p.add_argument("--rules", default=None, type=Path, help="rule file to estimate VRAM with (default: the image's)")
+    p.add_argument("--host-facts", default=None, type=Path, help="use facts recorded by tests/fixtures/hosts/record.sh")
+
+
+@command("doctor", "check that this host can serve a compose profile (one table; fixes for failures)", _doctor_args)
+def doctor_command(args) -> int:
+    facts = HostFacts.load(args.host_facts) if args.host_facts else None
+    report = doctor(args.profile, args.model_dir, args.gguf_dir, args.image, args.rules, facts)
+    print(report.table())
+    return 1 if report.failed else 0

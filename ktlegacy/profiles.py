@@ -1,0 +1,120 @@
+"""The serving profiles of compose/compose.yaml, and what one resolves to on this host.
+
+The table below names what a profile *is* (how many GPUs, which image arch, which rule file by
+default); compose/compose.yaml is the source of truth for everything a user can change in
+compose/.env. :func:`resolve` asks ``docker compose config`` for the resolved service, so the
+doctor checks exactly what ``docker compose --profile P up`` would start; where compose is not
+available (a GPU host without Docker) it falls back to the profile's defaults, which the tests
+keep equal to compose.yaml's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .arch import Arch, get_arch
+from .errors import KtlegacyError
+from .images import DEFAULT_CPU_INSTRUCT, image_tag
+from .refs import DEFAULT_REF
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_DIR = REPO_ROOT / "compose"
+CONTAINER_PORT = 10002       # the server's port inside the container (serve.sh)
+DEFAULT_HOST_PORT = 10002    # KTLEGACY_PORT default
+DEFAULT_BIND = "127.0.0.1"   # KTLEGACY_BIND default: the server has no authentication
+DEFAULT_CACHE_LENS = 8192    # KTLEGACY_CACHE_LENS default (upstream config.yaml's cache_lens)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    gpus: int          # GPUs the profile reserves
+    arch_name: str     # image arch
+    rules: str         # default rule file (a name in the image's optimize_rules directory)
+    cards: str         # what it was made for
+
+    @property
+    def arch(self) -> Arch:
+        return get_arch(self.arch_name)
+
+
+PROFILES = {
+    "v100": Profile("v100", 1, "sm70", "DeepSeek-V3-Chat.yaml", "1x Tesla V100"),
+    "t4x4": Profile("t4x4", 4, "sm75", "DeepSeek-V3-Chat-multi-gpu-4.yaml", "4x Tesla T4"),
+    "2080ti-x2": Profile("2080ti-x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml", "2x GeForce RTX 2080 Ti"),
+}
+SMOKE_PROFILE = "smoke"   # no GPU: CI's end-to-end check of the compose wiring
+
+
+def get_profile(name: str) -> Profile:
+    if name in PROFILES:
+        return PROFILES[name]
+    raise KtlegacyError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a GPU profile's service resolves to: the inputs of the doctor's checks."""
+    profile: Profile
+    image: str
+    device_ids: tuple[str, ...]
+    rules: str
+    model_dir: Path
+    gguf_dir: Path
+    bind: str
+    port: int
+    cache_lens: int
+    environment: dict = field(default_factory=dict, hash=False, compare=False)
+    source: str = "compose"   # "compose" (resolved by docker compose) or "defaults"
+
+    def with_overrides(self, model_dir=None, gguf_dir=None, image=None) -> "ServiceSpec":
+        return replace(self,
+                       model_dir=Path(model_dir).resolve() if model_dir else self.model_dir,
+                       gguf_dir=Path(gguf_dir).resolve() if gguf_dir else self.gguf_dir,
+                       image=image or self.image)
+
+
+def compose_config(profile: str, docker_path: str, env: dict | None = None) -> dict:
+    """``docker compose --profile P config --format json`` run from the repository root."""
+    proc = subprocess.run([docker_path, "compose", "--profile", profile, "config", "--format", "json"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+        raise KtlegacyError(f"docker compose could not resolve profile {profile}: {err}")
+    return json.loads(proc.stdout)
+
+
+def spec_from_config(profile: Profile, config: dict) -> ServiceSpec:
+    service = config["services"][profile.name]
+    env = service.get("environment") or {}
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    ids = tuple(str(i) for d in devices for i in (d.get("device_ids") or []))
+    port = next(p for p in service["ports"] if int(p["target"]) == CONTAINER_PORT)
+    mounts = {v["target"]: Path(v["source"]) for v in service["volumes"] if v["type"] == "bind"}
+    return ServiceSpec(
+        profile=profile, image=service["image"], device_ids=ids,
+        rules=env.get("KTLEGACY_RULES") or profile.rules,
+        model_dir=mounts["/models/hf"], gguf_dir=mounts["/models/gguf"],
+        bind=port.get("host_ip") or "0.0.0.0", port=int(port["published"]),
+        cache_lens=int(env.get("KTLEGACY_CACHE_LENS") or DEFAULT_CACHE_LENS),
+        environment=dict(env), source="compose")
+
+
+def spec_defaults(profile: Profile) -> ServiceSpec:
+    """The service as compose.yaml resolves it with an empty .env (tests keep the two equal)."""
+    return ServiceSpec(
+        profile=profile, image=image_tag(DEFAULT_REF, profile.arch, DEFAULT_CPU_INSTRUCT),
+        device_ids=tuple(str(i) for i in range(profile.gpus)), rules=profile.rules,
+        model_dir=(REPO_ROOT / "models" / "hf"), gguf_dir=(REPO_ROOT / "models" / "gguf"),
+        bind=DEFAULT_BIND, port=DEFAULT_HOST_PORT, cache_lens=DEFAULT_CACHE_LENS, source="defaults")
+
+
+def resolve(profile_name: str, docker_path: str | None) -> ServiceSpec:
+    """The profile's service as compose resolves it here, or its defaults without compose."""
+    profile = get_profile(profile_name)
+    if docker_path is None:
+        return spec_defaults(profile)
+    return spec_from_config(profile, compose_config(profile.name, docker_path))

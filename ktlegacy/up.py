@@ -1,0 +1,45 @@
+"""``invoke up --profile P``: run the doctor, refuse on a failing check, then ``docker compose up -d``.
+
+``--force`` starts anyway (the failing rows are still printed), for cases the doctor cannot
+judge - a custom rule file whose placement it estimates wrongly, a GPU it does not know.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from .cli import command
+from .errors import KtlegacyError
+from .profiles import REPO_ROOT, get_profile
+
+
+def up(profile: str, force: bool = False) -> None:
+    from .docker import client
+    from .doctor import doctor
+
+    get_profile(profile)
+    report = doctor(profile)
+    print(report.table())
+    failed = report.failed
+    if failed and not force:
+        first = failed[0]
+        raise KtlegacyError(f"not starting profile {profile}: {len(failed)} doctor check(s) failed, first "
+                            f"{first.check}: {first.detail}; fix them (see the table) or pass --force")
+    cmd = [client().path, "compose", "--profile", profile, "up", "-d"]
+    print("+ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+        raise KtlegacyError(f"docker compose --profile {profile} up failed: {err}")
+    print(f"profile {profile} started; follow it with: docker compose --profile {profile} logs -f")
+
+
+def _up_args(p) -> None:
+    p.add_argument("--profile", required=True, help="v100, t4x4 or 2080ti-x2")
+    p.add_argument("--force", action="store_true", help="start even if a doctor check fails")
+
+
+@command("up", "run the doctor, then start a compose profile (refuses on a failing check)", _up_args)
+def up_command(args) -> int:
+    up(args.profile, args.force)
+    return 0

@@ -1,0 +1,248 @@
+"""Estimate the VRAM each GPU needs for a GGUF model under a ktransformers rule file.
+
+Model of the estimate (stated, not measured; the doctor prints it):
+
+* **weights**: every tensor is owned by the deepest module of the Hugging Face module tree
+  (``blk.3.attn_kv_a_mqa.weight`` -> ``model.layers.3.self_attn.kv_a_proj_with_mqa``). Its device
+  is found the way upstream's optimizer places modules: walk from ``model`` down, the first rule
+  whose ``match`` fits (``name`` by ``re.search`` on the module name, ``class`` by the kind of
+  module) gives the module its ``generate_device``; ``recursive: False`` stops the walk there
+  (the experts); a module no rule matches is placed on ``cuda:0``. On a GPU, a tensor costs 2
+  bytes per element: under ktlegacy's rules every linear runs as KLinearTorch, which dequantizes
+  the GGUF weight to fp16. Tensors on ``cpu`` (the routed experts, the embedding) cost no VRAM.
+* **KV cache**: ``cache_lens`` tokens for each layer whose attention sits on the GPU, fp16; for
+  MLA models (DeepSeek V2/V3: GGUF key ``<arch>.attention.kv_lora_rank``) a token costs
+  ``(kv_lora_rank + rope dim) * 2`` bytes per layer, otherwise ``2 * kv_heads * head_dim * 2``.
+* **overhead**: :data:`GPU_OVERHEAD_MIB` per GPU for the CUDA context, cuBLAS workspaces and the
+  activations of a prefill chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import KtlegacyError
+
+GPU_OVERHEAD_MIB = 1536
+FP16_BYTES = 2
+MIB = 1024 * 1024
+
+# GGUF (llama.cpp) tensor name part -> Hugging Face module path under model.layers.N, and its kind.
+_LAYER_TENSORS = {
+    "attn_norm": ("input_layernorm", "norm"),
+    "ffn_norm": ("post_attention_layernorm", "norm"),
+    "attn_q": ("self_attn.q_proj", "linear"),
+    "attn_k": ("self_attn.k_proj", "linear"),
+    "attn_v": ("self_attn.v_proj", "linear"),
+    "attn_q_a": ("self_attn.q_a_proj", "linear"),
+    "attn_q_a_norm": ("self_attn.q_a_layernorm", "norm"),
+    "attn_q_b": ("self_attn.q_b_proj", "linear"),
+    "attn_kv_a_mqa": ("self_attn.kv_a_proj_with_mqa", "linear"),
+    "attn_kv_a_norm": ("self_attn.kv_a_layernorm", "norm"),
+    "attn_kv_b": ("self_attn.kv_b_proj", "linear"),
+    "attn_k_b": ("self_attn.kv_b_proj", "linear"),   # newer GGUFs split kv_b into k_b / v_b
+    "attn_v_b": ("self_attn.kv_b_proj", "linear"),
+    "attn_output": ("self_attn.o_proj", "linear"),
+    "ffn_gate_inp": ("mlp.gate", "gate"),
+    "exp_probs_b": ("mlp.gate", "gate"),
+    "ffn_gate_exps": ("mlp.experts", "experts"),
+    "ffn_up_exps": ("mlp.experts", "experts"),
+    "ffn_down_exps": ("mlp.experts", "experts"),
+    "ffn_gate_shexp": ("mlp.shared_experts.gate_proj", "linear"),
+    "ffn_up_shexp": ("mlp.shared_experts.up_proj", "linear"),
+    "ffn_down_shexp": ("mlp.shared_experts.down_proj", "linear"),
+    "ffn_gate": ("mlp.gate_proj", "linear"),
+    "ffn_up": ("mlp.up_proj", "linear"),
+    "ffn_down": ("mlp.down_proj", "linear"),
+}
+_TOP_TENSORS = {
+    "token_embd": ("model.embed_tokens", "embedding"),
+    "output_norm": ("model.norm", "norm"),
+    "output": ("lm_head", "linear"),
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass
+class GgufModel:
+    files: list[Path]
+    tensors: list[Tensor]
+    metadata: dict            # scalar header fields we use
+    total_bytes: int          # sum of the file sizes
+
+    @property
+    def arch(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def meta(self, key: str, default=None):
+        return self.metadata.get(f"{self.arch}.{key}", default)
+
+
+def read_gguf(directory: Path) -> GgufModel:
+    """The header of every ``*.gguf`` in ``directory`` (split GGUFs are several files)."""
+    from gguf import GGUFReader   # numpy-heavy: import only when estimating
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.gguf")) if directory.is_dir() else []
+    if not files:
+        raise KtlegacyError(f"no *.gguf file in {directory}: set KTLEGACY_GGUF_DIR (or --gguf-dir) "
+                            "to the directory holding the model's GGUF file(s)")
+    tensors, metadata = [], {}
+    for path in files:
+        try:
+            reader = GGUFReader(str(path), "r")
+        except Exception as exc:  # a truncated or foreign file: say which
+            raise KtlegacyError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                                "re-download it") from None
+        for key, fld in reader.fields.items():
+            if key not in metadata and len(fld.types) == 1 and fld.data:
+                value = fld.parts[fld.data[0]]
+                metadata[key] = (bytes(value).decode("utf-8", "replace") if fld.types[0].name == "STRING"
+                                 else value.tolist()[0] if len(value) == 1 else None)
+        tensors += [Tensor(t.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    return GgufModel(files, tensors, metadata, sum(p.stat().st_size for p in files))
+
+
+def module_for_tensor(name: str, moe_layers: set[int]) -> list[tuple[str, str]] | None:
+    """The chain of (module name, kind) from ``model`` down to the tensor's owner, or None."""
+    base = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    if base in _TOP_TENSORS:
+        path, kind = _TOP_TENSORS[base]
+        if path == "lm_head":
+            return [("lm_head", kind)]
+        return [("model", "model"), (path, kind)]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if not m or m.group(2) not in _LAYER_TENSORS:
+        return None
+    layer, (sub, kind) = int(m.group(1)), _LAYER_TENSORS[m.group(2)]
+    prefix = f"model.layers.{layer}"
+    chain = [("model", "model"), ("model.layers", "layers"), (prefix, "decoder_layer")]
+    parts = sub.split(".")
+    kinds = {"self_attn": "attention", "mlp": "moe" if layer in moe_layers else "mlp",
+             "shared_experts": "mlp"}
+    for i, part in enumerate(parts[:-1]):
+        chain.append((prefix + "." + ".".join(parts[:i + 1]), kinds.get(part, part)))
+    chain.append((prefix + "." + sub, kind))
+    return chain
+
+
+def rule_kind(cls: str) -> str | None:
+    """The kind of module a rule's ``match.class`` selects (None: a class we cannot place)."""
+    last = cls.rsplit(".", 1)[-1]
+    for suffix, kind in (("MoEGate", "gate"), ("MoE", "moe"), ("MLP", "mlp"), ("RotaryEmbedding", "rotary"),
+                         ("Attention", "attention"), ("RMSNorm", "norm"), ("Embedding", "embedding"),
+                         ("DecoderLayer", "decoder_layer"), ("Model", "model")):
+        if last.endswith(suffix):
+            return kind
+    return "linear" if last == "Linear" else None
+
+
+def load_rules(text: str, where: str = "rule file") -> list[dict]:
+    try:
+        rules = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise KtlegacyError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and "match" in r for r in rules):
+        raise KtlegacyError(f"{where} is not a ktransformers rule list (each item needs match/replace)")
+    return rules
+
+
+def _device(d) -> str:
+    d = str(d or "cuda:0")
+    return "cuda:0" if d == "cuda" else d
+
+
+def place(chain: list[tuple[str, str]], rules: list[dict]) -> str:
+    """The generate device of the module that owns a tensor (see the module docstring)."""
+    device = "cuda:0"
+    for name, kind in chain:
+        device, stop = "cuda:0", False
+        for rule in rules:
+            match = rule["match"]
+            if "class" in match and rule_kind(match["class"]) != kind:
+                continue
+            if "name" in match and re.search(match["name"], name) is None:
+                continue
+            kwargs = (rule.get("replace") or {}).get("kwargs") or {}
+            device = _device(kwargs.get("generate_device"))
+            stop = rule.get("recursive") is False
+            break
+        if stop:
+            break
+    return device
+
+
+def rule_devices(rules: list[dict]) -> set[str]:
+    """Every cuda device a rule file names."""
+    out = set()
+    for rule in rules:
+        kwargs = (rule.get("replace") or {}).get("kwargs") or {}
+        for key in ("generate_device", "prefill_device", "out_device"):
+            if str(kwargs.get(key, "")).startswith("cuda"):
+                out.add(_device(kwargs[key]))
+        for dev in (kwargs.get("transfer_map") or {}).values():
+            out.add(_device(dev))
+    return out
+
+
+@dataclass
+class Estimate:
+    weights_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of fp16 weights
+    kv_mib: dict[str, float] = field(default_factory=dict)        # device -> MiB of KV cache
+    cpu_bytes: int = 0                                            # bytes that stay in host RAM
+    unplaced: list[str] = field(default_factory=list)             # tensor names we could not map
+    devices_in_rules: set[str] = field(default_factory=set)
+
+    def need_mib(self, device: str) -> float:
+        return self.weights_mib.get(device, 0.0) + self.kv_mib.get(device, 0.0) + GPU_OVERHEAD_MIB
+
+    @property
+    def gpu_devices(self) -> list[str]:
+        devs = set(self.weights_mib) | set(self.kv_mib) | self.devices_in_rules
+        return sorted((d for d in devs if d.startswith("cuda")), key=lambda d: int(d.split(":")[1]))
+
+
+def estimate(model: GgufModel, rules: list[dict], cache_lens: int) -> Estimate:
+    est = Estimate(devices_in_rules=rule_devices(rules))
+    names = [t.name for t in model.tensors]
+    moe_layers = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.ffn_\w+_exps\.", n))}
+    attn_device: dict[int, str] = {}
+    for t in model.tensors:
+        chain = module_for_tensor(t.name, moe_layers)
+        if chain is None:
+            # unknown to us: assume the worst (it lands on cuda:0 in fp16) and say so
+            est.unplaced.append(t.name)
+            device = "cuda:0"
+        else:
+            device = place(chain, rules)
+            if len(chain) > 3 and chain[3][1] == "attention":
+                attn_device.setdefault(int(chain[2][0].rsplit(".", 1)[1]), device)
+        if device.startswith("cuda"):
+            est.weights_mib[device] = est.weights_mib.get(device, 0.0) + t.n_elements * FP16_BYTES / MIB
+        else:
+            est.cpu_bytes += t.n_bytes
+    per_token = _kv_bytes_per_token_per_layer(model)
+    for layer, device in attn_device.items():
+        if device.startswith("cuda"):
+            est.kv_mib[device] = est.kv_mib.get(device, 0.0) + cache_lens * per_token / MIB
+    return est
+
+
+def _kv_bytes_per_token_per_layer(model: GgufModel) -> int:
+    rank = model.meta("attention.kv_lora_rank")
+    if rank:
+        return (int(rank) + int(model.meta("rope.dimension_count", 64))) * FP16_BYTES
+    heads = int(model.meta("attention.head_count", 1) or 1)
+    kv_heads = int(model.meta("attention.head_count_kv", heads) or heads)
+    head_dim = int(model.meta("attention.key_length", 0) or int(model.meta("embedding_length", 0)) // heads)
+    return 2 * kv_heads * head_dim * FP16_BYTES
