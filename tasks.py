@@ -96,3 +96,23 @@ def up(c, profile, force=False):
     """Run the doctor, then `docker compose --profile P up -d` (refuses on a failing check)."""
     from ktlegacy.up import up as compose_up
     compose_up(profile, force)
+
+
+@task(iterable=["cpu_instruct"], help={
+    "registry": "where to push: HOST[:PORT][/NAMESPACE], e.g. ghcr.io/OWNER; images go to <registry>/ktransformers",
+    "arch": "sm70, sm75 or all (default all)",
+    "cpu-instruct": "CPU set to publish (AVX2, AVX512, FANCY, NATIVE); repeat for several; default: every one built",
+    "ref": "only images of this ktransformers ref (default: every ref built)",
+    "sha": "commit the images were built from (default: their org.opencontainers.image.revision label)",
+    "moving": "also move latest-<arch>-<cpu> (for release builds from version tags)",
+    "dry-run": "check the images' labels and print the tags; push nothing",
+    "source-repository": "local repository holding the images (default ktlegacy/ktransformers)",
+})
+@one_line_errors
+def publish(c, registry, arch="all", cpu_instruct=None, ref=None, sha=None, moving=False, dry_run=False,
+            source_repository=None):
+    """Push built images by digest, then tag them: every tag or none. Login stays with `docker login`."""
+    from ktlegacy.images import DEFAULT_REPOSITORY
+    from ktlegacy.publish import publish as publish_images
+    publish_images(registry, arch=arch, cpus=cpu_instruct or None, ref=ref, sha=sha, moving=moving,
+                   dry_run=dry_run, source_repository=source_repository or DEFAULT_REPOSITORY)

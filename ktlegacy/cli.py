@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that register sub-commands of their own with @command (build, doctor, publish...).
 PLUGIN_MODULES: tuple[str, ...] = (
+    "ktlegacy.stub",
+    "ktlegacy.publish",
     "ktlegacy.doctor",
     "ktlegacy.up",
 )
