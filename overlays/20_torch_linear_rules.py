@@ -36,8 +36,8 @@ PY_FILES = {  # file -> whether the ref must have such a default there
     "ktransformers/operators/experts.py": False,
 }
 REGISTRIES = {  # the Torch ops must exist in the tree's op maps
-    "ktransformers/operators/linear.py": '"KLinearTorch": KLinearTorch',
-    "ktransformers/operators/experts.py": '"KExpertsTorch": KExpertsTorch',
+    "ktransformers/operators/linear.py": r'"KLinearTorch"\s*:\s*KLinearTorch\b',
+    "ktransformers/operators/experts.py": r'"KExpertsTorch"\s*:\s*KExpertsTorch\b',
 }
 
 
@@ -73,8 +73,8 @@ class TorchLinearRulesOverlay(Overlay):
 
     def apply(self, tree, ctx):
         for rel, anchor in REGISTRIES.items():
-            if anchor not in tree.read(rel):
-                raise tree.drift(rel, f"the op map entry {anchor!r}")
+            if not re.search(anchor, tree.read(rel)):
+                raise tree.drift(rel, f"the op map entry /{anchor}/")
         rules = sorted({rel for pattern in RULES_GLOBS for rel in tree.glob(pattern)})
         if not rules:
             raise tree.drift("ktransformers/optimize/optimize_rules", "optimize-rule YAML files")
