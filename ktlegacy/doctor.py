@@ -36,6 +36,9 @@ CPU_FLAGS = {
     "AVX512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
     "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
 }
+# Which failure explains best why a profile cannot run here: the hardware first, then setup.
+VERDICT_ORDER = ["GPUs", "NVIDIA container runtime", "GPU arch vs image", "CPU vs image", "RAM vs GGUF",
+                 "VRAM per GPU", "image", "model dir", "GGUF", "port"]
 RUNTIME_FIX = ("install the NVIDIA Container Toolkit (nvidia-container-toolkit), run "
                "`nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
 
@@ -347,7 +350,7 @@ def check_host(facts: HostFacts, specs: list[ServiceSpec], docker_path: str | No
     rows = [row_gpus_host(facts), row_docker(facts), row_cpu_host(facts), row_ram_host(facts)]
     for spec in specs:
         report = check_profile(spec, facts, docker_path)
-        failed = report.failed
+        failed = sorted(report.failed, key=lambda r: VERDICT_ORDER.index(r.check))
         if failed:
             first = failed[0]
             rows.append(Row(f"profile {spec.profile.name}", FAIL,
