@@ -1,0 +1,90 @@
+"""The flash-attn stand-in (``overlays/flash-attn-stub``): where it lives and how to build its wheel.
+
+The stub is a pure-Python distribution named ``flash-attn`` whose ``flash_attn`` package
+answers FlashAttention 2's API with torch SDPA, so ktransformers and transformers import and
+run on sm70/sm75. The image build installs the wheel this module builds; building needs no
+network (``--no-index --no-build-isolation --no-deps``), only setuptools in the building
+Python. The build runs on a scratch copy so the source directory never gets build debris.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .cli import command
+from .errors import KtlegacyError
+
+STUB_DIR = Path(__file__).resolve().parent.parent / "overlays" / "flash-attn-stub"
+DISTRIBUTION = "flash-attn"
+# Where the version is declared (pyproject reads it from there too).
+_VERSION_FILE = STUB_DIR / "flash_attn" / "__init__.py"
+
+
+def stub_version() -> str:
+    """The stub's version string, read from its source without importing it (no torch needed)."""
+    try:
+        text = _VERSION_FILE.read_text()
+    except OSError as exc:
+        raise KtlegacyError(f"flash-attn stub source missing at {STUB_DIR}: {exc.strerror}") from None
+    match = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
+    if not match:
+        raise KtlegacyError(f"no __version__ = \"...\" line in {_VERSION_FILE}")
+    return match.group(1)
+
+
+def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bool = False) -> Path:
+    """Build the stub's wheel into ``dest_dir`` with ``python -m pip wheel``; return its path.
+
+    Without ``isolation`` nothing is downloaded: ``python`` must have setuptools >= 61 (and
+    ``wheel`` if setuptools < 70.1). With ``isolation`` pip fetches setuptools from its index.
+    An existing wheel of the same name in ``dest_dir`` is replaced; nothing is left half-written.
+    """
+    stub_version()  # fails clearly if the source is missing
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    if not isolation:
+        probe = subprocess.run([python, "-c", "import setuptools"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise KtlegacyError(
+                f"{python} has no setuptools to build the flash-attn stub: "
+                f"{python} -m pip install 'setuptools>=61' wheel (or build with isolation)"
+            )
+    with tempfile.TemporaryDirectory(prefix="ktlegacy-stub-") as scratch:
+        source = Path(scratch) / "src"
+        shutil.copytree(STUB_DIR, source, ignore=shutil.ignore_patterns(
+            "__pycache__", "*.pyc", "build", "dist", "*.egg-info"))
+        out = Path(scratch) / "out"
+        cmd = [python, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(out)]
+        if not isolation:
+            cmd += ["--no-build-isolation", "--no-index"]
+        proc = subprocess.run(cmd + [str(source)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+            raise KtlegacyError(f"building the flash-attn stub wheel failed: {lines[-1].strip()}")
+        wheels = sorted(out.glob("flash_attn-*.whl"))
+        if len(wheels) != 1:
+            raise KtlegacyError(f"pip wheel produced {[w.name for w in wheels]}, expected one flash_attn wheel")
+        target = dest_dir / wheels[0].name
+        partial = dest_dir / (wheels[0].name + ".partial")
+        shutil.copyfile(wheels[0], partial)
+        partial.replace(target)
+    return target
+
+
+def _build_stub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dest", required=True, type=Path, help="directory to write the wheel into")
+    p.add_argument("--python", default=sys.executable, help="Python whose pip builds it (default: this one)")
+    p.add_argument("--isolation", action="store_true", help="let pip fetch setuptools from its index")
+
+
+@command("build-stub", "build the flash-attn stand-in wheel (SDPA) without network", _build_stub_args)
+def build_stub(args) -> int:
+    wheel = build_stub_wheel(args.dest, python=args.python, isolation=args.isolation)
+    print(f"built {wheel}")
+    return 0
