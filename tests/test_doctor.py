@@ -1,0 +1,261 @@
+"""The doctor against recorded hosts (tests/fixtures/hosts) and against this real host."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ggufmodel import write_model
+from ktlegacy.doctor import FAIL, OK, check_profile, doctor
+from ktlegacy.errors import KtlegacyError
+from ktlegacy.hostfacts import HostFacts
+from ktlegacy.images import LABEL_ARCH, LABEL_CPU, LABEL_REF
+from ktlegacy.profiles import PROFILES, spec_defaults
+
+REPO = Path(__file__).resolve().parent.parent
+HOSTS = REPO / "tests" / "fixtures" / "hosts"
+RULES_DIR = "ktransformers/optimize/optimize_rules"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    write_model(root / "gguf")
+    return root / "hf", root / "gguf"
+
+
+def facts_of(host: str) -> HostFacts:
+    return HostFacts.load(HOSTS / host)
+
+
+def spec_for(profile: str, model_dirs, **changes):
+    hf, gguf = model_dirs
+    spec = spec_defaults(PROFILES[profile]).with_overrides(hf, gguf)
+    return dataclasses.replace(spec, **changes)
+
+
+def with_image(facts: HostFacts, spec, cpu="AVX2") -> HostFacts:
+    facts.images[spec.image] = {LABEL_ARCH: spec.profile.arch_name, LABEL_CPU: cpu, LABEL_REF: "0.2.1.post1"}
+    return facts
+
+
+def rows(report) -> dict:
+    return {r.check: r for r in report.rows}
+
+
+def assert_one_line(row):
+    assert "\n" not in row.detail and "\n" not in row.fix
+    if row.status == FAIL:
+        assert row.fix, row
+
+
+# --- recorded hosts: what they are ---------------------------------------------------------------
+
+@pytest.mark.parametrize("host, count, name, cc, vram", [
+    ("v100-x1", 1, "Tesla V100-SXM2-32GB", (7, 0), 32510),
+    ("t4-x4", 4, "Tesla T4", (7, 5), 15360),
+    ("2080ti-x2", 2, "NVIDIA GeForce RTX 2080 Ti", (7, 5), 11264),
+])
+def test_recorded_hosts_parse(host, count, name, cc, vram):
+    facts = facts_of(host)
+    assert len(facts.gpus) == count
+    assert {(g.name, g.cc, g.vram_mib) for g in facts.gpus} == {(name, cc, vram)}
+    assert [g.index for g in facts.gpus] == list(range(count))
+    assert {"avx", "avx2", "fma", "f16c"} <= facts.cpu_flags
+    assert facts.numa_mem_kib and all(kib > 100 * 1024 * 1024 for kib in facts.numa_mem_kib.values())
+    assert facts.nvidia_runtime
+
+
+# --- each profile on the host it was made for ---------------------------------------------------
+
+@pytest.mark.parametrize("host, profile", [("v100-x1", "v100"), ("t4-x4", "t4x4"), ("2080ti-x2", "2080ti-x2")])
+def test_profile_passes_on_its_host(host, profile, model_dirs, sdist_tree):
+    spec = spec_for(profile, model_dirs, port=10050)
+    facts = with_image(facts_of(host), spec)
+    report = check_profile(spec, facts, rules_file=sdist_tree / RULES_DIR / spec.rules)
+    by = rows(report)
+    assert report.failed == [], report.table()
+    assert [r.check for r in report.rows] == ["GPUs", "NVIDIA container runtime", "image", "GPU arch vs image",
+                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "VRAM per GPU", "port"]
+    assert by["VRAM per GPU"].detail.count("cuda:") == PROFILES[profile].gpus
+    assert "127.0.0.1:10050 free" in by["port"].detail
+
+
+def test_rules_come_from_upstream_sdist_when_the_image_cannot_be_asked(model_dirs, sdist_tree):
+    spec = spec_for("t4x4", model_dirs, port=10050)
+    report = check_profile(spec, with_image(facts_of("t4-x4"), spec), docker_path=None)
+    assert rows(report)["VRAM per GPU"].status == OK
+    assert "DeepSeek-V3-Chat-multi-gpu-4.yaml" in rows(report)["VRAM per GPU"].detail
+
+
+# --- bad input: one clear line each -------------------------------------------------------------
+
+def failing(report, check):
+    row = rows(report)[check]
+    assert row.status == FAIL, report.table()
+    assert_one_line(row)
+    return row
+
+
+def test_no_nvidia_runtime(model_dirs):
+    spec = spec_for("t4x4", model_dirs)
+    facts = with_image(facts_of("t4-x4"), spec)
+    facts.docker_runtimes, facts.nvidia_hook = {"runc": {"path": "runc"}}, ""
+    row = failing(check_profile(spec, facts), "NVIDIA container runtime")
+    assert "no NVIDIA runtime" in row.detail and "nvidia-ctk runtime configure" in row.fix
+
+
+def test_no_docker_at_all(model_dirs):
+    spec = spec_for("v100", model_dirs)
+    facts = facts_of("v100-x1")
+    facts.docker_runtimes, facts.docker_error = None, "Cannot connect to the Docker daemon"
+    row = failing(check_profile(spec, facts), "NVIDIA container runtime")
+    assert "no Docker daemon" in row.detail
+
+
+def test_fewer_gpus_than_the_profile(model_dirs):
+    row = failing(check_profile(spec_for("t4x4", model_dirs), facts_of("2080ti-x2")), "GPUs")
+    assert "profile t4x4 needs 4 GPUs, this host has 2" in row.detail
+    assert "2080ti-x2" in row.fix
+
+
+def test_device_id_that_names_no_gpu(model_dirs):
+    spec = spec_for("2080ti-x2", model_dirs, device_ids=("0", "7"))
+    row = failing(check_profile(spec, facts_of("2080ti-x2")), "GPUs")
+    assert "7" in row.detail and "KTLEGACY_GPU_" in row.fix
+
+
+def test_gpu_of_another_arch_than_the_image(model_dirs):
+    spec = spec_for("v100", model_dirs)
+    row = failing(check_profile(spec, with_image(facts_of("t4-x4"), spec)), "GPU arch vs image")
+    assert "Tesla T4) is cc 7.5, the image is sm70" in row.detail
+    assert "t4x4" in row.fix
+    spec = spec_for("2080ti-x2", model_dirs)
+    facts = facts_of("t4-x4")
+    facts.gpus = [dataclasses.replace(g, name="NVIDIA H100 80GB HBM3", cc=(9, 0)) for g in facts.gpus]
+    row = failing(check_profile(spec, with_image(facts, spec)), "GPU arch vs image")
+    assert "Ampere or newer" in row.detail and "upstream" in row.fix
+
+
+def test_model_dir_missing_or_empty(model_dirs, tmp_path):
+    row = failing(check_profile(spec_for("v100", model_dirs, model_dir=tmp_path / "nope"), facts_of("v100-x1")),
+                  "model dir")
+    assert "does not exist" in row.detail and "KTLEGACY_MODEL_DIR" in row.fix
+    (tmp_path / "empty").mkdir()
+    row = failing(check_profile(spec_for("v100", model_dirs, model_dir=tmp_path / "empty"), facts_of("v100-x1")),
+                  "model dir")
+    assert "is empty" in row.detail
+    row = failing(check_profile(spec_for("v100", model_dirs, gguf_dir=tmp_path / "empty"), facts_of("v100-x1")),
+                  "GGUF")
+    assert "no *.gguf file in" in row.detail and "KTLEGACY_GGUF_DIR" in row.fix
+
+
+def test_ram_below_model_size(model_dirs):
+    facts = facts_of("t4-x4")
+    facts.numa_mem_kib = {0: 64, 1: 128}   # KiB: smaller than the tiny GGUF
+    row = failing(check_profile(spec_for("t4x4", model_dirs), facts), "RAM vs GGUF")
+    assert "does not fit in one NUMA node's RAM (largest: node1" in row.detail
+
+
+def test_cpu_lacking_the_images_instruction_set(model_dirs):
+    spec = spec_for("2080ti-x2", model_dirs)
+    facts = with_image(facts_of("2080ti-x2"), spec, cpu="AVX512")   # a Ryzen 5950X has no AVX-512
+    row = failing(check_profile(spec, facts), "CPU vs image")
+    assert "lacks avx512f, avx512bw" in row.detail and "KTLEGACY_CPU=avx2" in row.fix
+    # the same image on the Cascade Lake host is fine; FANCY needs VNNI, which Skylake (V100 host) lacks
+    spec = spec_for("v100", model_dirs)
+    row = failing(check_profile(spec, with_image(facts_of("v100-x1"), spec, cpu="FANCY")), "CPU vs image")
+    assert "avx512_vnni" in row.detail and "KTLEGACY_CPU=avx512" in row.fix
+
+
+def test_port_already_taken(model_dirs):
+    # the recorded 2080 Ti workstation has something on 127.0.0.1:10002 (listening.txt)
+    row = failing(check_profile(spec_for("2080ti-x2", model_dirs), facts_of("2080ti-x2")), "port")
+    assert "127.0.0.1:10002 is already in use" in row.detail and "KTLEGACY_PORT" in row.fix
+
+
+def test_port_taken_live(model_dirs):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        facts = facts_of("v100-x1")
+        facts.port_probe = __import__("ktlegacy.hostfacts", fromlist=["port_in_use"]).port_in_use
+        row = failing(check_profile(spec_for("v100", model_dirs, port=port), facts), "port")
+        assert f"127.0.0.1:{port} is already in use" in row.detail
+
+
+def test_vram_short_and_rule_file_for_more_gpus(model_dirs, sdist_tree):
+    spec = spec_for("2080ti-x2", model_dirs, port=10050)
+    facts = with_image(facts_of("2080ti-x2"), spec)
+    facts.gpus = [dataclasses.replace(g, vram_mib=1024) for g in facts.gpus]
+    row = failing(check_profile(spec, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
+    assert "cuda:0 needs ~1.5 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 1.0 GiB" in row.detail
+    spec = spec_for("2080ti-x2", model_dirs, port=10050, rules="DeepSeek-V3-Chat-multi-gpu-4.yaml")
+    row = failing(check_profile(spec, with_image(facts_of("2080ti-x2"), spec),
+                                rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
+    assert "places modules on 4 GPUs" in row.detail and "reserves 2" in row.detail
+
+
+def test_unknown_profile():
+    with pytest.raises(KtlegacyError, match="unknown profile 'a100': use one of v100, t4x4, 2080ti-x2"):
+        doctor("a100")
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "doctor", "--profile", "a100"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["error: unknown profile 'a100': use one of v100, t4x4, 2080ti-x2"]
+
+
+# --- hosts where no profile can run --------------------------------------------------------------
+
+def test_h100_host_is_refused_as_too_new(model_dirs):
+    """Recorded on the H100 machine by helper H6 with record.sh (see tests/fixtures/hosts/record.sh)."""
+    if not (HOSTS / "h100").is_dir():
+        pytest.skip("tests/fixtures/hosts/h100 not recorded yet (run record.sh on the H100 machine)")
+    facts = facts_of("h100")
+    assert facts.gpus and all(g.cc >= (9, 0) for g in facts.gpus)
+    report = check_profile(spec_for("v100", model_dirs), facts)
+    assert "Ampere or newer" in failing(report, "GPU arch vs image").detail
+
+
+def test_this_host_says_why_no_profile_can_run():
+    """The real host (CI: no GPU). Every profile gets a one-line reason and the exit code is 1."""
+    facts = HostFacts.probe()
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "doctor"], capture_output=True, text=True, cwd=REPO)
+    verdicts = [ln for ln in proc.stdout.splitlines() if ln.startswith("profile ")]
+    assert len(verdicts) == len(PROFILES), proc.stdout + proc.stderr
+    if facts.gpus is None:
+        assert proc.returncode == 1
+        for line in verdicts:
+            assert "FAIL" in line and "cannot run here: GPUs: no NVIDIA GPU usable:" in line
+        if shutil.which("nvidia-smi") is None:
+            assert "nvidia-smi not found" in proc.stdout
+
+
+def test_record_sh_matches_live_probe(tmp_path):
+    """record.sh on this host, loaded back, says what the live probe says."""
+    subprocess.run(["bash", str(HOSTS / "record.sh"), str(tmp_path / "here")], check=True, capture_output=True)
+    recorded, live = HostFacts.load(tmp_path / "here"), HostFacts.probe()
+    assert recorded.gpus == live.gpus
+    assert recorded.cpu_flags == live.cpu_flags and recorded.cpu_model == live.cpu_model
+    assert recorded.numa_mem_kib.keys() == live.numa_mem_kib.keys()
+    assert recorded.nvidia_runtime == live.nvidia_runtime
+
+
+def test_up_refuses_on_a_failing_check():
+    from ktlegacy.up import up
+    facts = HostFacts.probe()
+    if facts.gpus is not None:
+        pytest.skip("this host has GPUs: the refusal is tested on GPU-less hosts")
+    with pytest.raises(KtlegacyError, match=r"not starting profile t4x4: \d+ doctor check\(s\) failed, first GPUs"):
+        up("t4x4")
+    with pytest.raises(KtlegacyError, match="unknown profile"):
+        up("a100")
