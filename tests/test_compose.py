@@ -1,0 +1,308 @@
+"""compose/compose.yaml: every profile resolved by the real ``docker compose config``, asserted
+structurally; serve.sh run in a container; the no-GPU smoke profile brought up for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ktlegacy.images import DEFAULT_CPU_INSTRUCT, image_tag
+from ktlegacy.arch import get_arch
+from ktlegacy.profiles import CONTAINER_PORT, PROFILES, spec_defaults, spec_from_config
+from ktlegacy.refs import DEFAULT_REF
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.docker
+
+
+def clean_env(**extra) -> dict:
+    """The environment without any KTLEGACY_* a developer may have exported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KTLEGACY_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A copy of the root compose.yaml + compose/ (no user .env), so defaults are what is tested."""
+    shutil.copy(REPO / "compose.yaml", tmp_path / "compose.yaml")
+    shutil.copytree(REPO / "compose", tmp_path / "compose", ignore=shutil.ignore_patterns(".env"))
+    return tmp_path
+
+
+def config(docker, cwd: Path, profile: str, **env) -> dict:
+    proc = subprocess.run([docker.path, "compose", "--profile", profile, "config", "--format", "json"],
+                          cwd=cwd, capture_output=True, text=True, env=clean_env(**env))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_gpu_profile_resolves(docker, project, name):
+    profile = PROFILES[name]
+    cfg = config(docker, project, name)
+    assert list(cfg["services"]) == [name]          # a profile starts only its own service
+    s = cfg["services"][name]
+    # GPUs: an NVIDIA device reservation with exactly the profile's count
+    (dev,) = s["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+    assert dev["device_ids"] == [str(i) for i in range(profile.gpus)]
+    # image: the tag scheme of ktlegacy/images.py, the profile's arch
+    assert s["image"] == image_tag(DEFAULT_REF, get_arch(profile.arch_name), DEFAULT_CPU_INSTRUCT)
+    assert f"-{profile.arch_name}-" in s["image"]
+    env = s["environment"]
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["KTLEGACY_RULES"] == profile.rules and env["KTLEGACY_PROFILE"] == name
+    assert env["KTLEGACY_CPU_INFER"] == "10" and env["KTLEGACY_MAX_NEW_TOKENS"] == "2000"
+    # the server has no authentication: loopback only
+    (port,) = s["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["target"] == CONTAINER_PORT and port["published"] == "10002"
+    binds = {v["target"]: v for v in s["volumes"] if v["type"] == "bind"}
+    for target in ("/models/hf", "/models/gguf", "/opt/ktlegacy-compose/serve.sh"):
+        assert binds[target]["read_only"] is True, target
+    assert binds["/models/hf"]["source"] == str(project / "models" / "hf")
+    assert s["entrypoint"] == ["/bin/sh", "/opt/ktlegacy-compose/serve.sh"]
+    hc = s["healthcheck"]
+    assert hc["test"][0] == "CMD" and "http://127.0.0.1:10002/v1/models" in hc["test"][-1]
+    assert hc["retries"] >= 1 and hc["start_period"] == "1h0m0s"
+    assert s["restart"] == "unless-stopped"
+    assert int(s["shm_size"]) >= 8 * 1024 ** 3
+    assert s["ulimits"]["memlock"] == {"soft": -1, "hard": -1}
+    # the doctor's fallback (no compose on the host) equals what compose resolves
+    spec = spec_from_config(profile, cfg)
+    defaults = spec_defaults(profile)
+    assert (spec.image, spec.device_ids, spec.rules, spec.bind, spec.port, spec.cache_lens) == \
+        (defaults.image, defaults.device_ids, defaults.rules, defaults.bind, defaults.port, defaults.cache_lens)
+
+
+def test_env_choices_reach_the_service(docker, project):
+    s = config(docker, project, "t4x4", KTLEGACY_BIND="0.0.0.0", KTLEGACY_PORT="12345", KTLEGACY_REF="v0.3.2",
+               KTLEGACY_CPU="avx512", KTLEGACY_GPU_0="GPU-0f6e1a52", KTLEGACY_GPU_3="7",
+               KTLEGACY_CPU_INFER="30", KTLEGACY_MAX_NEW_TOKENS="512",
+               KTLEGACY_RULES="DeepSeek-V3-Chat-multi-gpu-8.yaml")["services"]["t4x4"]
+    assert s["image"] == image_tag("v0.3.2", get_arch("sm75"), "AVX512")
+    assert s["ports"][0]["host_ip"] == "0.0.0.0" and s["ports"][0]["published"] == "12345"
+    assert s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["GPU-0f6e1a52", "1", "2", "7"]
+    assert s["environment"]["KTLEGACY_CPU_INFER"] == "30"
+    assert s["environment"]["KTLEGACY_MAX_NEW_TOKENS"] == "512"
+    assert s["environment"]["KTLEGACY_RULES"] == "DeepSeek-V3-Chat-multi-gpu-8.yaml"
+
+
+def test_env_example_documents_the_defaults(docker, project):
+    """compose/.env.example, copied to compose/.env, changes nothing: it states the defaults."""
+    before = {p: config(docker, project, p) for p in [*PROFILES, "smoke"]}
+    shutil.copy(project / "compose" / ".env.example", project / "compose" / ".env")
+    after = {p: config(docker, project, p) for p in [*PROFILES, "smoke"]}
+    assert before == after
+    documented = {line.split("=", 1)[0].lstrip("#") for line in
+                  (project / "compose" / ".env.example").read_text().splitlines() if "=" in line and
+                  line.lstrip("#").startswith("KTLEGACY_")}
+    used = set()
+    import re
+    for m in re.finditer(r"\$\{(KTLEGACY_\w+)", (project / "compose" / "compose.yaml").read_text()):
+        used.add(m.group(1))
+    assert used <= documented, used - documented
+
+
+def test_smoke_profile_resolves(docker, project):
+    s = config(docker, project, "smoke")["services"]["smoke"]
+    assert "deploy" not in s or not s["deploy"].get("resources")   # no GPU
+    assert s["image"] == image_tag(DEFAULT_REF, get_arch("sm75"), DEFAULT_CPU_INSTRUCT)
+    assert s["ports"][0]["host_ip"] == "127.0.0.1"
+    assert all(v["read_only"] for v in s["volumes"] if v["type"] == "bind")
+    assert s["environment"]["KTLEGACY_SMOKE_CMD"] == "python3 /ktlegacy/smoke/run.py"
+    assert "/healthz" in s["healthcheck"]["test"][-1]
+
+
+def test_runs_from_the_repository_root(docker):
+    """Exactly as users type it: `docker compose --profile t4x4 config` in the repo root."""
+    cfg = config(docker, REPO, "t4x4")
+    assert cfg["name"] == "ktlegacy" and list(cfg["services"]) == ["t4x4"]
+
+
+# --- serve.sh inside a container -----------------------------------------------------------------
+
+FAKE_SERVER = """#!/bin/sh
+# stands in for upstream's `ktransformers` console script: print the command line it got
+printf '%s\\n' "$@" > /var/lib/ktlegacy/argv
+echo FAKE-SERVER-STARTED
+"""
+
+
+def run_serve(docker, standin_base, tmp_path, rules_text, with_config=True, rules="DeepSeek-V3-Chat.yaml"):
+    pkg = tmp_path / "site" / "ktransformers"
+    (pkg / "optimize" / "optimize_rules").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "optimize" / "optimize_rules" / "DeepSeek-V3-Chat.yaml").write_text(rules_text)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ktransformers").write_text(FAKE_SERVER)
+    (tmp_path / "bin" / "ktransformers").chmod(0o755)
+    (tmp_path / "hf").mkdir()
+    if with_config:
+        (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "m.gguf").write_bytes(b"GGUF")
+    cmd = [docker.path, "run", "--rm", "--name", f"h4-serve-{uuid.uuid4().hex[:8]}", "--user", "1000:1000",
+           "--tmpfs", "/var/lib/ktlegacy:mode=1777",
+           "-v", f"{REPO / 'compose' / 'serve.sh'}:/opt/ktlegacy-compose/serve.sh:ro",
+           "-v", f"{tmp_path / 'site'}:/opt/site:ro", "-v", f"{tmp_path / 'bin'}:/opt/fakebin:ro",
+           "-v", f"{tmp_path / 'hf'}:/models/hf:ro", "-v", f"{tmp_path / 'gguf'}:/models/gguf:ro",
+           "-e", "PYTHONPATH=/opt/site", "-e", "PATH=/opt/fakebin:/usr/local/bin:/usr/bin:/bin",
+           "-e", f"KTLEGACY_RULES={rules}", "-e", "KTLEGACY_CPU_INFER=12", "-e", "KTLEGACY_MAX_NEW_TOKENS=300",
+           "-e", "KTLEGACY_CACHE_LENS=4096", "-e", "KTLEGACY_SERVER_ARGS=--web True",
+           "-e", "HOME=/var/lib/ktlegacy",
+           "--entrypoint", "/bin/sh", standin_base, "-c",
+           "/bin/sh /opt/ktlegacy-compose/serve.sh && cat /var/lib/ktlegacy/argv"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_serve_sh_starts_the_server_with_the_rule_file(docker, standin_base, tmp_path):
+    proc = run_serve(docker, standin_base, tmp_path, "- match: {name: x}\n  replace: {class: default}\n"
+                     "# prefill_op: KLinearTorch\n")
+    assert proc.returncode == 0, proc.stderr
+    argv = proc.stdout.split("FAKE-SERVER-STARTED\n", 1)[1].split("\n")
+    pairs = dict(zip(argv[0::2], argv[1::2]))
+    assert pairs["--optimize_config_path"] == "/opt/site/ktransformers/optimize/optimize_rules/DeepSeek-V3-Chat.yaml"
+    assert pairs["--model_path"] == "/models/hf" and pairs["--gguf_path"] == "/models/gguf"
+    assert pairs["--port"] == "10002" and pairs["--host"] == "0.0.0.0"
+    assert pairs["--cpu_infer"] == "12" and pairs["--max_new_tokens"] == "300" and pairs["--cache_lens"] == "4096"
+    assert pairs["--web"] == "True"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("marlin", "still uses Marlin/FP8 ops"),
+    ("no-config", "no config.json in /models/hf"),
+    ("no-rules", "rule file /opt/site/ktransformers/optimize/optimize_rules/Nope.yaml does not exist"),
+])
+def test_serve_sh_refuses_in_one_line(docker, standin_base, tmp_path, case, expected):
+    text = "- match: {name: x}\n  replace: {kwargs: {generate_op: KLinearMarlin}}\n" if case == "marlin" else "[]\n"
+    proc = run_serve(docker, standin_base, tmp_path, text, with_config=case != "no-config",
+                     rules="Nope.yaml" if case == "no-rules" else "DeepSeek-V3-Chat.yaml")
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ktlegacy serve: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "FAKE-SERVER-STARTED" not in proc.stdout
+
+
+# --- the smoke profile, up for real --------------------------------------------------------------
+
+THROWAWAY_TAG = "h4-standin-runtime:dev"
+
+
+@pytest.fixture(scope="module")
+def runtime_image(request, docker):
+    """(tag, smoke command): the stand-in runtime image of H3a's build when the suite has it,
+    else a throwaway image FROM the stand-in base that runs a trivial smoke command."""
+    try:
+        return request.getfixturevalue("standin_runtime_image"), None
+    except pytest.FixtureLookupError:
+        pass
+    base = request.getfixturevalue("standin_base")
+    proc = subprocess.run([docker.path, "build", "-q", "-t", THROWAWAY_TAG, "-"], input=f"FROM {base}\n",
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return THROWAWAY_TAG, "python3 -c 'import json, sys; print(\"smoke ok\")'"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose(docker, project_name, env, *args, check=True):
+    proc = subprocess.run([docker.path, "compose", "-p", project_name, "--profile", "smoke", *args],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def wait_health(docker, container, want, timeout=600) -> str:
+    deadline, status = time.time() + timeout, ""
+    while time.time() < deadline:
+        status = subprocess.run([docker.path, "inspect", "-f", "{{.State.Health.Status}}", container],
+                                capture_output=True, text=True).stdout.strip()
+        if status in ("healthy", "unhealthy"):
+            break
+        time.sleep(2)
+    assert status == want, f"{container}: health {status!r}, wanted {want!r}"
+    return status
+
+
+@pytest.fixture
+def smoke_env(tmp_path, runtime_image):
+    tag, smoke_cmd = runtime_image
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    from ggufmodel import write_model
+    write_model(tmp_path / "gguf")
+    port = free_port()
+    env = clean_env(KTLEGACY_SMOKE_IMAGE=tag, KTLEGACY_MODEL_DIR=str(tmp_path / "hf"),
+                    KTLEGACY_GGUF_DIR=str(tmp_path / "gguf"), KTLEGACY_SMOKE_PORT=str(port),
+                    KTLEGACY_CPU_INFER="7", KTLEGACY_SMOKE_START_PERIOD="5m")
+    if smoke_cmd:
+        env["KTLEGACY_SMOKE_CMD"] = smoke_cmd
+    return env, port
+
+
+@pytest.mark.slow
+def test_smoke_profile_up_healthy_end_to_end(docker, smoke_env):
+    env, port = smoke_env
+    name = f"h4-smoke-{uuid.uuid4().hex[:8]}"
+    try:
+        compose(docker, name, env, "up", "-d")
+        container = compose(docker, name, env, "ps", "-q", "smoke").stdout.strip()
+        wait_health(docker, container, "healthy")
+        # the port: published on loopback only, reachable from the host
+        bindings = json.loads(subprocess.run([docker.path, "inspect", "-f", "{{json .HostConfig.PortBindings}}",
+                                              container], capture_output=True, text=True).stdout)
+        assert bindings == {"10002/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            assert resp.status == 200
+            report = json.load(resp)
+        assert report["ok"] is True and report["smoke"]["returncode"] == 0
+        # volumes: the host's files, read-only inside
+        assert report["mounts"]["/models/hf"] == {"present": True, "files": ["config.json"], "read_only": True}
+        assert report["mounts"]["/models/gguf"]["files"] == ["tiny-deepseek-v3.gguf"]
+        assert report["mounts"]["/models/gguf"]["read_only"] is True
+        assert report["state_dir_writable"] is True
+        # environment: .env choices and the fixed settings
+        assert report["environment"]["KTLEGACY_CPU_INFER"] == "7"
+        assert report["environment"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        assert report["environment"]["KTLEGACY_PROFILE"] == "smoke"
+    finally:
+        compose(docker, name, env, "down", "-v", "--remove-orphans", check=False)
+    left = subprocess.run([docker.path, "ps", "-aq", "--filter", f"label=com.docker.compose.project={name}"],
+                          capture_output=True, text=True).stdout.strip()
+    assert left == ""
+
+
+@pytest.mark.slow
+def test_smoke_profile_failing_smoke_is_unhealthy(docker, smoke_env):
+    env, port = smoke_env
+    # start_period short: failures during it do not count, and this one is meant to fail
+    env = dict(env, KTLEGACY_SMOKE_CMD="echo 'check_x: FAIL' && false", KTLEGACY_SMOKE_START_PERIOD="3s")
+    name = f"h4-smoke-fail-{uuid.uuid4().hex[:8]}"
+    try:
+        compose(docker, name, env, "up", "-d")
+        container = compose(docker, name, env, "ps", "-q", "smoke").stdout.strip()
+        wait_health(docker, container, "unhealthy", timeout=180)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
+            raise AssertionError("a failed smoke run answered 200")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            assert json.load(exc)["smoke"]["tail"] == ["check_x: FAIL"]
+    finally:
+        compose(docker, name, env, "down", "-v", "--remove-orphans", check=False)
