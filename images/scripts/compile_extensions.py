@@ -1,0 +1,184 @@
+"""Compile ktransformers' C++/CUDA extensions for one GPU arch, then prove they target it.
+
+The image's compile stage runs this, and so can a GPU machine without Docker:
+
+    python images/scripts/compile_extensions.py --src TREE --out DIR --arch sm75 [--cpu-instruct AVX2] [--jobs 8]
+
+TREE is a patched upstream tree (or its C++ side: setup.py, pyproject.toml, README.md, LICENSE,
+ktransformers/__init__.py, ktransformers/ktransformers_ext/, third_party/). Upstream's own
+``setup.py build_ext`` does the work, so the overlays' fixes to it (portable CPU flags) apply;
+TORCH_CUDA_ARCH_LIST is set to exactly the requested arch. The built ``*.so`` land in DIR with
+``ktlegacy-extensions.json`` (files, hashes, which hold device code). Every built .so
+is then checked by ``check_cuda_arch.py`` (cuobjdump --list-elf): a CUDA extension without
+SASS for the arch, or without any device code, fails the build by name.
+
+``--mode skip`` is for the no-CUDA stand-in base of the tests only: nothing is compiled and
+the JSON says so, so the image's labels and smoke tests can say so too.
+Uses only the standard library plus the torch/setuptools of the interpreter running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT)
+ARCH_LISTS = {"sm70": "7.0", "sm75": "7.5"}
+CPU_INSTRUCTS = ("AVX2", "AVX512", "FANCY", "NATIVE")
+RECORD = "ktlegacy-extensions.json"
+
+
+class BuildError(Exception):
+    pass
+
+
+def has_device_code(path: Path) -> bool:
+    """True when the ELF file has a ``.nv_fatbin`` section (embedded cubins/PTX)."""
+    with open(path, "rb") as fh:
+        ident = fh.read(64)
+        if ident[:4] != b"\x7fELF" or ident[4] != 2:  # 64-bit ELF only
+            return False
+        endian = "<" if ident[5] == 1 else ">"
+        shoff, = struct.unpack_from(endian + "Q", ident, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", ident, 0x3A)
+        if not shoff or not shnum:
+            return False
+        fh.seek(shoff)
+        table = fh.read(shentsize * shnum)
+        sections = [struct.unpack_from(endian + "IIQQQQ", table, i * shentsize) for i in range(shnum)]
+        _, _, _, _, str_off, str_size = sections[shstrndx]
+        fh.seek(str_off)
+        names = fh.read(str_size)
+    for name_off, *_ in sections:
+        end = names.find(b"\0", name_off)
+        if names[name_off:end] == b".nv_fatbin":
+            return True
+    return False
+
+
+def find_nvcc() -> str:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and Path(candidate, "bin", "nvcc").is_file():
+            return str(Path(candidate, "bin", "nvcc"))
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    raise BuildError("no nvcc found (CUDA_HOME, /usr/local/cuda, PATH): compiling the extensions needs "
+                     "the CUDA toolkit (the devel base image has it); only the no-CUDA stand-in uses --mode skip")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_env(arch: str, cpu: str, jobs: int) -> dict:
+    env = dict(os.environ)
+    wanted = ARCH_LISTS[arch]
+    given = env.get("TORCH_CUDA_ARCH_LIST")
+    if given and given.strip() != wanted:
+        raise BuildError(f"TORCH_CUDA_ARCH_LIST={given!r} contradicts --arch {arch} (needs {wanted!r})")
+    env.update({
+        "TORCH_CUDA_ARCH_LIST": wanted,
+        "CPU_INSTRUCT": cpu,
+        "MAX_JOBS": str(jobs),
+        "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs),
+        # upstream's bdist_wheel would otherwise try to download a prebuilt wheel from GitHub
+        "KTRANSFORMERS_FORCE_BUILD": "TRUE",
+    })
+    if shutil.which("ccache"):
+        # cmake's launcher for cpuinfer_ext; the ccache masquerade dir for torch's ninja (c++)
+        # and for nvcc's host compiler. CCACHE_DIR is the compile stage's cache mount.
+        launchers = " ".join(f"-DCMAKE_{lang}_COMPILER_LAUNCHER=ccache" for lang in ("C", "CXX", "CUDA"))
+        env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " " + launchers).strip()
+        if Path("/usr/lib/ccache").is_dir():
+            env["PATH"] = "/usr/lib/ccache:" + env.get("PATH", "")
+        env.setdefault("CCACHE_DIR", str(Path.home() / ".ccache"))
+    return env
+
+
+def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int) -> dict:
+    if not (src / "setup.py").is_file():
+        raise BuildError(f"{src} has no setup.py: pass a (patched) ktransformers tree with --src")
+    nvcc = find_nvcc()
+    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+    env = build_env(arch, cpu, jobs)
+    with tempfile.TemporaryDirectory(prefix="ktlegacy-ext-") as tmp:
+        lib, temp = Path(tmp, "lib"), Path(tmp, "temp")
+        cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", str(lib), "--build-temp", str(temp)]
+        print(f"compile: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}, "
+              f"CPU_INSTRUCT={cpu}, MAX_JOBS={jobs})", flush=True)
+        proc = subprocess.run(cmd, cwd=src, env=env)
+        if proc.returncode != 0:
+            raise BuildError(f"setup.py build_ext failed (exit {proc.returncode}) for {arch}; see the output above")
+        built = sorted(lib.rglob("*.so"))
+        if not built:
+            raise BuildError(f"setup.py build_ext produced no .so under {lib}")
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for so in built:
+            rel = so.relative_to(lib)
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(so, dest)
+            files.append({"file": rel.as_posix(), "sha256": _sha256(dest), "device_code": has_device_code(dest)})
+    return {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files}
+
+
+def check_arch(out: Path, record: dict, arch: str) -> None:
+    """check_cuda_arch.py over every built .so: host-only ones (cpuinfer_ext) pass, a CUDA
+    extension without a cubin for exactly this arch fails, naming the file."""
+    files = [out / f["file"] for f in record["extensions"]]
+    checker = HERE / "check_cuda_arch.py"
+    proc = subprocess.run([sys.executable, str(checker), "--arch", arch, *map(str, files)])
+    if proc.returncode != 0:
+        raise BuildError(f"arch check failed for {arch} (see above): the image would fail with "
+                         "'no kernel image is available for execution on the device'")
+    record["arch_check"] = {"arch": arch, "checked": [p.name for p in files], "result": "pass"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, type=Path, help="patched ktransformers tree (or its C++ side)")
+    p.add_argument("--out", required=True, type=Path, help="directory for the built .so files and the record")
+    p.add_argument("--arch", required=True, help="sm70 (V100) or sm75 (T4, RTX 2080 Ti)")
+    p.add_argument("--cpu-instruct", default="AVX2", help="AVX2 (portable), AVX512, FANCY or NATIVE")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
+    p.add_argument("--mode", choices=("build", "skip"), default="build",
+                   help="skip: no-CUDA stand-in builds only; compiles nothing and records why")
+    args = p.parse_args(argv)
+    try:
+        arch = args.arch.strip().lower()
+        if arch not in ARCH_LISTS:
+            raise BuildError(f"arch {args.arch!r} is not built here: use sm70 or sm75 (sm80+: the upstream images)")
+        cpu = args.cpu_instruct.strip().upper()
+        if cpu not in CPU_INSTRUCTS:
+            raise BuildError(f"unknown CPU instruction set {args.cpu_instruct!r}: use one of {', '.join(CPU_INSTRUCTS)}")
+        if args.mode == "skip":
+            args.out.mkdir(parents=True, exist_ok=True)
+            record = {"mode": "skip", "reason": "stand-in build, no CUDA", "extensions": []}
+            print("compile: skipped (stand-in build, no CUDA): no extension is compiled", flush=True)
+        else:
+            record = compile_tree(args.src, args.out, arch, cpu, max(1, args.jobs))
+            check_arch(args.out, record, arch)
+        record.update({"arch": arch, "torch_cuda_arch_list": ARCH_LISTS[arch], "cpu_instruct": cpu})
+        (args.out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for f in record["extensions"]:
+        print(f"compile: {f['file']} ({'device code' if f['device_code'] else 'host only'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

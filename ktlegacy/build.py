@@ -1,0 +1,403 @@
+"""``invoke build`` / ``python -m ktlegacy build``: the CUDA 11.8 images, one per arch.
+
+:func:`plan` turns the user's flags into the exact docker commands (checked inputs, build args,
+the BuildKit secret, the wheelhouse image); :func:`build` prints or runs them. All input errors
+are raised before anything runs, so a bad flag never leaves a half-built image behind:
+an arch other than sm70/sm75, an unknown ref, a missing CA bundle or wheelhouse, no Docker
+daemon, a daemon without BuildKit.
+
+The image's labels are computed here, before the build, and checked inside it: the overlay
+digest of the overlays that apply to (ref, arch) and the upstream commit (git refs, resolved
+with ``git ls-remote``) or sdist sha256 (sdist refs) go in as build args; the source stage
+refuses a tree that does not carry the same values (images/scripts/check_source.py).
+
+:func:`smoke` runs ``tests/smoke`` inside a built image (``--gpus all`` when the daemon has the
+NVIDIA runtime) after checking its labels against what was asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import images
+from .arch import Arch, arches_for, get_arch
+from .cli import command
+from .errors import KtlegacyError
+from .refs import DEFAULT_REF, REFS, UPSTREAM_GIT_URL, get_ref
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO_ROOT / "images" / "Dockerfile"
+WHEELHOUSE_DOCKERFILE = REPO_ROOT / "images" / "wheelhouse.Dockerfile"
+
+DEFAULT_BASE_IMAGE = "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"
+DEFAULT_RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"
+# Why 2.5.1: its Triton (3.1.0) compiles ktransformers' MLA decode kernel for sm70 and sm75 in
+# 52,224 B of shared memory; triton 3.2.0 (torch 2.6) aborts on sm70, 3.3.1 (torch 2.7) fails on
+# both (docs/torch-pin.md; the image's kernels stage re-checks it on every build).
+DEFAULT_TORCH_VERSION = "2.5.1+cu118"
+DEFAULT_TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu118"
+DEFAULT_MAX_JOBS = 4
+
+# Labels beyond ktlegacy/images.py's keys, for what only a build knows.
+LABEL_EXTENSIONS = "io.ktlegacy.extensions"   # "build" or "skip" (stand-in: nothing compiled)
+LABEL_STANDIN = "io.ktlegacy.standin"         # "true" only on the no-CUDA stand-in test build
+
+CA_SECRET_ID = "ca_cert"
+
+
+def dockerfile_stages(dockerfile: Path = DOCKERFILE) -> list[str]:
+    return re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", dockerfile.read_text(), flags=re.M | re.I)
+
+
+@dataclass
+class Step:
+    """One docker invocation: argv, and whether it needs the BuildKit environment."""
+    argv: list[str]
+    buildkit: bool = False
+    what: str = ""
+
+    def shell(self, prefix: str) -> str:
+        return (prefix if self.buildkit else "") + shlex.join(self.argv)
+
+
+@dataclass
+class Plan:
+    arch: Arch
+    tag: str
+    build_args: dict
+    labels: dict             # label key -> value the image must carry
+    steps: list[Step] = field(default_factory=list)
+
+
+def overlay_digest(ref_name: str, arch: Arch) -> str:
+    """The digest ``patch`` will write for (ref, arch): the same files in the same way
+    (ktlegacy.overlay.patch_tree), computed without a tree."""
+    from .overlay import digest, load_overlays
+    ref = get_ref(ref_name)
+    files = []
+    for overlay, path in load_overlays():
+        if overlay.applies_to(ref):
+            files.append(path)
+            files.extend(getattr(overlay, "shipped_files", lambda: [])())
+    return digest(files, arch, ref)
+
+
+def resolve_commit(ref_name: str, dry_run: bool = False) -> str:
+    """sdist refs: ``sdist-sha256:<hash>``; git refs: the commit the tag points at."""
+    ref = get_ref(ref_name)
+    if ref.kind == "sdist":
+        return f"sdist-sha256:{ref.sha256}"
+    try:
+        proc = subprocess.run(["git", "ls-remote", UPSTREAM_GIT_URL, f"refs/tags/{ref.name}^{{}}",
+                               f"refs/tags/{ref.name}"], capture_output=True, text=True, timeout=60)
+        lines = [ln.split() for ln in proc.stdout.splitlines() if ln.strip()]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        proc, lines = None, []
+        err = str(exc)
+    else:
+        err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    peeled = [sha for sha, name in lines if name.endswith("^{}")]
+    if peeled or lines:
+        return (peeled or [lines[0][0]])[0]
+    if dry_run:
+        return ""
+    raise KtlegacyError(f"cannot resolve {ref.name} at {UPSTREAM_GIT_URL} ({err}); the build fetches it "
+                        "from there too: check the network, or build the sdist ref 0.2.1.post1")
+
+
+def _revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        if rev.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ktlegacy", "overlays", "images",
+                                "tests/smoke"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return ""
+
+
+def _wheelhouse_tag(wheelhouse: Path) -> str:
+    """A tag naming the wheelhouse's content (file names, sizes, mtimes), so a changed
+    wheelhouse is a new image and an unchanged one is reused."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in wheelhouse.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(wheelhouse)}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+    return f"ktlegacy-wheelhouse:{h.hexdigest()[:16]}"
+
+
+def check_wheelhouse(wheelhouse: Path, ref_name: str) -> Path:
+    wheelhouse = Path(wheelhouse).resolve()
+    if not wheelhouse.is_dir():
+        raise KtlegacyError(f"wheelhouse {wheelhouse} does not exist; create it with pip download -d DIR ... "
+                            "or drop --wheelhouse")
+    if not any(wheelhouse.glob("*.whl")):
+        raise KtlegacyError(f"wheelhouse {wheelhouse} holds no .whl file; fill it with pip download -d {wheelhouse} ...")
+    ref = get_ref(ref_name)
+    if ref.kind == "sdist" and not (wheelhouse / ref.filename).is_file():
+        raise KtlegacyError(f"wheelhouse {wheelhouse} lacks {ref.filename}: a --wheelhouse build has no network, "
+                            f"copy it there (python -m ktlegacy fetch-source caches it in ~/.cache/ktlegacy)")
+    return wheelhouse
+
+
+def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = images.DEFAULT_CPU_INSTRUCT,
+         tag: str | None = None, base_image: str | None = None, runtime_image: str | None = None,
+         torch_version: str | None = None, torch_index_url: str | None = None,
+         pip_index_url: str | None = None, apt_mirror: str | None = None, ca_cert: str | Path | None = None,
+         wheelhouse: str | Path | None = None, target: str = "runtime", push: bool = False,
+         standin: bool = False, offline: bool = False, max_jobs: int | None = None,
+         repository: str = images.DEFAULT_REPOSITORY, dry_run: bool = False,
+         extra_build_flags: tuple = ()) -> list[Plan]:
+    """Validate every input and return the docker steps for each arch; runs nothing."""
+    arches = arches_for(arch)
+    get_ref(ref)
+    cpu = images.cpu_instruct(cpu_instruct)
+    if cpu == "NATIVE" and push:
+        raise KtlegacyError("CPU_INSTRUCT NATIVE bakes in this machine's CPU: build it for local use, "
+                            "push AVX2/AVX512/FANCY images")
+    if tag and len(arches) > 1:
+        raise KtlegacyError("--tag names one image; with --arch all the tags follow the scheme "
+                            f"({images.image_tag(ref, arches[0], cpu, repository)}, ...)")
+    stages = dockerfile_stages()
+    if target not in stages:
+        raise KtlegacyError(f"unknown --target {target!r}: stages are {', '.join(stages)}")
+    if push and target != "runtime":
+        raise KtlegacyError("only the runtime stage is pushed; drop --push or --target")
+    secret = None
+    if ca_cert is not None:
+        secret = Path(ca_cert).resolve()
+        if not secret.is_file() or secret.stat().st_size == 0:
+            raise KtlegacyError(f"--ca-cert {ca_cert}: no such file (or empty); pass your proxy's CA bundle, "
+                                "e.g. /etc/ssl/certs/ca-certificates.crt")
+    if wheelhouse is not None:
+        wheelhouse = check_wheelhouse(Path(wheelhouse), ref)
+    if offline and wheelhouse is None:
+        raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
+
+    commit = resolve_commit(ref, dry_run=dry_run)
+    from . import __version__
+    revision = _revision()
+    plans = []
+    for a in arches:
+        digest = overlay_digest(ref, a)
+        image = tag or images.image_tag(ref, a, cpu, repository) + ("-standin" if standin else "")
+        if target != "runtime" and not tag:
+            image += f"-{target}"
+        args = {
+            "BASE_IMAGE": base_image or DEFAULT_BASE_IMAGE,
+            # the stand-in base serves as its own runtime base unless told otherwise
+            "RUNTIME_IMAGE": runtime_image or (base_image if standin and base_image else DEFAULT_RUNTIME_IMAGE),
+            "TORCH_VERSION": torch_version or DEFAULT_TORCH_VERSION,
+            "TORCH_INDEX_URL": torch_index_url or DEFAULT_TORCH_INDEX_URL,
+            "KTRANSFORMERS_REF": ref,
+            "KTRANSFORMERS_COMMIT": commit,
+            "OVERLAY_DIGEST": digest,
+            "ARCH": a.name,
+            "TORCH_CUDA_ARCH_LIST": a.torch_cuda_arch_list,
+            "CPU_INSTRUCT": cpu,
+            "MAX_JOBS": str(max_jobs or DEFAULT_MAX_JOBS),
+            "KTLEGACY_VERSION": __version__,
+            "KTLEGACY_REVISION": revision,
+        }
+        if pip_index_url:
+            args["PIP_INDEX_URL"] = pip_index_url
+        if apt_mirror:
+            args["APT_MIRROR"] = apt_mirror
+        if standin:
+            args["KTLEGACY_EXTENSIONS"] = "skip"
+            args["KTLEGACY_STANDIN"] = "true"
+        labels = {
+            images.LABEL_REF: ref, images.LABEL_COMMIT: commit, images.LABEL_OVERLAY_DIGEST: digest,
+            images.LABEL_ARCH: a.name, images.LABEL_CUDA: images.CUDA_VERSION,
+            images.LABEL_TORCH: args["TORCH_VERSION"], images.LABEL_CPU: cpu,
+            images.LABEL_VERSION: __version__, images.LABEL_REVISION: revision,
+            LABEL_EXTENSIONS: "skip" if standin else "build", LABEL_STANDIN: "true" if standin else "false",
+        }
+        steps = []
+        if wheelhouse is not None:
+            wh_tag = _wheelhouse_tag(wheelhouse)
+            args["WHEELHOUSE_IMAGE"] = wh_tag
+            steps.append(Step(["docker", "build", "--progress", "plain", "-f", str(WHEELHOUSE_DOCKERFILE),
+                               "-t", wh_tag, str(wheelhouse)], buildkit=True, what="wheelhouse image"))
+        argv = ["docker", "build", "--progress", "plain", "-f", str(DOCKERFILE), "--target", target]
+        for k, v in args.items():
+            argv += ["--build-arg", f"{k}={v}"]
+        if secret is not None:
+            argv += ["--secret", f"id={CA_SECRET_ID},src={secret}"]
+        if offline:
+            argv += ["--network", "none"]
+        argv += list(extra_build_flags)
+        argv += ["-t", image, str(REPO_ROOT)]
+        steps.append(Step(argv, buildkit=True, what=f"{a.name} {target}"))
+        if push:
+            steps.append(Step(["docker", "push", image], what="push"))
+        plans.append(Plan(arch=a, tag=image, build_args=args, labels=labels, steps=steps))
+    return plans
+
+
+def _client_argv(client, step: Step) -> list[str]:
+    argv = list(step.argv)
+    if argv[:2] == ["docker", "build"] and client.buildx:
+        return client.build_cmd(*argv[2:])
+    return client.cmd(*argv[1:])
+
+
+def printable(plans: list[Plan], client=None) -> list[str]:
+    """The commands exactly as a shell would run them (with the client's real path/prefix)."""
+    from .docker import DockerClient
+    client = client or DockerClient("docker", buildx=False)
+    return [Step(_client_argv(client, s), s.buildkit).shell(client.shell_prefix()) for p in plans for s in p.steps]
+
+
+@dataclass
+class BuildResult:
+    tags: list[str]
+    logs: dict            # tag -> combined build output
+
+
+def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = True, **kwargs) -> BuildResult:
+    """Plan, then print (``dry_run``) or run every step; return the tags built and their logs."""
+    from .docker import DockerClient, client as docker_client
+    plans = plan(arch, dry_run=dry_run, **kwargs)
+    if dry_run:
+        try:
+            client = docker_client()
+        except KtlegacyError as exc:
+            print(f"note: {exc}; printing the commands for a Debian docker.io client", file=sys.stderr)
+            client = DockerClient("docker", buildx=False)
+        for line in printable(plans, client):
+            out(line)
+        return BuildResult([p.tag for p in plans], {})
+    client = docker_client()
+    logs = {}
+    for p in plans:
+        chunks = []
+        for step in p.steps:
+            argv = _client_argv(client, step)
+            out(f"$ {Step(argv, step.buildkit).shell(client.shell_prefix())}")
+            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=client.build_env() if step.buildkit else None,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+            for line in proc.stdout:
+                chunks.append(line)
+                if echo:
+                    sys.stdout.write(line)
+            if proc.wait() != 0:
+                tail = _failure_line(chunks)
+                raise KtlegacyError(f"{step.what} for {p.tag} failed (exit {proc.returncode}): {tail}")
+        logs[p.tag] = "".join(chunks)
+        out(f"built {p.tag}")
+    return BuildResult([p.tag for p in plans], logs)
+
+
+def _failure_line(lines: list[str]) -> str:
+    """The most useful line of a failed build log: our scripts' 'error: ...', else apt's 'E: ...',
+    else a Python exception, else the last line."""
+    for pattern in (r"\berror: (.+)$", r"\bE: (.+)$", r"^#\d+ [\d.]+ (\w+(?:Error|Exception): .+)$",
+                    r"\bERROR: (.+)$"):
+        for line in reversed(lines):
+            m = re.search(pattern, line.strip())
+            if m and "executor failed" not in line:
+                return m.group(1).strip()[:300]
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()[:300]
+    return "(no output)"
+
+
+# -- smoke ----------------------------------------------------------------------------------------
+
+def image_labels(client, image: str) -> dict:
+    proc = client.run("image", "inspect", "--format", "{{json .Config.Labels}}", image, check=False)
+    if proc.returncode != 0:
+        raise KtlegacyError(f"image {image} not found; build it first: invoke build --arch ARCH")
+    return json.loads(proc.stdout or b"{}") or {}
+
+
+def has_nvidia_runtime(client) -> bool:
+    proc = client.run("info", "--format", "{{json .Runtimes}}", check=False)
+    return proc.returncode == 0 and b"nvidia" in (proc.stdout or b"")
+
+
+def smoke(arch: str = "sm75", *, image: str | None = None, ref: str = DEFAULT_REF,
+          cpu_instruct: str = images.DEFAULT_CPU_INSTRUCT, gpus: bool | None = None,
+          name_prefix: str = "ktlegacy-smoke", out=print) -> int:
+    """Check the image's labels against ``arch``, then run tests/smoke inside it; return its exit code."""
+    from .docker import client as docker_client
+    a = get_arch(arch)
+    image = image or images.image_tag(ref, a, cpu_instruct)
+    client = docker_client()
+    labels = image_labels(client, image)
+    if labels.get(images.LABEL_ARCH) != a.name:
+        raise KtlegacyError(f"image {image} is labelled for arch {labels.get(images.LABEL_ARCH)!r}, not {a.name}")
+    if labels.get(images.LABEL_CUDA) != images.CUDA_VERSION:
+        raise KtlegacyError(f"image {image} is labelled CUDA {labels.get(images.LABEL_CUDA)!r}, not {images.CUDA_VERSION}")
+    if gpus is None:
+        gpus = has_nvidia_runtime(client)
+    name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
+    argv = ["run", "--rm", "--name", name]
+    if gpus:
+        argv += ["--gpus", "all"]
+    argv += [image, "python", "/ktlegacy/smoke/run.py"]
+    out(f"$ {shlex.join(client.cmd(*argv))}")
+    return subprocess.run(client.cmd(*argv)).returncode
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="sm70 (V100), sm75 (T4, RTX 2080 Ti) or all")
+    p.add_argument("--ref", default=DEFAULT_REF, help=f"upstream ref: {', '.join(REFS)} (default {DEFAULT_REF})")
+    p.add_argument("--cpu-instruct", default=images.DEFAULT_CPU_INSTRUCT,
+                   help="AVX2 (portable default), AVX512, FANCY, NATIVE (local builds only)")
+    p.add_argument("--tag", default=None, help="image tag (one arch only; default: the ktlegacy tag scheme)")
+    p.add_argument("--base-image", default=None, help=f"build base (default {DEFAULT_BASE_IMAGE})")
+    p.add_argument("--runtime-image", default=None, help=f"runtime base (default {DEFAULT_RUNTIME_IMAGE})")
+    p.add_argument("--torch-version", default=None, help=f"torch pin (default {DEFAULT_TORCH_VERSION})")
+    p.add_argument("--torch-index-url", default=None, help=f"torch wheel index (default {DEFAULT_TORCH_INDEX_URL})")
+    p.add_argument("--pip-index-url", default=None, help="PyPI mirror for everything else")
+    p.add_argument("--apt-mirror", default=None, help="Ubuntu/Debian mirror for the base images' packages")
+    p.add_argument("--ca-cert", default=None, help="CA bundle for a TLS-intercepting proxy (a BuildKit secret)")
+    p.add_argument("--wheelhouse", default=None, help="directory of wheels (+ the ktransformers sdist): pip uses only it")
+    p.add_argument("--offline", action="store_true", help="with --wheelhouse: build with --network none")
+    p.add_argument("--target", default="runtime", help="Dockerfile stage to build (default runtime)")
+    p.add_argument("--max-jobs", type=int, default=None, help=f"parallel compile jobs (default {DEFAULT_MAX_JOBS})")
+    p.add_argument("--standin", action="store_true",
+                   help="tests only: a base without CUDA; extensions not compiled, labels say io.ktlegacy.standin=true")
+    p.add_argument("--push", action="store_true", help="docker push the tag after the build")
+    p.add_argument("--dry-run", action="store_true", help="print the exact docker commands, run nothing")
+
+
+@command("build", "build the sm70/sm75 CUDA 11.8 ktransformers images", _build_args)
+def build_command(args) -> int:
+    build(args.arch, ref=args.ref, cpu_instruct=args.cpu_instruct, tag=args.tag, base_image=args.base_image,
+          runtime_image=args.runtime_image, torch_version=args.torch_version,
+          torch_index_url=args.torch_index_url, pip_index_url=args.pip_index_url, apt_mirror=args.apt_mirror,
+          ca_cert=args.ca_cert, wheelhouse=args.wheelhouse, offline=args.offline, target=args.target,
+          max_jobs=args.max_jobs, standin=args.standin, push=args.push, dry_run=args.dry_run)
+    return 0
+
+
+def _smoke_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="sm70 or sm75")
+    p.add_argument("--image", default=None, help="image to test (default: the tag scheme's for --arch)")
+    p.add_argument("--ref", default=DEFAULT_REF, help="ref of the default tag")
+    p.add_argument("--cpu-instruct", default=images.DEFAULT_CPU_INSTRUCT, help="CPU set of the default tag")
+
+
+@command("smoke", "run tests/smoke inside a built image (with the GPUs when the NVIDIA runtime is there)", _smoke_args)
+def smoke_command(args) -> int:
+    code = smoke(args.arch, image=args.image, ref=args.ref, cpu_instruct=args.cpu_instruct)
+    if code:
+        print(f"error: smoke tests failed in the image (exit {code})", file=sys.stderr)
+    return code

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""What the image claims (KTLEGACY_IMAGE_*, set from the same build args as its labels) matches
+what was built: the overlay manifest and source record of the patched tree, the extension and
+Triton records, the installed torch and ktransformers.
+
+The labels themselves are compared with this environment from outside (tests/test_build.py,
+``invoke smoke``); here the claims meet the build's own records. Outside an image
+(no KTLEGACY_IMAGE_ARCH) there is nothing to compare: skipped.
+"""
+
+import os
+
+from smokelib import MANIFEST_DIR, fail, record, skip, standin
+
+env = {k[len("KTLEGACY_IMAGE_"):].lower(): v for k, v in os.environ.items() if k.startswith("KTLEGACY_IMAGE_")}
+if "arch" not in env:
+    skip("not inside a ktlegacy image (KTLEGACY_IMAGE_ARCH unset)")
+
+overlays = record("ktlegacy-overlays.json")
+source = record("ktlegacy-source.json")
+ext = record("ktlegacy-extensions.json")
+kernels = record("ktlegacy-kernels.json")
+missing = [n for n, r in (("ktlegacy-overlays.json", overlays), ("ktlegacy-source.json", source),
+                          ("ktlegacy-extensions.json", ext), ("ktlegacy-kernels.json", kernels)) if r is None]
+if missing:
+    fail(f"build records missing from {MANIFEST_DIR}: {', '.join(missing)}")
+
+problems = []
+
+
+def same(what, claimed, actual):
+    if claimed != actual:
+        problems.append(f"{what}: image says {claimed!r}, build has {actual!r}")
+
+
+same("arch (overlays)", env["arch"], overlays.get("arch"))
+same("arch (extensions)", env["arch"], ext.get("arch"))
+same("arch (Triton check)", env["arch"], kernels.get("arch"))
+same("ref", env.get("ref"), source.get("ref"))
+same("ref (overlays)", env.get("ref"), overlays.get("ref"))
+if env.get("overlay_digest"):
+    same("overlay digest", env["overlay_digest"], overlays.get("overlay_digest"))
+else:
+    problems.append("no overlay digest claimed (KTLEGACY_IMAGE_OVERLAY_DIGEST empty)")
+fetched = source.get("commit") or (("sdist-sha256:" + source["sha256"]) if source.get("sha256") else "")
+if env.get("commit"):
+    same("upstream commit", env["commit"], fetched)
+same("CPU instruction set", (env.get("cpu_instruct") or "").upper(), (ext.get("cpu_instruct") or "").upper())
+same("extensions", env.get("extensions"), ext.get("mode"))
+same("stand-in", env.get("standin", "false") == "true", standin())
+
+import torch  # noqa: E402
+
+same("torch", env.get("torch"), torch.__version__)
+if ext.get("mode") == "build":
+    same("CUDA of torch", env.get("cuda"), torch.version.cuda)
+    if kernels.get("result") == "skipped":
+        problems.append("the Triton kernel check was skipped on a CUDA build")
+from importlib.metadata import version  # noqa: E402
+
+kt = version("ktransformers")
+if f".{env['arch']}" not in kt:
+    problems.append(f"installed ktransformers {kt} was not built for {env['arch']}")
+
+if problems:
+    fail("; ".join(problems))
+print(f"{env['arch']}, ref {env.get('ref')}, overlays {env['overlay_digest'][:12]}, torch {torch.__version__}, "
+      f"CPU {env.get('cpu_instruct')}, extensions {ext.get('mode')}, Triton check {kernels.get('result', 'pass')}")

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Run every smoke check (``tests/smoke/check_*.py``) and print one line each.
+
+    python tests/smoke/run.py [--only NAME ...]
+
+Runs inside the images (the runtime stage's last build step, ``invoke smoke``, the default CMD)
+and unchanged outside Docker on a GPU machine. A check is a script: exit 0 = pass,
+exit 77 = skipped (its last output line says why), anything else = fail. Exit status: 0 when
+nothing failed, 1 otherwise. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SKIP = 77
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="*", default=None, help="run only these checks (file stem, e.g. check_gpu)")
+    args = p.parse_args(argv)
+    checks = sorted(HERE.glob("check_*.py"))
+    if args.only:
+        wanted = set(args.only)
+        unknown = wanted - {c.stem for c in checks}
+        if unknown:
+            print(f"error: no such smoke check: {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        checks = [c for c in checks if c.stem in wanted]
+    counts = {"pass": 0, "skip": 0, "FAIL": 0}
+    for check in checks:
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, str(check)], capture_output=True, text=True)
+        took = time.monotonic() - start
+        if proc.returncode == 0:
+            status, detail = "pass", _last_line(proc.stdout)
+        elif proc.returncode == SKIP:
+            status, detail = "skip", _last_line(proc.stdout) or _last_line(proc.stderr)
+        else:
+            status = "FAIL"
+            detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit {proc.returncode}"
+        counts[status] += 1
+        print(f"smoke {status:4s} {check.stem} ({took:.1f}s): {detail}", flush=True)
+        if status == "FAIL":
+            # the whole output of a failing check, for the build log
+            for line in (proc.stdout + proc.stderr).strip().splitlines()[-30:]:
+                print(f"    {line}")
+    print(f"smoke: {counts['pass']} passed, {counts['skip']} skipped, {counts['FAIL']} failed")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

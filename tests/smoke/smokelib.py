@@ -1,0 +1,53 @@
+"""What the smoke checks share: the skip protocol and where the build's records are.
+
+Not a check itself (run.py only runs check_*.py). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+SKIP = 77
+# The runtime image copies the build's records here (images/Dockerfile); outside an image,
+# KTLEGACY_MANIFEST_DIR may point at a directory holding them.
+MANIFEST_DIR = Path(os.environ.get("KTLEGACY_MANIFEST_DIR", "/ktlegacy"))
+ARCH_CC = {"sm70": (7, 0), "sm75": (7, 5)}
+
+
+def skip(reason: str):
+    print(f"skipped: {reason}")
+    sys.exit(SKIP)
+
+
+def fail(reason: str):
+    print(f"FAIL: {reason}", file=sys.stderr)
+    sys.exit(1)
+
+
+def record(name: str) -> dict | None:
+    path = MANIFEST_DIR / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def standin() -> bool:
+    """True on the no-CUDA stand-in build (its extensions were not compiled, by design)."""
+    if os.environ.get("KTLEGACY_IMAGE_STANDIN", "").lower() == "true":
+        return True
+    ext = record("ktlegacy-extensions.json")
+    return bool(ext and ext.get("mode") == "skip")
+
+
+def image_arch() -> str | None:
+    """The arch this image (or this machine's build) targets: KTLEGACY_IMAGE_ARCH, else KTLEGACY_ARCH."""
+    return os.environ.get("KTLEGACY_IMAGE_ARCH") or os.environ.get("KTLEGACY_ARCH") or None
+
+
+def expected_extensions() -> list[str]:
+    """Module names of the compiled extensions: from the build record, else ktransformers' two."""
+    ext = record("ktlegacy-extensions.json")
+    if ext and ext.get("mode") == "build":
+        return sorted({Path(e["file"]).name.split(".")[0] for e in ext["extensions"]})
+    return ["KTransformersOps", "cpuinfer_ext"]
