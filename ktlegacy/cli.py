@@ -81,6 +81,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "ktlegacy.publish",
     "ktlegacy.doctor",
     "ktlegacy.up",
+    "ktlegacy.build",
 )
 
 

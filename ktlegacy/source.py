@@ -99,7 +99,16 @@ def _extract_sdist(archive: Path, into: Path) -> None:
         top = {m.name.split("/", 1)[0] for m in tar.getmembers()}
         if len(top) != 1:
             raise KtlegacyError(f"{archive} does not have a single top-level directory")
-        tar.extractall(into.parent / ".sdist-extract", filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into.parent / ".sdist-extract", filter="data")
+        else:
+            # Python without extraction filters (Debian bookworm's 3.11.2, used by the image
+            # build's stand-in base): refuse what the "data" filter would refuse, ourselves.
+            for m in tar.getmembers():
+                parts = Path(m.name).parts
+                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+                    raise KtlegacyError(f"{archive}: unsafe member {m.name!r} (absolute, '..', link or device)")
+            tar.extractall(into.parent / ".sdist-extract")
     inner = into.parent / ".sdist-extract" / top.pop()
     os.replace(inner, into)
     shutil.rmtree(into.parent / ".sdist-extract", ignore_errors=True)
