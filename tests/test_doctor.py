@@ -249,13 +249,3 @@ def test_record_sh_matches_live_probe(tmp_path):
     assert recorded.numa_mem_kib.keys() == live.numa_mem_kib.keys()
     assert recorded.nvidia_runtime == live.nvidia_runtime
 
-
-def test_up_refuses_on_a_failing_check():
-    from ktlegacy.up import up
-    facts = HostFacts.probe()
-    if facts.gpus is not None:
-        pytest.skip("this host has GPUs: the refusal is tested on GPU-less hosts")
-    with pytest.raises(KtlegacyError, match=r"not starting profile t4x4: \d+ doctor check\(s\) failed, first GPUs"):
-        up("t4x4")
-    with pytest.raises(KtlegacyError, match="unknown profile"):
-        up("a100")
