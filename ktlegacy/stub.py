@@ -22,6 +22,13 @@ from .errors import KtlegacyError
 
 STUB_DIR = Path(__file__).resolve().parent.parent / "overlays" / "flash-attn-stub"
 DISTRIBUTION = "flash-attn"
+# Building without isolation needs setuptools and its bdist_wheel (built in from setuptools
+# 70.1, from the ``wheel`` package before that).
+_PROBE = (
+    "import setuptools\n"
+    "try:\n    import setuptools.command.bdist_wheel\n"
+    "except ImportError:\n    import wheel.bdist_wheel\n"
+)
 # Where the version is declared (pyproject reads it from there too).
 _VERSION_FILE = STUB_DIR / "flash_attn" / "__init__.py"
 
@@ -38,6 +45,13 @@ def stub_version() -> str:
     return match.group(1)
 
 
+def _run(cmd: list) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise KtlegacyError(f"cannot run {cmd[0]}: {exc.strerror}; pass an existing Python (--python)") from None
+
+
 def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bool = False) -> Path:
     """Build the stub's wheel into ``dest_dir`` with ``python -m pip wheel``; return its path.
 
@@ -49,10 +63,10 @@ def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bo
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     if not isolation:
-        probe = subprocess.run([python, "-c", "import setuptools"], capture_output=True, text=True)
+        probe = _run([python, "-c", _PROBE])
         if probe.returncode != 0:
             raise KtlegacyError(
-                f"{python} has no setuptools to build the flash-attn stub: "
+                f"{python} has no setuptools with bdist_wheel to build the flash-attn stub: "
                 f"{python} -m pip install 'setuptools>=61' wheel (or build with isolation)"
             )
     with tempfile.TemporaryDirectory(prefix="ktlegacy-stub-") as scratch:
@@ -63,10 +77,12 @@ def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bo
         cmd = [python, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "-w", str(out)]
         if not isolation:
             cmd += ["--no-build-isolation", "--no-index"]
-        proc = subprocess.run(cmd + [str(source)], capture_output=True, text=True)
+        proc = _run(cmd + [str(source)])
         if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-            raise KtlegacyError(f"building the flash-attn stub wheel failed: {lines[-1].strip()}")
+            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            # the innermost "error: ..." line (the build backend's) says more than pip's summary
+            reason = next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "no output")
+            raise KtlegacyError(f"building the flash-attn stub wheel failed: {reason}")
         wheels = sorted(out.glob("flash_attn-*.whl"))
         if len(wheels) != 1:
             raise KtlegacyError(f"pip wheel produced {[w.name for w in wheels]}, expected one flash_attn wheel")

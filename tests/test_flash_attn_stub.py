@@ -19,11 +19,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from ktlegacy.errors import KtlegacyError  # noqa: E402
-from ktlegacy.stub import STUB_DIR, build_stub_wheel, stub_version  # noqa: E402
+from ktlegacy.errors import KtlegacyError
+from ktlegacy.stub import STUB_DIR, build_stub_wheel, stub_version
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "tests" / "smoke" / "check_flash_attn_stub.py"
@@ -111,7 +110,6 @@ def test_transformers_sees_flash_attention_2_and_imports_it(site):
     The checks also require CUDA, which CI lacks: torch.cuda.is_available and torch.version.cuda
     are faked in a subprocess so that only the flash-attn side of the checks is exercised.
     """
-    pytest.importorskip("transformers")
     script = textwrap.dedent("""
         import torch
         torch.cuda.is_available = lambda: True
@@ -126,6 +124,26 @@ def test_transformers_sees_flash_attention_2_and_imports_it(site):
         assert m.flash_attn_varlen_func is flash_attn.flash_attn_varlen_func
         assert m.unpad_input.__module__ == "flash_attn.bert_padding"
         assert m._flash_supports_window_size
+
+        # transformers' own padded-batch path: _upad_input (index_first_axis, unpad_input),
+        # flash_attn_varlen_func, pad_input. Left and right padding, GQA, fp16.
+        gen = torch.Generator().manual_seed(3)
+        mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+        q = torch.randn(3, 6, 4, 32, generator=gen).half()
+        k = torch.randn(3, 6, 2, 32, generator=gen).half()
+        v = torch.randn(3, 6, 2, 32, generator=gen).half()
+        out = m._flash_attention_forward(q, k, v, mask, 6, True)
+        assert out.shape == (3, 6, 4, 32) and out.dtype == torch.float16
+        for b in range(3):
+            keep = mask[b].bool()
+            qs, ks, vs = q[b, keep].float(), k[b, keep].float(), v[b, keep].float()
+            n = qs.shape[0]
+            for h in range(4):
+                scores = qs[:, h] @ ks[:, h // 2].T / 32 ** 0.5
+                scores = scores.masked_fill(torch.ones(n, n).tril() == 0, float("-inf"))
+                want = torch.softmax(scores, -1) @ vs[:, h // 2]
+                err = (out[b, keep, h].float() - want).abs().max().item()
+                assert err < 5e-3, (b, h, err)
         print("ok", m.flash_attn_func.__module__)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env_with(site))
@@ -509,11 +527,17 @@ def test_build_without_setuptools_is_a_one_line_error(tmp_path):
     assert not list((tmp_path / "out").glob("*.whl"))
 
 
+def test_build_with_a_missing_python_is_a_one_line_error(tmp_path):
+    with pytest.raises(KtlegacyError, match="cannot run"):
+        build_stub_wheel(tmp_path, python=str(tmp_path / "no-python"))
+
+
 def test_smoke_script_passes_with_the_stub(site):
     proc = subprocess.run([sys.executable, str(SMOKE)], capture_output=True, text=True, env=_env_with(site))
     assert proc.returncode == 0, proc.stderr
     assert "ok flash-attn 2.6.3+ktlegacy.sdpa" in proc.stdout
     assert proc.stdout.count("ok flash_attn_func") == 4
+    assert proc.stdout.strip().splitlines()[-1].startswith("flash-attn stub ok:")  # tests/smoke/run.py shows it
 
 
 def test_smoke_script_fails_clearly_without_flash_attn(tmp_path):

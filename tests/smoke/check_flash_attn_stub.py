@@ -7,7 +7,8 @@ Checks that ``import flash_attn`` works, that the ``flash-attn`` distribution's 
 >= 2.1 (what transformers and ktransformers test for), and that ``flash_attn_func`` agrees
 with an explicit fp32 softmax(QK^T)V on small random tensors: causal with q shorter than k
 (bottom-right alignment), grouped K/V heads and a V head dim unlike Q's. Uses CUDA when
-available, else CPU. Prints one line per check; exits 1 with a one-line reason on failure.
+available, else CPU. Prints one line per check and a summary line last; exits 1 with a
+one-line reason on failure (the convention of tests/smoke/run.py).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def check_stub() -> list:
             if not err <= tol:
                 raise SmokeFailure(f"flash_attn_func {dtype} causal={causal} differs from the reference by {err:.3g} (> {tol})")
             lines.append(f"ok flash_attn_func {device} {str(dtype).replace('torch.', '')} causal={causal} max|err|={err:.2g}")
+    lines.append(f"flash-attn stub ok: {version} matches an explicit softmax reference on {device} (fp16, bf16)")
     return lines
 
 
