@@ -199,7 +199,7 @@ def row_cpu(spec: ServiceSpec, facts: HostFacts, labels: dict | None) -> Row:
         return Row("CPU vs image", FAIL, f"CPU ({facts.cpu_model or '?'}) lacks {', '.join(lacking)}, needed by the "
                    f"image's {cpu} build", f"use an image built for {can[-1]} (KTLEGACY_CPU={can[-1]})" if can
                    else "this CPU cannot run ktransformers' CPU kernels (needs AVX2 + FMA + F16C)")
-    return Row("CPU vs image", OK, f"CPU has {cpu} ({', '.join(need[-3:])}...)")
+    return Row("CPU vs image", OK, f"CPU has every flag of the image's {cpu} build ({', '.join(need)})")
 
 
 def row_model_dir(spec: ServiceSpec) -> Row:
