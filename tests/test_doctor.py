@@ -249,3 +249,38 @@ def test_record_sh_matches_live_probe(tmp_path):
     assert recorded.numa_mem_kib.keys() == live.numa_mem_kib.keys()
     assert recorded.nvidia_runtime == live.nvidia_runtime
 
+
+
+@pytest.mark.docker
+def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_dirs):
+    """A local image is asked for its own (patched) rule file and its labels: here a rule file that
+    exists only in the image and puts everything on cuda:1 of the 2080 Ti pair."""
+    import base64
+    import json as _json
+    tag = "h4-doctor-rules:sm75"
+    rules = ("- match: {name: '^model\\.embed_tokens'}\n  replace: {class: default, kwargs: {generate_device: cpu}}\n"
+             "- match: {name: '^model\\.layers\\..*\\.mlp\\.experts$'}\n"
+             "  replace: {class: X, kwargs: {generate_device: cpu}}\n  recursive: False\n"
+             "- match: {name: '.'}\n  replace: {class: default, kwargs: {generate_device: 'cuda:1'}}\n")
+    payload = base64.b64encode(rules.encode()).decode()
+    dockerfile = (f"FROM {standin_base}\n"
+                  "RUN d=/usr/local/lib/python3.11/dist-packages/ktransformers/optimize/optimize_rules && "
+                  "mkdir -p $d && touch $d/../../__init__.py && "
+                  f"echo {payload} | base64 -d > $d/Only-In-Image.yaml\n"
+                  f"LABEL {LABEL_ARCH}=sm75 {LABEL_CPU}=AVX2 {LABEL_REF}=0.2.1.post1\n")
+    proc = subprocess.run([docker.path, "build", "-q", "-t", tag, "-"], input=dockerfile, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        spec = spec_for("2080ti-x2", model_dirs, port=10050, image=tag, rules="Only-In-Image.yaml")
+        facts = facts_of("2080ti-x2")
+        facts.image_probe = lambda t: _json.loads(subprocess.run(
+            [docker.path, "image", "inspect", "--format", "{{json .Config.Labels}}", t],
+            capture_output=True, text=True).stdout)
+        report = check_profile(spec, facts, docker_path=docker.path)
+        by = rows(report)
+        assert by["image"].status == OK and "arch sm75, CPU AVX2, ref 0.2.1.post1" in by["image"].detail
+        vram = by["VRAM per GPU"]
+        assert vram.status == OK, report.table()
+        assert "Only-In-Image.yaml" in vram.detail and "cuda:1" in vram.detail and "cuda:0" not in vram.detail
+    finally:
+        subprocess.run([docker.path, "rmi", tag], capture_output=True)
