@@ -82,6 +82,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "ktlegacy.doctor",
     "ktlegacy.up",
     "ktlegacy.build",
+    "ktlegacy.triton_check",
 )
 
 
