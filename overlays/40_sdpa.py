@@ -7,6 +7,7 @@ scale, bottom-right causal mask, v head dim; see overlays/runtime/ktlegacy_runti
 
 * 0.2.1.post1 sends only Windows to ``forward_windows``; we add ``KTLEGACY_PREFILL=windows`` so
   the upstream path stays selectable for comparison.
+* flashinfer's MLA path (taken whenever flashinfer imports) is kept for sm80+.
 * v0.2.4post1 and later send ``get_compute_capability() < 8`` to ``forward_windows`` (in
   attention.py, and models.py builds the causal mask that path needs under the same test); we
   replace that test by ``KTLEGACY_PREFILL=windows`` in both files, so sm<80 runs the
@@ -29,6 +30,7 @@ OPTIONAL_IMPORT = (
     "    from flash_attn import flash_attn_func\n"
     "except ImportError:  # ktlegacy: prefill runs on SDPA (ktlegacy_runtime.sdpa_prefill)\n"
     "    pass\n")
+FLASHINFER_BRANCH = "            if flashinfer_enabled:\n                return self.forward_linux_flashinfer(\n"
 UPSTREAM_OPTIONAL = "\ntry:\n    from flash_attn import flash_attn_func\nexcept:\n"
 
 
@@ -48,6 +50,12 @@ class SdpaOverlay(Overlay):
                          what="import ktlegacy_runtime")
         tree.sub(ATTENTION, r"(?<![\w.])flash_attn_func\(", "ktlegacy_runtime.sdpa_prefill(",
                  applied=r"ktlegacy_runtime\.sdpa_prefill\(", what="flash_attn_func(...) -> ktlegacy_runtime.sdpa_prefill(...)")
+
+        # flashinfer's MLA kernels need sm80+: below it the Triton path runs even where
+        # flashinfer happens to be installed.
+        tree.replace(ATTENTION, FLASHINFER_BRANCH, FLASHINFER_BRANCH.replace(
+            "if flashinfer_enabled:", "if flashinfer_enabled and not ktlegacy_runtime.is_legacy():"),
+            what="flashinfer MLA prefill only on sm80+")
 
         if ctx.ref.name == "0.2.1.post1":
             tree.replace(ATTENTION, "        if os.name == 'nt':\n            return self.forward_windows(",

@@ -245,6 +245,7 @@ def test_prefill_calls_sdpa_and_flash_attn_is_optional(patched):
     for node in tree.body:  # the flash_attn import may only sit inside try/except ImportError
         assert not (isinstance(node, ast.ImportFrom) and node.module == "flash_attn")
     assert "if os.name == 'nt' or ktlegacy_runtime.prefill_path() == \"windows\":" in text
+    assert "if flashinfer_enabled and not ktlegacy_runtime.is_legacy():" in text
 
 
 def test_triton_decode_stages_come_from_the_runtime(patched):
