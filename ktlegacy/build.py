@@ -293,8 +293,10 @@ def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = 
                 if echo:
                     sys.stdout.write(line)
             if proc.wait() != 0:
-                tail = _failure_line(chunks)
-                raise KtlegacyError(f"{step.what} for {p.tag} failed (exit {proc.returncode}): {tail}")
+                error = KtlegacyError(f"{step.what} for {p.tag} failed (exit {proc.returncode}): "
+                                      f"{_failure_line(chunks)}")
+                error.log = "".join(chunks)  # for callers that did not echo it (tests)
+                raise error
         logs[p.tag] = "".join(chunks)
         out(f"built {p.tag}")
     return BuildResult([p.tag for p in plans], logs)

@@ -56,3 +56,34 @@ def standin_base(docker) -> str:
     """Tag of the debootstrapped Debian stand-in for the CUDA base images."""
     from ktlegacy.standin import ensure_standin_image
     return ensure_standin_image(docker.path)
+
+
+# -- the stand-in image build (helper h3; also used by the compose and publish tests) -------------
+
+STANDIN_TORCH_VERSION = "2.13.0+cpu"   # the CPU wheel CI has in /opt/wheels
+STANDIN_REPOSITORY = "h3-ktlegacy/ktransformers"
+
+
+@pytest.fixture(scope="session")
+def standin_wheelhouse(docker) -> Path:
+    """Every package the stand-in build installs (CPU torch from /opt/wheels, the build tools,
+    ktransformers' dependencies) plus the 0.2.1.post1 sdist: the build needs no network."""
+    from ktlegacy.wheelhouse import make_wheelhouse
+    return make_wheelhouse(torch_version=STANDIN_TORCH_VERSION, find_links=("/opt/wheels",))
+
+
+@pytest.fixture(scope="session")
+def standin_runtime_image(docker, standin_base, standin_wheelhouse) -> str:
+    """Tag of images/Dockerfile's runtime stage built for sm75 on the no-CUDA stand-in base,
+    offline (--network none) from the wheelhouse. Its extensions are not compiled and its
+    labels say so (io.ktlegacy.standin=true); its build ran the in-container smoke."""
+    from ktlegacy.build import build
+    from ktlegacy.errors import KtlegacyError
+    try:
+        result = build("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                       wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY,
+                       echo=False, out=lambda line: None)
+    except KtlegacyError as exc:
+        log = getattr(exc, "log", "")
+        pytest.fail(f"stand-in image build failed: {exc}\n" + "\n".join(log.splitlines()[-60:]))
+    return result.tags[0]
