@@ -106,13 +106,31 @@ def up(c, profile, force=False):
     "sha": "commit the images were built from (default: their org.opencontainers.image.revision label)",
     "moving": "also move latest-<arch>-<cpu> (for release builds from version tags)",
     "dry-run": "check the images' labels and print the tags; push nothing",
+    "allow-standin": "also publish stand-in builds (no CUDA, io.ktlegacy.standin=true), for test registries",
     "source-repository": "local repository holding the images (default ktlegacy/ktransformers)",
 })
 @one_line_errors
 def publish(c, registry, arch="all", cpu_instruct=None, ref=None, sha=None, moving=False, dry_run=False,
-            source_repository=None):
+            allow_standin=False, source_repository=None):
     """Push built images by digest, then tag them: every tag or none. Login stays with `docker login`."""
     from ktlegacy.images import DEFAULT_REPOSITORY
     from ktlegacy.publish import publish as publish_images
     publish_images(registry, arch=arch, cpus=cpu_instruct or None, ref=ref, sha=sha, moving=moving,
-                   dry_run=dry_run, source_repository=source_repository or DEFAULT_REPOSITORY)
+                   dry_run=dry_run, allow_standin=allow_standin,
+                   source_repository=source_repository or DEFAULT_REPOSITORY)
+
+
+@task(help={
+    "dest": "directory to write the synthetic checkpoint into (model.gguf, config, tokenizer)",
+    "layers": "decoder layers: the first dense, the rest MoE (default 6; 27 = V2-Lite's layer count)",
+    "seed": "seed of the random weights (default 0)",
+    "force": "replace a non-empty --dest",
+})
+@one_line_errors
+def make_test_model(c, dest, layers=6, seed=0, force=False):
+    """Write a synthetic DeepSeek-V2 GGUF checkpoint (MLA dims of V2-Lite, seeded random weights)."""
+    from ktlegacy.testmodel import TestModelSpec, make_test_model as make
+    if int(layers) < 2:
+        raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
+    out = make(Path(dest), TestModelSpec(num_hidden_layers=int(layers), seed=int(seed)), force=force)
+    print(f"wrote {out}")

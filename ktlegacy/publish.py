@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
 import subprocess
@@ -30,17 +31,20 @@ import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from . import images
 from .arch import Arch, arches_for
 from .errors import KtlegacyError
+from .source import CACHE_DIR
 from .registry import MANIFEST_V2, RegistryClient, RegistryUnreachable, Target, parse_target
 
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 GZIP_LEVEL = 6       # what docker push uses
 _CHUNK = 1 << 20
+LABEL_STANDIN = "io.ktlegacy.standin"  # set by images/Dockerfile for no-CUDA test builds
 _SMALL = 4 << 20     # archive members below this are read into memory (metadata, tiny layers)
 
 
@@ -119,9 +123,12 @@ def local_images(docker, repository: str = images.DEFAULT_REPOSITORY, arch: str 
     return out
 
 
-def check_labels(image: LocalImage, sha: str | None) -> str:
+def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False) -> str:
     """Refuse an image whose labels contradict its tag; return the commit sha to tag it with."""
     labels = image.labels
+    if labels.get(LABEL_STANDIN) == "true" and not allow_standin:
+        raise KtlegacyError(f"{image.tag} is a stand-in build without CUDA ({LABEL_STANDIN}=true), "
+                            "made for tests; pass --allow-standin to publish it anyway")
 
     def need(key: str, expected: str | None, same=lambda a, b: a == b) -> None:
         value = labels.get(key)
@@ -153,13 +160,13 @@ def check_labels(image: LocalImage, sha: str | None) -> str:
 
 
 def plan(registry: str, *, docker, arch: str = "all", cpus: list[str] | None = None, ref: str | None = None,
-         sha: str | None = None, moving: bool = False,
+         sha: str | None = None, moving: bool = False, allow_standin: bool = False,
          source_repository: str = images.DEFAULT_REPOSITORY) -> tuple[Target, str, list[PublishPlan]]:
     target = parse_target(registry)
     name = source_repository.rsplit("/", 1)[-1]
     plans = []
     for image in local_images(docker, source_repository, arch, cpus, ref):
-        commit = check_labels(image, sha)
+        commit = check_labels(image, sha, allow_standin)
         plans.append(PublishPlan(image, target.reference(name), publish_tags(image, commit, moving)))
     return target, name, plans
 
@@ -228,6 +235,7 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
     small: dict[str, bytes] = {}
     links: dict[str, str] = {}
     counts = {"uploaded": 0, "reused": 0}
+    cache = _LayerCache()
 
     def store(src, head: bytes) -> _Blob:
         with tempfile.TemporaryFile() as tmp:
@@ -252,8 +260,13 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
                 elif member.isfile() and member.size < _SMALL:
                     small[member.name] = tar.extractfile(member).read()
                 elif member.isfile():
+                    known = cache.get(member.name, member.size)
+                    if known and client.has_blob(known.digest):
+                        blobs[member.name] = known  # tarfile skips the unread member
+                        counts["reused"] += 1
+                        continue
                     src = tar.extractfile(member)
-                    blobs[member.name] = store(src, src.read(2))
+                    blobs[member.name] = cache.put(member.name, member.size, store(src, src.read(2)))
         _, err = proc.communicate()
     except tarfile.TarError as exc:
         proc.kill()
@@ -283,6 +296,7 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
         layers.append(blobs[path])
     diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids", [])
     if [b.diff_id for b in layers] != diff_ids:
+        cache.forget([p for p in layer_paths if p in blobs])
         raise KtlegacyError(f"docker save {image.tag}: the layers do not match the image config's diff_ids; "
                             "the local image store may be damaged")
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
@@ -297,7 +311,53 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
         "config": {"mediaType": CONFIG_TYPE, "size": len(config), "digest": config_digest},
         "layers": [{"mediaType": LAYER_GZIP, "size": b.size, "digest": b.digest} for b in layers],
     }
+    cache.save()
     return json.dumps(manifest, indent=3).encode(), counts["uploaded"], counts["reused"]
+
+
+class _LayerCache:
+    """What each archive member compressed to, so publishing again skips the compression.
+
+    ``docker save`` names a layer by content: ``blobs/sha256/<diff_id>`` (OCI layout) or
+    ``<v1 id>/layer.tar``, where the v1 id hashes the chain of layer digests below it. The same
+    name and size therefore mean the same bytes; the registry must still hold the blob, and the
+    diff_ids are still checked against the image config.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or CACHE_DIR / "publish-layers.json"
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def get(self, name: str, size: int) -> _Blob | None:
+        entry = self.entries.get(f"{name}:{size}")
+        if not entry:
+            return None
+        return _Blob(entry["digest"], entry["size"], entry["diff_id"])
+
+    def put(self, name: str, size: int, blob: _Blob) -> _Blob:
+        self.entries[f"{name}:{size}"] = {"digest": blob.digest, "size": blob.size, "diff_id": blob.diff_id}
+        self.dirty = True
+        return blob
+
+    def forget(self, names: list[str]) -> None:
+        self.entries = {k: v for k, v in self.entries.items() if k.rsplit(":", 1)[0] not in names}
+        self.dirty = True
+        self.save()
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
 
 
 class _Prefixed:
@@ -322,7 +382,10 @@ def before_tagging(plan: PublishPlan, digest: str) -> None:
 def apply_tags(client: RegistryClient, tags: list[str], manifest: bytes, digest: str,
                digest_was_new: bool) -> None:
     """Put ``manifest`` under every tag or, failing that, put every tag back as it was."""
-    previous = {tag: client.get_manifest(tag) for tag in tags}
+    try:
+        previous = {tag: client.get_manifest(tag) for tag in tags}
+    except KtlegacyError as exc:
+        raise KtlegacyError(f"{str(exc).rstrip('.')}; no tag of {client.where} changed") from None
     touched: list[str] = []
     try:
         for tag in tags:
@@ -359,7 +422,7 @@ def _roll_back(client: RegistryClient, touched: list[str], previous: dict, diges
 # --- the command --------------------------------------------------------------------------
 
 def publish(registry: str, *, arch: str = "all", cpus: list[str] | None = None, ref: str | None = None,
-            sha: str | None = None, moving: bool = False, dry_run: bool = False,
+            sha: str | None = None, moving: bool = False, dry_run: bool = False, allow_standin: bool = False,
             source_repository: str = images.DEFAULT_REPOSITORY, docker=None,
             out: Callable[[str], None] = print) -> list[PushResult]:
     """Publish every matching local image; all checks pass before the first byte is sent."""
@@ -367,7 +430,7 @@ def publish(registry: str, *, arch: str = "all", cpus: list[str] | None = None, 
         from .docker import client as docker_client
         docker = docker_client()
     target, name, plans = plan(registry, docker=docker, arch=arch, cpus=cpus, ref=ref, sha=sha,
-                               moving=moving, source_repository=source_repository)
+                               moving=moving, allow_standin=allow_standin, source_repository=source_repository)
     if dry_run:
         for p in plans:
             out(f"would push {p.image.tag} ({p.image.image_id[:19]}) to {p.repository} as "
@@ -378,12 +441,16 @@ def publish(registry: str, *, arch: str = "all", cpus: list[str] | None = None, 
     results = []
     for p in plans:
         out(f"pushing {p.image.tag} to {p.repository}")
-        manifest, uploaded, reused = push_blobs(docker, p.image, client, out)
-        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-        was_new = not client.has_manifest(digest)
-        stored = client.put_manifest(digest, manifest, MANIFEST_V2)
-        if stored != digest:
-            raise KtlegacyError(f"registry {target.host} stored the manifest as {stored}, not {digest}")
+        try:
+            manifest, uploaded, reused = push_blobs(docker, p.image, client, out)
+            digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            was_new = not client.has_manifest(digest)
+            stored = client.put_manifest(digest, manifest, MANIFEST_V2)
+            if stored != digest:
+                raise KtlegacyError(f"registry {target.host} stored the manifest as {stored}, not {digest}")
+        except KtlegacyError as exc:
+            done = f" ({len(results)} image(s) before it were published)" if results else ""
+            raise KtlegacyError(f"{str(exc).rstrip('.')}; no tag of {client.where} changed{done}") from None
         before_tagging(p, digest)
         apply_tags(client, p.tags, manifest, digest, was_new)
         out(f"pushed {p.repository}@{digest} ({uploaded} blobs uploaded, {reused} already there) "
@@ -404,6 +471,8 @@ def _publish_args(p) -> None:
                    help="commit the images were built from (default: their org.opencontainers.image.revision label)")
     p.add_argument("--moving", action="store_true", help="also move latest-<arch>-<cpu> (release builds only)")
     p.add_argument("--dry-run", action="store_true", help="check images and print the tags; push nothing")
+    p.add_argument("--allow-standin", action="store_true",
+                   help="also publish stand-in builds (no CUDA, io.ktlegacy.standin=true): for test registries")
     p.add_argument("--source-repository", default=images.DEFAULT_REPOSITORY,
                    help=f"local repository the images are in (default {images.DEFAULT_REPOSITORY})")
 
@@ -414,7 +483,8 @@ def _register() -> None:
     @command("publish", "push built images to a registry: by digest, then all tags or none", _publish_args)
     def run(args) -> int:
         publish(args.registry, arch=args.arch, cpus=args.cpu_instruct, ref=args.ref, sha=args.sha,
-                moving=args.moving, dry_run=args.dry_run, source_repository=args.source_repository)
+                moving=args.moving, dry_run=args.dry_run, allow_standin=args.allow_standin,
+                source_repository=args.source_repository)
         return 0
 
 

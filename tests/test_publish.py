@@ -1,0 +1,423 @@
+"""invoke publish against a real registry: Debian's docker-registry (distribution 2.8) on 127.0.0.1.
+
+Each test starts its own registry (storage in a tmp dir, deletes enabled) and publishes a
+stand-in image built FROM the no-CUDA stand-in base with the labels images/Dockerfile sets.
+Failures are real ones: the registry process is killed between the manifest push and the
+tagging, a proxy in front of the registry fails one tag PUT, htpasswd auth refuses, a port
+has nothing listening.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ktlegacy import images
+from ktlegacy.errors import KtlegacyError
+
+pytestmark = pytest.mark.docker
+
+REPO = Path(__file__).resolve().parent.parent
+REGISTRY_BIN = "/usr/bin/docker-registry"
+REF = "0.2.1.post1"
+SHA_A = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
+SHA_B = "b2c3d4e5f60718293a4b5c6d7e8f901234567890"
+TAG = images.tag_suffix(REF, images.Arch("sm75", (7, 5), "7.5", "sm_75", 0, ""), "AVX2")
+NAME = "ktransformers"
+# local repositories (h5 prefix: other helpers share this Docker daemon)
+SRC_A = "h5-ktlegacy/ktransformers"
+SRC_B = "h5-ktlegacy-b/ktransformers"
+SRC_BAD = "h5-ktlegacy-bad/ktransformers"
+
+
+def _missing(what: str):
+    if os.environ.get("KTLEGACY_ALLOW_SKIP") == "1":
+        pytest.skip(what)
+    pytest.fail(what + " (run tests/host-setup, or KTLEGACY_ALLOW_SKIP=1 to skip)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRegistry:
+    """docker-registry serving on 127.0.0.1:<port>, storage under ``root``; start/kill/restart."""
+
+    def __init__(self, root: Path, htpasswd: Path | None = None):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.host = f"127.0.0.1:{self.port}"
+        self.auth = None
+        root.mkdir(parents=True, exist_ok=True)
+        auth = f"auth:\n  htpasswd:\n    realm: h5-test\n    path: {htpasswd}\n" if htpasswd else ""
+        (root / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: error\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n" + auth)
+
+    def start(self) -> "LocalRegistry":
+        self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(self.root / "config.yml")],
+                                     stdout=open(self.root / "log", "ab"), stderr=subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("docker-registry exited: " + (self.root / "log").read_text()[-500:])
+                time.sleep(0.1)
+        raise RuntimeError("docker-registry did not listen on " + self.host)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def api(self, method: str, path: str, accept: str = "application/vnd.docker.distribution.manifest.v2+json"):
+        req = urllib.request.Request(f"http://{self.host}{path}", method=method, headers={"Accept": accept})
+        if self.auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(self.auth.encode()).decode())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=30) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read()
+
+    def tags(self, name: str = NAME) -> list[str]:
+        status, _, body = self.api("GET", f"/v2/{name}/tags/list")
+        if status == 404:
+            return []
+        assert status == 200, (status, body)
+        return sorted(json.loads(body).get("tags") or [])
+
+    def digest_of(self, tag: str, name: str = NAME) -> str | None:
+        status, headers, _ = self.api("HEAD", f"/v2/{name}/manifests/{tag}")
+        return headers["Docker-Content-Digest"] if status == 200 else None
+
+
+@pytest.fixture
+def registry(tmp_path):
+    if not os.access(REGISTRY_BIN, os.X_OK):
+        _missing(f"{REGISTRY_BIN} (Debian package docker-registry)")
+    reg = LocalRegistry(tmp_path / "registry").start()
+    yield reg
+    reg.kill()
+
+
+@pytest.fixture
+def docker_config(tmp_path, monkeypatch) -> Path:
+    """An empty docker config dir: no login unless a test makes one (never the host's)."""
+    path = tmp_path / "docker-config"
+    path.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def layer_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("layer-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(layer_cache, monkeypatch):
+    # the layer cache lives under KTLEGACY_CACHE; keep ours apart from the user's
+    monkeypatch.setattr("ktlegacy.publish.CACHE_DIR", layer_cache)
+    monkeypatch.setenv("KTLEGACY_CACHE", str(layer_cache))
+
+
+def _build(docker, context: Path, tag: str, labels: dict, marker: str) -> str:
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "Dockerfile").write_text(f"FROM {STANDIN}\nRUN echo {marker} > /h5-marker\n")
+    args = ["-q", "-t", tag]
+    for key, value in labels.items():
+        args += ["--label", f"{key}={value}"]
+    proc = subprocess.run(docker.build_cmd(*args, str(context)), env=docker.build_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(docker.run("image", "inspect", tag).stdout)[0]["Id"]
+
+
+STANDIN = "ktlegacy-standin/bookworm:base"
+
+
+def _labels(arch="sm75", revision=SHA_A) -> dict:
+    return {
+        images.LABEL_ARCH: arch, images.LABEL_REF: REF, images.LABEL_CPU: "AVX2", images.LABEL_CUDA: "11.8",
+        images.LABEL_OVERLAY_DIGEST: "sha256:" + "0" * 64, images.LABEL_REVISION: revision,
+        images.LABEL_SOURCE: "https://example.invalid/ktlegacy", "io.ktlegacy.standin": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def standin_images(docker, standin_base, tmp_path_factory) -> dict:
+    """Local images under the tag scheme: A and B (same tag, other content), and a mislabelled one."""
+    assert standin_base == STANDIN
+    root = tmp_path_factory.mktemp("h5-images")
+    built = {
+        "A": _build(docker, root / "a", f"{SRC_A}:{TAG}", _labels(revision=SHA_A), "h5-image-a"),
+        "B": _build(docker, root / "b", f"{SRC_B}:{TAG}", _labels(revision=SHA_B), "h5-image-b"),
+        "bad": _build(docker, root / "bad", f"{SRC_BAD}:{TAG}", _labels(arch="sm70"), "h5-image-bad"),
+    }
+    yield built
+    for repo in (SRC_A, SRC_B, SRC_BAD):
+        docker.run("rmi", f"{repo}:{TAG}", check=False)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ktlegacy", "publish", *args], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def expected_tags(sha: str, moving: bool) -> list[str]:
+    tags = [TAG, f"{TAG}-g{sha[:7]}"] + (["latest-sm75-avx2"] if moving else [])
+    return sorted(tags)
+
+
+def verify_blobs(reg: LocalRegistry, digest: str) -> dict:
+    """Fetch the manifest by digest and every blob it names; check digests and diff_ids; return config."""
+    status, headers, body = reg.api("GET", f"/v2/{NAME}/manifests/{digest}")
+    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    manifest = json.loads(body)
+    status, _, config_bytes = reg.api("GET", f"/v2/{NAME}/blobs/{manifest['config']['digest']}")
+    assert status == 200 and "sha256:" + hashlib.sha256(config_bytes).hexdigest() == manifest["config"]["digest"]
+    config = json.loads(config_bytes)
+    diff_ids = []
+    for layer in manifest["layers"]:
+        status, _, blob = reg.api("GET", f"/v2/{NAME}/blobs/{layer['digest']}")
+        assert status == 200 and len(blob) == layer["size"]
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
+        diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest())
+    assert diff_ids == config["rootfs"]["diff_ids"]
+    return config
+
+
+# --- the happy path --------------------------------------------------------------------------
+
+def test_publish_then_pull_back_by_tag_and_by_digest(registry, docker, docker_config, standin_images):
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-standin", "--moving")
+    assert proc.returncode == 0, proc.stderr
+    assert registry.tags() == expected_tags(SHA_A, moving=True)
+    digest = registry.digest_of(TAG)
+    assert all(registry.digest_of(t) == digest for t in expected_tags(SHA_A, True))
+    assert f"{registry.host}/{NAME}@{digest}" in proc.stdout
+
+    config = verify_blobs(registry, digest)
+    assert config["config"]["Labels"][images.LABEL_ARCH] == "sm75"
+
+    # pull back with the source image gone from the daemon: config and top layer come from the registry
+    remote = f"{registry.host}/{NAME}"
+    docker.run("rmi", f"{SRC_A}:{TAG}")
+    try:
+        for ref in (f"{remote}:{TAG}", f"{remote}@{digest}"):
+            docker.run("pull", "-q", ref)
+            info = json.loads(docker.run("image", "inspect", ref).stdout)[0]
+            assert info["Id"] == standin_images["A"], "the pulled image is not the one pushed"
+            assert f"{remote}@{digest}" in info["RepoDigests"]
+            labels = info["Config"]["Labels"]
+            assert labels[images.LABEL_REF] == REF and labels[images.LABEL_CPU] == "AVX2"
+            assert labels[images.LABEL_REVISION] == SHA_A
+            out = docker.run("run", "--rm", ref, "cat", "/h5-marker").stdout.decode().strip()
+            assert out == "h5-image-a"
+            if ref.endswith(TAG):
+                docker.run("rmi", ref)  # gone again: the pull by digest downloads it anew
+    finally:
+        docker.run("tag", standin_images["A"], f"{SRC_A}:{TAG}", check=False)
+        docker.run("rmi", f"{remote}@{digest}", check=False)
+
+    # publishing again is idempotent: same digest, no new blobs, same tags
+    again = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-standin")
+    assert again.returncode == 0, again.stderr
+    assert f"@{digest} (0 blobs uploaded" in again.stdout
+    assert registry.tags() == expected_tags(SHA_A, moving=True)
+
+
+def test_dry_run_through_invoke_pushes_nothing(registry, standin_images, docker_config):
+    base = [str(REPO / ".venv/bin/invoke") if (REPO / ".venv/bin/invoke").exists() else "invoke",
+            "publish", "--registry", f"{registry.host}/team", "--source-repository", SRC_A,
+            "--allow-standin", "--dry-run", "--cpu-instruct", "avx2", "--arch", "sm75"]
+    moving = subprocess.run(base + ["--moving"], capture_output=True, text=True, cwd=REPO)
+    plain = subprocess.run(base, capture_output=True, text=True, cwd=REPO)
+    assert moving.returncode == 0 and plain.returncode == 0, moving.stderr + plain.stderr
+    assert f"to {registry.host}/team/{NAME} as {TAG}, {TAG}-g{SHA_A[:7]}, latest-sm75-avx2" in moving.stdout
+    assert "latest-" not in plain.stdout
+    assert registry.tags("team/" + NAME) == []
+
+
+# --- bad input: one line, non-zero, no tags ----------------------------------------------------
+
+def test_registry_killed_between_digest_push_and_tagging(registry, docker, docker_config, standin_images,
+                                                          monkeypatch):
+    import ktlegacy.publish as publish_mod
+    seen = {}
+
+    def crash(plan, digest):
+        seen["digest"] = digest
+        registry.kill()
+
+    monkeypatch.setattr(publish_mod, "before_tagging", crash)
+    with pytest.raises(KtlegacyError) as err:
+        publish_mod.publish(registry.host, source_repository=SRC_A, allow_standin=True, moving=True,
+                            docker=docker, out=lambda line: None)
+    message = str(err.value)
+    assert "\n" not in message and f"registry {registry.host} is unreachable" in message
+    assert "no tag" in message
+
+    registry.start()  # same storage: what did the crash leave behind?
+    assert registry.tags() == []
+    assert registry.api("HEAD", f"/v2/{NAME}/manifests/{seen['digest']}")[0] == 200  # it was pushed by digest
+
+
+class FailingProxy:
+    """HTTP proxy to the registry that forwards everything, but answers 500 to the first PUT of one
+    tag (after forwarding it, so the tag did move: the worst case for the publisher)."""
+
+    def __init__(self, upstream: str, fail_path: str):
+        self.upstream, self.fail_path, self.failed = upstream, fail_path, 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=120)
+                length = int(self.headers.get("Content-Length") or 0)
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for key, value in self.headers.items():
+                    conn.putheader(key, value)
+                conn.endheaders()
+                left = length
+                while left:
+                    chunk = self.rfile.read(min(left, 1 << 20))
+                    conn.send(chunk)
+                    left -= len(chunk)
+                resp = conn.getresponse()
+                body = resp.read()
+                if self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed:
+                    proxy.failed += 1
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_failed_tag_rolls_back_every_tag(registry, docker, docker_config, standin_images):
+    from ktlegacy.publish import publish
+    publish(registry.host, source_repository=SRC_A, allow_standin=True, moving=True, docker=docker,
+            out=lambda line: None)
+    before = {tag: registry.digest_of(tag) for tag in registry.tags()}
+    assert sorted(before) == expected_tags(SHA_A, moving=True)
+
+    # B: same ref/arch/cpu tag, new commit; the moving tag's PUT fails after it landed
+    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/latest-sm75-avx2")
+    try:
+        with pytest.raises(KtlegacyError) as err:
+            publish(proxy.host, source_repository=SRC_B, allow_standin=True, moving=True, docker=docker,
+                    out=lambda line: None)
+    finally:
+        proxy.close()
+    assert proxy.failed == 1
+    message = str(err.value)
+    assert "\n" not in message and "HTTP 500" in message and "rolled back" in message
+    # exactly A's tags, each still on A's manifest; B's sha tag is gone
+    assert {tag: registry.digest_of(tag) for tag in registry.tags()} == before
+
+
+def test_auth_refused_without_login_or_with_a_wrong_one(tmp_path, docker, docker_config, standin_images):
+    import bcrypt  # the registry's htpasswd takes bcrypt hashes only
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("h5user:" + bcrypt.hashpw(b"h5-secret-pw", bcrypt.gensalt(rounds=5)).decode() + "\n")
+    reg = LocalRegistry(tmp_path / "auth-registry", htpasswd=htpasswd).start()
+    try:
+        args = ("--registry", reg.host, "--source-repository", SRC_A, "--allow-standin")
+        line = assert_one_line_error(cli(*args), f"registry {reg.host} asks for a login",
+                                     f"docker login {reg.host}")
+
+        wrong = base64.b64encode(b"h5user:not-the-password").decode()
+        (docker_config / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": wrong}}}))
+        line = assert_one_line_error(cli(*args), "refused", "HTTP 401", f"docker login {reg.host}")
+        assert "not-the-password" not in line and wrong not in line
+        reg.auth = "h5user:h5-secret-pw"
+        assert reg.tags() == []
+
+        # a real docker login, then the same command publishes
+        (docker_config / "config.json").unlink()
+        login = subprocess.run(docker.cmd("login", reg.host, "-u", "h5user", "--password-stdin"),
+                               input=b"h5-secret-pw", capture_output=True, env=dict(os.environ))
+        assert login.returncode == 0, login.stderr
+        proc = cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert "h5-secret-pw" not in proc.stdout + proc.stderr
+        assert reg.tags() == expected_tags(SHA_A, moving=False)
+    finally:
+        reg.kill()
+
+
+def test_unreachable_registry(docker_config, standin_images):
+    port = free_port()  # nothing listens there
+    proc = cli("--registry", f"127.0.0.1:{port}", "--source-repository", SRC_A, "--allow-standin")
+    assert_one_line_error(proc, f"registry 127.0.0.1:{port} is unreachable", "connection refused")
+
+
+def test_image_never_built(registry, docker_config, standin_images):
+    proc = cli("--registry", registry.host, "--source-repository", "h5-ktlegacy-never/ktransformers")
+    assert_one_line_error(proc, "no image like h5-ktlegacy-never/ktransformers:<ref>-cu118-", "invoke build")
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--ref", "v0.3.2", "--allow-standin")
+    assert_one_line_error(proc, "no image like h5-ktlegacy/ktransformers:v0.3.2-cu118-")
+    assert registry.tags() == []
+
+
+def test_refuses_labels_that_contradict_the_tag(registry, docker_config, standin_images):
+    proc = cli("--registry", registry.host, "--source-repository", SRC_BAD, "--allow-standin")
+    assert_one_line_error(proc, f"{SRC_BAD}:{TAG} is labelled {images.LABEL_ARCH}=sm70 but its tag says sm75")
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-standin", "--sha", SHA_B)
+    assert_one_line_error(proc, f"built from commit {SHA_A[:12]}", f"not --sha {SHA_B[:12]}")
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A)
+    assert_one_line_error(proc, "stand-in build without CUDA", "--allow-standin")
+    assert registry.tags() == []
