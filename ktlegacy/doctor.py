@@ -146,8 +146,9 @@ def row_gpus(spec: ServiceSpec, facts: HostFacts) -> tuple[Row, list[Gpu]]:
 def image_arch_and_cpu(spec: ServiceSpec, labels: dict | None) -> tuple[str, str]:
     """The image's arch and CPU set: from its labels, else from its tag."""
     labels = labels or {}
-    arch = labels.get(LABEL_ARCH) or (m.group(1) if (m := re.search(r"-(sm\d+)-", spec.image)) else spec.profile.arch_name)
-    cpu = labels.get(LABEL_CPU) or spec.image.rsplit("-", 1)[-1]
+    scheme = re.search(r"-cu\d+-(sm\d+)-(\w+)$", spec.image)   # ktlegacy/images.py's tag suffix
+    arch = labels.get(LABEL_ARCH) or (scheme.group(1) if scheme else spec.profile.arch_name)
+    cpu = labels.get(LABEL_CPU) or (scheme.group(2) if scheme else "")
     return arch, cpu.upper()
 
 
@@ -189,6 +190,8 @@ def row_cpu(spec: ServiceSpec, facts: HostFacts, labels: dict | None) -> Row:
     if cpu == "NATIVE":
         return Row("CPU vs image", WARN, "image built with CPU_INSTRUCT=NATIVE: it runs only on CPUs with its "
                    "build host's flags", "use the portable avx2 image (KTLEGACY_CPU=avx2) unless you built it here")
+    if not cpu:
+        return Row("CPU vs image", SKIP, f"{spec.image} has no {LABEL_CPU} label and no ktlegacy tag: CPU set unknown")
     need = CPU_FLAGS.get(cpu)
     if need is None:
         return Row("CPU vs image", FAIL, f"unknown CPU_INSTRUCT {cpu!r} on {spec.image}",
@@ -238,12 +241,12 @@ def row_ram(model: GgufModel | None, facts: HostFacts) -> Row:
     return Row("RAM vs GGUF", OK, f"GGUF {_gib(model.total_bytes)} fits in node{node} ({_gib(kib * 1024)})")
 
 
-def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None, rules_error: str,
+def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None, rules_note: str,
              gpus: list[Gpu]) -> tuple[Row, Estimate | None]:
     if model is None:
         return Row("VRAM per GPU", SKIP, "no GGUF to estimate from"), None
     if rules_text is None:
-        return Row("VRAM per GPU", WARN, f"cannot read rule file {spec.rules}: {rules_error}",
+        return Row("VRAM per GPU", WARN, f"cannot read rule file {spec.rules}: {rules_note}",
                    "pass --rules FILE, or build/pull the image so its rule file can be read"), None
     est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens)
     devs = est.gpu_devices
@@ -253,7 +256,7 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         k = int(dev.split(":")[1])
         have = gpus[k] if k < len(gpus) else None
         parts.append(f"{dev} {need / 1024:.1f}" + (f"/{have.vram_mib / 1024:.1f} GiB" if have else " GiB"))
-    detail = (f"{spec.rules}, cache_lens {spec.cache_lens}: " + "; ".join(parts)
+    detail = (f"{spec.rules} ({rules_note}), cache_lens {spec.cache_lens}: " + "; ".join(parts)
               + f" (fp16 weights + KV cache + {GPU_OVERHEAD_MIB} MiB overhead each)")
     if est.unplaced:
         detail += f"; {len(est.unplaced)} unknown tensor(s) counted on cuda:0"
@@ -296,17 +299,17 @@ def read_rules(spec: ServiceSpec, labels: dict | None, docker_path: str | None,
     pristine file: the overlays only change ops, never devices.
     """
     if rules_file is not None:
-        return Path(rules_file).read_text(), ""
+        return Path(rules_file).read_text(), f"from {rules_file}"
     if spec.rules.startswith("/"):
         p = Path(spec.rules)
-        return (p.read_text(), "") if p.is_file() else (None, f"{p} does not exist on this host")
+        return (p.read_text(), "from the host") if p.is_file() else (None, f"{p} does not exist on this host")
     if labels is not None and docker_path:
         script = ("import os, sys, ktransformers; sys.stdout.write(open(os.path.join(os.path.dirname("
                   f"ktransformers.__file__), 'optimize', 'optimize_rules', {spec.rules!r})).read())")
         proc = subprocess.run([docker_path, "run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "python3",
                                spec.image, "-c", script], capture_output=True, text=True)
         if proc.returncode == 0:
-            return proc.stdout, ""
+            return proc.stdout, "from the image"
     from .refs import REFS, DEFAULT_REF
     from .source import download_sdist
     ref = REFS.get((labels or {}).get(LABEL_REF) or _ref_from_tag(spec.image) or DEFAULT_REF)
@@ -319,7 +322,7 @@ def read_rules(spec: ServiceSpec, labels: dict | None, docker_path: str | None,
     with tarfile.open(archive) as tar:
         member = f"ktransformers-{ref.version}/ktransformers/optimize/optimize_rules/{spec.rules}"
         try:
-            return tar.extractfile(member).read().decode(), ""
+            return tar.extractfile(member).read().decode(), f"from upstream {ref.name}"
         except KeyError:
             return None, f"no rule file {spec.rules} in upstream {ref.name}"
 
@@ -339,8 +342,8 @@ def check_profile(spec: ServiceSpec, facts: HostFacts, docker_path: str | None =
     rows += [image_row, row_arch(spec, gpus, labels), row_cpu(spec, facts, labels), row_model_dir(spec)]
     gguf_row, model = row_gguf(spec)
     rows += [gguf_row, row_ram(model, facts)]
-    rules_text, rules_error = (None, "") if model is None else read_rules(spec, labels, docker_path, rules_file)
-    rows.append(row_vram(spec, model, rules_text, rules_error, gpus)[0])
+    rules_text, rules_note = (None, "") if model is None else read_rules(spec, labels, docker_path, rules_file)
+    rows.append(row_vram(spec, model, rules_text, rules_note, gpus)[0])
     rows.append(row_port(spec, facts))
     return Report(rows)
 

@@ -92,7 +92,7 @@ def test_rules_come_from_upstream_sdist_when_the_image_cannot_be_asked(model_dir
     spec = spec_for("t4x4", model_dirs, port=10050)
     report = check_profile(spec, with_image(facts_of("t4-x4"), spec), docker_path=None)
     assert rows(report)["VRAM per GPU"].status == OK
-    assert "DeepSeek-V3-Chat-multi-gpu-4.yaml" in rows(report)["VRAM per GPU"].detail
+    assert "DeepSeek-V3-Chat-multi-gpu-4.yaml (from upstream 0.2.1.post1)" in rows(report)["VRAM per GPU"].detail
 
 
 # --- bad input: one clear line each -------------------------------------------------------------
@@ -281,6 +281,7 @@ def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_di
         assert by["image"].status == OK and "arch sm75, CPU AVX2, ref 0.2.1.post1" in by["image"].detail
         vram = by["VRAM per GPU"]
         assert vram.status == OK, report.table()
-        assert "Only-In-Image.yaml" in vram.detail and "cuda:1" in vram.detail and "cuda:0" not in vram.detail
+        assert "Only-In-Image.yaml (from the image)" in vram.detail
+        assert "cuda:1" in vram.detail and "cuda:0" not in vram.detail
     finally:
         subprocess.run([docker.path, "rmi", tag], capture_output=True)
