@@ -134,3 +134,56 @@ def make_test_model(c, dest, layers=6, seed=0, force=False):
         raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
     out = make(Path(dest), TestModelSpec(num_hidden_layers=int(layers), seed=int(seed)), force=force)
     print(f"wrote {out}")
+
+
+@task(help={
+    "arch": "sm70 (V100), sm75 (T4, RTX 2080 Ti) or all (both)",
+    "ref": "upstream ref (default 0.2.1.post1, the PyPI sdist)",
+    "cpu-instruct": "AVX2 (portable default), AVX512, FANCY or NATIVE (NATIVE: local builds only)",
+    "tag": "image tag, one arch only (default: the tag scheme, e.g. ktlegacy/ktransformers:0.2.1.post1-cu118-sm75-avx2)",
+    "base-image": "build base with nvcc (default nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04)",
+    "runtime-image": "runtime base (default nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04)",
+    "torch-version": "torch pin (default 2.5.1+cu118: its Triton 3.1.0 fits sm70/sm75, see docs/torch-pin.md)",
+    "torch-index-url": "torch wheel index (default https://download.pytorch.org/whl/cu118)",
+    "pip-index-url": "PyPI mirror for everything else",
+    "apt-mirror": "Ubuntu/Debian mirror for the base images' packages",
+    "ca-cert": "CA bundle of a TLS-intercepting proxy: a BuildKit secret, in no layer",
+    "wheelhouse": "directory of wheels (+ the ktransformers sdist): pip installs only from it",
+    "offline": "with --wheelhouse: build with --network none",
+    "target": "Dockerfile stage to build (default runtime)",
+    "max-jobs": "parallel compile jobs (default 4)",
+    "standin": "tests only: a base without CUDA; nothing compiled, labelled io.ktlegacy.standin=true",
+    "push": "docker push each tag after its build",
+    "dry-run": "print the exact docker commands and run nothing",
+})
+@one_line_errors
+def build(c, arch, ref=None, cpu_instruct=None, tag=None, base_image=None, runtime_image=None,
+          torch_version=None, torch_index_url=None, pip_index_url=None, apt_mirror=None, ca_cert=None,
+          wheelhouse=None, offline=False, target="runtime", max_jobs=None, standin=False, push=False,
+          dry_run=False):
+    """Build the CUDA 11.8 ktransformers image for sm70, sm75 or both (images/Dockerfile)."""
+    from ktlegacy.build import build as build_images
+    from ktlegacy.images import DEFAULT_CPU_INSTRUCT
+    from ktlegacy.refs import DEFAULT_REF
+    build_images(arch, ref=ref or DEFAULT_REF, cpu_instruct=cpu_instruct or DEFAULT_CPU_INSTRUCT, tag=tag,
+                 base_image=base_image, runtime_image=runtime_image, torch_version=torch_version,
+                 torch_index_url=torch_index_url, pip_index_url=pip_index_url, apt_mirror=apt_mirror,
+                 ca_cert=ca_cert, wheelhouse=wheelhouse, offline=offline, target=target,
+                 max_jobs=int(max_jobs) if max_jobs else None, standin=standin, push=push, dry_run=dry_run)
+
+
+@task(help={
+    "arch": "sm70 or sm75: the arch the image must be labelled with",
+    "image": "image to test (default: the tag scheme's image for --arch)",
+    "ref": "upstream ref of the default tag",
+    "cpu-instruct": "CPU set of the default tag",
+})
+@one_line_errors
+def smoke(c, arch, image=None, ref=None, cpu_instruct=None):
+    """Run tests/smoke inside a built image (--gpus all when Docker has the NVIDIA runtime)."""
+    from ktlegacy.build import smoke as run_smoke
+    from ktlegacy.images import DEFAULT_CPU_INSTRUCT
+    from ktlegacy.refs import DEFAULT_REF
+    code = run_smoke(arch, image=image, ref=ref or DEFAULT_REF, cpu_instruct=cpu_instruct or DEFAULT_CPU_INSTRUCT)
+    if code:
+        raise KtlegacyError(f"smoke tests failed inside the image (exit {code}); see the lines above")
