@@ -6,6 +6,7 @@ the image installs. Results are compared on CPU with an explicit fp32 reference 
 matmul, softmax, and a causal mask built element by element with the bottom-right rule
 ``j <= i + seqlen_k - seqlen_q``). Tolerances: fp32 1e-5, fp16 5e-3, bf16 3e-2 (absolute, on
 outputs of magnitude ~1: the inputs are rounded to the low precision before the reference sees them).
+On a machine with CUDA the stub runs there (KTLEGACY_STUB_TEST_DEVICE=cpu|cuda overrides).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ktlegacy.stub import STUB_DIR, build_stub_wheel, stub_version
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "tests" / "smoke" / "check_flash_attn_stub.py"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# CI has no GPU; on a GPU machine the same tests run the stub on CUDA (reference stays on CPU).
+DEVICE = torch.device(os.environ.get("KTLEGACY_STUB_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ---------------------------------------------------------------- build, install, import
@@ -179,8 +182,9 @@ def _allowed(seqlen_q, seqlen_k, causal, window=(-1, -1)):
 
 
 def reference(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), allowed=None):
-    """Explicit fp32 attention in flash layout; rows that see no key are zero."""
-    q, k, v = q.double(), k.double(), v.double()
+    """Explicit attention in flash layout, in fp64 on CPU; rows that see no key are zero."""
+    device = q.device
+    q, k, v = q.cpu().double(), k.cpu().double(), v.cpu().double()
     batch, seqlen_q, heads_q, dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
@@ -193,12 +197,12 @@ def reference(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), allowe
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[:, :, h] = torch.einsum("bqk,bkd->bqd", probs, v[:, :, kv_head])
-    return out.float()
+    return out.float().to(device)
 
 
 def rand(*shape, dtype=torch.float32, seed=[0]):
     seed[0] += 1
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0])).to(dtype)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0])).to(DEVICE, dtype)
 
 
 def assert_close(out, expected, dtype):
@@ -288,7 +292,7 @@ def test_gradients_match_reference(fa):
 # ---------------------------------------------------------------- varlen and bert_padding
 
 def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -316,14 +320,14 @@ def test_varlen_rejects_sequences_longer_than_max_seqlen(fa):
 def test_unpad_pad_and_padded_batch_through_varlen(fa):
     """The unpad -> varlen -> pad path of ktransformers' and transformers' flash-attention layers."""
     from flash_attn.bert_padding import index_first_axis, pad_input, unpad_input
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.int32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.int32, device=DEVICE)
     batch, seqlen, heads, dim = 3, 5, 2, 16
     q, k, v = rand(batch, seqlen, heads, dim), rand(batch, seqlen, heads, dim), rand(batch, seqlen, heads, dim)
 
     result = unpad_input(q, mask)
     assert len(result) == 4  # ktransformers unpacks exactly four values
     q_unpad, indices, cu_seqlens, max_seqlen = result
-    assert torch.equal(indices, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 10, 11]))
+    assert indices.dtype == torch.int64 and indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 5, 8, 10]
     assert max_seqlen == 5 and isinstance(max_seqlen, int)
     assert torch.equal(q_unpad, q.reshape(batch * seqlen, heads, dim)[indices])
@@ -359,7 +363,7 @@ def test_kvcache_appends_in_place_and_attends_the_valid_prefix(fa, seqlens):
     k_cache, v_cache = _cache(batch, slots, hk, dim, filled), _cache(batch, slots, hk, dim, filled)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     q, k_new, v_new = rand(batch, new, hq, dim), rand(batch, new, hk, dim), rand(batch, new, hk, dim)
-    cache_seqlens = seqlens if isinstance(seqlens, int) else torch.tensor(seqlens, dtype=torch.int32)
+    cache_seqlens = seqlens if isinstance(seqlens, int) else torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
     cache_ptr = k_cache.data_ptr()
 
     out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, causal=True)
@@ -378,7 +382,7 @@ def test_kvcache_without_new_kv_as_ktransformers_prefill_calls_it(fa):
     k_cache, v_cache = _cache(1, 16, 2, 32, [9]), _cache(1, 16, 2, 32, [9])
     q = rand(1, 4, 2, 32)
     out = fa.flash_attn_with_kvcache(q=q, k_cache=k_cache, v_cache=v_cache,
-                                     cache_seqlens=torch.tensor([9], dtype=torch.int32), causal=True)
+                                     cache_seqlens=torch.tensor([9], dtype=torch.int32, device=DEVICE), causal=True)
     assert_close(out, reference(q, k_cache[:, :9], v_cache[:, :9], causal=True), torch.float32)
 
 
@@ -387,8 +391,8 @@ def test_kvcache_decode_fp16_mqa_and_cache_batch_idx(fa):
     v_cache = _cache(3, 10, 1, 64, [5, 7, 2]).half()
     q, k_new, v_new = rand(2, 1, 8, 64, dtype=torch.float16), rand(2, 1, 1, 64, dtype=torch.float16), \
         rand(2, 1, 1, 64, dtype=torch.float16)
-    idx = torch.tensor([2, 0], dtype=torch.int32)
-    seqlens = torch.tensor([2, 5], dtype=torch.int32)
+    idx = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([2, 5], dtype=torch.int32, device=DEVICE)
     out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
                                      cache_batch_idx=idx, causal=True)
     for b, (row, n) in enumerate([(2, 2), (0, 5)]):
@@ -405,15 +409,15 @@ def test_kvcache_paged_block_table(fa):
     contiguous_k = _cache(batch, page * blocks_per_seq, heads, dim, filled)
     contiguous_v = _cache(batch, page * blocks_per_seq, heads, dim, filled)
     order = torch.randperm(batch * blocks_per_seq, generator=torch.Generator().manual_seed(7))
-    block_table = order.reshape(batch, blocks_per_seq).to(torch.int32)
-    paged_k = torch.empty(batch * blocks_per_seq, page, heads, dim)
+    block_table = order.reshape(batch, blocks_per_seq).to(DEVICE, torch.int32)
+    paged_k = torch.empty(batch * blocks_per_seq, page, heads, dim, device=DEVICE)
     paged_v = torch.empty_like(paged_k)
     for b in range(batch):
         for i in range(blocks_per_seq):
             paged_k[block_table[b, i]] = contiguous_k[b, i * page:(i + 1) * page]
             paged_v[block_table[b, i]] = contiguous_v[b, i * page:(i + 1) * page]
     q, k_new, v_new = rand(batch, new, 4, dim), rand(batch, new, heads, dim), rand(batch, new, heads, dim)
-    seqlens = torch.tensor(filled, dtype=torch.int32)
+    seqlens = torch.tensor(filled, dtype=torch.int32, device=DEVICE)
 
     paged_out = fa.flash_attn_with_kvcache(q, paged_k, paged_v, k_new, v_new, cache_seqlens=seqlens,
                                            block_table=block_table, causal=True)
@@ -427,7 +431,7 @@ def test_kvcache_paged_block_table(fa):
 
 
 def test_kvcache_rejects_overflow(fa):
-    k_cache = v_cache = torch.zeros(1, 4, 1, 8)
+    k_cache = v_cache = torch.zeros(1, 4, 1, 8, device=DEVICE)
     with pytest.raises(ValueError, match="cache slots"):
         fa.flash_attn_with_kvcache(rand(1, 2, 1, 8), k_cache, v_cache, rand(1, 2, 1, 8), rand(1, 2, 1, 8),
                                    cache_seqlens=3)
@@ -476,7 +480,8 @@ def test_supported_no_op_arguments_are_accepted(fa):
 # ---------------------------------------------------------------- rotary
 
 def _rotary_reference(x, cos, sin, positions, interleaved):
-    """Complex multiplication view: pair (a, b) -> (a + ib) * e^{i theta}."""
+    """Complex multiplication view: pair (a, b) -> (a + ib) * e^{i theta}; on CPU in fp64."""
+    device, x, cos, sin = x.device, x.cpu(), cos.cpu(), sin.cpu()
     rot = 2 * cos.shape[-1]
     xr = x[..., :rot].double()
     if interleaved:
@@ -489,7 +494,7 @@ def _rotary_reference(x, cos, sin, positions, interleaved):
         out = torch.stack((turned.real, turned.imag), dim=-1).flatten(-2)
     else:
         out = torch.cat((turned.real, turned.imag), dim=-1)
-    return torch.cat((out.float(), x[..., rot:]), dim=-1)
+    return torch.cat((out.float(), x[..., rot:]), dim=-1).to(device)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -498,12 +503,12 @@ def test_apply_rotary_emb(fa, interleaved):
     theta = rand(32, 8).abs()
     cos, sin = theta.cos(), theta.sin()
     x = rand(2, 5, 3, 24)
-    offsets = torch.tensor([0, 7])
-    positions = torch.arange(5)[None, :] + offsets[:, None]
+    offsets = torch.tensor([0, 7], device=DEVICE)
+    positions = torch.arange(5)[None, :] + offsets.cpu()[:, None]
     out = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets)
     assert_close(out, _rotary_reference(x, cos, sin, positions, interleaved), torch.float32)
     packed = apply_rotary_emb(x.reshape(10, 3, 24)[:7], cos, sin, interleaved=interleaved,
-                              cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=4)
+                              cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE), max_seqlen=4)
     packed_positions = torch.tensor([0, 1, 2, 0, 1, 2, 3])
     assert_close(packed, _rotary_reference(x.reshape(10, 3, 24)[:7], cos, sin, packed_positions, interleaved),
                  torch.float32)
