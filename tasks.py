@@ -187,3 +187,19 @@ def smoke(c, arch, image=None, ref=None, cpu_instruct=None):
     code = run_smoke(arch, image=image, ref=ref or DEFAULT_REF, cpu_instruct=cpu_instruct or DEFAULT_CPU_INSTRUCT)
     if code:
         raise KtlegacyError(f"smoke tests failed inside the image (exit {code}); see the lines above")
+
+
+@task(help={
+    "dest": "directory to write the synthetic checkpoint into (model.gguf, config, tokenizer)",
+    "layers": "decoder layers: the first dense, the rest MoE (default 6; 27 = V2-Lite's layer count)",
+    "seed": "seed of the random weights (default 0)",
+    "force": "replace a non-empty --dest",
+})
+@one_line_errors
+def make_test_model(c, dest, layers=6, seed=0, force=False):
+    """Write a synthetic DeepSeek-V2 GGUF checkpoint (MLA dims of V2-Lite, seeded random weights)."""
+    from ktlegacy.testmodel import TestModelSpec, make_test_model as make
+    if int(layers) < 2:
+        raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
+    out = make(Path(dest), TestModelSpec(num_hidden_layers=int(layers), seed=int(seed)), force=force)
+    print(f"wrote {out}")

@@ -83,6 +83,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "ktlegacy.up",
     "ktlegacy.build",
     "ktlegacy.triton_check",
+    "ktlegacy.testmodel",
 )
 
 

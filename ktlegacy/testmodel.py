@@ -1,0 +1,418 @@
+"""A synthetic DeepSeek-V2 checkpoint for proving the patched engine on a GPU.
+
+``make_test_model(dest)`` writes, in seconds and without downloads:
+
+- ``model.gguf``: seeded random weights with DeepSeek-V2-Lite's attention geometry (MLA with
+  kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128, no q LoRA), a dense first layer, then MoE
+  layers with a few routed experts plus shared experts, under the tensor names ktransformers'
+  GGUF loader looks up (``blk.N.attn_kv_a_mqa.weight``, ``blk.N.ffn_gate_exps.weight`` ...);
+- ``config.json`` / ``generation_config.json``: a ``DeepseekV2ForCausalLM`` config;
+- ``tokenizer.json`` / ``tokenizer_config.json``: a byte-level BPE trained with ``tokenizers``
+  on a fixed corpus, with a chat template in DeepSeek-V2-Chat's ``User:`` / ``Assistant:`` form;
+- ``configuration_deepseek.py``: a two-line shim so ``AutoConfig(..., trust_remote_code=True)``
+  (what ``local_chat`` calls) resolves the config class from the installed ktransformers;
+- ``ktlegacy-testmodel.json``: the spec, seed and tensor list (what the tests check against).
+
+Quant types (see :data:`TENSOR_TYPES`): norms and the router are F32, every other matrix F16,
+the routed experts included. F16 is a type both CPU expert backends accept: llamafile's sgemm
+multiplies F16 weights by F16 activations (its ``vec_dot_type``), so the CPU experts see no
+8-bit activation rounding, and ``KExpertsTorch`` dequantizes F16 on the GPU. A quantized type
+(Q8_0, Q4_K) would test the dequant kernels but add 8-bit error to a comparison whose point is
+the legacy attention and decode paths.
+
+Why the output head is not plain noise: the proof compares greedy tokens of an fp16 GPU run
+with an fp32 reference. Random logits over a vocabulary have near-ties every few dozen steps,
+and fp16 rounding flips those, so a purely random model fails such a comparison by chance.
+The head therefore adds a "successor" term (token t votes for token succ(t), a fixed random
+permutation) on top of a random matrix; the layers' contribution to the final hidden state
+still decides a share of the steps (``successor_share`` in the proof's JSON records how many),
+and the random part makes every logit depend on every layer, so the logits' error still
+measures the whole forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import KtlegacyError
+
+GGUF_NAME = "model.gguf"
+SPEC_NAME = "ktlegacy-testmodel.json"
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+
+# A chat template in DeepSeek-V2-Chat's format (our own Jinja, same conversation layout).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Words the tokenizer is trained on (and that test prompts are made of).
+_WORDS = (
+    "the a an of to in on for with from by at as is are was were be been it this that these "
+    "those model layer expert token cache memory kernel card volta turing tensor core matrix "
+    "vector attention prefill decode shared routed latent rank rope head value key query "
+    "quick brown fox jumps over lazy dog write sort list number code function return loop "
+    "python c++ rust go file line word time fast slow small large first second third last "
+    "hello world please explain why how what when where which who answer question test run "
+    "build image docker gpu cpu thread core socket numa page block warp lane stage pipeline "
+    "red green blue yellow one two three four five six seven eight nine ten hundred thousand"
+).split()
+
+
+@dataclass(frozen=True)
+class TestModelSpec:
+    """Shapes of the synthetic model. MLA dims are DeepSeek-V2(-Lite)'s; the rest is small."""
+    __test__ = False  # not a pytest class
+
+    vocab_size: int = 512             # BPE vocabulary incl. the two special tokens
+    hidden_size: int = 1024
+    intermediate_size: int = 2048     # the dense first layer's MLP
+    moe_intermediate_size: int = 256  # per expert (a multiple of llamafile's 64-row stride)
+    num_hidden_layers: int = 6
+    first_k_dense_replace: int = 1
+    num_attention_heads: int = 8
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 2
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = None    # V2-Lite has no q LoRA (q_proj, GGUF attn_q)
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 163840
+    rope_scaling: dict = field(default_factory=lambda: {
+        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+    })
+    rms_norm_eps: float = 1e-6
+    seed: int = 0
+    # Weight scales (see the module docstring): residual branch outputs, successor term,
+    # random part of the head.
+    branch_scale: float = 0.5
+    successor_logit: float = 12.0
+    head_noise: float = 3.0
+
+    def config_dict(self, bos_id: int, eos_id: int) -> dict:
+        """config.json for ktransformers' DeepseekV2Config (and the reference model)."""
+        return {
+            "architectures": ["DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v2",
+            "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"},
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "n_shared_experts": self.n_shared_experts,
+            "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "moe_layer_freq": 1,
+            "routed_scaling_factor": 1.0,
+            "topk_method": "greedy",
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": False,
+            "scoring_func": "softmax",
+            "aux_loss_alpha": 0.001,
+            "seq_aux": True,
+            "ep_size": 1,
+            "kv_lora_rank": self.kv_lora_rank,
+            "q_lora_rank": self.q_lora_rank,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling),
+            "rms_norm_eps": self.rms_norm_eps,
+            "initializer_range": 0.02,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "torch_dtype": "bfloat16",  # as the real V2-Lite ships; the overlays pick fp16 on sm7x
+        }
+
+
+def training_corpus(lines: int = 4000, seed: int = 1234) -> list[str]:
+    """A fixed pseudo-text the BPE is trained on (same lines on every machine)."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        n = rng.randint(4, 16)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":", ","]))
+    return out
+
+
+def build_tokenizer(spec: TestModelSpec):
+    """A byte-level BPE of ``spec.vocab_size`` tokens; BOS/EOS are ids 0 and 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, special_tokens=[BOS, EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    if tok.get_vocab_size() != spec.vocab_size:
+        raise KtlegacyError(
+            f"the test tokenizer came out with {tok.get_vocab_size()} tokens instead of "
+            f"{spec.vocab_size}: pick a vocab size the fixed corpus can fill (256..2000)"
+        )
+    return tok
+
+
+def _tensors(spec: TestModelSpec):
+    """Yield (gguf_name, float32 array, 'F32'|'F16') in a fixed order from a seeded RNG."""
+    import numpy as np
+    rng = np.random.default_rng(spec.seed)
+    d, v = spec.hidden_size, spec.vocab_size
+    h = spec.num_attention_heads
+    q_head = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+
+    def linear(out_f, in_f, scale=1.0):
+        # Rows of unit-RMS outputs for unit-RMS inputs, times ``scale``.
+        return (rng.standard_normal((out_f, in_f), dtype=np.float32) * (scale / np.sqrt(in_f)))
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    embed = rng.standard_normal((v, d), dtype=np.float32)
+    yield "token_embd.weight", embed, "F16"
+    b = spec.branch_scale
+    for i in range(spec.num_hidden_layers):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", norm(d), "F32"
+        yield p + "attn_q.weight", linear(h * q_head, d), "F16"
+        yield p + "attn_kv_a_mqa.weight", linear(spec.kv_lora_rank + spec.qk_rope_head_dim, d), "F16"
+        yield p + "attn_kv_a_norm.weight", norm(spec.kv_lora_rank), "F32"
+        yield p + "attn_kv_b.weight", linear(h * (spec.qk_nope_head_dim + spec.v_head_dim),
+                                             spec.kv_lora_rank), "F16"
+        yield p + "attn_output.weight", linear(d, h * spec.v_head_dim, b), "F16"
+        yield p + "ffn_norm.weight", norm(d), "F32"
+        if i < spec.first_k_dense_replace:
+            yield p + "ffn_gate.weight", linear(spec.intermediate_size, d), "F16"
+            yield p + "ffn_up.weight", linear(spec.intermediate_size, d), "F16"
+            yield p + "ffn_down.weight", linear(d, spec.intermediate_size, b), "F16"
+            continue
+        e, inter = spec.n_routed_experts, spec.moe_intermediate_size
+        yield p + "ffn_gate_inp.weight", linear(e, d, 2.0), "F32"
+        yield p + "ffn_gate_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
+        yield p + "ffn_up_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
+        # Routed outputs are weighted by softmax scores (~1/top_k each): scale them back up.
+        yield p + "ffn_down_exps.weight", np.stack([linear(d, inter, b * 2) for _ in range(e)]), "F16"
+        shared = inter * spec.n_shared_experts
+        yield p + "ffn_gate_shexp.weight", linear(shared, d), "F16"
+        yield p + "ffn_up_shexp.weight", linear(shared, d), "F16"
+        yield p + "ffn_down_shexp.weight", linear(d, shared, b), "F16"
+    yield "output_norm.weight", norm(d), "F32"
+    # Head: successor term + noise. The final hidden state has unit RMS, so
+    # E[t] . h / d ~ 1 when h points along token t's embedding.
+    # One cycle through the whole vocabulary (no fixed points, no short loops):
+    # token order[k] votes for order[k + 1].
+    order = rng.permutation(v)
+    succ = np.empty(v, dtype=np.int64)
+    succ[order] = np.roll(order, -1)
+    head = rng.standard_normal((v, d), dtype=np.float32) * (spec.head_noise / np.sqrt(d))
+    head[succ] += embed * (spec.successor_logit / d)
+    yield "output.weight", head, "F16"
+
+
+def _write_gguf(path: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> list[dict]:
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_name("ktlegacy synthetic DeepSeek-V2")
+    w.add_block_count(spec.num_hidden_layers)
+    w.add_context_length(spec.max_position_embeddings)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.num_attention_heads)
+    w.add_head_count_kv(spec.num_attention_heads)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    w.add_leading_dense_block_count(spec.first_k_dense_replace)
+    w.add_vocab_size(spec.vocab_size)
+    w.add_kv_lora_rank(spec.kv_lora_rank)
+    w.add_key_length(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
+    w.add_value_length(spec.v_head_dim)
+    w.add_expert_feed_forward_length(spec.moe_intermediate_size)
+    w.add_expert_count(spec.n_routed_experts)
+    w.add_expert_used_count(spec.num_experts_per_tok)
+    w.add_expert_shared_count(spec.n_shared_experts)
+    w.add_expert_weights_scale(1.0)
+    w.add_rope_dimension_count(spec.qk_rope_head_dim)
+    rs = spec.rope_scaling
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(rs["factor"]))
+    w.add_rope_scaling_orig_ctx_len(int(rs["original_max_position_embeddings"]))
+    w.add_rope_scaling_yarn_log_mul(0.1 * float(rs["mscale_all_dim"]))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_bos_token_id(bos_id)
+    w.add_eos_token_id(eos_id)
+    listing = []
+    for name, arr, qtype in _tensors(spec):
+        data = arr.astype(np.float16 if qtype == "F16" else np.float32)
+        w.add_tensor(name, data)
+        listing.append({"name": name, "type": qtype, "shape": list(arr.shape)})
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return listing
+
+
+def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool = False) -> Path:
+    """Write the synthetic checkpoint into ``dest`` (all files, or nothing on failure)."""
+    spec = spec or TestModelSpec()
+    dest = Path(dest)
+    if spec.first_k_dense_replace >= spec.num_hidden_layers:
+        raise KtlegacyError("the test model needs at least one MoE layer: use --layers > 1")
+    if spec.moe_intermediate_size % 64 or spec.hidden_size % 64:
+        raise KtlegacyError("hidden and expert sizes must be multiples of 64 (llamafile's stride)")
+    if dest.exists() and any(dest.iterdir()):
+        if not force:
+            raise KtlegacyError(f"{dest} is not empty: pass --force to replace it, or another --dest")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tok = build_tokenizer(spec)
+        bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+            "add_bos_token": True, "add_eos_token": False,
+            "model_max_length": spec.max_position_embeddings,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }, indent=2))
+        (tmp / "special_tokens_map.json").write_text(json.dumps(
+            {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(spec.config_dict(bos_id, eos_id), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+            "do_sample": False,
+        }, indent=2))
+        (tmp / "configuration_deepseek.py").write_text(
+            '"""Resolve the config class from the installed ktransformers (ktlegacy test model)."""\n'
+            "from ktransformers.models.configuration_deepseek import DeepseekV2Config  # noqa: F401\n"
+        )
+        listing = _write_gguf(tmp / GGUF_NAME, spec, bos_id, eos_id)
+        (tmp / SPEC_NAME).write_text(json.dumps(
+            {"spec": asdict(spec), "bos_token_id": bos_id, "eos_token_id": eos_id,
+             "gguf": GGUF_NAME, "tensors": listing}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def load_spec(model_dir: Path) -> dict:
+    """The record ``make_test_model`` wrote (spec, special ids, tensor list)."""
+    path = Path(model_dir) / SPEC_NAME
+    if not path.is_file():
+        raise KtlegacyError(f"{model_dir} holds no {SPEC_NAME}: make it with `invoke make-test-model --dest DIR`")
+    return json.loads(path.read_text())
+
+
+def reference_state_dict(model_dir: Path) -> dict:
+    """The GGUF's tensors under the Hugging Face names DeepseekV2ForCausalLM uses (float32).
+
+    Read with the ``gguf`` package (not ktransformers' loader), so the reference forward pass
+    shares no loading code with the engine under test.
+    """
+    import gguf
+    import numpy as np
+    import torch
+    reader = gguf.GGUFReader(str(Path(model_dir) / GGUF_NAME))
+    out = {}
+    for t in reader.tensors:
+        arr = np.array(t.data, dtype=np.float32)  # F16/F32: already in numpy layout (reversed dims)
+        for hf_name, tensor in _hf_names(t.name, torch.from_numpy(arr)):
+            out[hf_name] = tensor
+    return out
+
+
+_SIMPLE = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+
+
+def _hf_names(name: str, tensor):
+    if name == "token_embd.weight":
+        yield "model.embed_tokens.weight", tensor
+        return
+    if name == "output_norm.weight":
+        yield "model.norm.weight", tensor
+        return
+    if name == "output.weight":
+        yield "lm_head.weight", tensor
+        return
+    _blk, layer, kind, _w = name.split(".")
+    prefix = f"model.layers.{layer}."
+    if kind in _EXPERTS:
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}mlp.experts.{e}.{_EXPERTS[kind]}.weight", tensor[e].clone()
+        return
+    if kind not in _SIMPLE:
+        raise KtlegacyError(f"unexpected tensor {name} in the test model GGUF")
+    yield f"{prefix}{_SIMPLE[kind]}.weight", tensor
+
+
+# ---- command line ------------------------------------------------------------------------
+
+def _args(p) -> None:
+    p.add_argument("--dest", required=True, type=Path, help="directory to write the model into")
+    p.add_argument("--layers", type=int, default=TestModelSpec.num_hidden_layers,
+                   help="decoder layers (first dense, rest MoE); 27 matches V2-Lite's multi-GPU rule split")
+    p.add_argument("--seed", type=int, default=TestModelSpec.seed, help="weight RNG seed")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
+
+
+def _register():
+    from .cli import command
+
+    @command("make-test-model", "write a synthetic DeepSeek-V2 GGUF checkpoint + config + tokenizer", _args)
+    def run(args) -> int:
+        if args.layers < 2:
+            raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
+        spec = TestModelSpec(num_hidden_layers=args.layers, seed=args.seed)
+        out = make_test_model(args.dest, spec, force=args.force)
+        size = (out / GGUF_NAME).stat().st_size
+        print(f"wrote {out}: {spec.num_hidden_layers} layers, vocab {spec.vocab_size}, "
+              f"{size / 2**20:.0f} MiB GGUF (F16 matrices, F32 norms/router)")
+        return 0
+
+
+_register()

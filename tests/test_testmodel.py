@@ -1,0 +1,199 @@
+"""The synthetic DeepSeek-V2 checkpoint (ktlegacy/testmodel.py) against upstream's own code.
+
+The GPU proof (bench/gpu_proof.py) only means something if ktransformers loads this file the
+way it loads a real DeepSeek GGUF and the reference model is upstream's modeling code. So the
+checks here run the real upstream 0.2.1.post1 sdist's code on CPU, in a subprocess (its
+``ktransformers`` package must not leak into this test session):
+
+- every parameter of upstream's ``DeepseekV2ForCausalLM`` maps through upstream's
+  ``translate_name_to_gguf`` to a tensor in our GGUF with the shape upstream's ``GGUFLoader``
+  reads back, and the loader's bytes equal what the ``gguf`` package reads (offsets, alignment,
+  F16/F32 handling);
+- the routed experts are where ``KExpertsCPU`` looks (``blk.N.ffn_{gate,up,down}_exps.weight``)
+  with the type the CPU backend gets (F16);
+- the reference model takes the state dict with ``strict=True`` and runs a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ktlegacy.errors import KtlegacyError
+from ktlegacy.testmodel import GGUF_NAME, TestModelSpec, load_spec, make_test_model
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = TestModelSpec(num_hidden_layers=3)  # one dense + two MoE layers: same shapes per layer
+
+UPSTREAM_CHECK = r'''
+import json, sys, types, re, ast
+from pathlib import Path
+import torch
+model_dir, sdist = Path(sys.argv[1]), Path(sys.argv[2])
+# custom_gguf imports the CUDA extension at the top; only its *_gpu dequantizers use it.
+sys.modules["KTransformersOps"] = types.ModuleType("KTransformersOps")
+sys.path.insert(0, str(sdist))
+from ktransformers.util.custom_gguf import GGUFLoader, translate_name_to_gguf
+from ktransformers.models.configuration_deepseek import DeepseekV2Config
+from ktransformers.models.modeling_deepseek import DeepseekV2ForCausalLM
+from ktlegacy.testmodel import reference_state_dict
+report = {}
+cfg = DeepseekV2Config.from_pretrained(str(model_dir))
+cfg._attn_implementation = "eager"
+torch.manual_seed(0)
+model = DeepseekV2ForCausalLM(cfg).eval()
+loader = GGUFLoader(str(model_dir))
+report["architecture"] = loader.gguf_file_meta["general.architecture"]
+ref = reference_state_dict(model_dir)
+missing, mismatched, checked = [], [], 0
+expert_re = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.\d+\.")
+for name, param in model.state_dict().items():
+    m = expert_re.match(name)
+    if m:
+        continue  # experts are loaded per layer as one stacked tensor (below)
+    key = translate_name_to_gguf(name)
+    if key not in loader.tensor_info:
+        missing.append((name, key)); continue
+    got = loader.load_gguf_tensor(key, device="cpu").float()
+    if tuple(got.shape) != tuple(param.shape):
+        mismatched.append((name, list(got.shape), list(param.shape))); continue
+    if not torch.equal(got, ref[name]):
+        mismatched.append((name, "values differ from the gguf package's read")); continue
+    checked += 1
+experts = {}
+for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+    key = translate_name_to_gguf(f"model.layers.{layer}.mlp.experts")
+    for part, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        gname = f"{key}.ffn_{part}_exps.weight"
+        if gname not in loader.tensor_info:
+            missing.append((f"layer {layer} {part} experts", gname)); continue
+        experts[gname] = int(loader.tensor_info[gname]["ggml_type"])
+        stacked = loader.load_gguf_tensor(gname, device="cpu").float()
+        for e in range(cfg.n_routed_experts):
+            if not torch.equal(stacked[e], ref[f"model.layers.{layer}.mlp.experts.{e}.{hf}.weight"]):
+                mismatched.append((gname, e))
+        raw = loader.get_mmap_tensor(gname)  # what KExpertsCPU hands to the C++ backend
+        per_expert = raw.nbytes // cfg.n_routed_experts
+        if per_expert != cfg.moe_intermediate_size * cfg.hidden_size * 2:
+            mismatched.append((gname, "raw bytes per expert", per_expert))
+report.update(missing=missing, mismatched=mismatched, checked=checked, expert_types=experts)
+res = model.load_state_dict(ref, strict=True)
+def last_logits(tokens):
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        out = model(inputs_embeds=model.model.embed_tokens(ids), attention_mask=torch.ones_like(ids), use_cache=False)
+    return out.logits
+a, b = last_logits([0, 5, 17, 99, 200, 311]), last_logits([0, 5, 17, 98, 200, 311])
+report["logits_shape"] = list(a.shape)  # upstream's head returns the last position only
+report["logits_finite"] = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+report["logits_std"] = float(a.std())
+# one earlier token changed: attention must carry it to the last position's logits
+report["context_effect"] = float((a - b).abs().max())
+print("REPORT " + json.dumps(report))
+'''
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_test_model(tmp_path_factory.mktemp("h6-model") / "m", SMALL)
+
+
+def test_files_and_config_agree(model_dir):
+    record = load_spec(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]) == (512, 64, 128, 128)
+    assert cfg["q_lora_rank"] is None and cfg["first_k_dense_replace"] == 1
+    assert cfg["num_hidden_layers"] == 3 and cfg["n_routed_experts"] > cfg["num_experts_per_tok"] >= 1
+    assert cfg["bos_token_id"] == record["bos_token_id"] and cfg["eos_token_id"] == record["eos_token_id"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "configuration_deepseek.py", GGUF_NAME):
+        assert (model_dir / name).is_file(), name
+    assert not model_dir.with_name(model_dir.name + ".partial").exists()
+
+
+def test_gguf_header_and_tensors(model_dir):
+    import gguf
+    reader = gguf.GGUFReader(str(model_dir / GGUF_NAME))
+    fields = {name: f for name, f in reader.fields.items()}
+
+    def scalar(key):
+        f = fields[key]
+        return f.parts[f.data[0]].tolist()[0]
+
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "deepseek2"
+    assert scalar("deepseek2.block_count") == 3
+    assert scalar("deepseek2.attention.kv_lora_rank") == 512
+    assert scalar("deepseek2.expert_count") == SMALL.n_routed_experts
+    assert scalar("deepseek2.leading_dense_block_count") == 1
+    listed = {t["name"]: t for t in load_spec(model_dir)["tensors"]}
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert set(types) == set(listed)
+    assert types["blk.1.ffn_gate_exps.weight"] == "F16" and types["blk.1.ffn_gate_inp.weight"] == "F32"
+    assert types["blk.0.attn_kv_a_norm.weight"] == "F32" and types["output.weight"] == "F16"
+    # numpy layout (reversed GGUF dims), as both loaders see it
+    by_name = {t.name: t for t in reader.tensors}
+    assert list(by_name["blk.1.ffn_down_exps.weight"].data.shape) == [SMALL.n_routed_experts, SMALL.hidden_size,
+                                                                     SMALL.moe_intermediate_size]
+    assert list(by_name["blk.0.attn_kv_b.weight"].data.shape) == [SMALL.num_attention_heads * 256, 512]
+    assert "blk.0.ffn_gate_exps.weight" not in types and "blk.0.ffn_gate.weight" in types  # dense first layer
+
+
+def test_tokenizer_and_chat_template(model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    assert len(tok) == SMALL.vocab_size
+    text = "Please write a quick sort function in python."
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == f"User: {text}\n\nAssistant:"
+    assert max(ids) < SMALL.vocab_size
+
+
+def test_same_seed_same_bytes_other_seed_differs(model_dir, tmp_path):
+    def digest(d):
+        return hashlib.sha256((d / GGUF_NAME).read_bytes()).hexdigest()
+    again = make_test_model(tmp_path / "again", SMALL)
+    other = make_test_model(tmp_path / "other", TestModelSpec(num_hidden_layers=3, seed=1))
+    assert digest(again) == digest(model_dir)
+    assert (again / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    assert digest(other) != digest(model_dir)
+
+
+def test_upstream_loader_and_reference_model_accept_it(model_dir, sdist_tree):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", UPSTREAM_CHECK, str(model_dir), str(sdist_tree)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    report = json.loads(line[0][len("REPORT "):])
+    assert report["architecture"] == "deepseek2"
+    assert report["missing"] == [] and report["mismatched"] == []
+    # embed, head, final norm + per layer: 2 norms, 5 attention tensors, dense MLP 3 / MoE router + 3 shared
+    assert report["checked"] == 3 + 3 * 7 + 3 + 2 * 4
+    assert set(report["expert_types"].values()) == {1}  # GGML F16 for KExpertsCPU's llamafile sgemm
+    assert len(report["expert_types"]) == 2 * 3
+    assert report["logits_shape"] == [1, 1, SMALL.vocab_size] and report["logits_finite"]
+    assert report["logits_std"] > 1.0  # the head is not degenerate
+    assert report["context_effect"] > 0.1
+
+
+def test_refuses_non_empty_dest_and_too_few_layers(tmp_path):
+    dest = tmp_path / "busy"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(KtlegacyError, match="not empty"):
+        make_test_model(dest, SMALL)
+    assert (dest / "keep.txt").read_text() == "mine"
+    with pytest.raises(KtlegacyError, match="MoE layer"):
+        make_test_model(tmp_path / "one", TestModelSpec(num_hidden_layers=1))
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "make-test-model", "--dest", str(tmp_path / "x"),
+                           "--layers", "1"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["error: --layers must be at least 2 (one dense layer, then MoE layers)"]
