@@ -453,8 +453,6 @@ REFUSED = {
                                                              dropout_p=0.5),
     "block_table": lambda fa: fa.flash_attn_varlen_func(_q()[0], _q()[0], _q()[0], _cu([4]), _cu([4]), 4, 4,
                                                         block_table=torch.zeros(1, 1, dtype=torch.int32)),
-    "rotary_cos": lambda fa: fa.flash_attn_with_kvcache(_q(), _q(), _q(), _q(), _q(), cache_seqlens=0,
-                                                        rotary_cos=torch.ones(8, 8), rotary_sin=torch.zeros(8, 8)),
     "cache_leftpad": lambda fa: fa.flash_attn_with_kvcache(_q(), _q(), _q(), cache_seqlens=2,
                                                            cache_leftpad=torch.ones(1, dtype=torch.int32)),
     "return_softmax_lse": lambda fa: fa.flash_attn_with_kvcache(_q(), _q(), _q(), return_softmax_lse=True),
@@ -512,6 +510,36 @@ def test_apply_rotary_emb(fa, interleaved):
     packed_positions = torch.tensor([0, 1, 2, 0, 1, 2, 3])
     assert_close(packed, _rotary_reference(x.reshape(10, 3, 24)[:7], cos, sin, packed_positions, interleaved),
                  torch.float32)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kvcache_rotary_rotates_new_k_into_the_cache_and_q(fa, causal, interleaved):
+    """k at cache_seqlens + t (stored rotated); q likewise if causal, else all at cache_seqlens."""
+    batch, slots, hq, hk, dim, new, rotary_dim = 2, 16, 4, 2, 32, 3, 16
+    filled = [4, 9]
+    k_cache, v_cache = _cache(batch, slots, hk, dim, filled), _cache(batch, slots, hk, dim, filled)
+    theta = rand(32, rotary_dim // 2).abs()
+    cos, sin = theta.cos(), theta.sin()
+    q, k_new, v_new = rand(batch, new, hq, dim), rand(batch, new, hk, dim), rand(batch, new, hk, dim)
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                                     cache_seqlens=torch.tensor(filled, dtype=torch.int32, device=DEVICE),
+                                     causal=causal, rotary_interleaved=interleaved)
+    for b, n in enumerate(filled):
+        k_rotated = _rotary_reference(k_new[b:b + 1], cos, sin, torch.arange(n, n + new)[None], interleaved)
+        assert_close(k_cache[b:b + 1, n:n + new], k_rotated, torch.float32)
+        assert torch.equal(v_cache[b, n:n + new], v_new[b])
+        q_positions = torch.arange(n, n + new)[None] if causal else torch.full((1, new), n)
+        q_rotated = _rotary_reference(q[b:b + 1], cos, sin, q_positions, interleaved)
+        expected = reference(q_rotated, torch.cat((k_cache[b:b + 1, :n], k_rotated), 1), v_cache[b:b + 1, :n + new],
+                             causal=causal)
+        assert_close(out[b:b + 1], expected, torch.float32)
+
+
+def test_kvcache_rotary_needs_new_k(fa):
+    with pytest.raises(ValueError, match="need k and v"):
+        fa.flash_attn_with_kvcache(_q(), _q(), _q(), cache_seqlens=2, rotary_cos=torch.ones(8, 4),
+                                   rotary_sin=torch.zeros(8, 4))
 
 
 # ---------------------------------------------------------------- library helper, CLI, smoke script

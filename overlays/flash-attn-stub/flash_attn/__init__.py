@@ -9,9 +9,9 @@ following the semantics documented by flash-attn 2.6.3 (the API generation whose
 ``bert_padding.unpad_input`` returns four values, which ktransformers unpacks).
 
 It is a compatibility layer, not an optimisation: no claim is made about its speed.
-Arguments it cannot honour (dropout, ALiBi, softcapping, rotary in the kv-cache call,
-left-padded caches, returning softmax statistics) raise ``NotImplementedError`` naming the
-argument instead of returning a different result.
+Arguments it cannot honour (dropout, ALiBi, softcapping, left-padded caches, returning
+softmax statistics) raise ``NotImplementedError`` naming the argument instead of returning
+a different result.
 
 The distribution is named ``flash-attn`` and its version carries the local label
 ``+ktlegacy.sdpa`` so that ``pip list`` and ``importlib.metadata`` show what is installed.

@@ -25,6 +25,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from flash_attn.layers.rotary import rotate_at
+
 __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -316,6 +318,18 @@ def _cache_lengths(cache_seqlens, batch: int, default: int) -> List[int]:
     return lengths
 
 
+def _rotary_for_kvcache(q, k, cos, sin, lengths: List[int], interleaved: bool, causal_or_local: bool):
+    """Rotate new k at positions cache_seqlens + t; q likewise if causal/local, else all at cache_seqlens."""
+    start = torch.tensor(lengths, dtype=torch.long, device=cos.device)[:, None]
+    k_positions = start + torch.arange(k.shape[1], device=cos.device)[None, :]
+    if causal_or_local:
+        q_positions = start + torch.arange(q.shape[1], device=cos.device)[None, :]
+    else:
+        q_positions = start.expand(q.shape[0], q.shape[1])
+    return (rotate_at(q, cos, sin, q_positions, interleaved),
+            rotate_at(k, cos, sin, k_positions, interleaved))
+
+
 def flash_attn_with_kvcache(
     q,
     k_cache,
@@ -345,19 +359,25 @@ def flash_attn_with_kvcache(
     (batch,)) is how many cached tokens each sequence has; new ``k``/``v`` (batch, seqlen_new,
     ...) are written at positions ``cache_seqlens ...`` and attention covers the first
     ``cache_seqlens + seqlen_new`` tokens (causal bottom-right aligned). Without
-    ``cache_seqlens`` the whole cache is attended. ``cache_batch_idx`` picks the cache row of
-    each batch entry. ``num_splits`` only tunes the CUDA kernel's work split and is ignored.
+    ``cache_seqlens`` the whole cache is attended. With ``rotary_cos``/``rotary_sin``
+    ((seqlen_ro, rotary_dim / 2)) the new k is rotated at positions ``cache_seqlens + t`` before
+    it is stored, and q at the same positions if causal or windowed, else all of q at
+    ``cache_seqlens``; ``rotary_interleaved`` pairs channels 2i/2i+1 (True) or i/i+rotary_dim/2.
+    ``cache_batch_idx`` picks the cache row of each batch entry. ``num_splits`` only tunes the
+    CUDA kernel's work split and is ignored.
     Returns (batch, seqlen_q, nheads, headdim_v). Not differentiable (neither is flash-attn's).
     """
     _refuse_unsupported(softcap=softcap, alibi_slopes=alibi_slopes)
-    if rotary_cos is not None or rotary_sin is not None:
-        _refuse("rotary_cos/rotary_sin", "apply the rotary embedding to q and k before the call")
     if cache_leftpad is not None:
         _refuse("cache_leftpad", "keep cached tokens at the start of each cache row")
     if return_softmax_lse:
         _refuse("return_softmax_lse=True", "SDPA does not return the softmax statistics")
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("flash_attn_with_kvcache: pass both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None and k is None:
+        raise ValueError("flash_attn_with_kvcache: rotary_cos/rotary_sin rotate the new k, so they need k and v")
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("flash_attn_with_kvcache: q, k_cache and v_cache must be 4-D")
     paged = block_table is not None
@@ -374,6 +394,9 @@ def flash_attn_with_kvcache(
     rows = list(range(batch)) if cache_batch_idx is None else [int(x) for x in cache_batch_idx.tolist()]
     if len(rows) != batch:
         raise ValueError(f"flash_attn_with_kvcache: cache_batch_idx has {len(rows)} entries for batch {batch}")
+    if rotary_cos is not None:
+        q, k = _rotary_for_kvcache(q, k, rotary_cos, rotary_sin, lengths, rotary_interleaved,
+                                   causal or any(int(w) >= 0 for w in window_size))
 
     outputs = []
     with torch.no_grad():

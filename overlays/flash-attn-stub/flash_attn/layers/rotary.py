@@ -53,15 +53,22 @@ def apply_rotary_emb(
     ``seqlen_offsets (+ [b]) + t``. interleaved=False pairs channel i with i + rotary_dim/2
     (GPT-NeoX); True pairs 2i with 2i+1 (GPT-J). Channels past rotary_dim pass through.
     """
+    return rotate_at(x, cos, sin, _positions(x, seqlen_offsets, cu_seqlens), interleaved, inplace)
+
+
+def rotate_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+              interleaved: bool = False, inplace: bool = False) -> torch.Tensor:
+    """Rotate every token of x by the cos/sin row given in ``positions`` (x's shape without heads, dim)."""
     half = cos.shape[-1]
     rotary_dim = 2 * half
     if rotary_dim > x.shape[-1]:
         raise ValueError(f"apply_rotary_emb: rotary_dim {rotary_dim} exceeds head dim {x.shape[-1]}")
-    positions = _positions(x, seqlen_offsets, cu_seqlens)
-    if positions.numel() and int(positions.max()) >= cos.shape[0]:
-        raise ValueError(f"apply_rotary_emb: position {int(positions.max())} is beyond cos/sin's {cos.shape[0]} rows")
-    c = cos.float()[positions].unsqueeze(-2)  # broadcast over heads
-    s = sin.float()[positions].unsqueeze(-2)
+    positions = positions.to(device=cos.device, dtype=torch.long)
+    if positions.numel() and (int(positions.max()) >= cos.shape[0] or int(positions.min()) < 0):
+        raise ValueError(f"apply_rotary_emb: positions {int(positions.min())}..{int(positions.max())} "
+                         f"fall outside cos/sin's {cos.shape[0]} rows")
+    c = cos.float()[positions].unsqueeze(-2).to(x.device)  # broadcast over heads
+    s = sin.float()[positions].unsqueeze(-2).to(x.device)
     rot = x[..., :rotary_dim].float()
     if interleaved:
         first, second = rot[..., 0::2], rot[..., 1::2]
