@@ -18,7 +18,7 @@ PYPI_SIMPLE_URL = "https://pypi.org/simple"
 @dataclass(frozen=True)
 class Ref:
     name: str         # what users pass to --ref
-    version: str      # ktransformers.__version__ in that tree
+    version: str      # ktransformers.__version__ as that tree spells it (read at the tag, see below)
     kind: str         # "sdist" (PyPI) or "git"
     sha256: str = ""  # sdist only: the file's hash, verified on every download
     filename: str = ""  # sdist only: the file name on the simple index
@@ -30,9 +30,11 @@ REFS = {
         sha256="079ee36fbefe1280455f6cb2d9afaf840a9fed350acecdcf94f03b113aa94199",
         filename="ktransformers-0.2.1.post1.tar.gz",
     ),
-    "v0.2.4post1": Ref("v0.2.4post1", "0.2.4.post1", "git"),
-    "v0.3.1": Ref("v0.3.1", "0.3.1", "git"),
-    "v0.3.2": Ref("v0.3.2", "0.3.2", "git"),
+    # Upstream did not bump __version__ in step with its tags: the v0.3.1 tree says "0.3" and
+    # the v0.3.2 tree says "0.3.1" (read with `git show <tag>:ktransformers/__init__.py`).
+    "v0.2.4post1": Ref("v0.2.4post1", "0.2.4post1", "git"),
+    "v0.3.1": Ref("v0.3.1", "0.3", "git"),
+    "v0.3.2": Ref("v0.3.2", "0.3.1", "git"),
 }
 
 DEFAULT_REF = "0.2.1.post1"
@@ -49,8 +51,7 @@ def get_ref(name: str) -> Ref:
 
 def ref_for_version(version: str) -> Ref | None:
     """The supported ref whose tree reports ``version`` (``ktransformers.__version__``)."""
-    norm = version.replace("post", ".post").replace("..", ".")
     for ref in REFS.values():
-        if ref.version == norm or ref.version == version:
+        if ref.version == version:
             return ref
     return None

@@ -89,3 +89,13 @@ def test_every_ref_in_table():
     assert set(REFS) == {"0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2"}
     with pytest.raises(KtlegacyError):
         get_ref("main")
+
+
+def test_version_detection_follows_what_each_tag_says():
+    """Upstream's __version__ lags its tags (v0.3.1 says "0.3", v0.3.2 says "0.3.1")."""
+    from ktlegacy.refs import ref_for_version
+    assert ref_for_version("0.2.1.post1").name == "0.2.1.post1"
+    assert ref_for_version("0.2.4post1").name == "v0.2.4post1"
+    assert ref_for_version("0.3").name == "v0.3.1"
+    assert ref_for_version("0.3.1").name == "v0.3.2"
+    assert ref_for_version("0.4.0") is None
