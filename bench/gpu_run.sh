@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The whole GPU proof on a CUDA machine without Docker or network (issue 5, issue 3 item 8):
+#
+#   OUT=/some/dir bash bench/gpu_run.sh [REF]          # from the repo root; REF default 0.2.1.post1
+#
+# Inputs carried next to the repo (git-ignored .whl/): the wheels ktransformers 0.2.1.post1 needs
+# that the machine lacks or has in another version (transformers 4.43.2, tokenizers 0.19.1,
+# huggingface_hub 0.x, gguf, colorlog), cpufeature's sdist (setup.py imports it) and the upstream
+# sdist (found through KTLEGACY_CACHE, hash-checked by fetch-source as usual).
+# Set KTLEGACY_PREBUILT=FILE (an ext-sm75-ptx.tar.gz an earlier run returned) to skip the compile;
+# the tree is still fetched, patched and packed, so Python-only overlay changes are picked up.
+#
+# Steps: fetch-source -> patch --arch sm75 -> compile_extensions.py with TORCH_CUDA_ARCH_LIST=7.5+PTX
+# (bench/gpu_build.py) -> check_cuda_arch.py: sm75 (+PTX) must pass, an sm70-only expectation must
+# fail -> assemble the wheel + the flash-attn stub, install them -> make-test-model ->
+# bench/gpu_proof.py (KTLEGACY_EMULATE_CC=7.5) -> the doctor's host record.
+# Everything lands in $OUT: gpu_h100_<ref>.json, ext-sm75-ptx.tar.gz (the compiled extensions) and
+# h6-logs.tar.gz (logs, arch-check JSON, cuobjdump listings, host record).
+set -uo pipefail
+ref="${1:-0.2.1.post1}"
+: "${OUT:?set OUT to the results directory}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="${KTLEGACY_WORK:-/tmp/ktlegacy-gpu}"
+logs="$work/logs"
+mkdir -p "$work" "$logs" "$OUT"
+cd "$repo"
+t0=$(date +%s)
+say() { echo "[gpu_run +$(( $(date +%s) - t0 ))s] $*"; }
+finish() {
+  tar -C "$work" -czf "$OUT/h6-logs.tar.gz" logs 2>/dev/null
+  say "done (exit $1)"; exit "$1"
+}
+
+py=python3
+say "installing carried wheels into $work/site"
+$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .whl/*.whl \
+  >"$logs/pip-wheels.log" 2>&1 || { cat "$logs/pip-wheels.log"; finish 3; }
+$py -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$work/site" .whl/cpufeature-*.tar.gz \
+  >"$logs/pip-cpufeature.log" 2>&1 || { cat "$logs/pip-cpufeature.log"; finish 3; }
+export PYTHONPATH="$work/kt:$work/site:$repo"
+export KTLEGACY_CACHE="$repo/.whl"
+{ nvidia-smi; $py -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -2; } \
+  >"$logs/machine.txt" 2>&1
+cat "$logs/machine.txt"
+
+say "fetch-source $ref + patch sm75"
+rm -rf "$work/src"
+$py -m ktlegacy fetch-source --ref "$ref" --dest "$work/src" >"$logs/fetch.log" 2>&1 || { cat "$logs/fetch.log"; finish 4; }
+$py -m ktlegacy patch --src "$work/src" --arch sm75 >"$logs/patch.log" 2>&1 || { cat "$logs/patch.log"; finish 4; }
+tail -3 "$logs/patch.log"
+
+if [ -z "${KTLEGACY_PREBUILT:-}" ]; then
+  say "compile extensions for 7.5+PTX (compile_extensions.py via bench/gpu_build.py)"
+  $py bench/gpu_build.py --src "$work/src" --out "$work/ext" --arch sm75 --jobs "$(nproc)" \
+    >"$logs/compile.log" 2>&1
+  rc=$?
+  tail -15 "$logs/compile.log"
+  [ $rc = 0 ] || finish 5
+  say "compiled"
+  tar -C "$work" -czf "$OUT/ext-sm75-ptx.tar.gz" ext
+else
+  say "reusing extensions built by an earlier run: $KTLEGACY_PREBUILT"
+  rm -rf "$work/ext" && tar -C "$work" -xzf "$KTLEGACY_PREBUILT" || finish 5
+fi
+
+say "arch check: sm75 with PTX must pass, sm70-only must fail"
+sos=$(find "$work/ext" -name '*.so' | sort)
+$py images/scripts/check_cuda_arch.py --arch sm75 --expect-ptx --json "$logs/arch-sm75.json" $sos \
+  >"$logs/arch-sm75.log" 2>&1; echo "exit $?" >>"$logs/arch-sm75.log"
+$py images/scripts/check_cuda_arch.py --arch sm70 --json "$logs/arch-sm70.json" $sos \
+  >"$logs/arch-sm70.log" 2>&1; echo "exit $?" >>"$logs/arch-sm70.log"
+cat "$logs/arch-sm75.log" "$logs/arch-sm70.log"
+for so in $sos; do
+  echo "== $(basename "$so")"; cuobjdump --list-elf "$so" 2>&1; cuobjdump --list-ptx "$so" 2>&1
+done >"$logs/cuobjdump.txt"
+
+say "assemble wheel + flash-attn stub"
+rm -rf "$work/wheels"
+$py images/scripts/assemble_wheel.py --src "$work/src" --ext "$work/ext" --out "$work/wheels" --arch sm75 \
+  >"$logs/assemble.log" 2>&1 || { cat "$logs/assemble.log"; finish 6; }
+cp "$work/ext/ktlegacy-extensions.json" "$work/wheels/"
+$py -c "from pathlib import Path; from ktlegacy.stub import build_stub_wheel; print(build_stub_wheel(Path('$work/stub')))" \
+  >"$logs/stub.log" 2>&1 || { cat "$logs/stub.log"; finish 6; }
+rm -rf "$work/kt"
+$py -m pip install -q --no-index --no-deps --no-compile --target "$work/kt" "$work"/wheels/ktransformers-*.whl "$work"/stub/*.whl \
+  >"$logs/pip-kt.log" 2>&1 || { cat "$logs/pip-kt.log"; finish 6; }
+ls -la "$work/wheels" "$work/stub"
+
+say "make-test-model"
+$py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
+
+say "gpu_proof (KTLEGACY_EMULATE_CC=7.5)"
+export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+KTLEGACY_EMULATE_CC=7.5 timeout "${KTLEGACY_PROOF_TIMEOUT:-420}" $py bench/gpu_proof.py --model "$work/model" \
+  --ref "$ref" --build-record "$work/wheels/ktlegacy-extensions.json" --out "$OUT/gpu_h100_$ref.json" \
+  >"$logs/proof.log" 2>&1
+proof_rc=$?
+grep -E "^\[gpu_proof|^smoke|Error|error" "$logs/proof.log" | tail -60
+say "gpu_proof exit $proof_rc"
+
+if [ -f tests/fixtures/hosts/record.sh ]; then
+  bash tests/fixtures/hosts/record.sh "$work/logs/h100-host" >"$logs/record.log" 2>&1 || true
+fi
+finish "$proof_rc"
