@@ -28,6 +28,23 @@ if grep -Eq 'KLinearMarlin|KExpertsMarlin|VLinearMarlin|KLinearFP8' "$rules"; th
   fail "rule file $rules still uses Marlin/FP8 ops (sm80+ only): use the patched rule files of a ktlegacy image"
 fi
 
+# Upstream's server builds its logger at import time from ~/.ktransformers/config.yaml (a copy of
+# the package's configs/config.yaml), before any --log_dir is parsed, and logs into the package
+# directory, which the image's non-root user cannot write. Seed that copy with writable paths.
+python3 - "$state" <<'PY' || fail "cannot write ~/.ktransformers/config.yaml under HOME=$HOME: mount a writable tmpfs there"
+import os, sys
+import yaml, ktransformers
+state = sys.argv[1]
+with open(os.path.join(os.path.dirname(ktransformers.__file__), "configs", "config.yaml"), encoding="utf-8") as f:
+    cfg = yaml.safe_load(f)
+cfg.setdefault("log", {})["dir"] = os.path.join(state, "logs")
+cfg.setdefault("db", {})["host"] = state
+home = os.path.join(os.path.expanduser("~"), ".ktransformers")
+os.makedirs(home, exist_ok=True)
+with open(os.path.join(home, "config.yaml"), "w", encoding="utf-8") as f:
+    yaml.safe_dump(cfg, f)
+PY
+
 if command -v ktransformers >/dev/null 2>&1; then
   set -- ktransformers
 else

@@ -133,17 +133,17 @@ def test_runs_from_the_repository_root(docker):
 # --- serve.sh inside a container -----------------------------------------------------------------
 
 FAKE_SERVER = """#!/bin/sh
-# stands in for upstream's `ktransformers` console script: print the command line it got
+# first on PATH, in front of the image's real `ktransformers` console script: print the command
+# line serve.sh built (the stand-in image has no CUDA extensions, so the real server cannot load)
 printf '%s\\n' "$@" > /var/lib/ktlegacy/argv
 echo FAKE-SERVER-STARTED
 """
+SITE = "/opt/ktlegacy/venv/lib/python3.11/site-packages/ktransformers"
 
 
-def run_serve(docker, standin_base, tmp_path, rules_text, with_config=True, rules="DeepSeek-V3-Chat.yaml"):
-    pkg = tmp_path / "site" / "ktransformers"
-    (pkg / "optimize" / "optimize_rules").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "optimize" / "optimize_rules" / "DeepSeek-V3-Chat.yaml").write_text(rules_text)
+def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_config=True, extra_rules=None):
+    """serve.sh in the stand-in runtime image (real patched ktransformers package, real rule files),
+    as the image's non-root user, with compose's mounts and environment."""
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ktransformers").write_text(FAKE_SERVER)
     (tmp_path / "bin" / "ktransformers").chmod(0o755)
@@ -152,42 +152,60 @@ def run_serve(docker, standin_base, tmp_path, rules_text, with_config=True, rule
         (tmp_path / "hf" / "config.json").write_text("{}")
     (tmp_path / "gguf").mkdir()
     (tmp_path / "gguf" / "m.gguf").write_bytes(b"GGUF")
-    cmd = [docker.path, "run", "--rm", "--name", f"h4-serve-{uuid.uuid4().hex[:8]}", "--user", "1000:1000",
+    (tmp_path / "rules").mkdir()
+    if extra_rules:
+        (tmp_path / "rules" / "Mine.yaml").write_text(extra_rules)
+    cmd = [docker.path, "run", "--rm", "--name", f"h4-serve-{uuid.uuid4().hex[:8]}",
            "--tmpfs", "/var/lib/ktlegacy:mode=1777",
            "-v", f"{REPO / 'compose' / 'serve.sh'}:/opt/ktlegacy-compose/serve.sh:ro",
-           "-v", f"{tmp_path / 'site'}:/opt/site:ro", "-v", f"{tmp_path / 'bin'}:/opt/fakebin:ro",
+           "-v", f"{tmp_path / 'bin'}:/opt/fakebin:ro", "-v", f"{tmp_path / 'rules'}:/opt/rules:ro",
            "-v", f"{tmp_path / 'hf'}:/models/hf:ro", "-v", f"{tmp_path / 'gguf'}:/models/gguf:ro",
-           "-e", "PYTHONPATH=/opt/site", "-e", "PATH=/opt/fakebin:/usr/local/bin:/usr/bin:/bin",
+           "-e", "PATH=/opt/fakebin:/opt/ktlegacy/venv/bin:/usr/local/bin:/usr/bin:/bin",
            "-e", f"KTLEGACY_RULES={rules}", "-e", "KTLEGACY_CPU_INFER=12", "-e", "KTLEGACY_MAX_NEW_TOKENS=300",
            "-e", "KTLEGACY_CACHE_LENS=4096", "-e", "KTLEGACY_SERVER_ARGS=--web True",
-           "-e", "HOME=/var/lib/ktlegacy",
-           "--entrypoint", "/bin/sh", standin_base, "-c",
-           "/bin/sh /opt/ktlegacy-compose/serve.sh && cat /var/lib/ktlegacy/argv"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+           "-e", "HOME=/var/lib/ktlegacy", "-e", "KTLEGACY_STATE_DIR=/var/lib/ktlegacy",
+           "--entrypoint", "/bin/sh", image, "-c",
+           "/bin/sh /opt/ktlegacy-compose/serve.sh && cat /var/lib/ktlegacy/argv && echo --- && "
+           "cat /var/lib/ktlegacy/.ktransformers/config.yaml"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
-def test_serve_sh_starts_the_server_with_the_rule_file(docker, standin_base, tmp_path):
-    proc = run_serve(docker, standin_base, tmp_path, "- match: {name: x}\n  replace: {class: default}\n"
-                     "# prefill_op: KLinearTorch\n")
+@pytest.fixture(scope="module")
+def real_runtime_image(request):
+    return request.getfixturevalue("standin_runtime_image")
+
+
+@pytest.mark.slow
+def test_serve_sh_starts_the_server_with_the_patched_rule_file(docker, real_runtime_image, tmp_path):
+    import yaml
+    proc = run_serve(docker, real_runtime_image, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    argv = proc.stdout.split("FAKE-SERVER-STARTED\n", 1)[1].split("\n")
+    argv_text, config_text = proc.stdout.split("FAKE-SERVER-STARTED\n", 1)[1].split("---\n", 1)
+    argv = argv_text.split("\n")
     pairs = dict(zip(argv[0::2], argv[1::2]))
-    assert pairs["--optimize_config_path"] == "/opt/site/ktransformers/optimize/optimize_rules/DeepSeek-V3-Chat.yaml"
+    assert pairs["--optimize_config_path"] == f"{SITE}/optimize/optimize_rules/DeepSeek-V3-Chat.yaml"
     assert pairs["--model_path"] == "/models/hf" and pairs["--gguf_path"] == "/models/gguf"
     assert pairs["--port"] == "10002" and pairs["--host"] == "0.0.0.0"
     assert pairs["--cpu_infer"] == "12" and pairs["--max_new_tokens"] == "300" and pairs["--cache_lens"] == "4096"
     assert pairs["--web"] == "True"
+    # upstream's import-time logger must find writable paths in ~/.ktransformers/config.yaml
+    config = yaml.safe_load(config_text)
+    assert config["log"]["dir"] == "/var/lib/ktlegacy/logs" and config["db"]["host"] == "/var/lib/ktlegacy"
+    assert config["server"]["port"]   # the rest is upstream's own config.yaml
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
-    ("marlin", "still uses Marlin/FP8 ops"),
+    ("marlin", "/opt/rules/Mine.yaml still uses Marlin/FP8 ops"),
     ("no-config", "no config.json in /models/hf"),
-    ("no-rules", "rule file /opt/site/ktransformers/optimize/optimize_rules/Nope.yaml does not exist"),
+    ("no-rules", "optimize_rules/Nope.yaml does not exist"),
 ])
-def test_serve_sh_refuses_in_one_line(docker, standin_base, tmp_path, case, expected):
-    text = "- match: {name: x}\n  replace: {kwargs: {generate_op: KLinearMarlin}}\n" if case == "marlin" else "[]\n"
-    proc = run_serve(docker, standin_base, tmp_path, text, with_config=case != "no-config",
-                     rules="Nope.yaml" if case == "no-rules" else "DeepSeek-V3-Chat.yaml")
+def test_serve_sh_refuses_in_one_line(docker, real_runtime_image, tmp_path, case, expected):
+    kwargs = {"marlin": dict(rules="/opt/rules/Mine.yaml", extra_rules=(
+                  "- match: {name: x}\n  replace: {kwargs: {generate_op: KLinearMarlin}}\n")),
+              "no-config": dict(with_config=False),
+              "no-rules": dict(rules="Nope.yaml")}[case]
+    proc = run_serve(docker, real_runtime_image, tmp_path, **kwargs)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ktlegacy serve: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
@@ -195,24 +213,6 @@ def test_serve_sh_refuses_in_one_line(docker, standin_base, tmp_path, case, expe
 
 
 # --- the smoke profile, up for real --------------------------------------------------------------
-
-THROWAWAY_TAG = "h4-standin-runtime:dev"
-
-
-@pytest.fixture(scope="module")
-def runtime_image(request, docker):
-    """(tag, smoke command): the stand-in runtime image of H3a's build when the suite has it,
-    else a throwaway image FROM the stand-in base that runs a trivial smoke command."""
-    try:
-        return request.getfixturevalue("standin_runtime_image"), None
-    except pytest.FixtureLookupError:
-        pass
-    base = request.getfixturevalue("standin_base")
-    proc = subprocess.run([docker.path, "build", "-q", "-t", THROWAWAY_TAG, "-"], input=f"FROM {base}\n",
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return THROWAWAY_TAG, "python3 -c 'import json, sys; print(\"smoke ok\")'"
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -241,8 +241,9 @@ def wait_health(docker, container, want, timeout=600) -> str:
 
 
 @pytest.fixture
-def smoke_env(tmp_path, runtime_image):
-    tag, smoke_cmd = runtime_image
+def smoke_env(tmp_path, real_runtime_image):
+    """The stand-in runtime image of images/Dockerfile, its own smoke tests (default command)."""
+    tag = real_runtime_image
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "deepseek_v3"}')
     from ggufmodel import write_model
@@ -251,8 +252,6 @@ def smoke_env(tmp_path, runtime_image):
     env = clean_env(KTLEGACY_SMOKE_IMAGE=tag, KTLEGACY_MODEL_DIR=str(tmp_path / "hf"),
                     KTLEGACY_GGUF_DIR=str(tmp_path / "gguf"), KTLEGACY_SMOKE_PORT=str(port),
                     KTLEGACY_CPU_INFER="7", KTLEGACY_SMOKE_START_PERIOD="5m")
-    if smoke_cmd:
-        env["KTLEGACY_SMOKE_CMD"] = smoke_cmd
     return env, port
 
 
@@ -272,6 +271,8 @@ def test_smoke_profile_up_healthy_end_to_end(docker, smoke_env):
             assert resp.status == 200
             report = json.load(resp)
         assert report["ok"] is True and report["smoke"]["returncode"] == 0
+        assert report["smoke"]["command"] == "python3 /ktlegacy/smoke/run.py"
+        assert report["smoke"]["tail"][-1].startswith("smoke: ") and " 0 failed" in report["smoke"]["tail"][-1]
         # volumes: the host's files, read-only inside
         assert report["mounts"]["/models/hf"] == {"present": True, "files": ["config.json"], "read_only": True}
         assert report["mounts"]["/models/gguf"]["files"] == ["tiny-deepseek-v3.gguf"]
