@@ -366,11 +366,26 @@ def check_host(facts: HostFacts, specs: list[ServiceSpec], docker_path: str | No
 
 
 def docker_or_none() -> tuple[str | None, str]:
-    from .docker import client
+    """A docker client that reaches a daemon (serving needs no BuildKit), or (None, why)."""
+    from .docker import _candidates, client
     try:
         return client().path, ""
     except KtlegacyError as exc:
-        return None, str(exc)
+        why = str(exc)
+    for path in _candidates():
+        if subprocess.run([path, "version"], capture_output=True).returncode == 0:
+            return path, ""
+    return None, why
+
+
+def resolve_or_defaults(name: str, docker_path: str | None) -> tuple[ServiceSpec, Row | None]:
+    """The profile as compose resolves it; if compose cannot, its defaults and a row saying why."""
+    try:
+        return resolve(name, docker_path), None
+    except KtlegacyError as exc:
+        return resolve(name, None), Row("compose config", FAIL, f"{exc} (checked the profile's defaults instead)",
+                                        "install the compose v2 plugin (docker compose version) and fix what "
+                                        "it reports in compose/.env")
 
 
 def doctor(profile: str | None = None, model_dir=None, gguf_dir=None, image=None,
@@ -380,10 +395,15 @@ def doctor(profile: str | None = None, model_dir=None, gguf_dir=None, image=None
     docker_path, docker_error = docker_or_none()
     facts = facts or HostFacts.probe(docker_path, docker_error)
     names = [profile] if profile else list(PROFILES)
-    specs = [resolve(n, docker_path).with_overrides(model_dir, gguf_dir, image) for n in names]
+    resolved = [resolve_or_defaults(n, docker_path) for n in names]
+    specs = [spec.with_overrides(model_dir, gguf_dir, image) for spec, _ in resolved]
+    compose_rows = [row for _, row in resolved if row is not None][:1]
     if profile:
-        return check_profile(specs[0], facts, docker_path, rules_file)
-    return check_host(facts, specs, docker_path)
+        report = check_profile(specs[0], facts, docker_path, rules_file)
+    else:
+        report = check_host(facts, specs, docker_path)
+    report.rows[:0] = compose_rows
+    return report
 
 
 def _doctor_args(p) -> None:

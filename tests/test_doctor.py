@@ -285,3 +285,13 @@ def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_di
         assert "cuda:1" in vram.detail and "cuda:0" not in vram.detail
     finally:
         subprocess.run([docker.path, "rmi", tag], capture_output=True)
+
+
+@pytest.mark.docker
+def test_a_compose_error_is_a_row_not_a_crash(docker, monkeypatch):
+    monkeypatch.setenv("KTLEGACY_PORT", "notaport")
+    report = doctor("v100")
+    row = report.rows[0]
+    assert row.check == "compose config"
+    assert "invalid hostPort: notaport" in failing(report, "compose config").detail
+    assert rows(report)["port"].detail.startswith("127.0.0.1:10002")   # went on with the defaults
