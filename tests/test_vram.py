@@ -108,3 +108,46 @@ def test_bad_rule_file_is_one_line():
         load_rules("- match: [", "x.yaml")
     with pytest.raises(KtlegacyError, match="not a ktransformers rule list"):
         load_rules("a: 1", "x.yaml")
+
+
+# DeepSeek-V3 / R1 at full size (shapes from its config.json: hidden 7168, 61 layers, first 3 dense
+# with intermediate 18432, 256 routed experts + 1 shared of 2048, q_lora 1536, kv_lora 512, 128 heads
+# of qk_nope 128 + qk_rope 64, v 128, vocab 129280), as tensor infos only: no file needed.
+def deepseek_v3_model():
+    import numpy as np
+    from ktlegacy.vram import GgufModel, Tensor
+    h, vocab = 7168, 129280
+
+    def shapes(layer):
+        s = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q_a": (1536, h), "attn_q_a_norm": (1536,),
+             "attn_q_b": (128 * 192, 1536), "attn_kv_a_mqa": (512 + 64, h), "attn_kv_a_norm": (512,),
+             "attn_kv_b": (128 * 256, 512), "attn_output": (h, 128 * 128)}
+        if layer < 3:
+            s.update(ffn_gate=(18432, h), ffn_up=(18432, h), ffn_down=(h, 18432))
+        else:
+            s.update(ffn_gate_inp=(256, h), exp_probs_b=(256,), ffn_gate_exps=(256, 2048, h),
+                     ffn_up_exps=(256, 2048, h), ffn_down_exps=(256, h, 2048),
+                     ffn_gate_shexp=(2048, h), ffn_up_shexp=(2048, h), ffn_down_shexp=(h, 2048))
+        return s
+    tensors = [Tensor("token_embd.weight", vocab * h, 0), Tensor("output_norm.weight", h, 0),
+               Tensor("output.weight", vocab * h, 0)]
+    for layer in range(61):
+        tensors += [Tensor(f"blk.{layer}.{k}.weight", int(np.prod(v)), 0) for k, v in shapes(layer).items()]
+    meta = {"general.architecture": "deepseek2", "deepseek2.attention.kv_lora_rank": 512,
+            "deepseek2.rope.dimension_count": 64}
+    return GgufModel([], tensors, meta, 0)
+
+
+def test_deepseek_v3_on_the_profiles_cards(sdist_tree):
+    """What the doctor will tell DeepSeek-V3/R1 users (fp16 under KLinearTorch, cache_lens 8192):
+    4x T4 fits, 1x V100-32GB and 2x stock RTX 2080 Ti (11 GiB) do not, 2x 22 GiB 2080 Ti would."""
+    model = deepseek_v3_model()
+    assert sum(t.n_elements for t in model.tensors) == pytest.approx(671.0e9, rel=1e-3)
+    gib = 1024 ** 3 / MIB
+    one = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat.yaml"), 8192)
+    assert one.weights_mib["cuda:0"] / gib == pytest.approx(30.2, abs=0.1)
+    assert one.need_mib("cuda:0") > 32510                       # Tesla V100-SXM2-32GB
+    two = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu.yaml"), 8192)
+    assert all(11264 < two.need_mib(d) < 22528 for d in ("cuda:0", "cuda:1"))
+    four = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml"), 8192)
+    assert all(four.need_mib(f"cuda:{i}") < 15360 for i in range(4))   # Tesla T4
