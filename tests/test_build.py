@@ -1,0 +1,323 @@
+"""invoke build / smoke against the real Docker engine (images/Dockerfile, ktlegacy/build.py).
+
+The CUDA stages cannot run here (no nvidia/cuda images, no GPU): the stand-in base (Debian
+bookworm, no CUDA) builds every stage that needs none, offline from a wheelhouse, and its runtime
+image runs the smoke tests. The dry-run tests check the real CUDA 11.8 command lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ktlegacy import images
+from ktlegacy.build import DEFAULT_BASE_IMAGE, DEFAULT_RUNTIME_IMAGE, DEFAULT_TORCH_VERSION, plan
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", *args], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, **(env or {})))
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+# -- dry run: the real CUDA 11.8 command lines ----------------------------------------------------
+
+def _build_lines(stdout: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if re.search(r"docker(\s+buildx)?\s+build\b", ln)]
+
+
+def test_dry_run_sm75_is_a_cuda_11_8_build_for_7_5():
+    proc = cli("build", "--arch", "sm75", "--dry-run", check=True)
+    (line,) = [ln for ln in _build_lines(proc.stdout) if "images/Dockerfile" in ln]
+    assert f"BASE_IMAGE={DEFAULT_BASE_IMAGE}" in line and "11.8.0" in DEFAULT_BASE_IMAGE
+    assert f"RUNTIME_IMAGE={DEFAULT_RUNTIME_IMAGE}" in line
+    assert "TORCH_CUDA_ARCH_LIST=7.5" in line and "ARCH=sm75" in line
+    assert f"TORCH_VERSION={DEFAULT_TORCH_VERSION}" in line and DEFAULT_TORCH_VERSION.endswith("+cu118")
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu118" in line
+    assert "CPU_INSTRUCT=AVX2" in line
+    assert "KTLEGACY_EXTENSIONS" not in line  # the real build compiles
+    assert line.rstrip().endswith(str(REPO))
+    assert f"-t {images.DEFAULT_REPOSITORY}:0.2.1.post1-cu118-sm75-avx2" in line
+    from ktlegacy.docker import client
+    if not client().buildx:
+        assert line.startswith("DOCKER_BUILDKIT=1 "), line
+
+
+def test_dry_run_all_builds_both_arches():
+    proc = cli("build", "--arch", "all", "--dry-run", check=True)
+    lines = _build_lines(proc.stdout)
+    assert len(lines) == 2
+    assert "TORCH_CUDA_ARCH_LIST=7.0" in lines[0] and "-cu118-sm70-avx2" in lines[0]
+    assert "TORCH_CUDA_ARCH_LIST=7.5" in lines[1] and "-cu118-sm75-avx2" in lines[1]
+
+
+def test_dry_run_secret_and_wheelhouse(standin_wheelhouse):
+    proc = cli("build", "--arch", "sm70", "--dry-run", "--ca-cert", str(HOST_CA_BUNDLE),
+               "--wheelhouse", str(standin_wheelhouse), "--offline", "--cpu-instruct", "avx512", check=True)
+    lines = _build_lines(proc.stdout)
+    assert len(lines) == 2 and "wheelhouse.Dockerfile" in lines[0] and lines[0].rstrip().endswith(str(standin_wheelhouse))
+    wh_tag = re.search(r"-t (\S+)", lines[0]).group(1)
+    assert f"WHEELHOUSE_IMAGE={wh_tag}" in lines[1]
+    assert f"--secret id=ca_cert,src={HOST_CA_BUNDLE}" in lines[1]
+    assert "--network none" in lines[1] and "CPU_INSTRUCT=AVX512" in lines[1] and "-sm70-avx512" in lines[1]
+    # the CA bundle is never a build arg or part of the context
+    assert "ca-certificates.crt" not in lines[1].split("--secret")[0]
+
+
+def test_plan_labels_cover_images_keys():
+    (p,) = plan("sm75", dry_run=True)
+    for key in (images.LABEL_REF, images.LABEL_COMMIT, images.LABEL_OVERLAY_DIGEST, images.LABEL_ARCH,
+                images.LABEL_CUDA, images.LABEL_TORCH, images.LABEL_CPU):
+        assert p.labels[key], key
+    assert p.labels[images.LABEL_CUDA] == "11.8" and p.labels[images.LABEL_ARCH] == "sm75"
+    assert re.fullmatch(r"[0-9a-f]{64}", p.labels[images.LABEL_OVERLAY_DIGEST])
+
+
+# -- bad input: one line, non-zero, nothing built --------------------------------------------------
+
+def _no_image(tag: str) -> bool:
+    return subprocess.run(["/usr/bin/docker", "image", "inspect", tag], capture_output=True).returncode != 0
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("args, expected", [
+    (["--arch", "sm86"], "use the upstream"),
+    (["--arch", "sm75", "--ref", "v9.9.9"], "unknown ktransformers ref"),
+    (["--arch", "sm75", "--wheelhouse", "/nonexistent/h3-wheelhouse"], "does not exist"),
+    (["--arch", "sm75", "--ca-cert", "/nonexistent/h3-ca.crt"], "--ca-cert"),
+    (["--arch", "sm75", "--cpu-instruct", "SSE4"], "unknown CPU instruction set"),
+    (["--arch", "sm75", "--offline"], "needs --wheelhouse"),
+    (["--arch", "sm75", "--target", "nope"], "unknown --target"),
+])
+def test_bad_input_is_one_line_and_builds_nothing(args, expected, docker):
+    tag = "h3-bad/ktransformers:never"
+    proc = cli("build", *args, "--tag", tag)
+    assert expected in one_line_error(proc)
+    assert _no_image(tag)
+
+
+@pytest.mark.docker
+def test_wheelhouse_without_the_sdist_is_refused(tmp_path, docker):
+    (tmp_path / "pyyaml-6.0-py3-none-any.whl").write_bytes(b"")
+    line = one_line_error(cli("build", "--arch", "sm75", "--wheelhouse", str(tmp_path)))
+    assert "ktransformers-0.2.1.post1.tar.gz" in line
+
+
+@pytest.mark.docker
+def test_no_docker_daemon(tmp_path, standin_wheelhouse):
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/h3-no-daemon.sock"}
+    line = one_line_error(cli("build", "--arch", "sm75", "--standin", "--base-image", "x",
+                              "--wheelhouse", str(standin_wheelhouse), env=env))
+    assert "no Docker daemon" in line
+
+
+@pytest.mark.docker
+def test_daemon_without_buildkit(tmp_path, monkeypatch, docker):
+    """A client/daemon pair that cannot do BuildKit builds (no buildx, `build` without --secret):
+    only the probe can be faked here, the engine on CI has BuildKit."""
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$1\" in\n"
+                    "  version) echo 19.03.0 ;;\n"
+                    "  buildx) exit 1 ;;\n"
+                    "  build) echo 'Usage: docker build [OPTIONS] PATH'; echo '  -t, --tag list' ;;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    import ktlegacy.docker as kdocker
+    from ktlegacy.build import build
+    from ktlegacy.errors import KtlegacyError
+    kdocker.client.cache_clear()
+    monkeypatch.setattr(kdocker, "_candidates", lambda: [str(fake)])
+    try:
+        with pytest.raises(KtlegacyError, match="cannot do BuildKit builds"):
+            build("sm75", tag="h3-bad/ktransformers:nobuildkit", out=lambda line: None)
+    finally:
+        kdocker.client.cache_clear()
+    assert _no_image("h3-bad/ktransformers:nobuildkit")
+
+
+# -- the stand-in build ------------------------------------------------------------------------------
+
+def _inspect(tag: str) -> dict:
+    out = subprocess.run(["/usr/bin/docker", "image", "inspect", tag], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)[0]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_standin_image_passes_its_smoke(standin_runtime_image):
+    proc = cli("smoke", "--arch", "sm75", "--image", standin_runtime_image)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"smoke: \d+ passed, \d+ skipped, 0 failed", proc.stdout)
+    assert "smoke pass check_rules_torch_only" in proc.stdout
+    assert "smoke pass check_flash_attn_stub" in proc.stdout
+    assert "smoke pass check_build_labels" in proc.stdout
+    assert "skipped: stand-in build, no CUDA" in proc.stdout  # never a fake pass for the extensions
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_smoke_refuses_an_image_of_another_arch(standin_runtime_image):
+    line = one_line_error(cli("smoke", "--arch", "sm70", "--image", standin_runtime_image))
+    assert "labelled for arch 'sm75'" in line
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_standin_labels_match_the_build(standin_runtime_image, standin_base, standin_wheelhouse):
+    from conftest import STANDIN_REPOSITORY, STANDIN_TORCH_VERSION
+    (expected,) = plan("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                       wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY)
+    config = _inspect(standin_runtime_image)["Config"]
+    labels = config["Labels"]
+    for key, value in expected.labels.items():
+        if key == images.LABEL_REVISION:
+            continue  # the commit of this checkout moves while the session-cached image does not
+        assert labels.get(key) == value, key
+    assert labels["io.ktlegacy.standin"] == "true" and labels["io.ktlegacy.extensions"] == "skip"
+    assert labels[images.LABEL_TORCH] == "2.13.0+cpu"
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["KTLEGACY_IMAGE_ARCH"] == labels[images.LABEL_ARCH]
+    assert env["KTLEGACY_IMAGE_OVERLAY_DIGEST"] == labels[images.LABEL_OVERLAY_DIGEST]
+    # the overlay manifest inside the image carries the labelled digest
+    manifest = subprocess.run(["/usr/bin/docker", "run", "--rm", standin_runtime_image, "cat",
+                               "/ktlegacy/ktlegacy-overlays.json"], capture_output=True, text=True, check=True)
+    assert json.loads(manifest.stdout)["overlay_digest"] == labels[images.LABEL_OVERLAY_DIGEST]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_runtime_is_non_root_without_compiler_or_source(standin_runtime_image):
+    info = _inspect(standin_runtime_image)
+    assert info["Config"]["User"] == "ktlegacy"
+    assert info["Config"]["Healthcheck"]["Test"][-1] == "/ktlegacy/healthcheck.py"
+    probe = subprocess.run(
+        ["/usr/bin/docker", "run", "--rm", standin_runtime_image, "sh", "-c",
+         "id -u; command -v gcc cc nvcc cmake || true; test -e /src && echo HAS_SRC; "
+         "python /ktlegacy/healthcheck.py && echo HEALTHY"],
+        capture_output=True, text=True)
+    out = probe.stdout.split()
+    assert out[0] == "1000" and "HEALTHY" in out and "HAS_SRC" not in out
+    assert not [w for w in out if w.endswith(("/gcc", "/cc", "/nvcc", "/cmake"))], probe.stdout
+
+
+def _rebuild_standin(standin_base, standin_wheelhouse, **kwargs):
+    from conftest import STANDIN_REPOSITORY, STANDIN_TORCH_VERSION
+    from ktlegacy.build import build
+    return build("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                 wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY,
+                 echo=False, out=lambda line: None, **kwargs)
+
+
+def build_steps(log: str) -> dict[str, str]:
+    """{step id: description} of the RUN/COPY steps of a plain-progress BuildKit log."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^#(\d+) \[([^\]]+\] (?:RUN|COPY) .*)$", log, re.M)}
+
+
+def cached_steps(log: str) -> set[str]:
+    return set(re.findall(r"^#(\d+) CACHED$", log, re.M))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_noop_rebuild_is_all_cached(standin_runtime_image, standin_base, standin_wheelhouse):
+    # Build, then build again: the first absorbs whatever changed in the checkout since the
+    # session's fixture build; the second changes nothing and must not run a single step.
+    _rebuild_standin(standin_base, standin_wheelhouse)
+    result = _rebuild_standin(standin_base, standin_wheelhouse)
+    log = result.logs[standin_runtime_image]
+    steps = build_steps(log)
+    assert len(steps) >= 20, log[-2000:]
+    not_cached = {i: d for i, d in steps.items() if i not in cached_steps(log)}
+    assert not not_cached, not_cached
+
+
+def _distinctive_ca_chunks(image: str) -> list[bytes]:
+    """Certificates of the host bundle that the base image's own bundle lacks (the proxy's CA):
+    their base64 bodies cannot be in the image unless the secret leaked."""
+    base = subprocess.run(["/usr/bin/docker", "run", "--rm", "--entrypoint", "cat", image,
+                           "/etc/ssl/certs/ca-certificates.crt"], capture_output=True, text=True).stdout
+
+    def bodies(text):
+        return re.findall(r"-----BEGIN CERTIFICATE-----\n(.*?)-----END CERTIFICATE-----", text, re.S)
+
+    own = set(bodies(base))
+    chunks = []
+    for body in bodies(HOST_CA_BUNDLE.read_text()):
+        if body not in own:
+            lines = body.splitlines()
+            chunks.append(lines[len(lines) // 2].encode())  # one 64-char base64 line from the middle
+    return chunks
+
+
+def _layer_hits(image: str, needles: list[bytes], whole: bytes) -> list[str]:
+    """Files in any layer of ``image`` (docker save) containing a needle or equal to ``whole``."""
+    hits = []
+    save = subprocess.Popen(["/usr/bin/docker", "save", image], stdout=subprocess.PIPE)
+    with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
+        for member in outer:
+            if not member.isfile():
+                continue
+            data = outer.extractfile(member).read()
+            blobs = [(member.name, data)]
+            if member.name.endswith("layer.tar") or member.name.startswith("blobs/"):
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as layer:
+                        blobs = [(f"{member.name}:{m.name}", layer.extractfile(m).read())
+                                 for m in layer if m.isfile()]
+                except tarfile.TarError:
+                    pass
+            for name, blob in blobs:
+                if blob == whole or any(n in blob for n in needles):
+                    hits.append(name)
+    assert save.wait() == 0
+    return hits
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_ca_bundle_is_in_no_layer_and_no_history(standin_base, standin_wheelhouse, tmp_path):
+    from conftest import STANDIN_REPOSITORY
+    tag_repo = STANDIN_REPOSITORY + "-ca"
+    # --no-cache: secrets are not part of the cache key, so a cached build would never mount it
+    from conftest import STANDIN_TORCH_VERSION
+    from ktlegacy.build import build
+    result = build("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                   wheelhouse=standin_wheelhouse, offline=True, repository=tag_repo, ca_cert=HOST_CA_BUNDLE,
+                   extra_build_flags=("--no-cache",), echo=False, out=lambda line: None)
+    (tag,) = result.tags
+    try:
+        log = result.logs[tag]
+        assert "using the CA bundle secret for this step" in log  # the secret really was mounted
+        whole = HOST_CA_BUNDLE.read_bytes()
+        needles = _distinctive_ca_chunks(tag)
+        hits = _layer_hits(tag, needles, whole)
+        assert hits == [], hits
+        history = subprocess.run(["/usr/bin/docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", tag],
+                                 capture_output=True, check=True).stdout
+        config = subprocess.run(["/usr/bin/docker", "image", "inspect", tag], capture_output=True, check=True).stdout
+        for text in (history, config):
+            assert not any(n in text for n in needles)
+            assert str(HOST_CA_BUNDLE).encode() not in text
+    finally:
+        subprocess.run(["/usr/bin/docker", "image", "rm", "-f", tag], capture_output=True)
