@@ -107,16 +107,17 @@ def up(c, profile, force=False):
     "moving": "also move latest-<arch>-<cpu> (for release builds from version tags)",
     "dry-run": "check the images' labels and print the tags; push nothing",
     "allow-standin": "also publish stand-in builds (no CUDA, io.ktlegacy.standin=true), for test registries",
+    "allow-dirty": "also publish images built from uncommitted changes (revision label <sha>-dirty)",
     "source-repository": "local repository holding the images (default ktlegacy/ktransformers)",
 })
 @one_line_errors
 def publish(c, registry, arch="all", cpu_instruct=None, ref=None, sha=None, moving=False, dry_run=False,
-            allow_standin=False, source_repository=None):
+            allow_standin=False, allow_dirty=False, source_repository=None):
     """Push built images by digest, then tag them: every tag or none. Login stays with `docker login`."""
     from ktlegacy.images import DEFAULT_REPOSITORY
     from ktlegacy.publish import publish as publish_images
     publish_images(registry, arch=arch, cpus=cpu_instruct or None, ref=ref, sha=sha, moving=moving,
-                   dry_run=dry_run, allow_standin=allow_standin,
+                   dry_run=dry_run, allow_standin=allow_standin, allow_dirty=allow_dirty,
                    source_repository=source_repository or DEFAULT_REPOSITORY)
 
 

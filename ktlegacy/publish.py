@@ -19,6 +19,7 @@ Nothing here runs the image or needs a GPU. Login stays with ``docker login``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -48,12 +49,17 @@ LABEL_STANDIN = "io.ktlegacy.standin"  # set by images/Dockerfile for no-CUDA te
 _SMALL = 4 << 20     # archive members below this are read into memory (metadata, tiny layers)
 
 
+STANDIN_SUFFIX = "-standin"   # ktlegacy/build.py tags stand-in (no CUDA) test builds so
+DIRTY_SUFFIX = "-dirty"       # ktlegacy/build.py's revision label for a tree with uncommitted changes
+
+
 @dataclass
 class LocalImage:
     tag: str           # local name:tag
     ref: str
     arch: Arch
     cpu: str           # upper case, as images.CPU_INSTRUCTS
+    variant: str       # "" or STANDIN_SUFFIX
     image_id: str
     labels: dict
 
@@ -75,22 +81,23 @@ class PushResult:
 
 
 def short_sha(sha: str) -> str:
-    sha = (sha or "").strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{7,40}", sha):
+    base = (sha or "").strip().lower().removesuffix(DIRTY_SUFFIX)
+    if not re.fullmatch(r"[0-9a-f]{7,40}", base):
         raise KtlegacyError(f"--sha {sha!r} is not a git commit hash (7 to 40 hex digits)")
-    return sha[:7]
+    return base[:7] + (DIRTY_SUFFIX if sha.strip().lower().endswith(DIRTY_SUFFIX) else "")
 
 
 def publish_tags(image: LocalImage, sha: str, moving: bool) -> list[str]:
     """The tags one image gets in the registry (images.py's scheme)."""
-    suffix = images.tag_suffix(image.ref, image.arch, image.cpu)
+    suffix = images.tag_suffix(image.ref, image.arch, image.cpu) + image.variant
     tags = [suffix, f"{suffix}-g{short_sha(sha)}"]
     if moving:
-        tags.append(f"latest-{image.arch.name}-{image.cpu.lower()}")
+        tags.append(f"latest-{image.arch.name}-{image.cpu.lower()}{image.variant}")
     return tags
 
 
-_TAG = re.compile(r"^(?P<ref>.+)-" + re.escape(images.CUDA_TAG) + r"-(?P<arch>sm[0-9]+)-(?P<cpu>[a-z0-9]+)$")
+_TAG = re.compile(r"^(?P<ref>.+)-" + re.escape(images.CUDA_TAG)
+                  + r"-(?P<arch>sm[0-9]+)-(?P<cpu>[a-z0-9]+)(?P<variant>" + re.escape(STANDIN_SUFFIX) + ")?$")
 
 
 def local_images(docker, repository: str = images.DEFAULT_REPOSITORY, arch: str = "all",
@@ -108,25 +115,30 @@ def local_images(docker, repository: str = images.DEFAULT_REPOSITORY, arch: str 
             continue
         found.append((tag, m))
     if not found:
-        want = images.image_tag(ref or "<ref>", next(iter(arches.values())),
-                                next(iter(wanted_cpus)) if wanted_cpus else images.DEFAULT_CPU_INSTRUCT,
-                                repository)
+        cpu = sorted(wanted_cpus)[0] if wanted_cpus else images.DEFAULT_CPU_INSTRUCT
+        want = images.image_tag(ref or "<ref>", next(iter(arches.values())), cpu, repository)
         raise KtlegacyError(f"no image like {want} in the local Docker daemon: build it first "
-                            f"(invoke build --arch {arch} --cpu-instruct "
-                            f"{next(iter(wanted_cpus)) if wanted_cpus else images.DEFAULT_CPU_INSTRUCT})")
+                            f"(invoke build --arch {arch} --cpu-instruct {cpu}"
+                            + (f" --ref {ref})" if ref else ")"))
     out = []
     for tag, m in found:
         name = f"{repository}:{tag}"
         info = json.loads(docker.run("image", "inspect", name).stdout)[0]
-        out.append(LocalImage(name, m["ref"], arches[m["arch"]], m["cpu"].upper(), info["Id"],
-                              (info.get("Config") or {}).get("Labels") or {}))
+        out.append(LocalImage(name, m["ref"], arches[m["arch"]], m["cpu"].upper(), m["variant"] or "",
+                              info["Id"], (info.get("Config") or {}).get("Labels") or {}))
     return out
 
 
-def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False) -> str:
-    """Refuse an image whose labels contradict its tag; return the commit sha to tag it with."""
+def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False,
+                 allow_dirty: bool = False) -> str:
+    """Refuse an image whose labels contradict its tag; return the commit to tag it with."""
     labels = image.labels
-    if labels.get(LABEL_STANDIN) == "true" and not allow_standin:
+    standin = labels.get(LABEL_STANDIN) == "true"
+    if standin != (image.variant == STANDIN_SUFFIX):
+        raise KtlegacyError(f"{image.tag} is labelled {LABEL_STANDIN}={labels.get(LABEL_STANDIN, '(none)')} but "
+                            f"its tag {'says' if image.variant else 'does not say'} {STANDIN_SUFFIX}; rebuild it "
+                            "with invoke build")
+    if standin and not allow_standin:
         raise KtlegacyError(f"{image.tag} is a stand-in build without CUDA ({LABEL_STANDIN}=true), "
                             "made for tests; pass --allow-standin to publish it anyway")
 
@@ -142,17 +154,19 @@ def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False
     need(images.LABEL_ARCH, image.arch.name)
     need(images.LABEL_REF, image.ref)
     need(images.LABEL_CPU, image.cpu, lambda a, b: a.upper() == b)
+    need(images.LABEL_CUDA, images.CUDA_VERSION)
     need(images.LABEL_OVERLAY_DIGEST, None)
-    if labels.get(images.LABEL_CUDA) and labels[images.LABEL_CUDA] != images.CUDA_VERSION:
-        raise KtlegacyError(f"{image.tag} is labelled {images.LABEL_CUDA}={labels[images.LABEL_CUDA]} but its "
-                            f"tag says {images.CUDA_TAG}; rebuild it")
     revision = (labels.get(images.LABEL_REVISION) or "").strip().lower()
+    if revision.endswith(DIRTY_SUFFIX) and not allow_dirty:
+        raise KtlegacyError(f"{image.tag} was built from uncommitted changes ({images.LABEL_REVISION}="
+                            f"{revision[:12]}...{DIRTY_SUFFIX}); commit and rebuild, or pass --allow-dirty")
     if sha:
         sha = sha.strip().lower()
-        if revision and not (revision.startswith(sha) or sha.startswith(revision)):
-            raise KtlegacyError(f"{image.tag} was built from commit {revision[:12]} "
+        base = revision.removesuffix(DIRTY_SUFFIX)
+        if base and not (base.startswith(sha) or sha.startswith(base)):
+            raise KtlegacyError(f"{image.tag} was built from commit {base[:12]} "
                                 f"({images.LABEL_REVISION}), not --sha {sha[:12]}; rebuild it at {sha[:12]}")
-        return sha
+        return sha + (DIRTY_SUFFIX if revision.endswith(DIRTY_SUFFIX) else "")
     if not revision:
         raise KtlegacyError(f"{image.tag} has no {images.LABEL_REVISION} label; pass --sha COMMIT "
                             "(the commit it was built from)")
@@ -160,13 +174,14 @@ def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False
 
 
 def plan(registry: str, *, docker, arch: str = "all", cpus: list[str] | None = None, ref: str | None = None,
-         sha: str | None = None, moving: bool = False, allow_standin: bool = False,
+         sha: str | None = None, moving: bool = False, allow_standin: bool = False, allow_dirty: bool = False,
          source_repository: str = images.DEFAULT_REPOSITORY) -> tuple[Target, str, list[PublishPlan]]:
+    """Every check that needs no registry: which images, their labels, their tags."""
     target = parse_target(registry)
     name = source_repository.rsplit("/", 1)[-1]
     plans = []
     for image in local_images(docker, source_repository, arch, cpus, ref):
-        commit = check_labels(image, sha, allow_standin)
+        commit = check_labels(image, sha, allow_standin, allow_dirty)
         plans.append(PublishPlan(image, target.reference(name), publish_tags(image, commit, moving)))
     return target, name, plans
 
@@ -221,84 +236,122 @@ def _copy_gzipped(head: bytes, src, dst) -> tuple[str, int, str]:
     return "sha256:" + out_hash.hexdigest(), size, "sha256:" + raw_hash.hexdigest()
 
 
+class _Archive:
+    """One pass over ``docker save IMAGE``: small members in memory, large ones handed to a callback."""
+
+    def __init__(self, docker, image: LocalImage):
+        self.docker, self.image = docker, image
+        self.small: dict[str, bytes] = {}
+        self.links: dict[str, str] = {}
+
+    def scan(self, on_large: Callable[[str, object], None] | None = None) -> None:
+        proc = subprocess.Popen(self.docker.cmd("save", self.image.image_id), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                for member in tar:
+                    if member.issym() or member.islnk():
+                        base = posixpath.dirname(member.name) if member.issym() else ""
+                        self.links[member.name] = posixpath.normpath(posixpath.join(base, member.linkname))
+                    elif member.isfile() and member.size < _SMALL:
+                        self.small[member.name] = tar.extractfile(member).read()
+                    elif member.isfile() and on_large is not None:
+                        on_large(member.name, tar.extractfile(member))
+                    # else: skipped unread (tarfile reads past it)
+            _, err = proc.communicate()
+        except tarfile.TarError as exc:
+            proc.kill()
+            proc.wait()
+            raise KtlegacyError(f"docker save {self.image.tag} gave an unreadable archive ({exc})") from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            lines = err.decode("utf-8", "replace").strip().splitlines()
+            raise KtlegacyError(f"docker save {self.image.tag} failed: {lines[-1] if lines else proc.returncode}")
+
+    def layout(self) -> tuple[bytes, list[str], list[str]]:
+        """(config bytes, layer paths bottom-up, their diff_ids) from manifest.json and the config."""
+        try:
+            entry = json.loads(self.small["manifest.json"])[0]
+            config = self.small[self.links.get(entry["Config"], entry["Config"])]
+            paths = [self.links.get(p, p) for p in entry["Layers"]]
+            diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise KtlegacyError(f"docker save {self.image.tag} gave an archive without a usable "
+                                "manifest.json or image config") from None
+        if len(paths) != len(diff_ids):
+            raise KtlegacyError(f"docker save {self.image.tag}: {len(paths)} layers but {len(diff_ids)} diff_ids "
+                                "in the image config; the local image store may be damaged")
+        return config, paths, diff_ids
+
+
 def push_blobs(docker, image: LocalImage, client: RegistryClient,
                log: Callable[[str], None] = lambda s: None) -> tuple[bytes, int, int]:
-    """Stream ``docker save`` into the registry; return (manifest bytes, uploaded, reused).
+    """Put the image's config and layers into the registry; return (manifest bytes, uploaded, reused).
 
-    Large members are layers: compressed into a temporary file and uploaded while the archive
-    streams on, so the disk holds one compressed layer at a time. Small members (metadata,
-    and small layers) stay in memory until manifest.json says which is which.
+    Pass 1 reads ``docker save`` for its manifest.json and config only: each layer's diff_id
+    (sha256 of the uncompressed tar). Layers whose compressed form we know (local cache, keyed
+    by diff_id: content-addressed) and the registry already holds are not read again. Pass 2,
+    only if needed, compresses the other layers while the archive streams, one temporary file
+    at a time, and checks each one hashes to its diff_id.
     """
-    proc = subprocess.Popen(docker.cmd("save", image.image_id), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    blobs: dict[str, _Blob] = {}
-    small: dict[str, bytes] = {}
-    links: dict[str, str] = {}
+    archive = _Archive(docker, image)
+    archive.scan()
+    config, paths, diff_ids = archive.layout()
+    cache, store = _LayerCache(), _blob_store()
     counts = {"uploaded": 0, "reused": 0}
-    cache = _LayerCache()
+    layers: dict[str, _Blob] = {}
+    missing: dict[str, str] = {}  # path -> expected diff_id
 
-    def store(src, head: bytes) -> _Blob:
-        with tempfile.TemporaryFile() as tmp:
-            if head == b"\x1f\x8b":
+    def upload(blob: _Blob, fh) -> None:
+        log(f"  uploading layer {blob.digest[:19]} ({blob.size / 1e6:.1f} MB)")
+        client.upload_blob(blob.digest, fh, blob.size)
+        counts["uploaded"] += 1
+
+    def compress(path: str, src, expected: str) -> None:
+        head = src.read(2)
+        with tempfile.TemporaryFile() if store is None else store.new() as tmp, _removed_on_error(tmp):
+            if head == b"\x1f\x8b":  # containerd image store: the layer is gzip already
                 digest, size, diff_id = _copy_gzipped(head, src, tmp)
             else:
                 digest, size, diff_id = _gzip_to(_Prefixed(head, src), tmp)
+            if diff_id != expected:
+                raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {diff_id[:19]}, not "
+                                    f"{expected[:19]} as the image config says; the local image store may be damaged")
+            blob = cache.put(_Blob(digest, size, diff_id))
+            if store is not None:
+                store.keep(tmp, digest)
             if client.has_blob(digest):
                 counts["reused"] += 1
             else:
-                log(f"  uploading layer {digest[:19]} ({size / 1e6:.1f} MB)")
-                client.upload_blob(digest, tmp, size)
-                counts["uploaded"] += 1
-        return _Blob(digest, size, diff_id)
+                tmp.seek(0)
+                upload(blob, tmp)
+        layers[path] = blob
 
-    try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                if member.issym() or member.islnk():
-                    base = posixpath.dirname(member.name) if member.issym() else ""
-                    links[member.name] = posixpath.normpath(posixpath.join(base, member.linkname))
-                elif member.isfile() and member.size < _SMALL:
-                    small[member.name] = tar.extractfile(member).read()
-                elif member.isfile():
-                    known = cache.get(member.name, member.size)
-                    if known and client.has_blob(known.digest):
-                        blobs[member.name] = known  # tarfile skips the unread member
-                        counts["reused"] += 1
-                        continue
-                    src = tar.extractfile(member)
-                    blobs[member.name] = cache.put(member.name, member.size, store(src, src.read(2)))
-        _, err = proc.communicate()
-    except tarfile.TarError as exc:
-        proc.kill()
-        proc.wait()
-        raise KtlegacyError(f"docker save {image.tag} gave an unreadable archive ({exc})") from None
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        lines = err.decode("utf-8", "replace").strip().splitlines()
-        raise KtlegacyError(f"docker save {image.tag} failed: {lines[-1] if lines else proc.returncode}")
+    for path, diff_id in zip(paths, diff_ids):
+        if path in layers or path in missing:
+            continue
+        known = cache.get(diff_id)
+        if known and client.has_blob(known.digest):
+            layers[path] = known
+            counts["reused"] += 1
+        elif known and store is not None and store.has(known.digest):
+            with open(store.path(known.digest), "rb") as fh:
+                upload(known, fh)
+            layers[path] = known
+        elif path in archive.small:  # tiny layer, already in memory
+            compress(path, io.BytesIO(archive.small[path]), diff_id)
+        else:
+            missing[path] = diff_id
+    if missing:
+        archive.scan(lambda name, src: compress(name, src, missing[name]) if name in missing else None)
+        absent = [p for p in missing if p not in layers]
+        if absent:
+            raise KtlegacyError(f"docker save {image.tag}: layer {absent[0]} is missing from the archive")
+    cache.save()
 
-    try:
-        entry = json.loads(small["manifest.json"])[0]
-        config = small[links.get(entry["Config"], entry["Config"])]
-        layer_paths = [links.get(p, p) for p in entry["Layers"]]
-    except (KeyError, IndexError, ValueError, TypeError):
-        raise KtlegacyError(f"docker save {image.tag} gave an archive without a usable manifest.json") from None
-    layers = []
-    for path in layer_paths:
-        if path not in blobs and path in small:
-            data = io.BytesIO(small[path])
-            blobs[path] = store(data, data.read(2))
-        if path not in blobs:
-            raise KtlegacyError(f"docker save {image.tag}: layer {path} is missing from the archive")
-        layers.append(blobs[path])
-    diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids", [])
-    if [b.diff_id for b in layers] != diff_ids:
-        cache.forget([p for p in layer_paths if p in blobs])
-        raise KtlegacyError(f"docker save {image.tag}: the layers do not match the image config's diff_ids; "
-                            "the local image store may be damaged")
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     if client.has_blob(config_digest):
         counts["reused"] += 1
@@ -309,20 +362,15 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
         "schemaVersion": 2,
         "mediaType": MANIFEST_V2,
         "config": {"mediaType": CONFIG_TYPE, "size": len(config), "digest": config_digest},
-        "layers": [{"mediaType": LAYER_GZIP, "size": b.size, "digest": b.digest} for b in layers],
+        "layers": [{"mediaType": LAYER_GZIP, "size": layers[p].size, "digest": layers[p].digest} for p in paths],
     }
-    cache.save()
     return json.dumps(manifest, indent=3).encode(), counts["uploaded"], counts["reused"]
 
 
 class _LayerCache:
-    """What each archive member compressed to, so publishing again skips the compression.
-
-    ``docker save`` names a layer by content: ``blobs/sha256/<diff_id>`` (OCI layout) or
-    ``<v1 id>/layer.tar``, where the v1 id hashes the chain of layer digests below it. The same
-    name and size therefore mean the same bytes; the registry must still hold the blob, and the
-    diff_ids are still checked against the image config.
-    """
+    """diff_id -> the gzip blob we made of it (digest, size): publishing again skips compressing
+    layers the registry already holds. Content-addressed, so it cannot go stale; a cache that
+    cannot be read or written only costs time."""
 
     def __init__(self, path: Path | None = None):
         self.path = path or CACHE_DIR / "publish-layers.json"
@@ -332,21 +380,14 @@ class _LayerCache:
             self.entries = {}
         self.dirty = False
 
-    def get(self, name: str, size: int) -> _Blob | None:
-        entry = self.entries.get(f"{name}:{size}")
-        if not entry:
-            return None
-        return _Blob(entry["digest"], entry["size"], entry["diff_id"])
+    def get(self, diff_id: str) -> _Blob | None:
+        entry = self.entries.get(diff_id)
+        return _Blob(entry["digest"], entry["size"], diff_id) if entry else None
 
-    def put(self, name: str, size: int, blob: _Blob) -> _Blob:
-        self.entries[f"{name}:{size}"] = {"digest": blob.digest, "size": blob.size, "diff_id": blob.diff_id}
+    def put(self, blob: _Blob) -> _Blob:
+        self.entries[blob.diff_id] = {"digest": blob.digest, "size": blob.size}
         self.dirty = True
         return blob
-
-    def forget(self, names: list[str]) -> None:
-        self.entries = {k: v for k, v in self.entries.items() if k.rsplit(":", 1)[0] not in names}
-        self.dirty = True
-        self.save()
 
     def save(self) -> None:
         if not self.dirty:
@@ -357,7 +398,48 @@ class _LayerCache:
             tmp.write_text(json.dumps(self.entries, sort_keys=True))
             os.replace(tmp, self.path)
         except OSError:
-            pass  # a cache that cannot be written only costs time
+            pass
+
+
+class _BlobStore:
+    """Compressed layers kept on disk (``KTLEGACY_BLOB_STORE=DIR``), for pushing one image to several
+    registries without compressing it again. Off by default: it holds the whole compressed image."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest.replace(":", "-")
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def new(self):
+        return tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False)
+
+    def keep(self, tmp, digest: str) -> None:
+        tmp.flush()
+        os.replace(tmp.name, self.path(digest))
+        # the open handle still reads the same file; it is closed by the caller's with-block
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp):
+    """A blob-store file that did not make it (bad hash, upload failed) is not left behind."""
+    try:
+        yield
+    except BaseException:
+        name = getattr(tmp, "name", None)
+        if isinstance(name, str) and os.path.basename(name).startswith(".incoming-"):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        raise
+
+
+def _blob_store() -> _BlobStore | None:
+    root = os.environ.get("KTLEGACY_BLOB_STORE")
+    return _BlobStore(Path(root)) if root else None
 
 
 class _Prefixed:
@@ -423,14 +505,15 @@ def _roll_back(client: RegistryClient, touched: list[str], previous: dict, diges
 
 def publish(registry: str, *, arch: str = "all", cpus: list[str] | None = None, ref: str | None = None,
             sha: str | None = None, moving: bool = False, dry_run: bool = False, allow_standin: bool = False,
-            source_repository: str = images.DEFAULT_REPOSITORY, docker=None,
+            allow_dirty: bool = False, source_repository: str = images.DEFAULT_REPOSITORY, docker=None,
             out: Callable[[str], None] = print) -> list[PushResult]:
     """Publish every matching local image; all checks pass before the first byte is sent."""
     if docker is None:
         from .docker import client as docker_client
         docker = docker_client()
     target, name, plans = plan(registry, docker=docker, arch=arch, cpus=cpus, ref=ref, sha=sha,
-                               moving=moving, allow_standin=allow_standin, source_repository=source_repository)
+                               moving=moving, allow_standin=allow_standin, allow_dirty=allow_dirty,
+                               source_repository=source_repository)
     if dry_run:
         for p in plans:
             out(f"would push {p.image.tag} ({p.image.image_id[:19]}) to {p.repository} as "
@@ -473,6 +556,8 @@ def _publish_args(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="check images and print the tags; push nothing")
     p.add_argument("--allow-standin", action="store_true",
                    help="also publish stand-in builds (no CUDA, io.ktlegacy.standin=true): for test registries")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="also publish images built from uncommitted changes (revision label <sha>-dirty)")
     p.add_argument("--source-repository", default=images.DEFAULT_REPOSITORY,
                    help=f"local repository the images are in (default {images.DEFAULT_REPOSITORY})")
 
@@ -484,6 +569,7 @@ def _register() -> None:
     def run(args) -> int:
         publish(args.registry, arch=args.arch, cpus=args.cpu_instruct, ref=args.ref, sha=args.sha,
                 moving=args.moving, dry_run=args.dry_run, allow_standin=args.allow_standin,
+                allow_dirty=args.allow_dirty,
                 source_repository=args.source_repository)
         return 0
 

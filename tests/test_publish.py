@@ -1,7 +1,8 @@
 """invoke publish against a real registry: Debian's docker-registry (distribution 2.8) on 127.0.0.1.
 
-Each test starts its own registry (storage in a tmp dir, deletes enabled) and publishes a
-stand-in image built FROM the no-CUDA stand-in base with the labels images/Dockerfile sets.
+Each test starts its own registry (storage in a tmp dir, deletes enabled) and publishes the
+stand-in runtime image (fixture ``standin_runtime_image``: images/Dockerfile built on the no-CUDA
+stand-in base, labelled by ktlegacy/build.py), or an image built FROM it.
 Failures are real ones: the registry process is killed between the manifest push and the
 tagging, a proxy in front of the registry fails one tag PUT, htpasswd auth refuses, a port
 has nothing listening.
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy import images
+from ktlegacy.arch import get_arch
 from ktlegacy.errors import KtlegacyError
 
 pytestmark = pytest.mark.docker
@@ -35,14 +37,16 @@ pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY_BIN = "/usr/bin/docker-registry"
 REF = "0.2.1.post1"
-SHA_A = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
 SHA_B = "b2c3d4e5f60718293a4b5c6d7e8f901234567890"
-TAG = images.tag_suffix(REF, images.Arch("sm75", (7, 5), "7.5", "sm_75", 0, ""), "AVX2")
+TAG = images.tag_suffix(REF, get_arch("sm75"), "AVX2") + "-standin"   # as ktlegacy/build.py tags it
+MOVING = "latest-sm75-avx2-standin"
 NAME = "ktransformers"
 # local repositories (h5 prefix: other helpers share this Docker daemon)
 SRC_A = "h5-ktlegacy/ktransformers"
 SRC_B = "h5-ktlegacy-b/ktransformers"
 SRC_BAD = "h5-ktlegacy-bad/ktransformers"
+# the fixture image is built from this working tree, which may have uncommitted changes
+ALLOW = ("--allow-standin", "--allow-dirty")
 
 
 def _missing(what: str):
@@ -132,49 +136,49 @@ def docker_config(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def layer_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("layer-cache")
+    return tmp_path_factory.mktemp("h5-publish-cache")
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(layer_cache, monkeypatch):
-    # the layer cache lives under KTLEGACY_CACHE; keep ours apart from the user's
+    # our own layer cache, and a blob store so the 1.6 GB image is compressed once per module
+    # (the first publish, test_publish_then_pull_back..., compresses; later ones reuse)
     monkeypatch.setattr("ktlegacy.publish.CACHE_DIR", layer_cache)
     monkeypatch.setenv("KTLEGACY_CACHE", str(layer_cache))
+    monkeypatch.setenv("KTLEGACY_BLOB_STORE", str(layer_cache / "blobs"))
 
 
-def _build(docker, context: Path, tag: str, labels: dict, marker: str) -> str:
+def _build_from(docker, base: str, context: Path, tag: str, labels: dict, run: str | None = None) -> str:
     context.mkdir(parents=True, exist_ok=True)
-    (context / "Dockerfile").write_text(f"FROM {STANDIN}\nRUN echo {marker} > /h5-marker\n")
+    (context / "Dockerfile").write_text(f"FROM {base}\n" + (f"RUN {run}\n" if run else ""))
     args = ["-q", "-t", tag]
     for key, value in labels.items():
         args += ["--label", f"{key}={value}"]
     proc = subprocess.run(docker.build_cmd(*args, str(context)), env=docker.build_env(), capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(docker.run("image", "inspect", tag).stdout)[0]["Id"]
+    return _inspect(docker, tag)["Id"]
 
 
-STANDIN = "ktlegacy-standin/bookworm:base"
-
-
-def _labels(arch="sm75", revision=SHA_A) -> dict:
-    return {
-        images.LABEL_ARCH: arch, images.LABEL_REF: REF, images.LABEL_CPU: "AVX2", images.LABEL_CUDA: "11.8",
-        images.LABEL_OVERLAY_DIGEST: "sha256:" + "0" * 64, images.LABEL_REVISION: revision,
-        images.LABEL_SOURCE: "https://example.invalid/ktlegacy", "io.ktlegacy.standin": "true",
-    }
+def _inspect(docker, ref: str) -> dict:
+    return json.loads(docker.run("image", "inspect", ref).stdout)[0]
 
 
 @pytest.fixture(scope="module")
-def standin_images(docker, standin_base, tmp_path_factory) -> dict:
-    """Local images under the tag scheme: A and B (same tag, other content), and a mislabelled one."""
-    assert standin_base == STANDIN
+def standin_images(docker, standin_runtime_image, tmp_path_factory) -> dict:
+    """A: the stand-in runtime image itself; B: A plus one layer, built at another commit;
+    bad: A relabelled for sm70 under an sm75 tag."""
     root = tmp_path_factory.mktemp("h5-images")
+    docker.run("tag", standin_runtime_image, f"{SRC_A}:{TAG}")
     built = {
-        "A": _build(docker, root / "a", f"{SRC_A}:{TAG}", _labels(revision=SHA_A), "h5-image-a"),
-        "B": _build(docker, root / "b", f"{SRC_B}:{TAG}", _labels(revision=SHA_B), "h5-image-b"),
-        "bad": _build(docker, root / "bad", f"{SRC_BAD}:{TAG}", _labels(arch="sm70"), "h5-image-bad"),
+        "A": _inspect(docker, standin_runtime_image)["Id"],
+        "B": _build_from(docker, standin_runtime_image, root / "b", f"{SRC_B}:{TAG}",
+                         {images.LABEL_REVISION: SHA_B}, run="echo h5-image-b > /tmp/h5-marker"),
+        "bad": _build_from(docker, standin_runtime_image, root / "bad", f"{SRC_BAD}:{TAG}",
+                           {images.LABEL_ARCH: "sm70"}),
     }
+    built["revision_A"] = _inspect(docker, standin_runtime_image)["Config"]["Labels"][images.LABEL_REVISION]
+    assert built["revision_A"], "the stand-in runtime image has no revision label"
     yield built
     for repo in (SRC_A, SRC_B, SRC_BAD):
         docker.run("rmi", f"{repo}:{TAG}", check=False)
@@ -194,9 +198,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
-def expected_tags(sha: str, moving: bool) -> list[str]:
-    tags = [TAG, f"{TAG}-g{sha[:7]}"] + (["latest-sm75-avx2"] if moving else [])
-    return sorted(tags)
+def expected_tags(revision: str, moving: bool) -> list[str]:
+    dirty = "-dirty" if revision.endswith("-dirty") else ""
+    return sorted([TAG, f"{TAG}-g{revision[:7]}{dirty}"] + ([MOVING] if moving else []))
 
 
 def verify_blobs(reg: LocalRegistry, digest: str) -> dict:
@@ -220,51 +224,55 @@ def verify_blobs(reg: LocalRegistry, digest: str) -> dict:
 # --- the happy path --------------------------------------------------------------------------
 
 def test_publish_then_pull_back_by_tag_and_by_digest(registry, docker, docker_config, standin_images):
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-standin", "--moving")
+    revision = standin_images["revision_A"]
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A, *ALLOW, "--moving")
     assert proc.returncode == 0, proc.stderr
-    assert registry.tags() == expected_tags(SHA_A, moving=True)
+    assert registry.tags() == expected_tags(revision, moving=True)
     digest = registry.digest_of(TAG)
-    assert all(registry.digest_of(t) == digest for t in expected_tags(SHA_A, True))
+    assert all(registry.digest_of(t) == digest for t in expected_tags(revision, True))
     assert f"{registry.host}/{NAME}@{digest}" in proc.stdout
 
+    # every blob, fetched over the API: digest, size, and decompressed diff_id match the config
     config = verify_blobs(registry, digest)
     assert config["config"]["Labels"][images.LABEL_ARCH] == "sm75"
 
-    # pull back with the source image gone from the daemon: config and top layer come from the registry
+    # docker pulls it back by tag and by digest: the same image (config digest = image id), labels
+    # intact, and its in-image smoke passes (docker skips layers it holds: the blob check above
+    # is what proves every layer's bytes)
     remote = f"{registry.host}/{NAME}"
-    docker.run("rmi", f"{SRC_A}:{TAG}")
     try:
         for ref in (f"{remote}:{TAG}", f"{remote}@{digest}"):
             docker.run("pull", "-q", ref)
-            info = json.loads(docker.run("image", "inspect", ref).stdout)[0]
+            info = _inspect(docker, ref)
             assert info["Id"] == standin_images["A"], "the pulled image is not the one pushed"
             assert f"{remote}@{digest}" in info["RepoDigests"]
             labels = info["Config"]["Labels"]
             assert labels[images.LABEL_REF] == REF and labels[images.LABEL_CPU] == "AVX2"
-            assert labels[images.LABEL_REVISION] == SHA_A
-            out = docker.run("run", "--rm", ref, "cat", "/h5-marker").stdout.decode().strip()
-            assert out == "h5-image-a"
-            if ref.endswith(TAG):
-                docker.run("rmi", ref)  # gone again: the pull by digest downloads it anew
+            assert labels[images.LABEL_REVISION] == revision and labels["io.ktlegacy.standin"] == "true"
+        smoke = subprocess.run([sys.executable, "-m", "ktlegacy", "smoke", "--arch", "sm75", "--image",
+                                f"{remote}:{TAG}"], capture_output=True, text=True, cwd=REPO)
+        assert smoke.returncode == 0, smoke.stdout[-2000:] + smoke.stderr[-2000:]
     finally:
-        docker.run("tag", standin_images["A"], f"{SRC_A}:{TAG}", check=False)
+        docker.run("rmi", f"{remote}:{TAG}", check=False)
         docker.run("rmi", f"{remote}@{digest}", check=False)
 
     # publishing again is idempotent: same digest, no new blobs, same tags
-    again = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-standin")
+    again = cli("--registry", registry.host, "--source-repository", SRC_A, *ALLOW)
     assert again.returncode == 0, again.stderr
     assert f"@{digest} (0 blobs uploaded" in again.stdout
-    assert registry.tags() == expected_tags(SHA_A, moving=True)
+    assert registry.tags() == expected_tags(revision, moving=True)
 
 
 def test_dry_run_through_invoke_pushes_nothing(registry, standin_images, docker_config):
-    base = [str(REPO / ".venv/bin/invoke") if (REPO / ".venv/bin/invoke").exists() else "invoke",
-            "publish", "--registry", f"{registry.host}/team", "--source-repository", SRC_A,
-            "--allow-standin", "--dry-run", "--cpu-instruct", "avx2", "--arch", "sm75"]
+    revision = standin_images["revision_A"]
+    invoke = REPO / ".venv/bin/invoke"
+    base = [str(invoke) if invoke.exists() else "invoke", "publish", "--registry", f"{registry.host}/team",
+            "--source-repository", SRC_A, *ALLOW, "--dry-run", "--cpu-instruct", "avx2", "--arch", "sm75"]
     moving = subprocess.run(base + ["--moving"], capture_output=True, text=True, cwd=REPO)
     plain = subprocess.run(base, capture_output=True, text=True, cwd=REPO)
     assert moving.returncode == 0 and plain.returncode == 0, moving.stderr + plain.stderr
-    assert f"to {registry.host}/team/{NAME} as {TAG}, {TAG}-g{SHA_A[:7]}, latest-sm75-avx2" in moving.stdout
+    tags = ", ".join([TAG, expected_tags(revision, False)[1], MOVING])
+    assert f"to {registry.host}/team/{NAME} as {tags}" in moving.stdout
     assert "latest-" not in plain.stdout
     assert registry.tags("team/" + NAME) == []
 
@@ -282,8 +290,8 @@ def test_registry_killed_between_digest_push_and_tagging(registry, docker, docke
 
     monkeypatch.setattr(publish_mod, "before_tagging", crash)
     with pytest.raises(KtlegacyError) as err:
-        publish_mod.publish(registry.host, source_repository=SRC_A, allow_standin=True, moving=True,
-                            docker=docker, out=lambda line: None)
+        publish_mod.publish(registry.host, source_repository=SRC_A, allow_standin=True, allow_dirty=True,
+                            moving=True, docker=docker, out=lambda line: None)
     message = str(err.value)
     assert "\n" not in message and f"registry {registry.host} is unreachable" in message
     assert "no tag" in message
@@ -349,17 +357,17 @@ class FailingProxy:
 
 def test_failed_tag_rolls_back_every_tag(registry, docker, docker_config, standin_images):
     from ktlegacy.publish import publish
-    publish(registry.host, source_repository=SRC_A, allow_standin=True, moving=True, docker=docker,
-            out=lambda line: None)
+    publish(registry.host, source_repository=SRC_A, allow_standin=True, allow_dirty=True, moving=True,
+            docker=docker, out=lambda line: None)
     before = {tag: registry.digest_of(tag) for tag in registry.tags()}
-    assert sorted(before) == expected_tags(SHA_A, moving=True)
+    assert sorted(before) == expected_tags(standin_images["revision_A"], moving=True)
 
     # B: same ref/arch/cpu tag, new commit; the moving tag's PUT fails after it landed
-    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/latest-sm75-avx2")
+    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/{MOVING}")
     try:
         with pytest.raises(KtlegacyError) as err:
-            publish(proxy.host, source_repository=SRC_B, allow_standin=True, moving=True, docker=docker,
-                    out=lambda line: None)
+            publish(proxy.host, source_repository=SRC_B, allow_standin=True, allow_dirty=True, moving=True,
+                    docker=docker, out=lambda line: None)
     finally:
         proxy.close()
     assert proxy.failed == 1
@@ -375,7 +383,7 @@ def test_auth_refused_without_login_or_with_a_wrong_one(tmp_path, docker, docker
     htpasswd.write_text("h5user:" + bcrypt.hashpw(b"h5-secret-pw", bcrypt.gensalt(rounds=5)).decode() + "\n")
     reg = LocalRegistry(tmp_path / "auth-registry", htpasswd=htpasswd).start()
     try:
-        args = ("--registry", reg.host, "--source-repository", SRC_A, "--allow-standin")
+        args = ("--registry", reg.host, "--source-repository", SRC_A, *ALLOW)
         line = assert_one_line_error(cli(*args), f"registry {reg.host} asks for a login",
                                      f"docker login {reg.host}")
 
@@ -394,30 +402,37 @@ def test_auth_refused_without_login_or_with_a_wrong_one(tmp_path, docker, docker
         proc = cli(*args)
         assert proc.returncode == 0, proc.stderr
         assert "h5-secret-pw" not in proc.stdout + proc.stderr
-        assert reg.tags() == expected_tags(SHA_A, moving=False)
+        assert reg.tags() == expected_tags(standin_images["revision_A"], moving=False)
     finally:
         reg.kill()
 
 
 def test_unreachable_registry(docker_config, standin_images):
     port = free_port()  # nothing listens there
-    proc = cli("--registry", f"127.0.0.1:{port}", "--source-repository", SRC_A, "--allow-standin")
+    proc = cli("--registry", f"127.0.0.1:{port}", "--source-repository", SRC_A, *ALLOW)
     assert_one_line_error(proc, f"registry 127.0.0.1:{port} is unreachable", "connection refused")
 
 
 def test_image_never_built(registry, docker_config, standin_images):
     proc = cli("--registry", registry.host, "--source-repository", "h5-ktlegacy-never/ktransformers")
     assert_one_line_error(proc, "no image like h5-ktlegacy-never/ktransformers:<ref>-cu118-", "invoke build")
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--ref", "v0.3.2", "--allow-standin")
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--ref", "v0.3.2", *ALLOW)
     assert_one_line_error(proc, "no image like h5-ktlegacy/ktransformers:v0.3.2-cu118-")
     assert registry.tags() == []
 
 
-def test_refuses_labels_that_contradict_the_tag(registry, docker_config, standin_images):
-    proc = cli("--registry", registry.host, "--source-repository", SRC_BAD, "--allow-standin")
+def test_refuses_labels_that_contradict_the_tag(registry, docker, docker_config, standin_images):
+    proc = cli("--registry", registry.host, "--source-repository", SRC_BAD, *ALLOW)
     assert_one_line_error(proc, f"{SRC_BAD}:{TAG} is labelled {images.LABEL_ARCH}=sm70 but its tag says sm75")
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-standin", "--sha", SHA_B)
-    assert_one_line_error(proc, f"built from commit {SHA_A[:12]}", f"not --sha {SHA_B[:12]}")
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A)
+    proc = cli("--registry", registry.host, "--source-repository", SRC_B, *ALLOW, "--sha", "c" * 40)
+    assert_one_line_error(proc, f"built from commit {SHA_B[:12]}", f"not --sha {'c' * 12}")
+    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-dirty")
     assert_one_line_error(proc, "stand-in build without CUDA", "--allow-standin")
+    # a stand-in image under a tag without -standin would pass for a CUDA build
+    docker.run("tag", standin_images["A"], f"{SRC_BAD}-plain:{TAG.removesuffix('-standin')}")
+    try:
+        proc = cli("--registry", registry.host, "--source-repository", f"{SRC_BAD}-plain", *ALLOW)
+        assert_one_line_error(proc, "io.ktlegacy.standin=true but its tag does not say -standin")
+    finally:
+        docker.run("rmi", f"{SRC_BAD}-plain:{TAG.removesuffix('-standin')}", check=False)
     assert registry.tags() == []
