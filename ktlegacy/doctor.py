@@ -171,6 +171,10 @@ def row_arch(spec: ServiceSpec, gpus: list[Gpu], labels: dict | None) -> Row:
     if not gpus:
         return Row("GPU arch vs image", SKIP, f"image is {arch.name} (cc {arch.cc_string}); no GPU to compare")
     for g in gpus:
+        if g.cc == (0, 0):
+            return Row("GPU arch vs image", FAIL, f"GPU {g.index} ({g.name}): compute capability unknown "
+                       "(driver too old to report it, card not in our table)",
+                       "update the NVIDIA driver (520+ for CUDA 11.8), which also reports compute_cap")
         if g.cc >= (8, 0):
             return Row("GPU arch vs image", FAIL,
                        f"GPU {g.index} ({g.name}) is cc {g.cc_string}, Ampere or newer; ktlegacy images are for "

@@ -144,17 +144,37 @@ class HostFacts:
 
 # --- parsers (also used on recorded files) -----------------------------------------------------
 
+# Drivers before the 510 series have no compute_cap query field; then the name tells it.
+# (CUDA C Programming Guide, "CUDA-Enabled GPUs"; first match wins, so specific names come first.)
+CC_BY_NAME = (
+    ("V100", (7, 0)), ("TITAN V", (7, 0)), ("GV100", (7, 0)),
+    ("T4", (7, 5)), ("RTX 20", (7, 5)), ("TITAN RTX", (7, 5)), ("Quadro RTX", (7, 5)), ("GTX 16", (7, 5)),
+    ("A100", (8, 0)), ("A30", (8, 0)), ("RTX 30", (8, 6)), ("A40", (8, 6)), ("A10", (8, 6)),
+    ("L40", (8, 9)), ("L4", (8, 9)), ("RTX 40", (8, 9)), ("H100", (9, 0)), ("H200", (9, 0)), ("H20", (9, 0)),
+    ("P100", (6, 0)), ("P40", (6, 1)), ("P4", (6, 1)), ("GTX 10", (6, 1)),
+)
+
+
+def cc_from_name(name: str) -> tuple:
+    """Compute capability from a card name; (0, 0) if we do not know the card."""
+    return next((cc for key, cc in CC_BY_NAME if key.lower() in name.lower()), (0, 0))
+
+
 def parse_nvidia_smi(text: str) -> list[Gpu]:
     """``nvidia-smi --query-gpu=index,uuid,name,compute_cap,memory.total --format=csv`` output
-    (with or without header / units)."""
+    (with or without header / units), or the same without ``compute_cap`` (old drivers)."""
     gpus = []
     for row in csv.reader(io.StringIO(text.strip())):
         cells = [c.strip() for c in row]
-        if len(cells) < 5 or not cells[0].isdigit():
+        if len(cells) < 4 or not cells[0].isdigit():
             continue   # header or blank
-        major, _, minor = cells[3].partition(".")
-        vram = int(re.match(r"\d+", cells[4]).group(0))
-        gpus.append(Gpu(int(cells[0]), cells[1], cells[2], (int(major), int(minor or 0)), vram))
+        if len(cells) >= 5:
+            major, _, minor = cells[3].partition(".")
+            cc = (int(major), int(minor or 0))
+        else:
+            cc = cc_from_name(cells[2])
+        vram = int(re.match(r"\d+", cells[-1]).group(0))
+        gpus.append(Gpu(int(cells[0]), cells[1], cells[2], cc, vram))
     return gpus
 
 
@@ -236,6 +256,10 @@ def probe_gpus() -> tuple[list[Gpu] | None, str]:
         proc = subprocess.run([smi, *NVIDIA_SMI_QUERY], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return None, "nvidia-smi hung for 60 s: the NVIDIA driver is not healthy"
+    if proc.returncode != 0 and "compute_cap" in proc.stdout + proc.stderr:
+        # driver older than the 510 series: ask without compute_cap (the name tells it)
+        query = [q.replace("compute_cap,", "") for q in NVIDIA_SMI_QUERY]
+        proc = subprocess.run([smi, *query], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         why = ((proc.stdout + proc.stderr).strip().splitlines() or ["exit %d" % proc.returncode])[-1]
         return None, f"nvidia-smi failed: {why}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,40 @@ def test_a_compose_error_is_a_row_not_a_crash(docker, monkeypatch):
     assert row.check == "compose config"
     assert "invalid hostPort: notaport" in failing(report, "compose config").detail
     assert rows(report)["port"].detail.startswith("127.0.0.1:10002")   # went on with the defaults
+
+
+def test_nvidia_smi_of_an_old_driver_without_compute_cap(tmp_path, model_dirs):
+    """Drivers before 510 reject the compute_cap field; record.sh then has no csv, and the live
+    probe asks again without it: the card name gives the compute capability."""
+    from ktlegacy.hostfacts import parse_nvidia_smi
+    gpus = parse_nvidia_smi("index, uuid, name, memory.total [MiB]\n"
+                            "0, GPU-1, Tesla V100-PCIE-16GB, 16160 MiB\n1, GPU-2, Tesla T4, 15109 MiB\n"
+                            "2, GPU-3, NVIDIA A100-SXM4-40GB, 40536 MiB\n3, GPU-4, Mystery Card, 1 MiB\n")
+    assert [(g.cc, g.vram_mib) for g in gpus] == [((7, 0), 16160), ((7, 5), 15109), ((8, 0), 40536), ((0, 0), 1)]
+    spec = spec_for("v100", model_dirs, device_ids=("3",))
+    facts = facts_of("v100-x1")
+    facts.gpus = gpus
+    row = failing(check_profile(spec, with_image(facts, spec)), "GPU arch vs image")
+    assert "compute capability unknown" in row.detail and "update the NVIDIA driver" in row.fix
+
+
+OLD_DRIVER_SMI = """#!/bin/sh
+# nvidia-smi of a 470-series driver: no compute_cap query field
+case "$*" in *compute_cap*) echo 'Field "compute_cap" is not a valid field to query.'; exit 2;; esac
+echo "index, uuid, name, memory.total [MiB]"
+echo "0, GPU-4a1b, Tesla V100-PCIE-16GB, 16160 MiB"
+"""
+
+
+def test_old_driver_fallback_in_record_sh_and_live_probe(tmp_path, monkeypatch):
+    from ktlegacy.hostfacts import probe_gpus
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvidia-smi").write_text(OLD_DRIVER_SMI)
+    (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    subprocess.run(["bash", str(HOSTS / "record.sh"), str(tmp_path / "rec")], check=True, capture_output=True)
+    assert not (tmp_path / "rec" / "nvidia-smi.err").exists()
+    recorded = HostFacts.load(tmp_path / "rec").gpus
+    live, why = probe_gpus()
+    assert recorded == live and why == ""
+    assert [(g.name, g.cc, g.vram_mib) for g in live] == [("Tesla V100-PCIE-16GB", (7, 0), 16160)]
