@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kernels stage: every Triton kernel of the patched tree at SRC must compile for ARCH with the
-# toolchain's Triton and fit the arch's shared memory (python -m ktlegacy check-triton; no GPU).
+# toolchain's Triton and fit the arch's shared memory (check_triton_kernels.py = ktlegacy check-triton;
+# no GPU).
 # A failure stops the build with one line naming kernel, arch and bytes. Writes OUT/ktlegacy-kernels.json.
 # On the no-CUDA stand-in (KTLEGACY_EXTENSIONS=skip: CPU torch, no Triton) the check cannot run;
 # the JSON records that instead of a pass.
@@ -17,4 +18,4 @@ if [ "${KTLEGACY_EXTENSIONS:-build}" = skip ]; then
     >"$out/ktlegacy-kernels.json"
   exit 0
 fi
-"$py" -m ktlegacy check-triton --src "$src" --arch "$ARCH" --json "$out/ktlegacy-kernels.json"
+"$py" "$here/check_triton_kernels.py" --src "$src" --arch "$ARCH" --json "$out/ktlegacy-kernels.json"

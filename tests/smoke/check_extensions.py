@@ -7,7 +7,7 @@ there is nothing to import: reported as skipped, never as a pass.
 
 import importlib
 
-from smokelib import expected_extensions, fail, skip, standin
+from smokelib import expected_extensions, fail, missing_cpu_flags, skip, standin
 
 if standin():
     skip("stand-in build, no CUDA: the C++/CUDA extensions were not compiled")
@@ -20,7 +20,12 @@ for name in names:
     except Exception as exc:
         fail(f"import {name}: {type(exc).__name__}: {exc}")
 
-if "cpuinfer_ext" in modules:
+lacking = missing_cpu_flags()
+if "cpuinfer_ext" in modules and lacking:
+    # e.g. an AVX512 image smoke-tested on a build host without AVX512: running would be SIGILL
+    print(f"imported {', '.join(names)}; cpuinfer_ext linear not run: this CPU lacks {' '.join(lacking)} "
+          "that the image's CPU set needs")
+elif "cpuinfer_ext" in modules:
     import torch
     ext = modules["cpuinfer_ext"]
     torch.manual_seed(0)

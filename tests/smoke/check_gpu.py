@@ -7,7 +7,9 @@ No GPU visible: skipped. Set the expected arch with KTLEGACY_IMAGE_ARCH (the ima
 KTLEGACY_ARCH (outside an image). Every GPU visible to the process is checked.
 """
 
-from smokelib import ARCH_CC, fail, image_arch, skip, standin
+import sys
+
+from smokelib import ARCH_CC, fail, image_arch, missing_cpu_flags, skip, standin
 
 import torch
 
@@ -50,6 +52,12 @@ except Exception as exc:
 ref = torch.from_numpy(scales.astype(np.float32)[:, None] * qs.astype(np.float32))
 if not torch.allclose(got.float().cpu().reshape(ref.shape), ref, rtol=1e-3, atol=1e-3):
     fail("KTransformersOps.dequantize_q8_0 result differs from the reference")
+
+lacking = missing_cpu_flags()
+if lacking:
+    print(f"{len(names)} GPU(s) {names[0]} cc {want[0]}.{want[1]} = {arch}; KTransformersOps q8_0 dequant agrees "
+          f"with numpy; cpuinfer_ext not run: this CPU lacks {' '.join(lacking)}")
+    sys.exit(0)
 
 n_in, n_out, qlen = 256, 128, 4
 weight = (torch.randn(n_out, n_in) / 16).to(torch.float16).contiguous()

@@ -51,3 +51,23 @@ def expected_extensions() -> list[str]:
     if ext and ext.get("mode") == "build":
         return sorted({Path(e["file"]).name.split(".")[0] for e in ext["extensions"]})
     return ["KTransformersOps", "cpuinfer_ext"]
+
+
+# /proc/cpuinfo flags each CPU_INSTRUCT build of cpuinfer_ext executes (its CMake flags).
+CPU_FLAGS = {
+    "AVX2": ("avx2", "fma", "f16c"),
+    "AVX512": ("avx2", "fma", "f16c", "avx512f", "avx512bw"),
+    "FANCY": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+}
+
+
+def missing_cpu_flags() -> list[str]:
+    """Flags the image's CPU set needs that this CPU lacks ([] if fine or unknown: NATIVE, no /proc)."""
+    wanted = CPU_FLAGS.get(os.environ.get("KTLEGACY_IMAGE_CPU_INSTRUCT", "").upper(), ())
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in wanted if f not in have]
