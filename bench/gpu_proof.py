@@ -60,6 +60,7 @@ PROMPTS = [
 ]
 SECOND_TURN = "Now write it in rust, and explain the cache."
 RULE_FILE = "DeepSeek-V2-Lite-Chat.yaml"
+PARTIAL_OUT: Path | None = None
 
 
 def log(msg: str) -> None:
@@ -76,6 +77,9 @@ def phase(results: dict, name: str):
             traceback.print_exc()
             results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         log(f"{name}: {time.monotonic() - start:.1f}s")
+        if PARTIAL_OUT is not None:  # a run killed at its time limit still leaves what it measured
+            PARTIAL_OUT.write_text(json.dumps({k: v for k, v in results.items() if not k.startswith("_")},
+                                              indent=2, default=str) + "\n")
         return fn
     return run
 
@@ -223,9 +227,18 @@ def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
     for name, ids in convs:
         ref_out[name] = reference_greedy(ref, ids, steps, "cuda:0")
     first_name, first_ids = convs[0]
-    turn1_tokens = ref_out[first_name][0]
-    turn2_full = list(first_ids) + turn1_tokens + second_suffix
+    turn2_full = list(first_ids) + ref_out[first_name][0] + second_suffix
     ref_out["second_turn"] = reference_greedy(ref, turn2_full, steps, "cuda:0")
+    # How often the layers, not the head's successor term, decided the reference token
+    # (see ktlegacy/testmodel.py): 1.0 means every token was the successor of the previous one.
+    succ = (ref.lm_head.weight @ ref.model.embed_tokens.weight.T).argmax(0).tolist()
+    hits = total = 0
+    for name, ids in convs + [("second_turn", turn2_full)]:
+        seq = list(ids) + ref_out[name][0]
+        for i in range(len(ids), len(seq)):
+            hits += seq[i] == succ[seq[i - 1]]
+            total += 1
+    results["reference_successor_share"] = hits / total
     del ref
     torch.cuda.empty_cache()
 
@@ -235,29 +248,71 @@ def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
                                                if "Linear" in type(m).__name__}),
                          "attention": sorted({type(m).__name__ for m in model.modules()
                                               if "Attention" in type(m).__name__})}
+    results["_engine"] = (model, config)  # reused by the benchmarks, dropped before writing
+    args = (model, config, convs, ref_out, second_suffix, steps)
+    out = engine_greedy(*args, label="patched")
+    # Control: upstream's forward_windows path on the same engine (reads the KV cache in prefill).
+    restore = _keep_kv_b(model)
+    os.environ["KTLEGACY_PREFILL"] = "windows"
+    try:
+        results["greedy_windows_path"] = engine_greedy(*args, label="windows")
+    finally:
+        os.environ["KTLEGACY_PREFILL"] = "sdpa"
+        restore()
+    if not _all_match(out):
+        # Diagnosis only (never counts as a pass): 0.2.1.post1's CPU experts are told their
+        # activations are BF16 (MOEConfig hidden_type 30); hand them bf16 and see what is left.
+        undo = _cpu_experts_fed_bf16()
+        try:
+            results["greedy_diagnostic_cpu_experts_fed_bf16"] = {
+                "patched": engine_greedy(*args, label="diag patched"),
+            }
+            os.environ["KTLEGACY_PREFILL"] = "windows"
+            results["greedy_diagnostic_cpu_experts_fed_bf16"]["windows"] = engine_greedy(*args, label="diag windows")
+        finally:
+            os.environ["KTLEGACY_PREFILL"] = "sdpa"
+            restore()
+            undo()
+    return out
+
+
+def _all_match(out: dict) -> bool:
+    return all(v.get("matched_tokens", -1) == v.get("steps") for v in out.values())
+
+
+def _cpu_experts_fed_bf16():
+    from ktransformers.operators.experts import KExpertsCPU
+    original = KExpertsCPU.forward
+
+    def forward(self, input_tensor, expert_ids, weights):
+        return original(self, input_tensor.to(torch.bfloat16), expert_ids, weights).to(input_tensor.dtype)
+    KExpertsCPU.forward = forward
+    return lambda: setattr(KExpertsCPU, "forward", original)
+
+
+def engine_greedy(model, config, convs, ref_out, second_suffix, steps, label) -> dict:
     out = {}
+    first_name, first_ids = convs[0]
+    turn1_tokens = ref_out[first_name][0]
     for name, ids in convs:
         sess = EngineSession(model, config, max_len=len(ids) + steps + 64)
         out[name] = compare(*ref_out[name], *sess.greedy(ids, steps))
-        if name == first_name:
-            # second turn on the SAME cache: feed the last answer token + the new user turn
-            # (q_len = 1 + len(suffix) tokens against k_len = everything so far)
-            sess2 = EngineSession(model, config, max_len=len(turn2_full) + steps + 8)
-            eng1 = sess2.greedy(list(first_ids), steps)[0]
-            if eng1 != turn1_tokens:
-                out["second_turn"] = {"error": "first turn already differs; second turn not comparable"}
-            else:
-                q = [turn1_tokens[-1]] + second_suffix
-                k_len = sess2.pos + len(q)
-                cmp2 = compare(*ref_out["second_turn"], *sess2.greedy(q, steps))
-                cmp2.update({"prefill_q_len": len(q), "prefill_k_len": k_len})
-                out["second_turn"] = cmp2
-        log(f"greedy {name[:30]!r}: {out[name]['matched_tokens']}/{steps} tokens, "
+        log(f"{label} greedy {name[:30]!r}: {out[name]['matched_tokens']}/{steps} tokens, "
             f"max err {out[name]['logits_max_abs_err']:.4f}")
-    if "matched_tokens" in out.get("second_turn", {}):
-        log(f"second turn: {out['second_turn']['matched_tokens']}/{steps}, "
-            f"max err {out['second_turn']['logits_max_abs_err']:.4f}")
-    results["_engine"] = (model, config)  # reused by the benchmarks, dropped before writing
+    # second turn on the SAME cache: feed the last answer token + the new user turn
+    # (q_len = 1 + len(suffix) tokens against k_len = everything so far)
+    sess2 = EngineSession(model, config, max_len=len(first_ids) + 2 * steps + len(second_suffix) + 8)
+    eng1 = sess2.greedy(list(first_ids), steps)[0]
+    if eng1 != turn1_tokens:
+        out["second_turn"] = {"error": "first turn already differs; second turn not comparable"}
+    else:
+        q = [turn1_tokens[-1]] + second_suffix
+        k_len = sess2.pos + len(q)
+        cmp2 = compare(*ref_out["second_turn"], *sess2.greedy(q, steps))
+        cmp2.update({"prefill_q_len": len(q), "prefill_k_len": k_len})
+        out["second_turn"] = cmp2
+        log(f"{label} second turn (q_len {len(q)}, k_len {k_len}): {cmp2['matched_tokens']}/{steps}, "
+            f"max err {cmp2['logits_max_abs_err']:.4f}")
     return out
 
 
@@ -351,6 +406,58 @@ def prefill_attention_bench(results: dict) -> dict:
     return out
 
 
+def decode_attention_bench(results: dict, context: int = 4096) -> dict:
+    """One MLA layer's decode step (q_len 1) against ``context`` cached tokens: the patched
+    Triton path (absorbed MLA, paged cache) vs upstream's forward_windows (forward_chunck)."""
+    model, config = results["_engine"]
+    restore = _keep_kv_b(model)
+    attn, hidden, pos, cpos, cache = _attn_inputs(model, config, context + 1)
+    out = {"context": context}
+    with torch.no_grad():
+        attn.forward_linux_triton(hidden[:, :context], None, pos[:, :context], cache, False, True, cpos[:context])
+        step = hidden[:, context:]
+        spos, scpos = pos[:, context:], cpos[context:]
+        mask = torch.full((1, 1, 1, context + 1), torch.finfo(model.dtype).min, device="cuda:0", dtype=model.dtype)
+        mask[..., : context + 1] = 0  # the causal mask KDeepseekV2Model builds for this step
+
+        def triton_step():
+            return attn.forward_linux_triton(step, None, spos, cache, False, True, scpos)
+
+        def windows_step():
+            try:
+                return attn.forward_windows(step, mask, spos, cache, False, True, scpos)
+            finally:
+                restore()
+        a, b = triton_step()[0], windows_step()[0]
+        out["out_max_abs_diff"] = (a.float() - b.float()).abs().max().item()
+        out["triton_ms"], out["triton_peak_bytes"] = _measure(triton_step, reps=50)
+        out["windows_ms"], out["windows_peak_bytes"] = _measure(windows_step, reps=50)
+    log(f"decode attn @{context}: triton {out['triton_ms'] * 1000:.0f} us / windows {out['windows_ms'] * 1000:.0f} us; "
+        f"max diff {out['out_max_abs_diff']:.3g}")
+    return out
+
+
+class _CpuExpertTimer:
+    """Wall time spent inside KExpertsCPU.forward (the CPU MoE; it synchronises with the GPU)."""
+
+    def __enter__(self):
+        from ktransformers.operators.experts import KExpertsCPU
+        self.cls, self.original, self.seconds = KExpertsCPU, KExpertsCPU.forward, 0.0
+        timer = self
+
+        def forward(this, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return timer.original(this, *a, **kw)
+            finally:
+                timer.seconds += time.perf_counter() - t
+        KExpertsCPU.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.forward = self.original
+
+
 def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
     model, config = results["_engine"]
     gen = torch.Generator().manual_seed(0)
@@ -364,19 +471,28 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
         best_prefill, best_decode = None, None
         for _ in range(2):  # first round warms up Triton/SDPA/allocator
             sess = EngineSession(model, config, max_len=prompt_len + decode_steps + 8)
-            t0 = time.perf_counter()
-            tok = int(sess.prefill(ids).argmax())
-            t1 = time.perf_counter()
-            for _ in range(decode_steps):
-                tok = int(sess.decode(tok).argmax())
-            t2 = time.perf_counter()
-            best_prefill = min(best_prefill or 1e9, t1 - t0)
-            best_decode = min(best_decode or 1e9, t2 - t1)
+            with _CpuExpertTimer() as prefill_experts:
+                t0 = time.perf_counter()
+                tok = int(sess.prefill(ids).argmax())
+                t1 = time.perf_counter()
+            with _CpuExpertTimer() as decode_experts:
+                t1 = time.perf_counter()
+                for _ in range(decode_steps):
+                    tok = int(sess.decode(tok).argmax())
+                t2 = time.perf_counter()
+            if best_prefill is None or t1 - t0 < best_prefill:
+                best_prefill, prefill_cpu = t1 - t0, prefill_experts.seconds
+            if best_decode is None or t2 - t1 < best_decode:
+                best_decode, decode_cpu = t2 - t1, decode_experts.seconds
             del sess
             restore()
             torch.cuda.empty_cache()
-        out[path] = {"prefill_tok_s": prompt_len / best_prefill, "decode_tok_s": decode_steps / best_decode}
-        log(f"e2e {path}: prefill {out[path]['prefill_tok_s']:.0f} tok/s, decode {out[path]['decode_tok_s']:.1f} tok/s")
+        out[path] = {"prefill_tok_s": prompt_len / best_prefill, "decode_tok_s": decode_steps / best_decode,
+                     "prefill_s": best_prefill, "prefill_cpu_experts_s": prefill_cpu,
+                     "decode_s": best_decode, "decode_cpu_experts_s": decode_cpu}
+        log(f"e2e {path}: prefill {out[path]['prefill_tok_s']:.0f} tok/s (CPU experts {prefill_cpu:.2f} of "
+            f"{best_prefill:.2f} s), decode {out[path]['decode_tok_s']:.1f} tok/s (CPU experts {decode_cpu:.2f} of "
+            f"{best_decode:.2f} s)")
     os.environ["KTLEGACY_PREFILL"] = "sdpa"
     out["prompt_len"], out["decode_steps"] = prompt_len, decode_steps
     return out
@@ -454,6 +570,9 @@ def main(argv=None) -> int:
         print("error: no CUDA device visible; this proof runs on a GPU machine", file=sys.stderr)
         return 2
     os.environ.setdefault("KTLEGACY_PREFILL", "sdpa")
+    global PARTIAL_OUT
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    PARTIAL_OUT = args.out.with_name(args.out.stem + ".partial.json")
     results: dict = {"ktransformers_ref": args.ref, "command": " ".join(sys.argv)}
     phase(results, "environment")(lambda: environment(args.build_record))
     if "environment" in results:
@@ -465,6 +584,8 @@ def main(argv=None) -> int:
     if "_engine" in results:
         if "prefill" not in args.skip:
             phase(results, "prefill_attention")(lambda: prefill_attention_bench(results))
+        if "decode" not in args.skip:
+            phase(results, "decode_attention")(lambda: decode_attention_bench(results))
         if "e2e" not in args.skip:
             phase(results, "e2e")(lambda: e2e_bench(results, args.e2e_prompt, args.e2e_decode))
     if "triton" not in args.skip:
@@ -494,6 +615,7 @@ def main(argv=None) -> int:
         results["triton_decode_us"] = {"1": td["1_stage_us"], "2": td["2_stage_us"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    PARTIAL_OUT.unlink(missing_ok=True)
     log(f"wrote {args.out}; greedy_pass={results.get('greedy_pass')}; errors={list(results.get('errors', {}))}")
     return 0 if results.get("greedy_pass") else 1
 

@@ -32,6 +32,7 @@ finish() {
 }
 
 py=python3
+unset TORCH_CUDA_ARCH_LIST  # the GPU image presets 9.0a; the build script sets the arch list itself
 say "installing carried wheels into $work/site"
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .whl/*.whl \
   >"$logs/pip-wheels.log" 2>&1 || { cat "$logs/pip-wheels.log"; finish 3; }
@@ -86,19 +87,21 @@ $py -m pip install -q --no-index --no-deps --no-compile --target "$work/kt" "$wo
   >"$logs/pip-kt.log" 2>&1 || { cat "$logs/pip-kt.log"; finish 6; }
 ls -la "$work/wheels" "$work/stub"
 
+if [ -f tests/fixtures/hosts/record.sh ]; then
+  bash tests/fixtures/hosts/record.sh "$work/logs/h100-host" >"$logs/record.log" 2>&1 || true
+fi
+
 say "make-test-model"
 $py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
 
 say "gpu_proof (KTLEGACY_EMULATE_CC=7.5)"
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-KTLEGACY_EMULATE_CC=7.5 timeout "${KTLEGACY_PROOF_TIMEOUT:-420}" $py bench/gpu_proof.py --model "$work/model" \
+left=$(( ${KTLEGACY_DEADLINE_S:-575} - ($(date +%s) - t0) ))  # stay inside the caller's time limit
+KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_proof.py --model "$work/model" \
   --ref "$ref" --build-record "$work/wheels/ktlegacy-extensions.json" --out "$OUT/gpu_h100_$ref.json" \
   >"$logs/proof.log" 2>&1
 proof_rc=$?
 grep -E "^\[gpu_proof|^smoke|Error|error" "$logs/proof.log" | tail -60
 say "gpu_proof exit $proof_rc"
 
-if [ -f tests/fixtures/hosts/record.sh ]; then
-  bash tests/fixtures/hosts/record.sh "$work/logs/h100-host" >"$logs/record.log" 2>&1 || true
-fi
 finish "$proof_rc"

@@ -98,8 +98,13 @@ class TestModelSpec:
     seed: int = 0
     # Weight scales (see the module docstring): residual branch outputs, successor term,
     # random part of the head.
-    branch_scale: float = 0.5
-    successor_logit: float = 12.0
+    # Measured on CPU (upstream modeling code, fp32 vs fp16, 4 chat prompts x 32 greedy steps):
+    # successor 16 -> the layers decide ~15% of the tokens, but top-2 margins fall to 0.01,
+    # the size of fp16 error (a coin flip per near-tie); 18 -> ~10%, margins still 0.006;
+    # 19 -> the successor wins every step with margins >= 0.26, 15x the fp16 error. The layers
+    # still move every logit (the logit comparison is where their correctness shows).
+    branch_scale: float = 0.3
+    successor_logit: float = 19.0
     head_noise: float = 3.0
 
     def config_dict(self, bos_id: int, eos_id: int) -> dict:
