@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -64,12 +65,12 @@ def free_port() -> int:
 class LocalRegistry:
     """docker-registry serving on 127.0.0.1:<port>, storage under ``root``; start/kill/restart."""
 
-    def __init__(self, root: Path, htpasswd: Path | None = None):
+    def __init__(self, root: Path, htpasswd: Path | None = None, auth_yaml: str = ""):
         self.root, self.port, self.proc = root, free_port(), None
         self.host = f"127.0.0.1:{self.port}"
-        self.auth = None
+        self.auth = None  # "user:password" (basic) or "Bearer <token>" for the test's own API calls
         root.mkdir(parents=True, exist_ok=True)
-        auth = f"auth:\n  htpasswd:\n    realm: h5-test\n    path: {htpasswd}\n" if htpasswd else ""
+        auth = f"auth:\n  htpasswd:\n    realm: h5-test\n    path: {htpasswd}\n" if htpasswd else auth_yaml
         (root / "config.yml").write_text(
             "version: 0.1\nlog:\n  level: error\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
@@ -95,7 +96,9 @@ class LocalRegistry:
 
     def api(self, method: str, path: str, accept: str = "application/vnd.docker.distribution.manifest.v2+json"):
         req = urllib.request.Request(f"http://{self.host}{path}", method=method, headers={"Accept": accept})
-        if self.auth:
+        if self.auth and self.auth.startswith("Bearer "):
+            req.add_header("Authorization", self.auth)
+        elif self.auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(self.auth.encode()).decode())
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
@@ -436,3 +439,119 @@ def test_refuses_labels_that_contradict_the_tag(registry, docker, docker_config,
     finally:
         docker.run("rmi", f"{SRC_BAD}-plain:{TAG.removesuffix('-standin')}", check=False)
     assert registry.tags() == []
+
+
+
+class TokenService:
+    """A bearer-token service as GHCR, Docker Hub and Harbor run one: basic auth in, a JWT out
+    (ES256, the signing certificate in the x5c header), which docker-registry checks against
+    its rootcertbundle. Only h5user:h5-token-pw gets a token; it grants what the scope asks."""
+
+    USER, PASSWORD = "h5user", "h5-token-pw"
+
+    def __init__(self, root: Path):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "h5-token-issuer")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(self.key, hashes.SHA256()))
+        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
+        self.bundle = root / "token-ca.pem"
+        root.mkdir(parents=True, exist_ok=True)
+        self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.requests: list[tuple[str, str]] = []  # (who, scope)
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                who = "anonymous"
+                header = self.headers.get("Authorization", "")
+                if header.startswith("Basic "):
+                    who = base64.b64decode(header[6:]).decode()
+                service.requests.append((who, query.get("scope", "")))
+                if who != f"{service.USER}:{service.PASSWORD}":
+                    body = b'{"errors":[{"code":"UNAUTHORIZED"}]}'
+                    self.send_response(401)
+                else:
+                    body = json.dumps({"token": service.issue(query.get("scope", ""))}).encode()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def issue(self, scope: str) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        access = []
+        for item in filter(None, scope.split(" ")):
+            kind, name, actions = item.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.cert_der).decode()]}
+        claims = {"iss": "h5-issuer", "sub": self.USER, "aud": "h5-registry", "exp": now + 600,
+                  "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(), "access": access}
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        r, s = decode_dss_signature(self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+        return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    def yaml(self) -> str:
+        return ("auth:\n  token:\n"
+                f"    realm: {self.realm}\n    service: h5-registry\n    issuer: h5-issuer\n"
+                f"    rootcertbundle: {self.bundle}\n")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_bearer_token_flow_as_on_ghcr(tmp_path, docker, docker_config, standin_images):
+    tokens = TokenService(tmp_path / "tokens")
+    reg = LocalRegistry(tmp_path / "token-registry", auth_yaml=tokens.yaml()).start()
+    try:
+        args = ("--registry", reg.host, "--source-repository", SRC_A, *ALLOW)
+        assert_one_line_error(cli(*args), f"the token service of {reg.host} refused an anonymous request",
+                              "HTTP 401", f"docker login {reg.host}")
+        assert tokens.requests[-1] == ("anonymous", f"repository:{NAME}:pull,push")
+
+        login = subprocess.run(docker.cmd("login", reg.host, "-u", tokens.USER, "--password-stdin"),
+                               input=tokens.PASSWORD.encode(), capture_output=True, env=dict(os.environ))
+        assert login.returncode == 0, login.stderr
+        proc = cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert tokens.PASSWORD not in proc.stdout + proc.stderr
+        assert (f"{tokens.USER}:{tokens.PASSWORD}", f"repository:{NAME}:pull,push") in tokens.requests
+        reg.auth = "Bearer " + tokens.issue(f"repository:{NAME}:pull")
+        assert reg.tags() == expected_tags(standin_images["revision_A"], moving=False)
+        assert registry_digest_ok(reg)
+    finally:
+        reg.kill()
+        tokens.close()
+
+
+def registry_digest_ok(reg: LocalRegistry) -> bool:
+    digest = reg.digest_of(TAG)
+    return bool(digest) and verify_blobs(reg, digest)["config"]["Labels"][images.LABEL_ARCH] == "sm75"
