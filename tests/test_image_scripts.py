@@ -1,0 +1,178 @@
+"""The build scripts of images/scripts/ that run inside the image and on GPU hosts, run here
+directly: wheel assembly, the extension record, the source/label check, and the smoke runner."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "images" / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import assemble_wheel  # noqa: E402
+import compile_extensions  # noqa: E402
+
+
+def run(script: str, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True,
+                          text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def patched_tree(sdist_tree, tmp_path_factory) -> Path:
+    from ktlegacy.arch import get_arch
+    from ktlegacy.overlay import patch_tree
+    tree = tmp_path_factory.mktemp("patched") / "tree"
+    shutil.copytree(sdist_tree, tree)
+    patch_tree(tree, get_arch("sm75"), out=lambda line: None)
+    return tree
+
+
+def _skip_record(tmp_path: Path) -> Path:
+    ext = tmp_path / "ext"
+    proc = run("compile_extensions.py", "--src", tmp_path, "--out", ext, "--arch", "sm75", "--mode", "skip")
+    assert proc.returncode == 0, proc.stderr
+    return ext
+
+
+def test_skip_mode_records_why_and_compiles_nothing(tmp_path):
+    ext = _skip_record(tmp_path)
+    record = json.loads((ext / "ktlegacy-extensions.json").read_text())
+    assert record == {"mode": "skip", "reason": "stand-in build, no CUDA", "extensions": [], "arch": "sm75",
+                      "torch_cuda_arch_list": "7.5", "cpu_instruct": "AVX2"}
+    assert sorted(p.name for p in ext.iterdir()) == ["ktlegacy-extensions.json"]
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["--arch", "sm86"], {}, "sm80+: the upstream images"),
+    (["--arch", "sm75", "--cpu-instruct", "SSE2"], {}, "unknown CPU instruction set"),
+    (["--arch", "sm75"], {"TORCH_CUDA_ARCH_LIST": "7.0"}, "contradicts --arch sm75"),
+])
+def test_compile_refuses_bad_requests_in_one_line(tmp_path, args, env, expected):
+    import os
+    (tmp_path / "setup.py").write_text("raise SystemExit('must not run')\n")
+    proc = run("compile_extensions.py", "--src", tmp_path, "--out", tmp_path / "out", *args,
+               env=dict(os.environ, **env))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_code_detection_on_real_elf_files(tmp_path):
+    assert compile_extensions.has_device_code(Path(sys.executable).resolve()) is False
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        pytest.skip("no nvcc on this machine: only the host-only case is checked")
+    cu = tmp_path / "k.cu"
+    cu.write_text("__global__ void k(float *x) { x[threadIdx.x] *= 2.0f; }\n"
+                  "extern \"C\" void launch(float *x) { k<<<1, 32>>>(x); }\n")
+    so = tmp_path / "k.so"
+    proc = subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_75,code=sm_75",
+                           "-o", str(so), str(cu)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert compile_extensions.has_device_code(so) is True
+
+
+def _wheel(tmp_path, patched_tree, ext) -> Path:
+    out = tmp_path / "wheels"
+    proc = run("assemble_wheel.py", "--src", patched_tree, "--ext", ext, "--out", out, "--arch", "sm75")
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("*.whl")
+    return wheel
+
+
+def _check_record(zf: zipfile.ZipFile) -> None:
+    (record_name,) = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+    rows = [r.rsplit(",", 2) for r in zf.read(record_name).decode().splitlines()]
+    assert {r[0] for r in rows} == set(zf.namelist())
+    for name, digest, size in rows:
+        if name == record_name:
+            continue
+        data = zf.read(name)
+        assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        assert int(size) == len(data)
+
+
+def test_standin_wheel_is_the_patched_python_package(tmp_path, patched_tree):
+    wheel = _wheel(tmp_path, patched_tree, _skip_record(tmp_path))
+    assert wheel.name == "ktransformers-0.2.1.post1+ktlegacy.standin.sm75-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        _check_record(zf)
+        meta = zf.read("ktransformers-0.2.1.post1+ktlegacy.standin.sm75.dist-info/METADATA").decode()
+        assert zf.read("ktransformers/ktlegacy_runtime.py") == (patched_tree / "ktransformers/ktlegacy_runtime.py").read_bytes()
+    assert "ktransformers/__init__.py" in names
+    assert any(n.startswith("ktransformers/optimize/optimize_rules/") and n.endswith(".yaml") for n in names)
+    assert not [n for n in names if n.endswith((".cu", ".cpp", ".h", ".pyc")) or "__pycache__" in n]
+    assert "Requires-Dist: transformers == 4.43.2" in meta
+    # byte-identical for identical inputs: unchanged inputs never invalidate the install layer
+    again = _wheel(tmp_path / "again", patched_tree, _skip_record(tmp_path / "again"))
+    assert again.read_bytes() == wheel.read_bytes()
+
+
+def test_wheel_with_extensions_is_platform_specific_and_installs(tmp_path, patched_tree):
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    so_name = "KTransformersOps.cpython-%d%d-x86_64-linux-gnu.so" % sys.version_info[:2]
+    shutil.copy(Path(sys.executable).resolve(), ext / so_name)  # any ELF file: only packed, never loaded
+    (ext / "ktlegacy-extensions.json").write_text(json.dumps({
+        "mode": "build", "extensions": [{"file": so_name, "sha256": "x", "device_code": True}]}))
+    wheel = _wheel(tmp_path, patched_tree, ext)
+    tag = "cp%d%d" % sys.version_info[:2]
+    assert wheel.name == f"ktransformers-0.2.1.post1+ktlegacy.sm75.avx2-{tag}-{tag}-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        assert so_name in zf.namelist()
+        assert "Root-Is-Purelib: false" in zf.read("ktransformers-0.2.1.post1+ktlegacy.sm75.avx2.dist-info/WHEEL").decode()
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target",
+                           str(target), str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (target / so_name).is_file() and (target / "ktransformers" / "__init__.py").is_file()
+    assert (target / "bin" / "ktransformers").is_file()  # the console script
+
+
+def test_check_source_refuses_labels_that_would_lie(patched_tree):
+    manifest = json.loads((patched_tree / "ktlegacy-overlays.json").read_text())
+    ok = run("check_source.py", "--src", patched_tree, "--arch", "sm75",
+             "--expect-digest", manifest["overlay_digest"],
+             "--expect-commit", "sdist-sha256:079ee36fbefe1280455f6cb2d9afaf840a9fed350acecdcf94f03b113aa94199")
+    assert ok.returncode == 0, ok.stderr
+    for args, expected in ((["--arch", "sm70"], "patched for sm75"),
+                           (["--arch", "sm75", "--expect-digest", "0" * 64], "overlay digest is"),
+                           (["--arch", "sm75", "--expect-commit", "abc"], "the build expected abc")):
+        proc = run("check_source.py", "--src", patched_tree, *args)
+        assert proc.returncode == 1 and expected in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_overlay_digest_planned_on_the_host_is_what_patch_writes(patched_tree):
+    from ktlegacy.arch import get_arch
+    from ktlegacy.build import overlay_digest
+    manifest = json.loads((patched_tree / "ktlegacy-overlays.json").read_text())
+    assert overlay_digest("0.2.1.post1", get_arch("sm75")) == manifest["overlay_digest"]
+    assert overlay_digest("0.2.1.post1", get_arch("sm70")) != manifest["overlay_digest"]
+
+
+def test_smoke_runner_protocol(tmp_path):
+    smoke = tmp_path / "smoke"
+    shutil.copytree(REPO / "tests" / "smoke", smoke, ignore=shutil.ignore_patterns("check_*.py", "__pycache__"))
+    (smoke / "check_a_pass.py").write_text("print('fine')\n")
+    (smoke / "check_b_skip.py").write_text("from smokelib import skip\nskip('no widget here')\n")
+    (smoke / "check_c_fail.py").write_text("from smokelib import fail\nfail('widget broken')\n")
+    proc = subprocess.run([sys.executable, str(smoke / "run.py")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "smoke pass check_a_pass" in proc.stdout and ": fine" in proc.stdout
+    assert "smoke skip check_b_skip" in proc.stdout and "skipped: no widget here" in proc.stdout
+    assert "smoke FAIL check_c_fail" in proc.stdout and "widget broken" in proc.stdout
+    assert "smoke: 1 passed, 1 skipped, 1 failed" in proc.stdout
+    only = subprocess.run([sys.executable, str(smoke / "run.py"), "--only", "check_a_pass", "check_b_skip"],
+                          capture_output=True, text=True)
+    assert only.returncode == 0 and "1 passed, 1 skipped, 0 failed" in only.stdout
