@@ -41,8 +41,8 @@ def _toml(path: Path) -> dict:
             import tomli as tomllib
         except ModuleNotFoundError:
             from pip._vendor import tomli as tomllib
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+    # loads(str): the one call every tomli version agrees on (pip 22's tomli 1.x load() wants text)
+    return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
 def _version(src: Path) -> str:
