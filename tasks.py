@@ -204,3 +204,17 @@ def make_test_model(c, dest, layers=6, seed=0, force=False):
         raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
     out = make(Path(dest), TestModelSpec(num_hidden_layers=int(layers), seed=int(seed)), force=force)
     print(f"wrote {out}")
+
+
+@task(help={
+    "src": "patched ktransformers tree (from fetch-source + patch)",
+    "arch": "sm70, sm75 or all",
+    "python": "interpreter whose Triton compiles the kernels (default: this one; e.g. the image's venv)",
+    "json": "also write the results to this file",
+})
+@one_line_errors
+def check_triton(c, src, arch, python=None, json=None):
+    """Compile every Triton kernel of a patched tree for sm70/sm75 (no GPU) and check its shared memory."""
+    from ktlegacy.arch import arches_for
+    from ktlegacy.triton_check import run_check
+    run_check(Path(src), arches_for(arch), python=python, json_path=Path(json) if json else None)
