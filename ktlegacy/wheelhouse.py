@@ -11,6 +11,7 @@ same on a connected machine and carry the directory over.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -75,9 +76,16 @@ def make_wheelhouse(dest: Path | None = None, *, torch_version: str, ref: str = 
     reqs = wheelhouse_requirements(torch_version, ref, compile_tools)
     key = hashlib.sha256("\n".join(reqs + list(find_links) + [python_version]).encode()).hexdigest()[:16]
     dest = Path(dest) if dest else CACHE_DIR / f"wheelhouse-{key}"
-    if dest.is_dir() and (dest / ".complete").is_file():
-        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test sessions fill it once
+        if dest.is_dir() and (dest / ".complete").is_file():
+            return dest
+        _fill(dest, reqs, find_links, torch_version, ref)
+    return dest
+
+
+def _fill(dest: Path, reqs: list[str], find_links: tuple[str, ...], torch_version: str, ref: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".wheelhouse-", dir=dest.parent))
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", str(tmp)]
@@ -98,4 +106,3 @@ def make_wheelhouse(dest: Path | None = None, *, torch_version: str, ref: str = 
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
