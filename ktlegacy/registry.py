@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +41,8 @@ DOCKER_HUB = "docker.io"
 _HUB_API = "registry-1.docker.io"
 _HUB_AUTH_KEY = "https://index.docker.io/v1/"
 TIMEOUT_S = 60
+UPLOAD_TIMEOUT_S = 600   # a multi-GB layer PUT: the registry may hash it before it answers
+UPLOAD_ATTEMPTS = 3
 
 
 class RegistryUnreachable(KtlegacyError):
@@ -210,14 +213,15 @@ class RegistryClient:
         return f"{self.target.host}/{self.repository}"
 
     # low level ------------------------------------------------------------------------------
-    def _send(self, method: str, url: str, headers: dict, body=None, length: int | None = None):
+    def _send(self, method: str, url: str, headers: dict, body=None, length: int | None = None,
+              timeout: float = TIMEOUT_S):
         req = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
         if length is not None:
             req.add_header("Content-Length", str(length))
         if self._auth_header:
             req.add_header("Authorization", self._auth_header)
         try:
-            with self._opener.open(req, timeout=TIMEOUT_S) as resp:
+            with self._opener.open(req, timeout=timeout) as resp:
                 return Response(resp.status, resp.headers, resp.read())
         except urllib.error.HTTPError as exc:
             data = exc.read() if exc.fp else b""
@@ -228,13 +232,14 @@ class RegistryClient:
                                       "check the address and that it is up") from None
 
     def request(self, method: str, path_or_url: str, headers: dict | None = None,
-                body: bytes | BinaryIO | None = None, length: int | None = None) -> Response:
+                body: bytes | BinaryIO | None = None, length: int | None = None,
+                timeout: float = TIMEOUT_S) -> Response:
         """Send one request, authenticating on a 401 challenge (and once more if a token expired)."""
         url = path_or_url if "://" in path_or_url else self.base + path_or_url
         for attempt in range(2):
             if hasattr(body, "seek"):
                 body.seek(0)
-            resp = self._send(method, url, headers or {}, body, length)
+            resp = self._send(method, url, headers or {}, body, length, timeout)
             if resp.status != 401 or attempt == 1:
                 break
             self._authenticate(resp.header("WWW-Authenticate"))
@@ -293,14 +298,13 @@ class RegistryClient:
 
     # API ------------------------------------------------------------------------------------
     def ping(self) -> None:
-        """Check the registry answers as a v2 registry and lets us in (GET /v2/)."""
+        """Check the registry answers as a v2 registry and lets us push, before any upload."""
         resp = self.request("GET", "/v2/")
-        if resp.status == 404 or (resp.status == 200 and "registry/2.0" not in resp.header(
-                "Docker-Distribution-API-Version").lower() and resp.body[:1] not in (b"{", b"")):
-            raise KtlegacyError(f"{self.base} does not answer as a container registry (Registry API v2)")
-        self._expect(resp, (200,), "answer the API version check")
-        # token registries grant per-repository scopes: ask for pull,push now so that a refusal
-        # comes before any upload
+        if resp.status != 200:
+            raise KtlegacyError(f"{self.base} does not answer as a container registry (GET /v2/: HTTP "
+                                f"{resp.status}); check --registry")
+        # token registries grant per-repository scopes: asking for pull,push here makes a refusal
+        # come before the first upload
         self._expect(self.request("GET", f"/v2/{self.repository}/tags/list"), (200, 404), "list tags")
 
     def has_blob(self, digest: str) -> bool:
@@ -308,14 +312,26 @@ class RegistryClient:
         return resp.status == 200
 
     def upload_blob(self, digest: str, body: BinaryIO | bytes, size: int) -> None:
-        """Monolithic upload (POST, then PUT with the whole blob), as the distribution spec allows."""
-        resp = self._expect(self.request("POST", f"/v2/{self.repository}/blobs/uploads/", length=0),
-                            (202,), "start a blob upload")
-        location = urllib.parse.urljoin(self.base + "/", resp.header("Location"))
-        sep = "&" if "?" in location else "?"
-        self._expect(self.request("PUT", f"{location}{sep}digest={digest}",
-                                  {"Content-Type": "application/octet-stream"}, body, size),
-                     (201, 204), f"store blob {digest}")
+        """Monolithic upload (POST, then PUT with the whole blob), as the distribution spec allows;
+        retried on a dropped connection or a 5xx, as docker push does."""
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                resp = self._expect(self.request("POST", f"/v2/{self.repository}/blobs/uploads/", length=0),
+                                    (202,), "start a blob upload")
+                location = urllib.parse.urljoin(self.base + "/", resp.header("Location"))
+                sep = "&" if "?" in location else "?"
+                resp = self.request("PUT", f"{location}{sep}digest={digest}",
+                                    {"Content-Type": "application/octet-stream"}, body, size,
+                                    timeout=UPLOAD_TIMEOUT_S)
+                if resp.status >= 500 and attempt + 1 < UPLOAD_ATTEMPTS:
+                    time.sleep(2 ** attempt)
+                    continue
+                self._expect(resp, (201, 204), f"store blob {digest[:19]}")
+                return
+            except RegistryUnreachable:
+                if attempt + 1 == UPLOAD_ATTEMPTS:
+                    raise
+                time.sleep(2 ** attempt)
 
     def get_manifest(self, reference: str) -> tuple[bytes, str, str] | None:
         """(bytes, media type, digest) of a manifest by tag or digest, or None if absent."""
