@@ -37,7 +37,7 @@ CPU_FLAGS = {
     "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
 }
 # Which failure explains best why a profile cannot run here: the hardware first, then setup.
-VERDICT_ORDER = ["GPUs", "NVIDIA container runtime", "GPU arch vs image", "CPU vs image", "RAM vs GGUF",
+VERDICT_ORDER = ["GPUs", "GPU arch vs image", "NVIDIA container runtime", "CPU vs image", "RAM vs GGUF",
                  "VRAM per GPU", "image", "model dir", "GGUF", "port"]
 RUNTIME_FIX = ("install the NVIDIA Container Toolkit (nvidia-container-toolkit), run "
                "`nvidia-ctk runtime configure --runtime=docker` and restart dockerd")

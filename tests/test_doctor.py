@@ -225,6 +225,13 @@ def test_h100_host_is_refused_as_too_new(model_dirs):
     assert facts.gpus and all(g.cc >= (9, 0) for g in facts.gpus)
     report = check_profile(spec_for("v100", model_dirs), facts)
     assert "Ampere or newer" in failing(report, "GPU arch vs image").detail
+    assert "no Docker daemon" in failing(report, "NVIDIA container runtime").detail
+    # no profile named: the verdict names the hardware reason first
+    from ktlegacy.doctor import check_host
+    verdicts = {r.check: r for r in check_host(facts, [spec_for(p, model_dirs) for p in PROFILES]).rows}
+    assert "cannot run here: GPU arch vs image: GPU 0 (NVIDIA H100 80GB HBM3) is cc 9.0, Ampere or newer" \
+        in verdicts["profile v100"].detail
+    assert "needs 4 GPUs, this host has 1" in verdicts["profile t4x4"].detail
 
 
 def test_this_host_says_why_no_profile_can_run():
