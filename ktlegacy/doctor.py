@@ -131,7 +131,10 @@ def row_gpus(spec: ServiceSpec, facts: HostFacts) -> tuple[Row, list[Gpu]]:
     chosen, missing = [], []
     for dev in spec.device_ids:
         gpu = next((g for g in facts.gpus if g.matches(dev)), None)
-        (chosen.append(gpu) if gpu else missing.append(dev))
+        if gpu is None:
+            missing.append(dev)
+        else:
+            chosen.append(gpu)
     if missing:
         return Row("GPUs", FAIL, f"device id(s) {', '.join(missing)} name no GPU here "
                    f"(indexes 0-{len(facts.gpus) - 1})",
