@@ -56,6 +56,7 @@ def test_skip_mode_records_why_and_compiles_nothing(tmp_path):
     (["--arch", "sm86"], {}, "sm80+: the upstream images"),
     (["--arch", "sm75", "--cpu-instruct", "SSE2"], {}, "unknown CPU instruction set"),
     (["--arch", "sm75"], {"TORCH_CUDA_ARCH_LIST": "7.0"}, "contradicts --arch sm75"),
+    (["--arch", "sm75", "--ptx"], {"TORCH_CUDA_ARCH_LIST": "7.5"}, "(needs '7.5+PTX')"),
 ])
 def test_compile_refuses_bad_requests_in_one_line(tmp_path, args, env, expected):
     import os

@@ -2,7 +2,7 @@
 
 The image's compile stage runs this, and so can a GPU machine without Docker:
 
-    python images/scripts/compile_extensions.py --src TREE --out DIR --arch sm75 [--cpu-instruct AVX2] [--jobs 8]
+    python images/scripts/compile_extensions.py --src TREE --out DIR --arch sm75 [--cpu-instruct AVX2] [--jobs 8] [--ptx]
 
 TREE is a patched upstream tree (or its C++ side: setup.py, pyproject.toml, README.md, LICENSE,
 ktransformers/__init__.py, ktransformers/ktransformers_ext/, third_party/). Upstream's own
@@ -81,9 +81,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_env(arch: str, cpu: str, jobs: int) -> dict:
+def arch_list(arch: str, ptx: bool = False) -> str:
+    return ARCH_LISTS[arch] + ("+PTX" if ptx else "")
+
+
+def build_env(arch: str, cpu: str, jobs: int, ptx: bool = False) -> dict:
     env = dict(os.environ)
-    wanted = ARCH_LISTS[arch]
+    wanted = arch_list(arch, ptx)
     given = env.get("TORCH_CUDA_ARCH_LIST")
     if given and given.strip() != wanted:
         raise BuildError(f"TORCH_CUDA_ARCH_LIST={given!r} contradicts --arch {arch} (needs {wanted!r})")
@@ -106,12 +110,12 @@ def build_env(arch: str, cpu: str, jobs: int) -> dict:
     return env
 
 
-def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int) -> dict:
+def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool = False) -> dict:
     if not (src / "setup.py").is_file():
         raise BuildError(f"{src} has no setup.py: pass a (patched) ktransformers tree with --src")
     nvcc = find_nvcc()
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
-    env = build_env(arch, cpu, jobs)
+    env = build_env(arch, cpu, jobs, ptx)
     with tempfile.TemporaryDirectory(prefix="ktlegacy-ext-") as tmp:
         lib, temp = Path(tmp, "lib"), Path(tmp, "temp")
         cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", str(lib), "--build-temp", str(temp)]
@@ -134,12 +138,13 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int) -> dict:
     return {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files}
 
 
-def check_arch(out: Path, record: dict, arch: str) -> None:
+def check_arch(out: Path, record: dict, arch: str, ptx: bool = False) -> None:
     """check_cuda_arch.py over every built .so: host-only ones (cpuinfer_ext) pass, a CUDA
     extension without a cubin for exactly this arch fails, naming the file."""
     files = [out / f["file"] for f in record["extensions"]]
     checker = HERE / "check_cuda_arch.py"
-    proc = subprocess.run([sys.executable, str(checker), "--arch", arch, *map(str, files)])
+    proc = subprocess.run([sys.executable, str(checker), "--arch", arch, *(["--expect-ptx"] if ptx else []),
+                           *map(str, files)])
     if proc.returncode != 0:
         raise BuildError(f"arch check failed for {arch} (see above): the image would fail with "
                          "'no kernel image is available for execution on the device'")
@@ -153,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", required=True, help="sm70 (V100) or sm75 (T4, RTX 2080 Ti)")
     p.add_argument("--cpu-instruct", default="AVX2", help="AVX2 (portable), AVX512, FANCY or NATIVE")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
+    p.add_argument("--ptx", action="store_true",
+                   help="also embed the arch's PTX (e.g. 7.5+PTX) so a newer GPU can JIT it; for testing on "
+                        "such GPUs, never for the images (they ship SASS for their one arch)")
     p.add_argument("--mode", choices=("build", "skip"), default="build",
                    help="skip: no-CUDA stand-in builds only; compiles nothing and records why")
     args = p.parse_args(argv)
@@ -168,9 +176,9 @@ def main(argv=None) -> int:
             record = {"mode": "skip", "reason": "stand-in build, no CUDA", "extensions": []}
             print("compile: skipped (stand-in build, no CUDA): no extension is compiled", flush=True)
         else:
-            record = compile_tree(args.src, args.out, arch, cpu, max(1, args.jobs))
-            check_arch(args.out, record, arch)
-        record.update({"arch": arch, "torch_cuda_arch_list": ARCH_LISTS[arch], "cpu_instruct": cpu})
+            record = compile_tree(args.src, args.out, arch, cpu, max(1, args.jobs), args.ptx)
+            check_arch(args.out, record, arch, args.ptx)
+        record.update({"arch": arch, "torch_cuda_arch_list": arch_list(arch, args.ptx), "cpu_instruct": cpu})
         (args.out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,9 @@ from smokelib import expected_extensions, fail, missing_cpu_flags, skip, standin
 if standin():
     skip("stand-in build, no CUDA: the C++/CUDA extensions were not compiled")
 
+import torch  # noqa: E402,F401  first: the extensions link torch's libraries (libc10.so...), which
+#               are on the loader path only once torch is loaded
+
 names = expected_extensions()
 modules = {}
 for name in names:
@@ -26,7 +29,6 @@ if "cpuinfer_ext" in modules and lacking:
     print(f"imported {', '.join(names)}; cpuinfer_ext linear not run: this CPU lacks {' '.join(lacking)} "
           "that the image's CPU set needs")
 elif "cpuinfer_ext" in modules:
-    import torch
     ext = modules["cpuinfer_ext"]
     torch.manual_seed(0)
     n_in, n_out, qlen = 256, 128, 4
