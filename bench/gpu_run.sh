@@ -10,8 +10,8 @@
 # Set KTLEGACY_PREBUILT=FILE (an ext-sm75-ptx.tar.gz an earlier run returned) to skip the compile;
 # the tree is still fetched, patched and packed, so Python-only overlay changes are picked up.
 #
-# Steps: fetch-source -> patch --arch sm75 -> compile_extensions.py with TORCH_CUDA_ARCH_LIST=7.5+PTX
-# (bench/gpu_build.py) -> check_cuda_arch.py: sm75 (+PTX) must pass, an sm70-only expectation must
+# Steps: fetch-source -> patch --arch sm75 -> compile_extensions.py --ptx (TORCH_CUDA_ARCH_LIST=7.5+PTX:
+# the H100 JIT-compiles the Turing PTX) -> check_cuda_arch.py: sm75 (+PTX) must pass, an sm70-only expectation must
 # fail -> assemble the wheel + the flash-attn stub, install them -> make-test-model ->
 # bench/gpu_proof.py (KTLEGACY_EMULATE_CC=7.5) -> the doctor's host record.
 # Everything lands in $OUT: gpu_h100_<ref>.json, ext-sm75-ptx.tar.gz (the compiled extensions) and
@@ -51,8 +51,8 @@ $py -m ktlegacy patch --src "$work/src" --arch sm75 >"$logs/patch.log" 2>&1 || {
 tail -3 "$logs/patch.log"
 
 if [ -z "${KTLEGACY_PREBUILT:-}" ]; then
-  say "compile extensions for 7.5+PTX (compile_extensions.py via bench/gpu_build.py)"
-  $py bench/gpu_build.py --src "$work/src" --out "$work/ext" --arch sm75 --jobs "$(nproc)" \
+  say "compile extensions for 7.5+PTX (images/scripts/compile_extensions.py --ptx)"
+  $py images/scripts/compile_extensions.py --src "$work/src" --out "$work/ext" --arch sm75 --ptx --jobs "$(nproc)" \
     >"$logs/compile.log" 2>&1
   rc=$?
   tail -15 "$logs/compile.log"
