@@ -7,10 +7,11 @@ For every local image under the tag scheme of :mod:`ktlegacy.images`
 2. stream ``docker save`` of it, compress each layer (gzip, deterministic: same layer, same
    digest) and upload the blobs, then the image manifest *by digest*: nothing is visible under
    any tag yet, and a failure here leaves no tag at all;
-3. read what each target tag points at now, then put the manifest under every tag
-   (``<ref>-cu118-<arch>-<cpu>``, the same with ``-g<sha7>``, and ``latest-<arch>-<cpu>`` with
-   ``--moving``); if one of them fails, the tags already moved are put back (tags that existed
-   get their old manifest again, new ones are deleted), so no partial tag set is left behind.
+3. once every selected image is stored so, read what each target tag points at now, then put
+   each manifest under all its tags (``<ref>-cu118-<arch>-<cpu>``, the same with ``-g<sha7>``,
+   and ``latest-<arch>-<cpu>`` with ``--moving``); if one PUT fails, every tag already moved is
+   put back (tags that existed get their old manifest again, new ones are deleted), so no
+   partial tag set is left behind, for one image or for several.
 
 The Registry API has no multi-tag transaction: if the registry dies *during* step 3 the
 rollback cannot reach it either; the error then names the tags left behind.
@@ -457,48 +458,60 @@ class _Prefixed:
 
 # --- tags, all or none --------------------------------------------------------------------
 
+@dataclass
+class _Stored:
+    """An image whose blobs and manifest are in the registry by digest, not yet tagged."""
+    plan: PublishPlan
+    manifest: bytes
+    digest: str
+    was_new: bool      # no manifest with this digest was there before this run
+    uploaded: int
+    reused: int
+
+
 def before_tagging(plan: PublishPlan, digest: str) -> None:
-    """Called once the manifest is stored by digest and before any tag moves (a seam for tests)."""
+    """Called for each image once every image is stored by digest, before any tag moves (a seam for tests)."""
 
 
-def apply_tags(client: RegistryClient, tags: list[str], manifest: bytes, digest: str,
-               digest_was_new: bool) -> None:
-    """Put ``manifest`` under every tag or, failing that, put every tag back as it was."""
+def apply_tags(client: RegistryClient, stored: list[_Stored]) -> None:
+    """Put each manifest under all its tags or, failing that, put every tag back as it was."""
     try:
-        previous = {tag: client.get_manifest(tag) for tag in tags}
+        previous = {tag: client.get_manifest(tag) for s in stored for tag in s.plan.tags}
     except KtlegacyError as exc:
         raise KtlegacyError(f"{str(exc).rstrip('.')}; no tag of {client.where} changed") from None
-    touched: list[str] = []
+    touched: list[tuple[_Stored, str]] = []
     try:
-        for tag in tags:
-            touched.append(tag)  # a failed PUT may still have landed: undo it too
-            client.put_manifest(tag, manifest, MANIFEST_V2)
+        for s in stored:
+            for tag in s.plan.tags:
+                touched.append((s, tag))  # a failed PUT may still have landed: undo it too
+                client.put_manifest(tag, s.manifest, MANIFEST_V2)
     except KtlegacyError as exc:
-        left = _roll_back(client, touched, previous, digest, digest_was_new)
+        left = _roll_back(client, touched, previous)
         cause = str(exc).rstrip(".")
         if not left:
             raise KtlegacyError(f"{cause}; rolled back, no tag of {client.where} changed") from None
         raise KtlegacyError(f"{cause}; could not roll back, so tags {', '.join(left)} of {client.where} may "
-                            f"point at {digest[:19]}: re-run publish or delete them") from None
+                            "be left on the new image: re-run publish, or delete them") from None
 
 
-def _roll_back(client: RegistryClient, touched: list[str], previous: dict, digest: str,
-               digest_was_new: bool) -> list[str]:
-    left = []
+def _roll_back(client: RegistryClient, touched: list[tuple[_Stored, str]], previous: dict) -> list[str]:
+    """Undo the tags; return those that may still point at a new manifest."""
+    left: list[tuple[_Stored, str]] = []
     try:
-        for tag in touched:
+        for s, tag in touched:
             old = previous.get(tag)
             if old is not None:
                 client.put_manifest(tag, old[0], old[1])
             elif not client.delete_manifest(tag):
-                left.append(tag)
+                left.append((s, tag))
         # Registries without tag deletion (distribution 2.x) still delete a manifest by digest,
-        # untagging it everywhere; safe only for a digest that no tag knew before this run.
-        if left and digest_was_new and client.delete_manifest(digest):
-            left = []
-        return left
+        # which untags it everywhere: safe only for a digest that nothing pointed at before this run.
+        for s in {id(s): s for s, _ in left}.values():
+            if s.was_new and client.delete_manifest(s.digest):
+                left = [(t_s, t) for t_s, t in left if t_s is not s]
+        return [t for _, t in left]
     except KtlegacyError:
-        return [t for t in touched if not (previous.get(t) and previous[t][2] == digest)]
+        return [t for s, t in touched if not (previous.get(t) and previous[t][2] == s.digest)]
 
 
 # --- the command --------------------------------------------------------------------------
@@ -507,7 +520,8 @@ def publish(registry: str, *, arch: str = "all", cpus: list[str] | None = None, 
             sha: str | None = None, moving: bool = False, dry_run: bool = False, allow_standin: bool = False,
             allow_dirty: bool = False, source_repository: str = images.DEFAULT_REPOSITORY, docker=None,
             out: Callable[[str], None] = print) -> list[PushResult]:
-    """Publish every matching local image; all checks pass before the first byte is sent."""
+    """Publish every matching local image: all checks before the first byte is sent, every image
+    stored by digest before the first tag moves, then all tags of all images or none."""
     if docker is None:
         from .docker import client as docker_client
         docker = docker_client()
@@ -521,24 +535,27 @@ def publish(registry: str, *, arch: str = "all", cpus: list[str] | None = None, 
         return []
     client = RegistryClient(target, target.repository(name))
     client.ping()
-    results = []
-    for p in plans:
-        out(f"pushing {p.image.tag} to {p.repository}")
-        try:
+    stored: list[_Stored] = []
+    try:
+        for p in plans:
+            out(f"pushing {p.image.tag} to {p.repository}")
             manifest, uploaded, reused = push_blobs(docker, p.image, client, out)
             digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
             was_new = not client.has_manifest(digest)
-            stored = client.put_manifest(digest, manifest, MANIFEST_V2)
-            if stored != digest:
-                raise KtlegacyError(f"registry {target.host} stored the manifest as {stored}, not {digest}")
-        except KtlegacyError as exc:
-            done = f" ({len(results)} image(s) before it were published)" if results else ""
-            raise KtlegacyError(f"{str(exc).rstrip('.')}; no tag of {client.where} changed{done}") from None
-        before_tagging(p, digest)
-        apply_tags(client, p.tags, manifest, digest, was_new)
-        out(f"pushed {p.repository}@{digest} ({uploaded} blobs uploaded, {reused} already there) "
-            f"as {', '.join(p.tags)}")
-        results.append(PushResult(p, digest, uploaded, reused, list(p.tags)))
+            reported = client.put_manifest(digest, manifest, MANIFEST_V2)
+            if reported != digest:
+                raise KtlegacyError(f"registry {target.host} stored the manifest as {reported}, not {digest}")
+            stored.append(_Stored(p, manifest, digest, was_new, uploaded, reused))
+    except KtlegacyError as exc:
+        raise KtlegacyError(f"{str(exc).rstrip('.')}; no tag of {client.where} changed") from None
+    for s in stored:
+        before_tagging(s.plan, s.digest)
+    apply_tags(client, stored)
+    results = []
+    for s in stored:
+        out(f"pushed {s.plan.repository}@{s.digest} ({s.uploaded} blobs uploaded, {s.reused} already there) "
+            f"as {', '.join(s.plan.tags)}")
+        results.append(PushResult(s.plan, s.digest, s.uploaded, s.reused, list(s.plan.tags)))
     return results
 
 

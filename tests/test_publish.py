@@ -46,6 +46,8 @@ NAME = "ktransformers"
 SRC_A = "h5-ktlegacy/ktransformers"
 SRC_B = "h5-ktlegacy-b/ktransformers"
 SRC_BAD = "h5-ktlegacy-bad/ktransformers"
+SRC_TWO = "h5-ktlegacy-two/ktransformers"   # two images: A as avx2, and A relabelled avx512
+TAG_512 = images.tag_suffix(REF, get_arch("sm75"), "AVX512") + "-standin"
 # the fixture image is built from this working tree, which may have uncommitted changes
 ALLOW = ("--allow-standin", "--allow-dirty")
 
@@ -179,12 +181,15 @@ def standin_images(docker, standin_runtime_image, tmp_path_factory) -> dict:
                          {images.LABEL_REVISION: SHA_B}, run="echo h5-image-b > /tmp/h5-marker"),
         "bad": _build_from(docker, standin_runtime_image, root / "bad", f"{SRC_BAD}:{TAG}",
                            {images.LABEL_ARCH: "sm70"}),
+        "avx512": _build_from(docker, standin_runtime_image, root / "avx512", f"{SRC_TWO}:{TAG_512}",
+                              {images.LABEL_CPU: "AVX512"}),
     }
+    docker.run("tag", standin_runtime_image, f"{SRC_TWO}:{TAG}")
     built["revision_A"] = _inspect(docker, standin_runtime_image)["Config"]["Labels"][images.LABEL_REVISION]
     assert built["revision_A"], "the stand-in runtime image has no revision label"
     yield built
-    for repo in (SRC_A, SRC_B, SRC_BAD):
-        docker.run("rmi", f"{repo}:{TAG}", check=False)
+    for ref in (f"{SRC_A}:{TAG}", f"{SRC_B}:{TAG}", f"{SRC_BAD}:{TAG}", f"{SRC_TWO}:{TAG}", f"{SRC_TWO}:{TAG_512}"):
+        docker.run("rmi", ref, check=False)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -378,6 +383,26 @@ def test_failed_tag_rolls_back_every_tag(registry, docker, docker_config, standi
     assert "\n" not in message and "HTTP 500" in message and "rolled back" in message
     # exactly A's tags, each still on A's manifest; B's sha tag is gone
     assert {tag: registry.digest_of(tag) for tag in registry.tags()} == before
+
+
+def test_failed_tag_of_the_second_image_rolls_back_the_first(registry, docker, docker_config, standin_images):
+    """Several images in one run: all are stored by digest first, then all tags or none."""
+    from ktlegacy.publish import publish
+    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/{TAG_512}")
+    try:
+        with pytest.raises(KtlegacyError) as err:
+            publish(proxy.host, source_repository=SRC_TWO, allow_standin=True, allow_dirty=True, docker=docker,
+                    out=lambda line: None)
+    finally:
+        proxy.close()
+    assert proxy.failed == 1 and "rolled back" in str(err.value)
+    assert registry.tags() == []  # not even the avx2 image's tags, which went in first
+
+    # the same run without the failure publishes both
+    results = publish(registry.host, source_repository=SRC_TWO, allow_standin=True, allow_dirty=True,
+                      docker=docker, out=lambda line: None)
+    assert [r.plan.image.cpu for r in results] == ["AVX2", "AVX512"]
+    assert {TAG, TAG_512} <= set(registry.tags()) and len(registry.tags()) == 4
 
 
 def test_auth_refused_without_login_or_with_a_wrong_one(tmp_path, docker, docker_config, standin_images):
