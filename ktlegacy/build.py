@@ -157,6 +157,7 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
          pip_index_url: str | None = None, apt_mirror: str | None = None, ca_cert: str | Path | None = None,
          wheelhouse: str | Path | None = None, target: str = "runtime", push: bool = False,
          standin: bool = False, offline: bool = False, max_jobs: int | None = None,
+         triton_version: str | None = None,
          repository: str = images.DEFAULT_REPOSITORY, dry_run: bool = False,
          extra_build_flags: tuple = ()) -> list[Plan]:
     """Validate every input and return the docker steps for each arch; runs nothing."""
@@ -182,6 +183,9 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
                                 "e.g. /etc/ssl/certs/ca-certificates.crt")
     if wheelhouse is not None:
         wheelhouse = check_wheelhouse(Path(wheelhouse), ref)
+    if triton_version and not standin:
+        raise KtlegacyError("--triton-version is for stand-in builds (CPU torch); a CUDA build gets the "
+                            "Triton its torch requires: change --torch-version instead")
     if offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
 
@@ -214,6 +218,8 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
             args["PIP_INDEX_URL"] = pip_index_url
         if apt_mirror:
             args["APT_MIRROR"] = apt_mirror
+        if triton_version:
+            args["TRITON_VERSION"] = triton_version
         if standin:
             args["KTLEGACY_EXTENSIONS"] = "skip"
             args["KTLEGACY_STANDIN"] = "true"
@@ -305,8 +311,9 @@ def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = 
 def _failure_line(lines: list[str]) -> str:
     """The most useful line of a failed build log: our scripts' 'error: ...', else apt's 'E: ...',
     else a Python exception, else the last line."""
-    for pattern in (r"\berror: (.+)$", r"\bE: (.+)$", r"^#\d+ [\d.]+ (\w+(?:Error|Exception): .+)$",
-                    r"\bERROR: (.+)$"):
+    # "#12 3.4 error: ..." is a line our scripts printed (BuildKit prefixes step and time)
+    for pattern in (r"^(?:#\d+ [\d.]+ )?error: (.+)$", r"^(?:#\d+ [\d.]+ )?E: (.+)$",
+                    r"^#\d+ [\d.]+ (\w+(?:Error|Exception): .+)$", r"\bERROR: (.+)$"):
         for line in reversed(lines):
             m = re.search(pattern, line.strip())
             if m and "executor failed" not in line:
@@ -376,6 +383,8 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-jobs", type=int, default=None, help=f"parallel compile jobs (default {DEFAULT_MAX_JOBS})")
     p.add_argument("--standin", action="store_true",
                    help="tests only: a base without CUDA; extensions not compiled, labels say io.ktlegacy.standin=true")
+    p.add_argument("--triton-version", default=None,
+                   help="tests only, with --standin: install this Triton so the kernels check runs")
     p.add_argument("--push", action="store_true", help="docker push the tag after the build")
     p.add_argument("--dry-run", action="store_true", help="print the exact docker commands, run nothing")
 
@@ -386,7 +395,8 @@ def build_command(args) -> int:
           runtime_image=args.runtime_image, torch_version=args.torch_version,
           torch_index_url=args.torch_index_url, pip_index_url=args.pip_index_url, apt_mirror=args.apt_mirror,
           ca_cert=args.ca_cert, wheelhouse=args.wheelhouse, offline=args.offline, target=args.target,
-          max_jobs=args.max_jobs, standin=args.standin, push=args.push, dry_run=args.dry_run)
+          max_jobs=args.max_jobs, standin=args.standin, triton_version=args.triton_version, push=args.push,
+          dry_run=args.dry_run)
     return 0
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -95,6 +96,19 @@ def test_plan_labels_cover_images_keys():
         assert p.labels[key], key
     assert p.labels[images.LABEL_CUDA] == "11.8" and p.labels[images.LABEL_ARCH] == "sm75"
     assert re.fullmatch(r"[0-9a-f]{64}", p.labels[images.LABEL_OVERLAY_DIGEST])
+
+
+def test_failure_line_prefers_our_scripts_error_line():
+    from ktlegacy.build import _failure_line
+    log = ["#20 6.4 table  compile error: LLVM ERROR: x (compiler process died: signal 6)\n",
+           "#20 6.4 error: Triton kernel k does not compile for sm70 with triton 3.2.0: LLVM ERROR: x\n",
+           "#20 6.5 kernel  sm70  compile error: LLVM ERROR: y\n",
+           "#20 ERROR: executor failed running [/bin/sh -c bash check_kernels.sh]: exit code: 1\n"]
+    assert _failure_line(log).startswith("Triton kernel k does not compile for sm70")
+    assert _failure_line(["#9 17.3 E: Unable to fetch some archives\n", "#9 ERROR: executor failed\n"]) == \
+        "Unable to fetch some archives"
+    assert _failure_line(["#17 2.2 TypeError: bad thing\n", "#17 ERROR: executor failed running\n"]) == \
+        "TypeError: bad thing"
 
 
 # -- bad input: one line, non-zero, nothing built --------------------------------------------------
@@ -325,3 +339,63 @@ def test_ca_bundle_is_in_no_layer_and_no_history(standin_base, standin_wheelhous
             assert str(HOST_CA_BUNDLE).encode() not in text
     finally:
         subprocess.run(["/usr/bin/docker", "image", "rm", "-f", tag], capture_output=True)
+
+
+# -- the kernels stage with a real Triton (stand-in: CPU torch + a Triton wheel from PyPI) ------------
+
+@pytest.fixture(scope="module")
+def triton_wheelhouse(standin_wheelhouse) -> Path:
+    """The stand-in wheelhouse plus triton 3.1.0 (torch 2.5.1's) and 3.2.0 (torch 2.6's), from PyPI."""
+    from ktlegacy.source import CACHE_DIR
+    wheels = CACHE_DIR / "h3-triton-wheels"
+    for version in ("3.1.0", "3.2.0"):
+        if not list(wheels.glob(f"triton-{version}-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
+                            f"triton=={version}"], check=True, capture_output=True)
+    house = CACHE_DIR / "h3-triton-wheelhouse"
+    house.mkdir(exist_ok=True)
+    for src in [*standin_wheelhouse.iterdir(), *wheels.glob("triton-*.whl")]:
+        dest = house / src.name
+        if src.is_file() and not dest.exists():
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copy2(src, dest)
+    return house
+
+
+def _kernels_stage(standin_base, wheelhouse, arch, triton, tag):
+    from conftest import STANDIN_TORCH_VERSION
+    from ktlegacy.build import build
+    return build(arch, standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                 triton_version=triton, wheelhouse=wheelhouse, offline=True, target="kernels", tag=tag,
+                 echo=False, out=lambda line: None)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_bad_triton_pin_fails_the_build_naming_kernel_and_arch(standin_base, triton_wheelhouse):
+    from ktlegacy.errors import KtlegacyError
+    tag = "h3-test/ktransformers:kernels-sm70-triton320"
+    with pytest.raises(KtlegacyError) as info:
+        _kernels_stage(standin_base, triton_wheelhouse, "sm70", "3.2.0", tag)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "_fwd_grouped_kernel_stage1" in message and "sm70" in message and "triton 3.2.0" in message
+    assert _no_image(tag)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_pinned_triton_fits_sm75_in_the_kernels_stage(standin_base, triton_wheelhouse):
+    tag = "h3-test/ktransformers:kernels-sm75-triton310"
+    _kernels_stage(standin_base, triton_wheelhouse, "sm75", "3.1.0", tag)
+    try:
+        out = subprocess.run(["/usr/bin/docker", "run", "--rm", tag, "cat", "/checks/ktlegacy-kernels.json"],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        subprocess.run(["/usr/bin/docker", "image", "rm", "-f", tag], capture_output=True)
+    results = json.loads(out)["results"]
+    stage1 = [r for r in results if r["kernel"] == "_fwd_grouped_kernel_stage1"]
+    assert stage1 and all(r["arch"] == "sm75" and r["shared"] == 52_224 and r["limit"] == 65_536
+                          and not r["failed"] for r in stage1)
