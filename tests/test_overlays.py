@@ -27,7 +27,8 @@ from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
 from ktlegacy.refs import get_ref
 
 REPO = Path(__file__).resolve().parent.parent
-OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "triton-stages", "fp16", "portable-cpu"]
+OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "triton-stages", "fp16",
+                 "cpu-experts-dtype", "portable-cpu"]
 SM80_OPS = {"KLinearMarlin", "KExpertsMarlin", "VLinearMarlin", "KLinearFP8"}
 RULES = "ktransformers/optimize/optimize_rules"
 
@@ -172,6 +173,7 @@ def test_only_expected_files_change(sdist_tree, patched):
         "ktransformers/ktlegacy_runtime.py",
         "ktransformers/local_chat.py",
         "ktransformers/operators/attention.py",
+        "ktransformers/operators/experts.py",  # cpu-experts-dtype
         "ktransformers/operators/linear.py",
         "ktransformers/operators/triton_attention.py",
         "ktransformers/server/backend/interfaces/ktransformers.py",
