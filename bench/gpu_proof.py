@@ -326,7 +326,11 @@ def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
     del ref
     torch.cuda.empty_cache()
 
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     model, config, dtype, rules = load_engine(model_dir)
+    torch.cuda.synchronize()
+    results["engine_memory"] = {"weights_and_buffers_bytes": torch.cuda.memory_allocated() - before}
     results["engine"] = {"dtype": str(dtype), "rule_file": str(rules),
                          "linear_ops": sorted({type(m).__name__ for m in model.modules()
                                                if "Linear" in type(m).__name__}),
@@ -463,6 +467,28 @@ def _measure(fn, reps: int = 5):
     return start.elapsed_time(end) / reps, peak
 
 
+def _sdpa_op_peak(call) -> int:
+    """Extra CUDA memory of the attention op alone on the SDPA path (``sdpa_prefill``: its
+    output, layout copies and the kernel's workspace), the rest of the layer excluded."""
+    from ktransformers import ktlegacy_runtime
+    original, peaks = ktlegacy_runtime.sdpa_prefill, []
+
+    def measured(*a, **kw):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = original(*a, **kw)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        return out
+    ktlegacy_runtime.sdpa_prefill = measured
+    try:
+        call()
+    finally:
+        ktlegacy_runtime.sdpa_prefill = original
+    return max(peaks) if peaks else -1
+
+
 def prefill_attention_bench(results: dict) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model, config = results["_engine"]
@@ -490,6 +516,7 @@ def prefill_attention_bench(results: dict) -> dict:
             row["sdpa_ms"], row["sdpa_peak_bytes"] = _measure(sdpa)
             attn.attn_mask = None
             row["windows_ms"], row["windows_peak_bytes"] = _measure(windows)
+            row["sdpa_op_peak_bytes"] = _sdpa_op_peak(sdpa)
         attn.attn_mask = None
         row["speedup"] = row["windows_ms"] / row["sdpa_ms"]
         row["peak_mem_ratio"] = row["sdpa_peak_bytes"] / row["windows_peak_bytes"]
@@ -569,6 +596,8 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
     ids = torch.randint(2, config.vocab_size, (prompt_len,), generator=gen).tolist()
     restore = _keep_kv_b(model)
     best: dict = {}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     # rounds interleave the two paths (the first round warms up Triton/SDPA/allocator and is
     # dropped); decode is launch-bound here, so the minimum over rounds is what is compared
     for rnd in range(3):
@@ -596,6 +625,12 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
                 b.update(prefill_s=t1 - t0, prefill_cpu_experts_s=prefill_experts.seconds)
             if t2 - t1 < b["decode_s"]:
                 b.update(decode_s=t2 - t1, decode_cpu_experts_s=decode_experts.seconds)
+    free, total = torch.cuda.mem_get_info()
+    # per-device peak for the doctor's VRAM estimate (issue 7): torch's peak, and what the
+    # driver saw in use afterwards (CUDA context + allocator cache included)
+    results.setdefault("engine_memory", {}).update(
+        peak_allocated_bytes=torch.cuda.max_memory_allocated(), peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+        device_used_bytes_after=total - free, cache_tokens=prompt_len + decode_steps + 8)
     out = {}
     for path, b in best.items():
         out[path] = dict(b, prefill_tok_s=prompt_len / b["prefill_s"], decode_tok_s=decode_steps / b["decode_s"])
