@@ -137,7 +137,7 @@ def make_test_model(c, dest, layers=6, seed=0, force=False):
     print(f"wrote {out}")
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "arch": "sm70 (V100), sm75 (T4, RTX 2080 Ti) or all (both)",
     "ref": "upstream ref (default 0.2.1.post1, the PyPI sdist)",
     "cpu-instruct": "AVX2 (portable default), AVX512, FANCY or NATIVE (NATIVE: local builds only)",
@@ -158,11 +158,13 @@ def make_test_model(c, dest, layers=6, seed=0, force=False):
     "dry-run": "print the exact docker commands and run nothing",
 })
 @one_line_errors
-def build(c, arch, ref=None, cpu_instruct=None, tag=None, base_image=None, runtime_image=None,
+def build(c, arch=None, ref=None, cpu_instruct=None, tag=None, base_image=None, runtime_image=None,
           torch_version=None, torch_index_url=None, pip_index_url=None, apt_mirror=None, ca_cert=None,
           wheelhouse=None, offline=False, target="runtime", max_jobs=None, standin=False, push=False,
           dry_run=False):
     """Build the CUDA 11.8 ktransformers image for sm70, sm75 or both (images/Dockerfile)."""
+    if not arch:
+        raise KtlegacyError("--arch is required: sm70 (V100), sm75 (T4, RTX 2080 Ti) or all")
     from ktlegacy.build import build as build_images
     from ktlegacy.images import DEFAULT_CPU_INSTRUCT
     from ktlegacy.refs import DEFAULT_REF
@@ -173,15 +175,17 @@ def build(c, arch, ref=None, cpu_instruct=None, tag=None, base_image=None, runti
                  max_jobs=int(max_jobs) if max_jobs else None, standin=standin, push=push, dry_run=dry_run)
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "arch": "sm70 or sm75: the arch the image must be labelled with",
     "image": "image to test (default: the tag scheme's image for --arch)",
     "ref": "upstream ref of the default tag",
     "cpu-instruct": "CPU set of the default tag",
 })
 @one_line_errors
-def smoke(c, arch, image=None, ref=None, cpu_instruct=None):
+def smoke(c, arch=None, image=None, ref=None, cpu_instruct=None):
     """Run tests/smoke inside a built image (--gpus all when Docker has the NVIDIA runtime)."""
+    if not arch:
+        raise KtlegacyError("--arch is required: the arch the image was built for (sm70 or sm75)")
     from ktlegacy.build import smoke as run_smoke
     from ktlegacy.images import DEFAULT_CPU_INSTRUCT
     from ktlegacy.refs import DEFAULT_REF

@@ -89,6 +89,17 @@ def test_dry_run_secret_and_wheelhouse(standin_wheelhouse):
     assert "ca-certificates.crt" not in lines[1].split("--secret")[0]
 
 
+def test_invoke_front_matches_the_cli():
+    invoke = [str(Path(sys.executable).with_name("invoke")), "build", "--arch", "sm75", "--dry-run"]
+    via_invoke = subprocess.run(invoke, capture_output=True, text=True, cwd=REPO)
+    via_cli = cli("build", "--arch", "sm75", "--dry-run", check=True)
+    assert via_invoke.returncode == 0, via_invoke.stderr
+    assert _build_lines(via_invoke.stdout) == _build_lines(via_cli.stdout)
+    missing = subprocess.run(invoke[:2], capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode != 0 and missing.stderr.strip() == \
+        "error: --arch is required: sm70 (V100), sm75 (T4, RTX 2080 Ti) or all"
+
+
 def test_plan_labels_cover_images_keys():
     (p,) = plan("sm75", dry_run=True)
     for key in (images.LABEL_REF, images.LABEL_COMMIT, images.LABEL_OVERLAY_DIGEST, images.LABEL_ARCH,
