@@ -7,6 +7,7 @@ one-line ``KtlegacyError``s, printed as ``error: ...`` with a non-zero exit.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 
@@ -16,10 +17,20 @@ from ktlegacy.errors import KtlegacyError
 
 
 def one_line_errors(fn):
-    """Print a KtlegacyError as one line and exit with its code (no traceback)."""
+    """Print a KtlegacyError as one line and exit with its code (no traceback).
+
+    Tasks take every argument as a --flag (``positional=[]``); a parameter without a default
+    is a required flag, and a missing one is reported here like any other bad input."""
+    required = [name for name, p in inspect.signature(fn).parameters.items()
+                if p.default is inspect.Parameter.empty and name != "c"]
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+            for name in required:
+                if bound.arguments.get(name) is None:
+                    raise KtlegacyError(f"--{name.replace('_', '-')} is required (see: invoke {fn.__name__.replace('_', '-')} --help)")
             return fn(*args, **kwargs)
         except KtlegacyError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -27,7 +38,7 @@ def one_line_errors(fn):
     return wrapper
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "ref": "supported ref (0.2.1.post1, v0.2.4post1, v0.3.1, v0.3.2) or, with --git-url, any tag/commit",
     "dest": "directory to create with the pristine tree",
     "git-url": "clone this repository instead of the default origin of the ref",
@@ -50,7 +61,7 @@ def fetch_source(c, dest, ref=None, git_url=None, local=None, index_url=None, fo
         sys.exit(code)
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "src": "upstream tree to patch (from fetch-source)",
     "arch": "sm70 (V100) or sm75 (T4, RTX 2080 Ti)",
     "ref": "force the overlay set of this ref (default: detected from the tree)",
@@ -65,7 +76,7 @@ def patch(c, src, arch, ref=None, check=False):
     patch_tree(Path(src), get_arch(arch), ref=get_ref(ref) if ref else None, check=check)
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "profile": "check one compose profile (v100, t4x4, 2080ti-x2); default: every profile",
     "model-dir": "the model's Hugging Face directory (default: KTLEGACY_MODEL_DIR of compose/.env)",
     "gguf-dir": "the GGUF directory (default: KTLEGACY_GGUF_DIR of compose/.env)",
@@ -87,7 +98,7 @@ def doctor(c, profile=None, model_dir=None, gguf_dir=None, image=None, rules=Non
         sys.exit(code)
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "profile": "compose profile to start: v100, t4x4 or 2080ti-x2",
     "force": "start even if a doctor check fails",
 })
@@ -98,7 +109,7 @@ def up(c, profile, force=False):
     compose_up(profile, force)
 
 
-@task(iterable=["cpu_instruct"], help={
+@task(positional=[], auto_shortflags=False, iterable=["cpu_instruct"], help={
     "registry": "where to push: HOST[:PORT][/NAMESPACE], e.g. ghcr.io/OWNER; images go to <registry>/ktransformers",
     "arch": "sm70, sm75 or all (default all)",
     "cpu-instruct": "CPU set to publish (AVX2, AVX512, FANCY, NATIVE); repeat for several; default: every one built",
@@ -121,7 +132,7 @@ def publish(c, registry, arch="all", cpu_instruct=None, ref=None, sha=None, movi
                    source_repository=source_repository or DEFAULT_REPOSITORY)
 
 
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "dest": "directory to write the synthetic checkpoint into (model.gguf, config, tokenizer)",
     "layers": "decoder layers: the first dense, the rest MoE (default 6; 27 = V2-Lite's layer count)",
     "seed": "seed of the random weights (default 0)",
@@ -194,23 +205,7 @@ def smoke(c, arch=None, image=None, ref=None, cpu_instruct=None):
         raise KtlegacyError(f"smoke tests failed inside the image (exit {code}); see the lines above")
 
 
-@task(help={
-    "dest": "directory to write the synthetic checkpoint into (model.gguf, config, tokenizer)",
-    "layers": "decoder layers: the first dense, the rest MoE (default 6; 27 = V2-Lite's layer count)",
-    "seed": "seed of the random weights (default 0)",
-    "force": "replace a non-empty --dest",
-})
-@one_line_errors
-def make_test_model(c, dest, layers=6, seed=0, force=False):
-    """Write a synthetic DeepSeek-V2 GGUF checkpoint (MLA dims of V2-Lite, seeded random weights)."""
-    from ktlegacy.testmodel import TestModelSpec, make_test_model as make
-    if int(layers) < 2:
-        raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
-    out = make(Path(dest), TestModelSpec(num_hidden_layers=int(layers), seed=int(seed)), force=force)
-    print(f"wrote {out}")
-
-
-@task(help={
+@task(positional=[], auto_shortflags=False, help={
     "src": "patched ktransformers tree (from fetch-source + patch)",
     "arch": "sm70, sm75 or all",
     "python": "interpreter whose Triton compiles the kernels (default: this one; e.g. the image's venv)",
