@@ -449,22 +449,43 @@ def _keep_kv_b(model):
     return restore
 
 
-def _measure(fn, reps: int = 5):
-    fn()  # warm-up (Triton/SDPA selection, allocator)
+def _measure(fn, reps: int = 10, trials: int = 5):
+    """(median wall ms per call over ``trials`` timed loops of ``reps`` calls, peak extra bytes
+    of one call). Wall time on CUDA events: includes launch gaps, which dominate small layers
+    on a fast GPU; see _gpu_ms for the kernels' own time."""
+    for _ in range(3):
+        fn()  # warm-up (Triton/SDPA selection, allocator)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps, peak
+    times = []
+    for _ in range(trials):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[len(times) // 2], peak
+
+
+def _gpu_ms(fn, reps: int = 5) -> float:
+    """Sum of the CUDA kernels' own time per call (profiler), i.e. the time on a GPU-bound card."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # device-side events only
+    if not kernels:
+        return float("nan")
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1000.0 / reps
 
 
 def _sdpa_op_peak(call) -> int:
@@ -517,13 +538,19 @@ def prefill_attention_bench(results: dict) -> dict:
             attn.attn_mask = None
             row["windows_ms"], row["windows_peak_bytes"] = _measure(windows)
             row["sdpa_op_peak_bytes"] = _sdpa_op_peak(sdpa)
+            row["sdpa_gpu_ms"] = _gpu_ms(sdpa)
+            attn.attn_mask = None
+            row["windows_gpu_ms"] = _gpu_ms(windows)
         attn.attn_mask = None
         row["speedup"] = row["windows_ms"] / row["sdpa_ms"]
+        row["gpu_time_speedup"] = row["windows_gpu_ms"] / row["sdpa_gpu_ms"]
         row["peak_mem_ratio"] = row["sdpa_peak_bytes"] / row["windows_peak_bytes"]
         out[str(n)] = row
         log(f"prefill attn {n}: sdpa {row['sdpa_ms']:.2f} ms / windows {row['windows_ms']:.2f} ms "
             f"= {row['speedup']:.1f}x; peak {row['sdpa_peak_bytes'] / 2**20:.0f} / "
-            f"{row['windows_peak_bytes'] / 2**20:.0f} MiB; max diff {row['out_max_abs_diff']:.3g}")
+            f"{row['windows_peak_bytes'] / 2**20:.0f} MiB; max diff {row['out_max_abs_diff']:.3g}; GPU time "
+            f"{row['sdpa_gpu_ms']:.2f} / {row['windows_gpu_ms']:.2f} ms = {row['gpu_time_speedup']:.1f}x; "
+            f"SDPA op alone {row['sdpa_op_peak_bytes'] / 2**20:.0f} MiB")
         cache = hidden = None  # free before the next length (the closures above are done)
         torch.cuda.empty_cache()
     return out
@@ -553,8 +580,9 @@ def decode_attention_bench(results: dict, context: int = 4096) -> dict:
                 restore()
         a, b = triton_step()[0], windows_step()[0]
         out["out_max_abs_diff"] = (a.float() - b.float()).abs().max().item()
-        out["triton_ms"], out["triton_peak_bytes"] = _measure(triton_step, reps=50)
-        out["windows_ms"], out["windows_peak_bytes"] = _measure(windows_step, reps=50)
+        out["triton_ms"], out["triton_peak_bytes"] = _measure(triton_step, reps=20)
+        out["windows_ms"], out["windows_peak_bytes"] = _measure(windows_step, reps=20)
+        out["triton_gpu_ms"], out["windows_gpu_ms"] = _gpu_ms(triton_step, 20), _gpu_ms(windows_step, 20)
         # where a decode step's time goes (printed into the log, not the JSON)
         from torch.profiler import ProfilerActivity, profile
         for label, fn in (("triton", triton_step), ("windows", windows_step)):
@@ -564,7 +592,8 @@ def decode_attention_bench(results: dict, context: int = 4096) -> dict:
                 torch.cuda.synchronize()
             print(f"--- profile of 10 decode steps, {label} path", flush=True)
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
-    log(f"decode attn @{context}: triton {out['triton_ms'] * 1000:.0f} us / windows {out['windows_ms'] * 1000:.0f} us; "
+    log(f"decode attn @{context}: triton {out['triton_ms'] * 1000:.0f} us / windows {out['windows_ms'] * 1000:.0f} us "
+        f"(GPU time {out['triton_gpu_ms'] * 1000:.0f} / {out['windows_gpu_ms'] * 1000:.0f} us); "
         f"max diff {out['out_max_abs_diff']:.3g}")
     return out
 
@@ -599,8 +628,9 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     # rounds interleave the two paths (the first round warms up Triton/SDPA/allocator and is
-    # dropped); decode is launch-bound here, so the minimum over rounds is what is compared
-    for rnd in range(3):
+    # dropped); decode is launch-bound here: best and median of 4 rounds are both kept
+    rounds: dict = {"sdpa": [], "windows": []}
+    for rnd in range(5):
         for path in ("sdpa", "windows"):
             os.environ["KTLEGACY_PREFILL"] = path
             for layer in model.model.layers:
@@ -620,6 +650,7 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
             torch.cuda.empty_cache()
             if rnd == 0:
                 continue
+            rounds[path].append((t1 - t0, t2 - t1))
             b = best.setdefault(path, {"prefill_s": 1e9, "decode_s": 1e9})
             if t1 - t0 < b["prefill_s"]:
                 b.update(prefill_s=t1 - t0, prefill_cpu_experts_s=prefill_experts.seconds)
@@ -633,7 +664,11 @@ def e2e_bench(results: dict, prompt_len: int, decode_steps: int) -> dict:
         device_used_bytes_after=total - free, cache_tokens=prompt_len + decode_steps + 8)
     out = {}
     for path, b in best.items():
-        out[path] = dict(b, prefill_tok_s=prompt_len / b["prefill_s"], decode_tok_s=decode_steps / b["decode_s"])
+        med_prefill = sorted(r[0] for r in rounds[path])[len(rounds[path]) // 2]
+        med_decode = sorted(r[1] for r in rounds[path])[len(rounds[path]) // 2]
+        out[path] = dict(b, prefill_tok_s=prompt_len / b["prefill_s"], decode_tok_s=decode_steps / b["decode_s"],
+                         prefill_tok_s_median=prompt_len / med_prefill, decode_tok_s_median=decode_steps / med_decode,
+                         rounds_s=rounds[path])
         log(f"e2e {path}: prefill {out[path]['prefill_tok_s']:.0f} tok/s (CPU experts {b['prefill_cpu_experts_s']:.2f} "
             f"of {b['prefill_s']:.2f} s), decode {out[path]['decode_tok_s']:.1f} tok/s (CPU experts "
             f"{b['decode_cpu_experts_s']:.2f} of {b['decode_s']:.2f} s)")
@@ -751,6 +786,7 @@ def main(argv=None) -> int:
     if pa:
         results["prefill_sdpa_vs_windows_speedup"] = {k: v["speedup"] for k, v in pa.items()}
         results["prefill_peak_mem_ratio"] = {k: v["peak_mem_ratio"] for k, v in pa.items()}
+        results["prefill_gpu_time_speedup"] = {k: v["gpu_time_speedup"] for k, v in pa.items()}
     e2e = results.get("e2e", {})
     if e2e:
         results["e2e_prefill_tok_s"] = {"patched": e2e["sdpa"]["prefill_tok_s"], "windows": e2e["windows"]["prefill_tok_s"]}
