@@ -58,6 +58,7 @@ def wheelhouse_requirements(torch_version: str, ref_name: str = DEFAULT_REF, com
         reqs += _requirement_lines(REQUIREMENTS / "compile.txt")
     # torch is pinned above; ktransformers' own "torch >= x" must not pull another one
     reqs += [r for r in ktransformers_requirements(ref_name) if not re.match(r"torch\b", r)]
+    reqs += _requirement_lines(REQUIREMENTS / "runtime.txt")
     return reqs
 
 

@@ -201,6 +201,7 @@ def test_standin_image_passes_its_smoke(standin_runtime_image):
     assert "smoke pass check_rules_torch_only" in proc.stdout
     assert "smoke pass check_flash_attn_stub" in proc.stdout
     assert "smoke pass check_build_labels" in proc.stdout
+    assert "smoke pass check_server_imports" in proc.stdout
     assert "skipped: stand-in build, no CUDA" in proc.stdout  # never a fake pass for the extensions
 
 

@@ -14,6 +14,7 @@ stub=("$wheels"/flash_attn-*.whl)
 [ ${#kt[@]} -eq 1 ] || die "expected one ktransformers wheel in $wheels, found ${#kt[@]}"
 [ ${#stub[@]} -eq 1 ] || die "expected one flash_attn (stub) wheel in $wheels, found ${#stub[@]}"
 # torch stays at the pin installed in step 1; pip may not swap it for PyPI's build.
-pip_install "$py" "${kt[0]}" "${stub[0]}" "torch==${TORCH_VERSION}"
+# runtime.txt: what the server imports but ktransformers' metadata does not declare.
+pip_install "$py" "${kt[0]}" "${stub[0]}" "torch==${TORCH_VERSION}" -r "$here/../requirements/runtime.txt"
 "$py" -m pip check || die "installed packages have unmet requirements (pip check above)"
 "$py" -m pip list --format=freeze >"$(dirname "$KTLEGACY_VENV")/installed.txt"
