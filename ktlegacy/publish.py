@@ -63,6 +63,7 @@ class LocalImage:
     variant: str       # "" or STANDIN_SUFFIX
     image_id: str
     labels: dict
+    diff_ids: list = field(default_factory=list)   # RootFS.Layers of docker image inspect
 
 
 @dataclass
@@ -126,7 +127,8 @@ def local_images(docker, repository: str = images.DEFAULT_REPOSITORY, arch: str 
         name = f"{repository}:{tag}"
         info = json.loads(docker.run("image", "inspect", name).stdout)[0]
         out.append(LocalImage(name, m["ref"], arches[m["arch"]], m["cpu"].upper(), m["variant"] or "",
-                              info["Id"], (info.get("Config") or {}).get("Labels") or {}))
+                              info["Id"], (info.get("Config") or {}).get("Labels") or {},
+                              list((info.get("RootFS") or {}).get("Layers") or [])))
     return out
 
 
@@ -292,33 +294,31 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
                log: Callable[[str], None] = lambda s: None) -> tuple[bytes, int, int]:
     """Put the image's config and layers into the registry; return (manifest bytes, uploaded, reused).
 
-    Pass 1 reads ``docker save`` for its manifest.json and config only: each layer's diff_id
-    (sha256 of the uncompressed tar). Layers whose compressed form we know (local cache, keyed
-    by diff_id: content-addressed) and the registry already holds are not read again. Pass 2,
-    only if needed, compresses the other layers while the archive streams, one temporary file
-    at a time, and checks each one hashes to its diff_id.
+    When the local cache (diff_id -> our gzip blob: content-addressed) knows none of the image's
+    layers, one pass over ``docker save`` compresses and uploads each layer as it streams by, one
+    temporary file at a time. Otherwise pass 1 reads only manifest.json and the config; layers
+    whose blob the registry holds (or the blob store has) are not read again, and pass 2, only
+    if needed, compresses the rest. Every layer is checked to hash to its diff_id.
     """
     archive = _Archive(docker, image)
-    archive.scan()
-    config, paths, diff_ids = archive.layout()
     cache, store = _LayerCache(), _blob_store()
     counts = {"uploaded": 0, "reused": 0}
     layers: dict[str, _Blob] = {}
-    missing: dict[str, str] = {}  # path -> expected diff_id
+    missing: dict[str, str | None] = {}  # path -> expected diff_id (None: not known yet)
 
     def upload(blob: _Blob, fh) -> None:
         log(f"  uploading layer {blob.digest[:19]} ({blob.size / 1e6:.1f} MB)")
         client.upload_blob(blob.digest, fh, blob.size)
         counts["uploaded"] += 1
 
-    def compress(path: str, src, expected: str) -> None:
+    def compress(path: str, src, expected: str | None) -> None:
         head = src.read(2)
         with tempfile.TemporaryFile() if store is None else store.new() as tmp, _removed_on_error(tmp):
             if head == b"\x1f\x8b":  # containerd image store: the layer is gzip already
                 digest, size, diff_id = _copy_gzipped(head, src, tmp)
             else:
                 digest, size, diff_id = _gzip_to(_Prefixed(head, src), tmp)
-            if diff_id != expected:
+            if expected is not None and diff_id != expected:
                 raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {diff_id[:19]}, not "
                                     f"{expected[:19]} as the image config says; the local image store may be damaged")
             blob = cache.put(_Blob(digest, size, diff_id))
@@ -331,6 +331,22 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
                 upload(blob, tmp)
         layers[path] = blob
 
+    if not any(cache.get(d) for d in image.diff_ids):
+        # nothing to reuse (first publish of these layers): one pass, every layer compressed as it
+        # streams by; the diff_ids are checked against the config afterwards
+        archive.scan(lambda name, src: compress(name, src, None))
+        config, paths, diff_ids = archive.layout()
+        for path, diff_id in zip(paths, diff_ids):
+            if path not in layers and path in archive.small:
+                compress(path, io.BytesIO(archive.small[path]), diff_id)
+            if path not in layers:
+                raise KtlegacyError(f"docker save {image.tag}: layer {path} is missing from the archive")
+            if layers[path].diff_id != diff_id:
+                raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {layers[path].diff_id[:19]}, "
+                                    f"not {diff_id[:19]} as the image config says; the local image store may be damaged")
+    else:
+        archive.scan()
+        config, paths, diff_ids = archive.layout()
     for path, diff_id in zip(paths, diff_ids):
         if path in layers or path in missing:
             continue
