@@ -300,7 +300,7 @@ def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = 
                     sys.stdout.write(line)
             if proc.wait() != 0:
                 error = KtlegacyError(f"{step.what} for {p.tag} failed (exit {proc.returncode}): "
-                                      f"{_failure_line(chunks)}")
+                                      f"{_failure_line(chunks)}{_failure_hint(chunks)}")
                 error.log = "".join(chunks)  # for callers that did not echo it (tests)
                 raise error
         logs[p.tag] = "".join(chunks)
@@ -322,6 +322,16 @@ def _failure_line(lines: list[str]) -> str:
         if line.strip():
             return line.strip()[:300]
     return "(no output)"
+
+
+def _failure_hint(lines: list[str]) -> str:
+    """How to fix the failures users meet most: a base image that cannot be pulled."""
+    text = "".join(lines[-60:])
+    if "load metadata for" in text and ("failed to do request" in text or "not found" in text
+                                        or "pull access denied" in text or "no such host" in text):
+        return ("; the base image cannot be pulled from here: pull it through a mirror you can reach "
+                "and pass --base-image/--runtime-image (see docs/images.md)")
+    return ""
 
 
 # -- smoke ----------------------------------------------------------------------------------------

@@ -122,6 +122,15 @@ def test_failure_line_prefers_our_scripts_error_line():
         "TypeError: bad thing"
 
 
+def test_unpullable_base_image_says_how_to_fix_it():
+    from ktlegacy.build import _failure_hint
+    log = ["#3 [internal] load metadata for docker.io/nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04\n",
+           '#3 ERROR: failed to do request: Head "https://registry-1.docker.io/v2/nvidia/cuda/manifests/x": '
+           "dial tcp: lookup registry-1.docker.io: no such host\n"]
+    assert "--base-image" in _failure_hint(log)
+    assert _failure_hint(["#20 6.4 error: Triton kernel k does not compile\n"]) == ""
+
+
 # -- bad input: one line, non-zero, nothing built --------------------------------------------------
 
 def _no_image(tag: str) -> bool:
