@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -175,12 +176,12 @@ def _from_helper(helper: str, server: str) -> tuple[str, str] | None:
 # --- the HTTP client ---------------------------------------------------------------------------
 
 class _NoRedirectOnWrite(urllib.request.HTTPRedirectHandler):
+    """Follow redirects of reads only (blob storage); the Authorization header is never carried
+    across one (it is an unredirected header), so storage hosts never see our token."""
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if req.get_method() in ("GET", "HEAD"):
-            new = super().redirect_request(req, fp, code, msg, headers, newurl)
-            if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-                new.remove_header("Authorization")  # blob storage redirects must not see our token
-            return new
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
         return None
 
 
@@ -219,7 +220,7 @@ class RegistryClient:
         if length is not None:
             req.add_header("Content-Length", str(length))
         if self._auth_header:
-            req.add_header("Authorization", self._auth_header)
+            req.add_unredirected_header("Authorization", self._auth_header)
         try:
             with self._opener.open(req, timeout=timeout) as resp:
                 return Response(resp.status, resp.headers, resp.read())
@@ -385,6 +386,9 @@ def _registry_error(resp: Response) -> str:
 
 
 def _why(reason) -> str:
+    if isinstance(reason, ssl.SSLError):
+        return (f"TLS failed: {getattr(reason, 'reason', None) or reason}; for a plain-HTTP registry "
+                "write --registry http://HOST/...")
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
     if isinstance(reason, (socket.timeout, TimeoutError)):

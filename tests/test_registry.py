@@ -117,3 +117,23 @@ def test_parse_challenge():
     assert scheme == "bearer" and params == {"realm": "https://ghcr.io/token", "service": "ghcr.io",
                                              "scope": "repository:o/k:pull"}
     assert _parse_challenge('Basic realm="Registry Realm"') == ("basic", {"realm": "Registry Realm"})
+
+
+def test_https_to_a_plain_http_registry_says_how_to_fix_it():
+    import http.server
+    import threading
+
+    from ktlegacy.registry import RegistryClient
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = parse_target(f"https://127.0.0.1:{server.server_address[1]}/team")
+        with pytest.raises(KtlegacyError) as err:
+            RegistryClient(target, target.repository("ktransformers"), use_docker_login=False).ping()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "TLS failed" in str(err.value) and "--registry http://HOST" in str(err.value)
+    assert "\n" not in str(err.value)
