@@ -313,8 +313,11 @@ class FailingProxy:
     """HTTP proxy to the registry that forwards everything, but answers 500 to the first PUT of one
     tag (after forwarding it, so the tag did move: the worst case for the publisher)."""
 
-    def __init__(self, upstream: str, fail_path: str):
+    def __init__(self, upstream: str, fail_path: str, after_forward=None):
+        # after_forward(path): instead of answering 500, run this once the PUT landed (e.g. kill
+        # the registry) and pass the registry's own answer on
         self.upstream, self.fail_path, self.failed = upstream, fail_path, 0
+        self.after_forward = after_forward
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -337,7 +340,10 @@ class FailingProxy:
                     left -= len(chunk)
                 resp = conn.getresponse()
                 body = resp.read()
-                if self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed:
+                if self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed and proxy.after_forward:
+                    proxy.failed += 1
+                    proxy.after_forward(self.path)
+                elif self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed:
                     proxy.failed += 1
                     self.send_response(500)
                     self.send_header("Content-Length", "0")
@@ -383,6 +389,25 @@ def test_failed_tag_rolls_back_every_tag(registry, docker, docker_config, standi
     assert "\n" not in message and "HTTP 500" in message and "rolled back" in message
     # exactly A's tags, each still on A's manifest; B's sha tag is gone
     assert {tag: registry.digest_of(tag) for tag in registry.tags()} == before
+
+
+def test_registry_killed_while_tagging_names_what_may_be_left(registry, docker, docker_config, standin_images):
+    """The one case no client can roll back: the registry dies after the first tag landed. The
+    error must say so, and name every tag that may be left (a superset of what is there)."""
+    from ktlegacy.publish import publish
+    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/{TAG}", after_forward=lambda path: registry.kill())
+    try:
+        with pytest.raises(KtlegacyError) as err:
+            publish(proxy.host, source_repository=SRC_A, allow_standin=True, allow_dirty=True, moving=True,
+                    docker=docker, out=lambda line: None)
+    finally:
+        proxy.close()
+    message = str(err.value)
+    assert proxy.failed == 1 and "\n" not in message
+    assert "could not roll back" in message and "re-run publish, or delete them" in message
+    named = set(message.split("so tags ", 1)[1].split(f" of {proxy.host}", 1)[0].split(", "))
+    registry.start()
+    assert TAG in registry.tags() and set(registry.tags()) <= named
 
 
 def test_failed_tag_of_the_second_image_rolls_back_the_first(registry, docker, docker_config, standin_images):
