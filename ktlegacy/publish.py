@@ -39,8 +39,8 @@ from typing import Callable
 from . import images
 from .arch import Arch, arches_for
 from .errors import KtlegacyError
+from .registry import MANIFEST_V2, RegistryClient, Target, parse_target
 from .source import CACHE_DIR
-from .registry import MANIFEST_V2, RegistryClient, RegistryUnreachable, Target, parse_target
 
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
