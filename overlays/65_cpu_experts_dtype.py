@@ -27,11 +27,19 @@ The git tags keep the bug (read at each tag; line numbers of the unpatched file)
   dtype, so in fp16 they compute on garbage too. Converting at the boundary would change the
   shared class-level buffers every KExpertsCPU uses, unverified on a GPU; instead ``load``
   refuses an AMX backend unless the model runs in bf16, naming the fix (use ``llamafile``).
+
+The CPU linear op ``KLinearCPUInfer`` (``operators/linear.py``; rules: v0.2.4post1's
+``rocm/DeepSeek-V3-Chat.yaml``, v0.3.x's ``DeepSeek-V2-Lite-Chat-gpu-cpu.yaml`` too, and any
+user rule) has the same bug at every ref: ``LinearConfig(..., self.weight_type, 30)`` and a
+bf16 ``output_cpu`` (0.2.1.post1 :337/:344, v0.2.4post1 :752/:759, v0.3.1 :754/:761, v0.3.2
+:780/:787), in front of the same ggml conversion (``llamafile/linear.cpp``, identical at every
+ref). It gets the same two edits. It is in no rule the H100 run used, so this is read, not run.
 """
 
 from ktlegacy.overlay import Overlay
 
 EXPERTS = "ktransformers/operators/experts.py"
+LINEAR = "ktransformers/operators/linear.py"
 MARK = "  # ktlegacy: "
 GGML_TYPE_OF_DEFAULT_DTYPE = "{torch.float32: 0, torch.float16: 1}.get(torch.get_default_dtype(), 30)"
 
@@ -77,6 +85,18 @@ _V03 = (
     (OUTPUT_PER_GRAPH, OUTPUT_PER_GRAPH_NEW, "output_cpu buffers per CUDA graph: bf16 -> the model dtype"),
     (OUTPUT_ONE, OUTPUT_ONE_NEW, "output_cpu buffer (non-XPU): bf16 -> the model dtype"),
 )
+# KLinearCPUInfer.load, the same text at every ref.
+LINEAR_HIDDEN_TYPE = "self.weight_type, 30)\n"
+LINEAR_HIDDEN_TYPE_NEW = ("self.weight_type, " + GGML_TYPE_OF_DEFAULT_DTYPE + ")"
+                          + MARK + "ggml type of the activations = the model dtype\n")
+LINEAR_OUTPUT = ('self.output_cpu = torch.zeros((1, 1, self.out_features), device="cpu", pin_memory=True, '
+                 'dtype=torch.bfloat16)')
+LINEAR_OUTPUT_NEW = LINEAR_OUTPUT.replace(BF16, DEFAULT) + MARK + "same dtype as the activations"
+LINEAR_EDITS = (
+    (LINEAR_HIDDEN_TYPE, LINEAR_HIDDEN_TYPE_NEW, "KLinearCPUInfer LinearConfig hidden type: 30 (BF16) -> the model dtype's"),
+    (LINEAR_OUTPUT, LINEAR_OUTPUT_NEW, "KLinearCPUInfer output_cpu buffer: bf16 -> the model dtype"),
+)
+
 # (anchor, replacement, what) per ref; every anchor occurs exactly once in experts.py.
 EDITS = {
     "0.2.1.post1": (
@@ -91,13 +111,16 @@ EDITS = {
 
 class CpuExpertsDtypeOverlay(Overlay):
     name = "cpu-experts-dtype"
-    summary = "KExpertsCPU: activations' ggml type and output buffer follow the model dtype (not always BF16)"
+    summary = ("KExpertsCPU, KLinearCPUInfer: activations' ggml type and output buffer follow the model dtype "
+               "(not always BF16)")
     # 0.2.1.post1 verified on the H100 (bench/gpu_proof.py); the tags' edits by reading their code
     refs = tuple(EDITS)
 
     def apply(self, tree, ctx):
         for old, new, what in EDITS[ctx.ref.name]:
             tree.replace(EXPERTS, old, new, what=what)
+        for old, new, what in LINEAR_EDITS:
+            tree.replace(LINEAR, old, new, what=what)
 
 
 OVERLAY = CpuExpertsDtypeOverlay()

@@ -3,8 +3,9 @@
 CI cannot fetch the tags (GitHub is not reachable there), so the tests on tag trees run only
 when ``KTLEGACY_TAG_TREES=DIR`` names a directory holding pristine exports ``DIR/<tag>/``, e.g.
 ``mkdir -p DIR/v0.3.1 && git --git-dir=MIRROR archive v0.3.1 | tar -x -C DIR/v0.3.1``; without
-it they skip and say so. One test runs everywhere: the check that sdpa-kv-reuse does at the tags
-(their prefill already reads the whole cache) must refuse 0.2.1.post1's prefill, which ignores it.
+it they skip and say so. Two tests run everywhere, on the sdist: the check that sdpa-kv-reuse
+does at the tags (their prefill already reads the whole cache) must refuse 0.2.1.post1's
+prefill, which ignores it; and KLinearCPUInfer gets the model dtype there too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ktlegacy.refs import REFS
 REPO = Path(__file__).resolve().parent.parent
 ATTENTION = "ktransformers/operators/attention.py"
 EXPERTS = "ktransformers/operators/experts.py"
+LINEAR = "ktransformers/operators/linear.py"
 TAGS = ("v0.2.4post1", "v0.3.1", "v0.3.2")
 TREES_ENV = "KTLEGACY_TAG_TREES"
 
@@ -65,6 +67,25 @@ def test_the_tags_cache_check_refuses_the_sdist_prefill(sdist_tree):
     assert msg.startswith(f"overlay sdpa-kv-reuse: {ATTENTION}: expected forward_linux_triton to hold once ")
     assert "the whole KV cache" in msg and "\n" not in msg
     assert tree.changed_paths == []
+
+
+def _assert_cpu_linear_gets_the_model_dtype(root: Path):
+    """KLinearCPUInfer (same hard-coded BF16 at every ref) is edited like KExpertsCPU."""
+    text = (root / LINEAR).read_text()
+    load = _method(text, "load", cls="KLinearCPUInfer")
+    config = [line for line in load.splitlines() if "LinearConfig(" in line]
+    assert len(config) == 1 and config[0].rstrip().split("  # ")[0].endswith(
+        "self.weight_type, {torch.float32: 0, torch.float16: 1}.get(torch.get_default_dtype(), 30))"), config
+    output = [line for line in load.splitlines() if "self.output_cpu = " in line]
+    assert len(output) == 1 and "dtype=torch.get_default_dtype())" in output[0], output
+    compile(text, LINEAR, "exec")
+
+
+def test_cpu_linear_gets_the_model_dtype_on_the_sdist(pristine_tree):
+    result = _run_patch(pristine_tree, "0.2.1.post1")
+    assert result.returncode == 0, result.stderr
+    assert f"cpu-experts-dtype: changed {LINEAR}: KLinearCPUInfer LinearConfig hidden type" in result.stdout
+    _assert_cpu_linear_gets_the_model_dtype(pristine_tree)
 
 
 # ---------------------------------------------------------------- tag trees, when exported
@@ -115,6 +136,7 @@ def test_tag_cpu_experts_get_the_model_dtype_and_kv_reuse_is_upstreams(tag_tree)
         assert guard < load.index('if self.backend == "llamafile":') < load.index('elif self.backend == "AMXBF16":')
     compile(experts, EXPERTS, "exec")
     compile(attention, ATTENTION, "exec")
+    _assert_cpu_linear_gets_the_model_dtype(tree)
 
     state = _files(tree)
     second = _run_patch(tree, tag)
