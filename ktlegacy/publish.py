@@ -20,6 +20,8 @@ Nothing here runs the image or needs a GPU. Login stays with ``docker login``.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import gzip
 import hashlib
@@ -45,6 +47,8 @@ from .source import CACHE_DIR
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 GZIP_LEVEL = 6       # what docker push uses
+_GZIP_CHUNK = 16 << 20                           # one gzip member per 16 MiB of layer
+_GZIP_THREADS = max(1, min(4, os.cpu_count() or 1))
 _CHUNK = 1 << 20
 LABEL_STANDIN = "io.ktlegacy.standin"  # set by images/Dockerfile for no-CUDA test builds
 _SMALL = 4 << 20     # archive members below this are read into memory (metadata, tiny layers)
@@ -198,26 +202,45 @@ class _Blob:
     diff_id: str | None   # sha256 of the uncompressed layer
 
 
+def _gzip_member(data: bytes) -> bytes:
+    # mtime=0, no file name: the same bytes always give the same member
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
+
+
 def _gzip_to(src, dst) -> tuple[str, int, str]:
-    """Compress a tar stream into ``dst`` (deterministic header); return (digest, size, diff_id)."""
+    """Compress a tar stream into ``dst``; return (digest, size, diff_id).
+
+    pigz-style: fixed-size chunks compressed in parallel (zlib releases the GIL), each a gzip
+    member; a multi-member stream is one valid gzip file (RFC 1952), which docker, containerd
+    and every registry client read. Fixed chunks keep it deterministic: same layer, same digest.
+    """
     raw_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    size = 0
+    pending: collections.deque = collections.deque()
 
-    class _Hashing:
-        size = 0
+    def emit(future) -> None:
+        nonlocal size
+        data = future.result()
+        out_hash.update(data)
+        dst.write(data)
+        size += len(data)
 
-        def write(self, data):
-            out_hash.update(data)
-            _Hashing.size += len(data)
-            return dst.write(data)
-
-        def flush(self):
-            dst.flush()
-
-    with gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=_Hashing(), mtime=0) as gz:
-        while chunk := src.read(_CHUNK):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_GZIP_THREADS) as pool:
+        first = True
+        while True:
+            chunk = src.read(_GZIP_CHUNK)
+            if not chunk and not first:
+                break
+            first = False
             raw_hash.update(chunk)
-            gz.write(chunk)
-    return "sha256:" + out_hash.hexdigest(), _Hashing.size, "sha256:" + raw_hash.hexdigest()
+            pending.append(pool.submit(_gzip_member, chunk))
+            while len(pending) > 2 * _GZIP_THREADS:
+                emit(pending.popleft())
+            if not chunk:
+                break
+        while pending:
+            emit(pending.popleft())
+    return "sha256:" + out_hash.hexdigest(), size, "sha256:" + raw_hash.hexdigest()
 
 
 def _copy_gzipped(head: bytes, src, dst) -> tuple[str, int, str]:
@@ -231,10 +254,10 @@ def _copy_gzipped(head: bytes, src, dst) -> tuple[str, int, str]:
         dst.write(chunk)
         data = chunk
         while data:
+            if inflate.eof:  # a multi-member gzip stream: the next member starts here
+                inflate = zlib.decompressobj(31)
             raw_hash.update(inflate.decompress(data))
             data = inflate.unused_data
-            if data:  # a multi-member gzip stream
-                inflate = zlib.decompressobj(31)
         chunk = src.read(_CHUNK)
     return "sha256:" + out_hash.hexdigest(), size, "sha256:" + raw_hash.hexdigest()
 
@@ -306,67 +329,74 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
     layers: dict[str, _Blob] = {}
     missing: dict[str, str | None] = {}  # path -> expected diff_id (None: not known yet)
 
-    def upload(blob: _Blob, fh) -> None:
-        log(f"  uploading layer {blob.digest[:19]} ({blob.size / 1e6:.1f} MB)")
-        client.upload_blob(blob.digest, fh, blob.size)
-        counts["uploaded"] += 1
+    uploader = _Uploader(client, log, counts)
 
     def compress(path: str, src, expected: str | None) -> None:
         head = src.read(2)
-        with tempfile.TemporaryFile() if store is None else store.new() as tmp, _removed_on_error(tmp):
-            if head == b"\x1f\x8b":  # containerd image store: the layer is gzip already
-                digest, size, diff_id = _copy_gzipped(head, src, tmp)
-            else:
-                digest, size, diff_id = _gzip_to(_Prefixed(head, src), tmp)
-            if expected is not None and diff_id != expected:
-                raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {diff_id[:19]}, not "
-                                    f"{expected[:19]} as the image config says; the local image store may be damaged")
-            blob = cache.put(_Blob(digest, size, diff_id))
-            if store is not None:
-                store.keep(tmp, digest)
+        tmp = tempfile.TemporaryFile() if store is None else store.new()
+        handed_over = False
+        try:
+            with _removed_on_error(tmp):
+                if head == b"\x1f\x8b":  # containerd image store: the layer is gzip already
+                    digest, size, diff_id = _copy_gzipped(head, src, tmp)
+                else:
+                    digest, size, diff_id = _gzip_to(_Prefixed(head, src), tmp)
+                if expected is not None and diff_id != expected:
+                    raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {diff_id[:19]}, not "
+                                        f"{expected[:19]} as the image config says; the local image store may be "
+                                        "damaged")
+                blob = cache.put(_Blob(digest, size, diff_id))
+                if store is not None:
+                    store.keep(tmp, digest)
             if client.has_blob(digest):
                 counts["reused"] += 1
             else:
-                tmp.seek(0)
-                upload(blob, tmp)
+                uploader.submit(blob, tmp)  # uploads while the next layer compresses; closes tmp
+                handed_over = True
+        finally:
+            if not handed_over:
+                tmp.close()
         layers[path] = blob
 
-    if not any(cache.get(d) for d in image.diff_ids):
-        # nothing to reuse (first publish of these layers): one pass, every layer compressed as it
-        # streams by; the diff_ids are checked against the config afterwards
-        archive.scan(lambda name, src: compress(name, src, None))
-        config, paths, diff_ids = archive.layout()
-        for path, diff_id in zip(paths, diff_ids):
-            if path not in layers and path in archive.small:
-                compress(path, io.BytesIO(archive.small[path]), diff_id)
-            if path not in layers:
-                raise KtlegacyError(f"docker save {image.tag}: layer {path} is missing from the archive")
-            if layers[path].diff_id != diff_id:
-                raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {layers[path].diff_id[:19]}, "
-                                    f"not {diff_id[:19]} as the image config says; the local image store may be damaged")
-    else:
-        archive.scan()
-        config, paths, diff_ids = archive.layout()
-    for path, diff_id in zip(paths, diff_ids):
-        if path in layers or path in missing:
-            continue
-        known = cache.get(diff_id)
-        if known and client.has_blob(known.digest):
-            layers[path] = known
-            counts["reused"] += 1
-        elif known and store is not None and store.has(known.digest):
-            with open(store.path(known.digest), "rb") as fh:
-                upload(known, fh)
-            layers[path] = known
-        elif path in archive.small:  # tiny layer, already in memory
-            compress(path, io.BytesIO(archive.small[path]), diff_id)
+    try:
+        if not any(cache.get(d) for d in image.diff_ids):
+            # nothing to reuse (first publish of these layers): one pass, every layer compressed as it
+            # streams by; the diff_ids are checked against the config afterwards
+            archive.scan(lambda name, src: compress(name, src, None))
+            config, paths, diff_ids = archive.layout()
+            for path, diff_id in zip(paths, diff_ids):
+                if path not in layers and path in archive.small:
+                    compress(path, io.BytesIO(archive.small[path]), diff_id)
+                if path not in layers:
+                    raise KtlegacyError(f"docker save {image.tag}: layer {path} is missing from the archive")
+                if layers[path].diff_id != diff_id:
+                    raise KtlegacyError(f"docker save {image.tag}: layer {path} hashes to {layers[path].diff_id[:19]}, "
+                                        f"not {diff_id[:19]} as the image config says; the local image store may be damaged")
         else:
-            missing[path] = diff_id
-    if missing:
-        archive.scan(lambda name, src: compress(name, src, missing[name]) if name in missing else None)
-        absent = [p for p in missing if p not in layers]
-        if absent:
-            raise KtlegacyError(f"docker save {image.tag}: layer {absent[0]} is missing from the archive")
+            archive.scan()
+            config, paths, diff_ids = archive.layout()
+        for path, diff_id in zip(paths, diff_ids):
+            if path in layers or path in missing:
+                continue
+            known = cache.get(diff_id)
+            if known and client.has_blob(known.digest):
+                layers[path] = known
+                counts["reused"] += 1
+            elif known and store is not None and store.has(known.digest):
+                uploader.submit(known, open(store.path(known.digest), "rb"))
+                layers[path] = known
+            elif path in archive.small:  # tiny layer, already in memory
+                compress(path, io.BytesIO(archive.small[path]), diff_id)
+            else:
+                missing[path] = diff_id
+        if missing:
+            archive.scan(lambda name, src: compress(name, src, missing[name]) if name in missing else None)
+            absent = [p for p in missing if p not in layers]
+            if absent:
+                raise KtlegacyError(f"docker save {image.tag}: layer {absent[0]} is missing from the archive")
+        uploader.wait()  # the last upload, and any upload error
+    finally:
+        uploader.shutdown()
     cache.save()
 
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
@@ -382,6 +412,46 @@ def push_blobs(docker, image: LocalImage, client: RegistryClient,
         "layers": [{"mediaType": LAYER_GZIP, "size": layers[p].size, "digest": layers[p].digest} for p in paths],
     }
     return json.dumps(manifest, indent=3).encode(), counts["uploaded"], counts["reused"]
+
+
+class _Uploader:
+    """One blob uploads in a background thread while the next layer compresses: at most one in
+    flight, so the disk holds at most two compressed layers. Takes ownership of the file."""
+
+    def __init__(self, client: RegistryClient, log: Callable[[str], None], counts: dict):
+        self.client, self.log, self.counts = client, log, counts
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktlegacy-upload")
+        self.inflight: concurrent.futures.Future | None = None
+
+    def submit(self, blob: _Blob, fh) -> None:
+        try:
+            self.wait()
+        except BaseException:
+            fh.close()
+            raise
+        self.inflight = self.pool.submit(self._upload, blob, fh)
+
+    def _upload(self, blob: _Blob, fh) -> None:
+        try:
+            fh.seek(0)
+            self.log(f"  uploading layer {blob.digest[:19]} ({blob.size / 1e6:.1f} MB)")
+            self.client.upload_blob(blob.digest, fh, blob.size)
+            self.counts["uploaded"] += 1
+        finally:
+            fh.close()
+
+    def wait(self) -> None:
+        """Wait for the upload in flight; raise its error."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def shutdown(self) -> None:
+        """On every path out: let the upload in flight end (its error, if any, was or is moot)."""
+        if self.inflight is not None:
+            concurrent.futures.wait([self.inflight])
+            self.inflight = None
+        self.pool.shutdown(wait=True)
 
 
 class _LayerCache:
