@@ -159,6 +159,7 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
          standin: bool = False, offline: bool = False, max_jobs: int | None = None,
          triton_version: str | None = None,
          repository: str = images.DEFAULT_REPOSITORY, dry_run: bool = False,
+         cache_from: str | None = None, cache_to: str | None = None,
          extra_build_flags: tuple = ()) -> list[Plan]:
     """Validate every input and return the docker steps for each arch; runs nothing."""
     arches = arches_for(arch)
@@ -243,6 +244,12 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
             argv += ["--secret", f"id={CA_SECRET_ID},src={secret}"]
         if offline:
             argv += ["--network", "none"]
+        # BuildKit layer cache, e.g. type=registry,ref=REG/cache:sm75 (CI keeps the compile stage
+        # there); --cache-to needs buildx, checked in build() once the client is known.
+        if cache_from:
+            argv += ["--cache-from", cache_from]
+        if cache_to:
+            argv += ["--cache-to", cache_to]
         argv += list(extra_build_flags)
         argv += ["-t", image, str(REPO_ROOT)]
         steps.append(Step(argv, buildkit=True, what=f"{a.name} {target}"))
@@ -286,6 +293,9 @@ def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = 
             out(line)
         return BuildResult([p.tag for p in plans], {})
     client = docker_client()
+    if kwargs.get("cache_to") and not client.buildx:
+        raise KtlegacyError(f"--cache-to exports the layer cache, which needs docker buildx; {client.path} has "
+                            "BuildKit without buildx: install the buildx plugin or drop --cache-to")
     logs = {}
     for p in plans:
         chunks = []
@@ -389,6 +399,8 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-cert", default=None, help="CA bundle for a TLS-intercepting proxy (a BuildKit secret)")
     p.add_argument("--wheelhouse", default=None, help="directory of wheels (+ the ktransformers sdist): pip uses only it")
     p.add_argument("--offline", action="store_true", help="with --wheelhouse: build with --network none")
+    p.add_argument("--cache-from", default=None, help="BuildKit cache source, e.g. type=registry,ref=REG/cache:sm75")
+    p.add_argument("--cache-to", default=None, help="BuildKit cache export (needs buildx), e.g. type=registry,ref=REG/cache:sm75,mode=max")
     p.add_argument("--target", default="runtime", help="Dockerfile stage to build (default runtime)")
     p.add_argument("--max-jobs", type=int, default=None, help=f"parallel compile jobs (default {DEFAULT_MAX_JOBS})")
     p.add_argument("--standin", action="store_true",
@@ -406,7 +418,7 @@ def build_command(args) -> int:
           torch_index_url=args.torch_index_url, pip_index_url=args.pip_index_url, apt_mirror=args.apt_mirror,
           ca_cert=args.ca_cert, wheelhouse=args.wheelhouse, offline=args.offline, target=args.target,
           max_jobs=args.max_jobs, standin=args.standin, triton_version=args.triton_version, push=args.push,
-          dry_run=args.dry_run)
+          cache_from=args.cache_from, cache_to=args.cache_to, dry_run=args.dry_run)
     return 0
 
 
