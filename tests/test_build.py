@@ -194,6 +194,19 @@ def test_daemon_without_buildkit(tmp_path, monkeypatch, docker):
     assert _no_image("h3-bad/ktransformers:nobuildkit")
 
 
+@pytest.mark.docker
+def test_cache_export_without_buildx_is_refused(docker):
+    """The engine here is Debian's 20.10 client: BuildKit built in, no buildx, so no cache export."""
+    if docker.buildx:
+        pytest.skip("this client has buildx: --cache-to is supported")
+    from ktlegacy.build import build
+    from ktlegacy.errors import KtlegacyError
+    with pytest.raises(KtlegacyError, match="--cache-to .* needs docker buildx"):
+        build("sm75", tag="h3-bad/ktransformers:cacheto", cache_to="type=local,dest=/tmp/h3-cache",
+              out=lambda line: None)
+    assert _no_image("h3-bad/ktransformers:cacheto")
+
+
 # -- the stand-in build ------------------------------------------------------------------------------
 
 def _inspect(tag: str) -> dict:
