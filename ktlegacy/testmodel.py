@@ -1,12 +1,18 @@
-"""A synthetic DeepSeek-V2 checkpoint for proving the patched engine on a GPU.
+"""Synthetic DeepSeek-V2 / DeepSeek-V3 checkpoints for proving the patched engine on a GPU.
 
 ``make_test_model(dest)`` writes, in seconds and without downloads:
 
-- ``model.gguf``: seeded random weights with DeepSeek-V2-Lite's attention geometry (MLA with
-  kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128, no q LoRA), a dense first layer, then MoE
-  layers with a few routed experts plus shared experts, under the tensor names ktransformers'
-  GGUF loader looks up (``blk.N.attn_kv_a_mqa.weight``, ``blk.N.ffn_gate_exps.weight`` ...);
-- ``config.json`` / ``generation_config.json``: a ``DeepseekV2ForCausalLM`` config;
+- ``model.gguf``: seeded random weights with DeepSeek's MLA attention geometry (kv_lora_rank
+  512, qk_rope 64, qk_nope 128, v 128), dense first layer(s), then MoE layers with a few routed
+  experts plus shared experts, under the tensor names ktransformers' GGUF loader looks up
+  (``blk.N.attn_kv_a_mqa.weight``, ``blk.N.ffn_gate_exps.weight`` ...). Two presets
+  (:data:`PRESETS`): ``v2`` has DeepSeek-V2-Lite's layout (no q LoRA, softmax router, one dense
+  layer); ``v3`` has DeepSeek-V3's (q LoRA, three dense layers, the sigmoid ``noaux_tc`` router
+  with a score-correction bias ``blk.N.exp_probs_b.bias`` and group-limited top-k, one shared
+  expert, ``routed_scaling_factor``) and 46 layers by default, so the multi-GPU rule files,
+  which split DeepSeek-V3 at layer 30 (2 GPUs) and 15/30/45 (4 GPUs), place work on every GPU;
+- ``config.json`` / ``generation_config.json``: a ``DeepseekV2ForCausalLM`` or
+  ``DeepseekV3ForCausalLM`` config;
 - ``tokenizer.json`` / ``tokenizer_config.json``: a byte-level BPE trained with ``tokenizers``
   on a fixed corpus, with a chat template in DeepSeek-V2-Chat's ``User:`` / ``Assistant:`` form;
 - ``configuration_deepseek.py``: a two-line shim so ``AutoConfig(..., trust_remote_code=True)``
@@ -72,9 +78,11 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class TestModelSpec:
-    """Shapes of the synthetic model. MLA dims are DeepSeek-V2(-Lite)'s; the rest is small."""
+    """Shapes of the synthetic model. MLA dims are DeepSeek-V2(-Lite)'s; the rest is small.
+    The defaults are the ``v2`` preset; :data:`PRESETS` holds ``v3``."""
     __test__ = False  # not a pytest class
 
+    variant: str = "v2"               # "v2": DeepseekV2ForCausalLM, "v3": DeepseekV3ForCausalLM
     vocab_size: int = 512             # BPE vocabulary incl. the two special tokens
     hidden_size: int = 1024
     intermediate_size: int = 2048     # the dense first layer's MLP
@@ -109,11 +117,22 @@ class TestModelSpec:
     successor_logit: float = 19.0
     head_noise: float = 3.0
     router_margin: float = 4.0  # router score of a token's own experts over the others (see _tensors)
+    # DeepSeek-V3's router (v3 only): sigmoid scores, experts in n_group groups of which each
+    # token may use topk_group, the chosen experts' weights normalised and scaled by
+    # routed_scaling_factor; a per-expert score-correction bias steers the choice only.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: float = 0.05     # |bias| bound; far below the router margin (see _router_v3)
+
+    @property
+    def architecture(self) -> str:
+        return {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM"}[self.variant]
 
     def config_dict(self, bos_id: int, eos_id: int) -> dict:
-        """config.json for ktransformers' DeepseekV2Config (and the reference model)."""
-        return {
-            "architectures": ["DeepseekV2ForCausalLM"],
+        """config.json for ktransformers' DeepseekV2Config / DeepseekV3Config (and the reference model)."""
+        cfg = {
+            "architectures": [self.architecture],
             "model_type": "deepseek_v2",
             "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"},
             "vocab_size": self.vocab_size,
@@ -156,6 +175,43 @@ class TestModelSpec:
             "eos_token_id": eos_id,
             "torch_dtype": "bfloat16",  # as the real V2-Lite ships; the overlays pick fp16 on sm7x
         }
+        if self.variant == "v3":
+            # what DeepSeek-V3's own config.json says about its router
+            cfg.update({
+                "model_type": "deepseek_v3",
+                "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+                "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+                "n_group": self.n_group, "topk_group": self.topk_group,
+                "routed_scaling_factor": self.routed_scaling_factor,
+                "num_nextn_predict_layers": 0,  # no multi-token-prediction layer in the file
+            })
+        return cfg
+
+
+V3_ROPE_SCALING = {  # DeepSeek-V3's own
+    "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+}
+
+# name -> (spec of that preset with its default layer count). ``v3``: 46 layers, so that the
+# 4-GPU rule file (layers 0-14 / 15-29 / 30-44 / 45-60) has a layer on each of its GPUs.
+PRESETS = {
+    "v2": TestModelSpec(),
+    "v3": TestModelSpec(
+        variant="v3", num_hidden_layers=46, first_k_dense_replace=3, q_lora_rank=384,
+        hidden_size=768, moe_intermediate_size=128,  # 46 layers in ~0.75 GB
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, rope_scaling=V3_ROPE_SCALING,
+    ),
+}
+
+
+def preset(name: str, **changes) -> TestModelSpec:
+    """The spec of a preset with ``changes`` (layers, seed) applied."""
+    from dataclasses import replace
+    if name not in PRESETS:
+        raise KtlegacyError(f"unknown test model preset {name!r}: use one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **changes)
 
 
 def training_corpus(lines: int = 4000, seed: int = 1234) -> list[str]:
@@ -218,13 +274,37 @@ def _tensors(spec: TestModelSpec):
         sol, *_ = np.linalg.lstsq(x.astype(np.float64), target.astype(np.float64), rcond=None)
         return sol.T.astype(np.float32)
 
+    def router_v3(embed, ffn_norm, n_experts):
+        # DeepSeek-V3's gate (sigmoid scores + correction bias, best topk_group of n_group
+        # groups by their two best experts, then top-k inside those groups), made unambiguous
+        # the same way: each token gets topk_group groups and top_k // topk_group experts in
+        # each with router logits in [margin/2, margin], every other expert -margin. Sigmoid
+        # then puts the chosen experts at >= 0.88 and the rest at <= 0.02, far beyond the
+        # correction bias (|b| <= correction_bias) and fp16 error, at group and expert level.
+        x = embed / np.sqrt((embed ** 2).mean(axis=1, keepdims=True)) * ffn_norm
+        per_group = n_experts // spec.n_group
+        per_chosen_group = spec.num_experts_per_tok // spec.topk_group
+        target = np.full((v, n_experts), -spec.router_margin, dtype=np.float32)
+        for t in range(v):
+            for g in rng.permutation(spec.n_group)[:spec.topk_group]:
+                for e in rng.permutation(per_group)[:per_chosen_group]:
+                    target[t, g * per_group + e] = spec.router_margin * (0.5 + 0.5 * rng.random())
+        sol, *_ = np.linalg.lstsq(x.astype(np.float64), target.astype(np.float64), rcond=None)
+        bias = rng.uniform(-spec.correction_bias, spec.correction_bias, n_experts).astype(np.float32)
+        return sol.T.astype(np.float32), bias
+
     embed = rng.standard_normal((v, d), dtype=np.float32)
     yield "token_embd.weight", embed, "F16"
     b = spec.branch_scale
     for i in range(spec.num_hidden_layers):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", norm(d), "F32"
-        yield p + "attn_q.weight", linear(h * q_head, d), "F16"
+        if spec.q_lora_rank:
+            yield p + "attn_q_a.weight", linear(spec.q_lora_rank, d), "F16"
+            yield p + "attn_q_a_norm.weight", norm(spec.q_lora_rank), "F32"
+            yield p + "attn_q_b.weight", linear(h * q_head, spec.q_lora_rank), "F16"
+        else:
+            yield p + "attn_q.weight", linear(h * q_head, d), "F16"
         yield p + "attn_kv_a_mqa.weight", linear(spec.kv_lora_rank + spec.qk_rope_head_dim, d), "F16"
         yield p + "attn_kv_a_norm.weight", norm(spec.kv_lora_rank), "F32"
         yield p + "attn_kv_b.weight", linear(h * (spec.qk_nope_head_dim + spec.v_head_dim),
@@ -238,11 +318,19 @@ def _tensors(spec: TestModelSpec):
             yield p + "ffn_down.weight", linear(d, spec.intermediate_size, b), "F16"
             continue
         e, inter = spec.n_routed_experts, spec.moe_intermediate_size
-        yield p + "ffn_gate_inp.weight", router(embed, ffn_norm, e), "F32"
+        if spec.variant == "v3":
+            weight, bias = router_v3(embed, ffn_norm, e)
+            yield p + "ffn_gate_inp.weight", weight, "F32"
+            yield p + "exp_probs_b.bias", bias, "F32"
+            # top_k outputs weighted ~routed_scaling_factor / top_k each: a branch of RMS ~b
+            down_scale = b * np.sqrt(spec.num_experts_per_tok) / spec.routed_scaling_factor
+        else:
+            yield p + "ffn_gate_inp.weight", router(embed, ffn_norm, e), "F32"
+            # Routed outputs are weighted by softmax scores (~1/top_k each): scale them back up.
+            down_scale = b * 2
         yield p + "ffn_gate_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
         yield p + "ffn_up_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
-        # Routed outputs are weighted by softmax scores (~1/top_k each): scale them back up.
-        yield p + "ffn_down_exps.weight", np.stack([linear(d, inter, b * 2) for _ in range(e)]), "F16"
+        yield p + "ffn_down_exps.weight", np.stack([linear(d, inter, down_scale) for _ in range(e)]), "F16"
         shared = inter * spec.n_shared_experts
         yield p + "ffn_gate_shexp.weight", linear(shared, d), "F16"
         yield p + "ffn_up_shexp.weight", linear(shared, d), "F16"
@@ -263,8 +351,8 @@ def _tensors(spec: TestModelSpec):
 def _write_gguf(path: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> list[dict]:
     import gguf
     import numpy as np
-    w = gguf.GGUFWriter(str(path), "deepseek2")
-    w.add_name("ktlegacy synthetic DeepSeek-V2")
+    w = gguf.GGUFWriter(str(path), "deepseek2")  # llama.cpp's arch name for V2 and V3
+    w.add_name(f"ktlegacy synthetic DeepSeek-{spec.variant.upper()}")
     w.add_block_count(spec.num_hidden_layers)
     w.add_context_length(spec.max_position_embeddings)
     w.add_embedding_length(spec.hidden_size)
@@ -282,7 +370,12 @@ def _write_gguf(path: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> li
     w.add_expert_count(spec.n_routed_experts)
     w.add_expert_used_count(spec.num_experts_per_tok)
     w.add_expert_shared_count(spec.n_shared_experts)
-    w.add_expert_weights_scale(1.0)
+    w.add_expert_weights_scale(spec.routed_scaling_factor)
+    if spec.q_lora_rank:
+        w.add_q_lora_rank(spec.q_lora_rank)
+    if spec.variant == "v3":
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     w.add_rope_dimension_count(spec.qk_rope_head_dim)
     rs = spec.rope_scaling
     w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -309,7 +402,13 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
     spec = spec or TestModelSpec()
     dest = Path(dest)
     if spec.first_k_dense_replace >= spec.num_hidden_layers:
-        raise KtlegacyError("the test model needs at least one MoE layer: use --layers > 1")
+        raise KtlegacyError("the test model needs at least one MoE layer: "
+                            f"use --layers > {spec.first_k_dense_replace}")
+    if (spec.n_routed_experts % spec.n_group or spec.num_experts_per_tok % spec.topk_group
+            or spec.topk_group > spec.n_group
+            or spec.num_experts_per_tok // spec.topk_group > spec.n_routed_experts // spec.n_group):
+        raise KtlegacyError("the router groups do not fit: n_routed_experts must split into n_group groups "
+                            "and num_experts_per_tok into topk_group groups of at most a group's size")
     if spec.moe_intermediate_size % 64 or spec.hidden_size % 64:
         raise KtlegacyError("hidden and expert sizes must be multiples of 64 (llamafile's stride)")
     if dest.exists() and any(dest.iterdir()):
@@ -337,9 +436,11 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
             "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
             "do_sample": False,
         }, indent=2))
+        module, cls = {"v2": ("configuration_deepseek", "DeepseekV2Config"),
+                       "v3": ("configuration_deepseek_v3", "DeepseekV3Config")}[spec.variant]
         (tmp / "configuration_deepseek.py").write_text(
             '"""Resolve the config class from the installed ktransformers (ktlegacy test model)."""\n'
-            "from ktransformers.models.configuration_deepseek import DeepseekV2Config  # noqa: F401\n"
+            f"from ktransformers.models.{module} import {cls}  # noqa: F401\n"
         )
         listing = _write_gguf(tmp / GGUF_NAME, spec, bos_id, eos_id)
         (tmp / SPEC_NAME).write_text(json.dumps(
@@ -388,6 +489,7 @@ _SIMPLE = {
     "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate",
     "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
     "ffn_down_shexp": "mlp.shared_experts.down_proj",
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
 }
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
@@ -404,6 +506,9 @@ def _hf_names(name: str, tensor):
         return
     _blk, layer, kind, _w = name.split(".")
     prefix = f"model.layers.{layer}."
+    if kind == "exp_probs_b":  # V3's score-correction bias
+        yield f"{prefix}mlp.gate.e_score_correction_bias", tensor
+        return
     if kind in _EXPERTS:
         for e in range(tensor.shape[0]):
             yield f"{prefix}mlp.experts.{e}.{_EXPERTS[kind]}.weight", tensor[e].clone()
@@ -417,8 +522,12 @@ def _hf_names(name: str, tensor):
 
 def _args(p) -> None:
     p.add_argument("--dest", required=True, type=Path, help="directory to write the model into")
-    p.add_argument("--layers", type=int, default=TestModelSpec.num_hidden_layers,
-                   help="decoder layers (first dense, rest MoE); 27 matches V2-Lite's multi-GPU rule split")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="v2",
+                   help="v2: DeepSeek-V2-Lite layout, 6 layers; v3: DeepSeek-V3 layout (q LoRA, noaux_tc "
+                        "router), 46 layers: every GPU of the 2- and 4-GPU V3 rule files gets layers")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (dense first, rest MoE; default: the preset's); "
+                        "27 matches V2-Lite's multi-GPU rule split")
     p.add_argument("--seed", type=int, default=TestModelSpec.seed, help="weight RNG seed")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
 
@@ -426,14 +535,17 @@ def _args(p) -> None:
 def _register():
     from .cli import command
 
-    @command("make-test-model", "write a synthetic DeepSeek-V2 GGUF checkpoint + config + tokenizer", _args)
+    @command("make-test-model", "write a synthetic DeepSeek-V2/V3 GGUF checkpoint + config + tokenizer", _args)
     def run(args) -> int:
-        if args.layers < 2:
-            raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
-        spec = TestModelSpec(num_hidden_layers=args.layers, seed=args.seed)
+        dense = PRESETS[args.preset].first_k_dense_replace
+        layers = PRESETS[args.preset].num_hidden_layers if args.layers is None else args.layers
+        if layers <= dense:
+            raise KtlegacyError(f"--layers must be at least {dense + 1} for preset {args.preset} "
+                                f"({dense} dense layer{'s' if dense > 1 else ''}, then MoE layers)")
+        spec = preset(args.preset, num_hidden_layers=layers, seed=args.seed)
         out = make_test_model(args.dest, spec, force=args.force)
         size = (out / GGUF_NAME).stat().st_size
-        print(f"wrote {out}: {spec.num_hidden_layers} layers, vocab {spec.vocab_size}, "
+        print(f"wrote {out}: {spec.architecture}, {spec.num_hidden_layers} layers, vocab {spec.vocab_size}, "
               f"{size / 2**20:.0f} MiB GGUF (F16 matrices, F32 norms/router)")
         return 0
 

@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from ktlegacy.errors import KtlegacyError
-from ktlegacy.testmodel import GGUF_NAME, TestModelSpec, load_spec, make_test_model
+from ktlegacy.testmodel import GGUF_NAME, PRESETS, TestModelSpec, load_spec, make_test_model, preset
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = TestModelSpec(num_hidden_layers=3)  # one dense + two MoE layers: same shapes per layer
+SMALL_V3 = preset("v3", num_hidden_layers=5)  # three dense + two MoE layers
 
 UPSTREAM_CHECK = r'''
 import json, sys, types, re, ast
@@ -40,14 +41,19 @@ model_dir, sdist = Path(sys.argv[1]), Path(sys.argv[2])
 sys.modules["KTransformersOps"] = types.ModuleType("KTransformersOps")
 sys.path.insert(0, str(sdist))
 from ktransformers.util.custom_gguf import GGUFLoader, translate_name_to_gguf
-from ktransformers.models.configuration_deepseek import DeepseekV2Config
-from ktransformers.models.modeling_deepseek import DeepseekV2ForCausalLM
 from ktlegacy.testmodel import reference_state_dict
+arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+if arch == "DeepseekV3ForCausalLM":
+    from ktransformers.models.configuration_deepseek_v3 import DeepseekV3Config as Config
+    from ktransformers.models.modeling_deepseek_v3 import DeepseekV3ForCausalLM as Model
+else:
+    from ktransformers.models.configuration_deepseek import DeepseekV2Config as Config
+    from ktransformers.models.modeling_deepseek import DeepseekV2ForCausalLM as Model
 report = {}
-cfg = DeepseekV2Config.from_pretrained(str(model_dir))
+cfg = Config.from_pretrained(str(model_dir))
 cfg._attn_implementation = "eager"
 torch.manual_seed(0)
-model = DeepseekV2ForCausalLM(cfg).eval()
+model = Model(cfg).eval()
 loader = GGUFLoader(str(model_dir))
 report["architecture"] = loader.gguf_file_meta["general.architecture"]
 ref = reference_state_dict(model_dir)
@@ -58,6 +64,8 @@ for name, param in model.state_dict().items():
     if m:
         continue  # experts are loaded per layer as one stacked tensor (below)
     key = translate_name_to_gguf(name)
+    if name.endswith("mlp.gate.e_score_correction_bias"):
+        key = key.replace("ffn_gate_inp.e_score_correction_bias", "exp_probs_b.bias")  # as KMoEGate loads it
     if key not in loader.tensor_info:
         missing.append((name, key)); continue
     got = loader.load_gguf_tensor(key, device="cpu").float()
@@ -95,6 +103,20 @@ report["logits_finite"] = bool(torch.isfinite(a).all() and torch.isfinite(b).all
 report["logits_std"] = float(a.std())
 # one earlier token changed: attention must carry it to the last position's logits
 report["context_effect"] = float((a - b).abs().max())
+if arch == "DeepseekV3ForCausalLM":
+    # the router as built: every token's chosen experts win by a wide margin at group and expert
+    # level (the gate's own forward, on the embeddings through the first MoE layer's norm)
+    layer = model.model.layers[cfg.first_k_dense_replace]
+    x = layer.post_attention_layernorm(model.model.embed_tokens.weight.unsqueeze(0))
+    gate = layer.mlp.gate
+    scores = torch.sigmoid(x[0].float() @ gate.weight.float().T) + gate.e_score_correction_bias
+    idx, w = gate(x)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+    report["router_min_gap"] = float(scores[chosen].view(len(scores), -1).min(1).values.min()
+                                     - scores[~chosen].view(len(scores), -1).max(1).values.max())
+    groups = idx // (cfg.n_routed_experts // cfg.n_group)
+    report["router_groups_used"] = int(max(len(set(g.tolist())) for g in groups))
+    report["router_weight_sum"] = float(w.sum(-1).mean())
 print("REPORT " + json.dumps(report))
 '''
 
@@ -167,12 +189,7 @@ def test_same_seed_same_bytes_other_seed_differs(model_dir, tmp_path):
 
 
 def test_upstream_loader_and_reference_model_accept_it(model_dir, sdist_tree):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", UPSTREAM_CHECK, str(model_dir), str(sdist_tree)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    report = json.loads(line[0][len("REPORT "):])
+    report = _upstream_report(model_dir, sdist_tree)
     assert report["architecture"] == "deepseek2"
     assert report["missing"] == [] and report["mismatched"] == []
     # embed, head, final norm + per layer: 2 norms, 5 attention tensors, dense MLP 3 / MoE router + 3 shared
@@ -182,6 +199,51 @@ def test_upstream_loader_and_reference_model_accept_it(model_dir, sdist_tree):
     assert report["logits_shape"] == [1, 1, SMALL.vocab_size] and report["logits_finite"]
     assert report["logits_std"] > 1.0  # the head is not degenerate
     assert report["context_effect"] > 0.1
+
+
+def _upstream_report(model_dir: Path, sdist_tree: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", UPSTREAM_CHECK, str(model_dir), str(sdist_tree)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    return json.loads(line[0][len("REPORT "):])
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory) -> Path:
+    return make_test_model(tmp_path_factory.mktemp("v3-model") / "m", SMALL_V3)
+
+
+def test_v3_preset_config_and_tensors(v3_dir):
+    import gguf
+    cfg = json.loads((v3_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
+    assert (cfg["topk_method"], cfg["scoring_func"], cfg["norm_topk_prob"]) == ("noaux_tc", "sigmoid", True)
+    assert cfg["n_routed_experts"] % cfg["n_group"] == 0 and cfg["topk_group"] < cfg["n_group"]
+    assert cfg["q_lora_rank"] == SMALL_V3.q_lora_rank and cfg["first_k_dense_replace"] == 3
+    assert "DeepseekV3Config" in (v3_dir / "configuration_deepseek.py").read_text()
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(v3_dir / GGUF_NAME)).tensors}
+    assert types["blk.3.exp_probs_b.bias"] == "F32" and "blk.2.exp_probs_b.bias" not in types
+    assert "blk.0.attn_q_a.weight" in types and "blk.0.attn_q.weight" not in types
+    # the default layer count reaches the last GPU of the 4-GPU V3 rule file (layers 45-60)
+    assert PRESETS["v3"].num_hidden_layers >= 46 and PRESETS["v2"] == TestModelSpec()
+
+
+def test_v3_upstream_loader_and_reference_model_accept_it(v3_dir, sdist_tree):
+    report = _upstream_report(v3_dir, sdist_tree)
+    assert report["missing"] == [] and report["mismatched"] == []
+    # embed, head, final norm + per layer: 2 norms, 7 attention tensors (q LoRA) + dense MLP 3 /
+    # MoE router weight, correction bias, 3 shared-expert tensors
+    assert report["checked"] == 3 + 5 * 9 + 3 * 3 + 2 * 5
+    assert set(report["expert_types"].values()) == {1} and len(report["expert_types"]) == 2 * 3
+    assert report["logits_shape"][-1] == SMALL_V3.vocab_size and report["logits_finite"]
+    assert report["logits_std"] > 1.0 and report["context_effect"] > 0.1
+    # upstream's noaux_tc gate on the built router: chosen experts win by far more than fp16
+    # error or the correction bias, in exactly topk_group groups, weights sum to the scaling
+    assert report["router_min_gap"] > 0.5
+    assert report["router_groups_used"] == SMALL_V3.topk_group
+    assert report["router_weight_sum"] == pytest.approx(SMALL_V3.routed_scaling_factor, rel=1e-4)
 
 
 def test_refuses_non_empty_dest_and_too_few_layers(tmp_path):
@@ -196,4 +258,10 @@ def test_refuses_non_empty_dest_and_too_few_layers(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ktlegacy", "make-test-model", "--dest", str(tmp_path / "x"),
                            "--layers", "1"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == ["error: --layers must be at least 2 (one dense layer, then MoE layers)"]
+    assert proc.stderr.strip().splitlines() == ["error: --layers must be at least 2 for preset v2 "
+                                                "(1 dense layer, then MoE layers)"]
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "make-test-model", "--preset", "v3", "--dest",
+                           str(tmp_path / "y"), "--layers", "3"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and not (tmp_path / "y").exists()
+    assert proc.stderr.strip().splitlines() == ["error: --layers must be at least 4 for preset v3 "
+                                                "(3 dense layers, then MoE layers)"]
