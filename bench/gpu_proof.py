@@ -106,14 +106,26 @@ def phase(results: dict, name: str):
 
 # ---------------------------------------------------------------- the two models
 
+def model_classes(model_dir: Path):
+    """(config class, model class, MoE gate class) of upstream's modeling code for the
+    checkpoint's architecture (DeepSeek-V2 or -V3, see ``invoke make-test-model --preset``)."""
+    arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+    if arch == "DeepseekV3ForCausalLM":
+        from ktransformers.models import configuration_deepseek_v3 as c, modeling_deepseek_v3 as m
+        return c.DeepseekV3Config, m.DeepseekV3ForCausalLM, m.MoEGate
+    if arch == "DeepseekV2ForCausalLM":
+        from ktransformers.models import configuration_deepseek as c, modeling_deepseek as m
+        return c.DeepseekV2Config, m.DeepseekV2ForCausalLM, m.MoEGate
+    raise RuntimeError(f"{model_dir}: architecture {arch} is not a DeepSeek V2/V3 test model")
+
+
 def load_reference(model_dir: Path, device: str):
-    from ktransformers.models.configuration_deepseek import DeepseekV2Config
-    from ktransformers.models.modeling_deepseek import DeepseekV2ForCausalLM
     from ktlegacy.testmodel import reference_state_dict
+    config_cls, model_cls, _ = model_classes(model_dir)
     torch.set_default_dtype(torch.float32)
-    cfg = DeepseekV2Config.from_pretrained(str(model_dir))
+    cfg = config_cls.from_pretrained(str(model_dir))
     cfg._attn_implementation = "eager"
-    model = DeepseekV2ForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     model.load_state_dict(reference_state_dict(model_dir), strict=True)
     return model.to(device)
 
@@ -147,19 +159,34 @@ class RouteRecorder:
 
     def __init__(self, model):
         import re
-        from ktransformers.models.modeling_deepseek import MoEGate
+        from ktransformers.models import modeling_deepseek, modeling_deepseek_v3
+        gates = (modeling_deepseek.MoEGate, modeling_deepseek_v3.MoEGate)
         self.calls: dict = {}
         self.handles = []
+        wrapped = set()
         for name, mod in model.named_modules():
-            if isinstance(mod, MoEGate):
-                layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
-                self.handles.append(mod.register_forward_hook(self._hook(layer)))
+            # the V3 rule files wrap the gate in KMoEGate, whose forward calls the wrapped gate's
+            # forward() directly (no hooks there): observe the wrapper instead
+            inner = getattr(mod, "orig_module", None)
+            if isinstance(inner, gates) and not isinstance(mod, gates):
+                wrapped.add(id(inner))
+                target = (mod, inner)
+            elif isinstance(mod, gates) and id(mod) not in wrapped:
+                target = (mod, mod)
+            else:
+                continue
+            layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            self.handles.append(target[0].register_forward_hook(self._hook(layer, target[1])))
 
-    def _hook(self, layer):
+    def _hook(self, layer, gate):
         def hook(mod, inp, out):
             x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            top = (x @ mod.weight.float().T).topk(mod.top_k + 1, dim=-1).values
-            chosen = out[0].reshape(-1, mod.top_k).sort(dim=-1).values.cpu()
+            logits = x @ gate.weight.float().T
+            bias = getattr(gate, "e_score_correction_bias", None)
+            if bias is not None:  # V3: the choice is made on sigmoid scores + correction bias
+                logits = logits.sigmoid() + bias.float()
+            top = logits.topk(gate.top_k + 1, dim=-1).values
+            chosen = out[0].reshape(-1, gate.top_k).sort(dim=-1).values.cpu()
             self.calls.setdefault(layer, []).append((chosen, (top[:, -2] - top[:, -1]).cpu()))
         return hook
 
@@ -195,22 +222,21 @@ def route_diff(ref_routes: dict, eng_routes: dict) -> dict:
     return {"compared": compared, "disagreements": len(gaps), "ref_gaps_at_disagreements": [round(g, 4) for g in gaps]}
 
 
-def load_engine(model_dir: Path):
+def load_engine(model_dir: Path, rule_file: str = RULE_FILE):
     import ktransformers
     from ktransformers import ktlegacy_runtime
-    from ktransformers.models.configuration_deepseek import DeepseekV2Config
-    from ktransformers.models.modeling_deepseek import DeepseekV2ForCausalLM
     from ktransformers.optimize.optimize import optimize_and_load_gguf
     from transformers import AutoConfig
+    config_cls, model_cls, _ = model_classes(model_dir)
     # what local_chat does (config via trust_remote_code), then the patched dtype decision
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
-    if not isinstance(config, DeepseekV2Config):
-        raise RuntimeError(f"AutoConfig gave {type(config).__name__}, not DeepseekV2Config")
+    if not isinstance(config, config_cls):
+        raise RuntimeError(f"AutoConfig gave {type(config).__name__}, not {config_cls.__name__}")
     dtype = ktlegacy_runtime.default_dtype(config.torch_dtype)
     torch.set_default_dtype(dtype)
     with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(config)
-    rules = Path(ktransformers.__file__).parent / "optimize" / "optimize_rules" / RULE_FILE
+        model = model_cls(config)
+    rules = Path(ktransformers.__file__).parent / "optimize" / "optimize_rules" / rule_file
     optimize_and_load_gguf(model, str(rules), str(model_dir), config)
     model.eval()
     return model, config, dtype, rules

@@ -18,6 +18,9 @@
 # h6-logs.tar.gz (logs, arch-check JSON, cuobjdump listings, host record).
 set -uo pipefail
 ref="${1:-0.2.1.post1}"
+proof="${KTLEGACY_PROOF:-engine}"  # engine: bench/gpu_proof.py (V2, 1 GPU); serve: bench/serve_proof.py (V3, 1+2 GPUs)
+# never NVLink multicast on the shared GPU hosts (the device's KINDS.md); every child inherits these
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 : "${OUT:?set OUT to the results directory}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${KTLEGACY_WORK:-/tmp/ktlegacy-gpu}"
@@ -91,12 +94,24 @@ if [ -f tests/fixtures/hosts/record.sh ]; then
   bash tests/fixtures/hosts/record.sh "$work/logs/h100-host" >"$logs/record.log" 2>&1 || true
 fi
 
+export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+left=$(( ${KTLEGACY_DEADLINE_S:-575} - ($(date +%s) - t0) ))  # stay inside the caller's time limit
+if [ "$proof" = serve ]; then
+  say "serve_proof (KTLEGACY_EMULATE_CC=7.5, GPUs: ${KTLEGACY_SERVE_GPUS:-1 2})"
+  # shellcheck disable=SC2086
+  KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/serve_proof.py --work "$work/serve" \
+    --out "$OUT/serve_proof_$ref.json" --gpus ${KTLEGACY_SERVE_GPUS:-1 2} >"$logs/serve.log" 2>&1
+  rc=$?
+  grep -E "^\[serve_proof|Error|error" "$logs/serve.log" | tail -80
+  cp "$work"/serve/server-*.log "$logs/" 2>/dev/null
+  say "serve_proof exit $rc"
+  finish "$rc"
+fi
+
 say "make-test-model"
 $py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
 
 say "gpu_proof (KTLEGACY_EMULATE_CC=7.5)"
-export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-left=$(( ${KTLEGACY_DEADLINE_S:-575} - ($(date +%s) - t0) ))  # stay inside the caller's time limit
 KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_proof.py --model "$work/model" \
   --ref "$ref" --build-record "$work/wheels/ktlegacy-extensions.json" --out "$OUT/gpu_h100_$ref.json" \
   >"$logs/proof.log" 2>&1
