@@ -262,6 +262,9 @@ class EngineSession:
 
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> torch.Tensor:
+        # as upstream's interface does each step: the multi-GPU model switches the current
+        # device at its transfer layers and leaves it there
+        torch.cuda.set_device(self.device)
         cache_position = torch.arange(self.pos, self.pos + len(ids), device=self.device, dtype=torch.int32)
         logits = self.model(inputs_embeds=self._embed(ids), cache_position=cache_position,
                             past_key_values=self.cache, return_dict=False, use_cache=True)[0]
@@ -271,6 +274,7 @@ class EngineSession:
 
     @torch.no_grad()
     def decode(self, token: int) -> torch.Tensor:
+        torch.cuda.set_device(self.device)
         cache_position = torch.tensor([self.pos], device=self.device, dtype=torch.int32)
         logits = self.model(inputs_embeds=self._embed([token]), position_ids=cache_position.unsqueeze(0),
                             cache_position=cache_position, past_key_values=self.cache,

@@ -100,7 +100,8 @@ if [ "$proof" = serve ]; then
   say "serve_proof (KTLEGACY_EMULATE_CC=7.5, GPUs: ${KTLEGACY_SERVE_GPUS:-1 2})"
   # shellcheck disable=SC2086
   KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/serve_proof.py --work "$work/serve" \
-    --out "$OUT/serve_proof_$ref.json" --gpus ${KTLEGACY_SERVE_GPUS:-1 2} >"$logs/serve.log" 2>&1
+    --out "$OUT/serve_proof_$ref.json" --gpus ${KTLEGACY_SERVE_GPUS:-1 2} --skip ${KTLEGACY_SERVE_SKIP:-} \
+    >"$logs/serve.log" 2>&1
   rc=$?
   grep -E "^\[serve_proof|Error|error" "$logs/serve.log" | tail -80
   cp "$work"/serve/server-*.log "$logs/" 2>/dev/null

@@ -86,7 +86,7 @@ class TestModelSpec:
     vocab_size: int = 512             # BPE vocabulary incl. the two special tokens
     hidden_size: int = 1024
     intermediate_size: int = 2048     # the dense first layer's MLP
-    moe_intermediate_size: int = 256  # per expert (a multiple of llamafile's 64-row stride)
+    moe_intermediate_size: int = 256  # per expert (a multiple of llamafile's QK_K = 256 row blocks)
     num_hidden_layers: int = 6
     first_k_dense_replace: int = 1
     num_attention_heads: int = 8
@@ -124,6 +124,10 @@ class TestModelSpec:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     correction_bias: float = 0.05     # |bias| bound; far below the router margin (see _router_v3)
+    # Deep models (v3): every branch (attention, MLP, experts) writes only into the subspace
+    # orthogonal to the token embeddings, and the MoE layers' input norms are 1, so a router
+    # solved on the embeddings sees the same direction at any depth, only scaled (see _tensors).
+    confine_branches: bool = False
 
     @property
     def architecture(self) -> str:
@@ -199,9 +203,10 @@ PRESETS = {
     "v2": TestModelSpec(),
     "v3": TestModelSpec(
         variant="v3", num_hidden_layers=46, first_k_dense_replace=3, q_lora_rank=384,
-        hidden_size=768, moe_intermediate_size=128,  # 46 layers in ~0.75 GB
+        hidden_size=768, moe_intermediate_size=256,  # 46 layers in ~1.2 GB
         n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, rope_scaling=V3_ROPE_SCALING,
+        confine_branches=True,
     ),
 }
 
@@ -296,6 +301,20 @@ def _tensors(spec: TestModelSpec):
     embed = rng.standard_normal((v, d), dtype=np.float32)
     yield "token_embd.weight", embed, "F16"
     b = spec.branch_scale
+    out = (lambda m: m)
+    if spec.confine_branches:
+        # Routing is solved on the bare embeddings; 46 layers of random branches move the
+        # residual stream far from them, and on the GPU (first run: fp16 engine vs fp32
+        # reference) that made near-ties and other experts from layer 15 on. So every branch
+        # output is projected onto the complement of span(embeddings) (vocab < hidden), and the
+        # FFN norms are 1: the router (whose rows lie in that span, see lstsq's min-norm
+        # solution) then sees the token's embedding at every layer, scaled by
+        # rms(embedding)/rms(residual) > 0, which keeps its order and margins.
+        basis = np.linalg.qr(embed.T.astype(np.float64))[0]           # d x v, orthonormal
+        proj = (np.eye(d) - basis @ basis.T).astype(np.float32)
+
+        def out(m):
+            return proj @ m if m.ndim == 2 else np.einsum("ij,ejk->eik", proj, m)
     for i in range(spec.num_hidden_layers):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", norm(d), "F32"
@@ -309,13 +328,15 @@ def _tensors(spec: TestModelSpec):
         yield p + "attn_kv_a_norm.weight", norm(spec.kv_lora_rank), "F32"
         yield p + "attn_kv_b.weight", linear(h * (spec.qk_nope_head_dim + spec.v_head_dim),
                                              spec.kv_lora_rank), "F16"
-        yield p + "attn_output.weight", linear(d, h * spec.v_head_dim, b), "F16"
+        yield p + "attn_output.weight", out(linear(d, h * spec.v_head_dim, b)), "F16"
         ffn_norm = norm(d)
+        if spec.confine_branches:
+            ffn_norm = np.ones(d, dtype=np.float32)
         yield p + "ffn_norm.weight", ffn_norm, "F32"
         if i < spec.first_k_dense_replace:
             yield p + "ffn_gate.weight", linear(spec.intermediate_size, d), "F16"
             yield p + "ffn_up.weight", linear(spec.intermediate_size, d), "F16"
-            yield p + "ffn_down.weight", linear(d, spec.intermediate_size, b), "F16"
+            yield p + "ffn_down.weight", out(linear(d, spec.intermediate_size, b)), "F16"
             continue
         e, inter = spec.n_routed_experts, spec.moe_intermediate_size
         if spec.variant == "v3":
@@ -330,11 +351,11 @@ def _tensors(spec: TestModelSpec):
             down_scale = b * 2
         yield p + "ffn_gate_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
         yield p + "ffn_up_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
-        yield p + "ffn_down_exps.weight", np.stack([linear(d, inter, down_scale) for _ in range(e)]), "F16"
+        yield p + "ffn_down_exps.weight", out(np.stack([linear(d, inter, down_scale) for _ in range(e)])), "F16"
         shared = inter * spec.n_shared_experts
         yield p + "ffn_gate_shexp.weight", linear(shared, d), "F16"
         yield p + "ffn_up_shexp.weight", linear(shared, d), "F16"
-        yield p + "ffn_down_shexp.weight", linear(d, shared, b), "F16"
+        yield p + "ffn_down_shexp.weight", out(linear(d, shared, b)), "F16"
     yield "output_norm.weight", norm(d), "F32"
     # Head: successor term + noise. The final hidden state has unit RMS, so
     # E[t] . h / d ~ 1 when h points along token t's embedding.
@@ -409,8 +430,10 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
             or spec.num_experts_per_tok // spec.topk_group > spec.n_routed_experts // spec.n_group):
         raise KtlegacyError("the router groups do not fit: n_routed_experts must split into n_group groups "
                             "and num_experts_per_tok into topk_group groups of at most a group's size")
-    if spec.moe_intermediate_size % 64 or spec.hidden_size % 64:
-        raise KtlegacyError("hidden and expert sizes must be multiples of 64 (llamafile's stride)")
+    if spec.moe_intermediate_size % 256 or spec.hidden_size % 256:
+        # KExpertsCPU's llamafile MoE splits rows in QK_K = 256 blocks on its multi-token path
+        # (moe.cpp forward_many): a smaller size divides by zero there (SIGFPE)
+        raise KtlegacyError("hidden and expert sizes must be multiples of 256 (llamafile's QK_K row blocks)")
     if dest.exists() and any(dest.iterdir()):
         if not force:
             raise KtlegacyError(f"{dest} is not empty: pass --force to replace it, or another --dest")

@@ -230,6 +230,25 @@ def test_v3_preset_config_and_tensors(v3_dir):
     assert PRESETS["v3"].num_hidden_layers >= 46 and PRESETS["v2"] == TestModelSpec()
 
 
+def test_v3_routing_cannot_drift_with_depth(v3_dir):
+    """Every branch writes outside span(embeddings) and the router reads only inside it, with
+    unit FFN norms: a deep residual stream cannot move a token's experts (see confine_branches)."""
+    import gguf
+    import numpy as np
+    t = {x.name: np.array(x.data, dtype=np.float64) for x in gguf.GGUFReader(str(v3_dir / GGUF_NAME)).tensors}
+    q = np.linalg.qr(t["token_embd.weight"].T)[0]                     # hidden x vocab
+    outputs = [n for n in t if n.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_shexp.weight"))]
+    assert len(outputs) == 2 * SMALL_V3.num_hidden_layers
+    for name in outputs:  # GGUF numpy layout: (out, in) here
+        assert np.abs(q.T @ t[name]).max() < 1e-2 * np.abs(t[name]).max(), name
+    for layer in range(3, SMALL_V3.num_hidden_layers):
+        down = t[f"blk.{layer}.ffn_down_exps.weight"]                 # experts x out x in
+        assert np.abs(np.einsum("dv,edk->evk", q, down)).max() < 1e-2 * np.abs(down).max()
+        gate = t[f"blk.{layer}.ffn_gate_inp.weight"]                  # experts x hidden
+        assert np.abs(gate - (gate @ q) @ q.T).max() < 1e-3 * np.abs(gate).max()
+        assert np.all(t[f"blk.{layer}.ffn_norm.weight"] == 1.0)
+
+
 def test_v3_upstream_loader_and_reference_model_accept_it(v3_dir, sdist_tree):
     report = _upstream_report(v3_dir, sdist_tree)
     assert report["missing"] == [] and report["mismatched"] == []
