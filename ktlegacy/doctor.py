@@ -24,7 +24,7 @@ from .errors import KtlegacyError
 from .hostfacts import Gpu, HostFacts
 from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF
 from .profiles import PROFILES, ServiceSpec, get_profile, resolve
-from .vram import GPU_OVERHEAD_MIB, GgufModel, Estimate, estimate, load_rules, read_gguf
+from .vram import GPU_RUNTIME_MIB, GgufModel, Estimate, estimate, load_rules, read_gguf
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
 GIB = 1024 ** 3
@@ -264,7 +264,8 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         have = gpus[k] if k < len(gpus) else None
         parts.append(f"{dev} {need / 1024:.1f}" + (f"/{have.vram_mib / 1024:.1f} GiB" if have else " GiB"))
     detail = (f"{spec.rules} ({rules_note}), cache_lens {spec.cache_lens}: " + "; ".join(parts)
-              + f" (fp16 weights + KV cache + {GPU_OVERHEAD_MIB} MiB overhead each)")
+              + f" (fp16 weights + KV cache + a {spec.cache_lens}-token prefill's activations"
+              f" + {GPU_RUNTIME_MIB} MiB runtime each)")
     if est.unplaced:
         detail += f"; {len(est.unplaced)} unknown tensor(s) counted on cuda:0"
     if not gpus:

@@ -13,8 +13,16 @@ Model of the estimate (stated, not measured; the doctor prints it):
 * **KV cache**: ``cache_lens`` tokens for each layer whose attention sits on the GPU, fp16; for
   MLA models (DeepSeek V2/V3: GGUF key ``<arch>.attention.kv_lora_rank``) a token costs
   ``(kv_lora_rank + rope dim) * 2`` bytes per layer, otherwise ``2 * kv_heads * head_dim * 2``.
-* **overhead**: :data:`GPU_OVERHEAD_MIB` per GPU for the CUDA context, cuBLAS workspaces and the
-  activations of a prefill chunk.
+* **prefill activations**: once per GPU that holds attention layers (0.2.1.post1 prefills a
+  whole prompt layer by layer), one layer's attention intermediates for a ``cache_lens``-token
+  prompt in fp16: queries and keys, the ``kv_b`` output, values and the attention output
+  (MLA: ``2 * H(nope+rope) + H(nope+v) + 2 * H*v`` per token, from the tensors' shapes).
+  DeepSeek-V3 at 8192 tokens: 1.75 GiB. Not yet measured (the GPU runs so far used short prompts).
+* **runtime**: :data:`GPU_RUNTIME_MIB` per GPU for the CUDA context, cuBLAS workspaces, the CUDA
+  graph pool and allocator slack of the running server: measured 844-953 MiB above weights + KV
+  cache per GPU on H200s (CUDA 13, torch 2.11, 1 and 2 GPUs, the server with CUDA graphs,
+  bench/results/serve_proof_h200x2_0.2.1.post1.json); Turing/Volta under CUDA 11.8 have a
+  smaller context, so this errs high there.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import yaml
 
 from .errors import KtlegacyError
 
-GPU_OVERHEAD_MIB = 1536
+GPU_RUNTIME_MIB = 1024
 FP16_BYTES = 2
 MIB = 1024 * 1024
 
@@ -199,12 +207,14 @@ def rule_devices(rules: list[dict]) -> set[str]:
 class Estimate:
     weights_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of fp16 weights
     kv_mib: dict[str, float] = field(default_factory=dict)        # device -> MiB of KV cache
+    prefill_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of prefill activations
     cpu_bytes: int = 0                                            # bytes that stay in host RAM
     unplaced: list[str] = field(default_factory=list)             # tensor names we could not map
     devices_in_rules: set[str] = field(default_factory=set)
 
     def need_mib(self, device: str) -> float:
-        return self.weights_mib.get(device, 0.0) + self.kv_mib.get(device, 0.0) + GPU_OVERHEAD_MIB
+        return (self.weights_mib.get(device, 0.0) + self.kv_mib.get(device, 0.0)
+                + self.prefill_mib.get(device, 0.0) + GPU_RUNTIME_MIB)
 
     @property
     def gpu_devices(self) -> list[str]:
@@ -235,7 +245,26 @@ def estimate(model: GgufModel, rules: list[dict], cache_lens: int) -> Estimate:
     for layer, device in attn_device.items():
         if device.startswith("cuda"):
             est.kv_mib[device] = est.kv_mib.get(device, 0.0) + cache_lens * per_token / MIB
+            act = cache_lens * _prefill_elements_per_token(model, layer) * FP16_BYTES / MIB
+            est.prefill_mib[device] = max(est.prefill_mib.get(device, 0.0), act)
     return est
+
+
+def _prefill_elements_per_token(model: GgufModel, layer: int) -> int:
+    """fp16 elements one prompt token needs in one layer's attention during prefill."""
+    prefix = f"blk.{layer}."
+    n = {t.name[len(prefix):].split(".")[0]: t.n_elements for t in model.tensors if t.name.startswith(prefix)}
+    hidden = int(model.meta("embedding_length", 0) or 0)
+    rank = int(model.meta("attention.kv_lora_rank", 0) or 0)
+    if rank and "attn_kv_b" in n and hidden:
+        kv_b_rows = n["attn_kv_b"] // rank                              # H * (nope + v)
+        if "attn_q_b" in n and n.get("attn_q_a_norm"):
+            q_rows = n["attn_q_b"] // n["attn_q_a_norm"]                # H * (nope + rope)
+        else:
+            q_rows = n.get("attn_q", 0) // hidden
+        o_in = n.get("attn_output", 0) // hidden                        # H * v
+        return 2 * q_rows + kv_b_rows + 2 * o_in
+    return 4 * hidden                                                   # q, k, v, output
 
 
 def _kv_bytes_per_token_per_layer(model: GgufModel) -> int:

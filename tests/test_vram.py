@@ -6,7 +6,7 @@ import pytest
 
 from ggufmodel import DIMS, layer_elements, write_model
 from ktlegacy.errors import KtlegacyError
-from ktlegacy.vram import (GPU_OVERHEAD_MIB, MIB, estimate, load_rules, module_for_tensor, place, read_gguf,
+from ktlegacy.vram import (GPU_RUNTIME_MIB, MIB, estimate, load_rules, module_for_tensor, place, read_gguf,
                            rule_devices)
 
 RULES_DIR = "ktransformers/optimize/optimize_rules"
@@ -36,6 +36,13 @@ def kv_mib(n_layers: int) -> float:
     return CACHE_LENS * n_layers * (DIMS["kv_lora"] + DIMS["rope"]) * 2 / MIB
 
 
+def prefill_mib() -> float:
+    """One layer's MLA prefill intermediates for CACHE_LENS tokens: q and k (q_b's rows each),
+    kv_b's output, v and the attention output (o_proj's input each), fp16."""
+    per_token = 2 * DIMS["q_head"] + DIMS["kv_b_out"] + 2 * DIMS["o_in"]
+    return CACHE_LENS * per_token * 2 / MIB
+
+
 def test_header_is_read(model):
     assert model.arch == "deepseek2"
     assert model.meta("attention.kv_lora_rank") == DIMS["kv_lora"]
@@ -57,7 +64,9 @@ def test_estimate_per_gpu(model, sdist_tree, rule_file, split):
     for dev, (layers, head) in split.items():
         assert est.weights_mib[dev] == pytest.approx(expected_mib(layers, head), rel=1e-9), dev
         assert est.kv_mib[dev] == pytest.approx(kv_mib(len(layers)), rel=1e-9), dev
-        assert est.need_mib(dev) == pytest.approx(expected_mib(layers, head) + kv_mib(len(layers)) + GPU_OVERHEAD_MIB)
+        assert est.prefill_mib[dev] == pytest.approx(prefill_mib(), rel=1e-9), dev
+        assert est.need_mib(dev) == pytest.approx(expected_mib(layers, head) + kv_mib(len(layers)) + prefill_mib()
+                                                  + GPU_RUNTIME_MIB)
     # routed experts (f32 on disk here) and the embedding stay in host RAM
     expert_bytes = sum(layer_elements(i)[1] for i in range(DIMS["layers"])) * 4
     assert est.cpu_bytes == expert_bytes + DIMS["vocab"] * DIMS["hidden"] * 2
@@ -134,7 +143,7 @@ def deepseek_v3_model():
     for layer in range(61):
         tensors += [Tensor(f"blk.{layer}.{k}.weight", int(np.prod(v)), 0) for k, v in shapes(layer).items()]
     meta = {"general.architecture": "deepseek2", "deepseek2.attention.kv_lora_rank": 512,
-            "deepseek2.rope.dimension_count": 64}
+            "deepseek2.rope.dimension_count": 64, "deepseek2.embedding_length": h}
     return GgufModel([], tensors, meta, 0)
 
 
@@ -147,6 +156,8 @@ def test_deepseek_v3_on_the_profiles_cards(sdist_tree):
     one = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat.yaml"), 8192)
     assert one.weights_mib["cuda:0"] / gib == pytest.approx(30.2, abs=0.1)
     assert one.need_mib("cuda:0") > 32510                       # Tesla V100-SXM2-32GB
+    # an 8192-token prefill's attention intermediates: 128 heads x (2*192 + 256 + 2*128) fp16 per token
+    assert one.prefill_mib["cuda:0"] == pytest.approx(8192 * 128 * 896 * 2 / MIB)
     two = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu.yaml"), 8192)
     assert all(11264 < two.need_mib(d) < 22528 for d in ("cuda:0", "cuda:1"))
     four = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml"), 8192)
