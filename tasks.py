@@ -120,16 +120,17 @@ def up(c, profile, force=False):
     "allow-standin": "also publish stand-in builds (no CUDA, io.ktlegacy.standin=true), for test registries",
     "allow-dirty": "also publish images built from uncommitted changes (revision label <sha>-dirty)",
     "source-repository": "local repository holding the images (default ktlegacy/ktransformers)",
+    "github-output": "CI: append the one checked image, its repository and tags to this file ($GITHUB_OUTPUT)",
 })
 @one_line_errors
 def publish(c, registry, arch="all", cpu_instruct=None, ref=None, sha=None, moving=False, dry_run=False,
-            allow_standin=False, allow_dirty=False, source_repository=None):
-    """Push built images by digest, then tag them: every tag or none. Login stays with `docker login`."""
+            allow_standin=False, allow_dirty=False, source_repository=None, github_output=None):
+    """docker push built images: commit tag first, then the followed tags. Login stays with `docker login`."""
     from ktlegacy.images import DEFAULT_REPOSITORY
     from ktlegacy.publish import publish as publish_images
     publish_images(registry, arch=arch, cpus=cpu_instruct or None, ref=ref, sha=sha, moving=moving,
                    dry_run=dry_run, allow_standin=allow_standin, allow_dirty=allow_dirty,
-                   source_repository=source_repository or DEFAULT_REPOSITORY)
+                   source_repository=source_repository or DEFAULT_REPOSITORY, github_output_path=github_output)
 
 
 @task(positional=[], auto_shortflags=False, help={

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -281,11 +280,11 @@ class BuildResult:
 
 def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = True, **kwargs) -> BuildResult:
     """Plan, then print (``dry_run``) or run every step; return the tags built and their logs."""
-    from .docker import DockerClient, client as docker_client
+    from .docker import DockerClient, build_client, client as docker_client
     plans = plan(arch, dry_run=dry_run, **kwargs)
     if dry_run:
         try:
-            client = docker_client()
+            client = build_client()   # the client that would build, found with or without a daemon
         except KtlegacyError as exc:
             print(f"note: {exc}; printing the commands for a Debian docker.io client", file=sys.stderr)
             client = DockerClient("docker", buildx=False)
@@ -346,16 +345,9 @@ def _failure_hint(lines: list[str]) -> str:
 
 # -- smoke ----------------------------------------------------------------------------------------
 
-def image_labels(client, image: str) -> dict:
-    proc = client.run("image", "inspect", "--format", "{{json .Config.Labels}}", image, check=False)
-    if proc.returncode != 0:
-        raise KtlegacyError(f"image {image} not found; build it first: invoke build --arch ARCH")
-    return json.loads(proc.stdout or b"{}") or {}
-
-
 def has_nvidia_runtime(client) -> bool:
-    proc = client.run("info", "--format", "{{json .Runtimes}}", check=False)
-    return proc.returncode == 0 and b"nvidia" in (proc.stdout or b"")
+    runtimes, _ = client.runtimes()
+    return bool(runtimes and "nvidia" in runtimes)
 
 
 def smoke(arch: str = "sm75", *, image: str | None = None, ref: str = DEFAULT_REF,
@@ -366,7 +358,11 @@ def smoke(arch: str = "sm75", *, image: str | None = None, ref: str = DEFAULT_RE
     a = get_arch(arch)
     image = image or images.image_tag(ref, a, cpu_instruct)
     client = docker_client()
-    labels = image_labels(client, image)
+    labels = client.labels(image)
+    if labels is None:
+        how = (f"invoke build --arch {a.name} --cpu-instruct {images.cpu_instruct(cpu_instruct)} --ref {ref}"
+               if image == images.image_tag(ref, a, cpu_instruct) else f"invoke build --arch {a.name} --tag {image}")
+        raise KtlegacyError(f"image {image} not found; build it first: {how}")
     if labels.get(images.LABEL_ARCH) != a.name:
         raise KtlegacyError(f"image {image} is labelled for arch {labels.get(images.LABEL_ARCH)!r}, not {a.name}")
     if labels.get(images.LABEL_CUDA) != images.CUDA_VERSION:
@@ -379,7 +375,7 @@ def smoke(arch: str = "sm75", *, image: str | None = None, ref: str = DEFAULT_RE
         argv += ["--gpus", "all"]
     argv += [image, "python", "/ktlegacy/smoke/run.py"]
     out(f"$ {shlex.join(client.cmd(*argv))}")
-    return subprocess.run(client.cmd(*argv)).returncode
+    return client.run(*argv, check=False, capture=False).returncode
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Find a Docker client that can do BuildKit builds, and run it.
+"""The one way ktlegacy talks to Docker: find a client, run it, read labels, push.
 
 Two clients exist in the wild and on our machines:
 
@@ -7,18 +7,31 @@ Two clients exist in the wild and on our machines:
 
 A newer client without buildx refuses BuildKit ("BuildKit is enabled but the buildx component
 is missing"), so we probe each candidate instead of trusting the first ``docker`` on PATH.
+:func:`client` is the client that builds (BuildKit, reaching a daemon); :func:`daemon_client`
+any client that reaches a daemon (serving, publishing and the doctor need no BuildKit);
+:func:`build_client` the client a build would use, found without a daemon (``--dry-run``).
 Every failure is a one-line :class:`KtlegacyError` saying what to install or start.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import KtlegacyError
+
+
+def _last_line(text: str | bytes | None, default: str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else default
 
 
 @dataclass(frozen=True)
@@ -47,12 +60,95 @@ class DockerClient:
         return "" if self.buildx else "DOCKER_BUILDKIT=1 "
 
     def run(self, *args: str, check: bool = True, capture: bool = True, input: bytes | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.cmd(*args), capture_output=capture, input=input, env=env)
+            env: dict | None = None, cwd: str | Path | None = None, stdin=None,
+            timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run ``docker ARGS``; with ``check``, a failure is one line: the command and docker's last line.
+        ``stdin``: an open file to stream in (``input``: bytes)."""
+        try:
+            proc = subprocess.run(self.cmd(*args), capture_output=capture, input=input, env=env, cwd=cwd,
+                                  stdin=stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise KtlegacyError(f"docker {' '.join(args[:2])} did not answer within {timeout:.0f} s; "
+                                "check that dockerd is healthy") from None
         if check and proc.returncode != 0:
-            err = (proc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-            raise KtlegacyError(f"docker {' '.join(args[:2])} failed: {err[-1] if err else 'exit %d' % proc.returncode}")
+            raise KtlegacyError(f"docker {' '.join(args[:2])} failed: "
+                                f"{_last_line(proc.stderr, 'exit %d' % proc.returncode)}")
         return proc
+
+    # -- images ------------------------------------------------------------------------------
+
+    def inspect(self, image: str) -> dict | None:
+        """``docker image inspect IMAGE`` as a dict, or None when the daemon does not hold it."""
+        proc = self.run("image", "inspect", image, check=False)
+        if proc.returncode != 0:
+            return None
+        return (json.loads(proc.stdout or b"[]") or [None])[0]
+
+    def labels(self, image: str) -> dict | None:
+        """The one reader of image labels: a dict (maybe empty), or None when there is no such image."""
+        info = self.inspect(image)
+        return None if info is None else labels_of(info)
+
+    def tags(self, repository: str) -> list[str]:
+        """The tags the daemon holds for ``repository``, sorted."""
+        proc = self.run("images", repository, "--format", "{{.Tag}}")
+        return sorted({t for t in proc.stdout.decode().split() if t != "<none>"})
+
+    def runtimes(self) -> tuple[dict | None, str]:
+        """The daemon's container runtimes, or (None, why there are none to read)."""
+        proc = self.run("info", "--format", "{{json .Runtimes}}", check=False, timeout=60)
+        if proc.returncode != 0:
+            return None, _last_line(proc.stderr, "docker info failed")
+        try:
+            return json.loads(proc.stdout or b"{}") or {}, ""
+        except ValueError:
+            return None, "docker info gave no runtimes"
+
+    # -- registries --------------------------------------------------------------------------
+
+    def push(self, reference: str) -> str:
+        """``docker push REFERENCE``; return the manifest digest the registry stored it under.
+
+        The daemon does the transfer (gzip, retries, auth from ``docker login``); a failure is
+        one line naming the registry and what to do."""
+        proc = self.run("push", reference, check=False)
+        out = (proc.stdout or b"").decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise KtlegacyError(push_error(reference, _last_line(proc.stderr, _last_line(out, f"exit {proc.returncode}"))))
+        m = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
+        if not m:
+            raise KtlegacyError(f"docker push {reference} printed no digest; is {self.path} a Docker client?")
+        return m.group(1)
+
+    # -- compose -----------------------------------------------------------------------------
+
+    def compose(self, *args: str, cwd: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
+        """``docker compose ARGS`` from ``cwd`` (text output, never raises on a non-zero exit)."""
+        return subprocess.run(self.cmd("compose", *args), cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def labels_of(info: dict) -> dict:
+    """The labels in a ``docker image inspect`` record (an image without labels has null there)."""
+    return (info.get("Config") or {}).get("Labels") or {}
+
+
+def push_error(reference: str, cause: str) -> str:
+    """docker push's last line -> our one line: which registry, what went wrong, what to do."""
+    host = reference.split("/", 1)[0]
+    cause = cause.removeprefix("Error response from daemon: ").strip()
+    low = cause.lower()
+    if "no basic auth credentials" in low:
+        return f"registry {host} asks for a login and docker has none for it ({cause}); run docker login {host}"
+    if any(s in low for s in ("unauthorized", "authentication required", "denied", "forbidden")):
+        return (f"registry {host} refused the push of {reference} with the login docker has for it ({cause}); "
+                f"run docker login {host} with an account that may push there")
+    if any(s in low for s in ("connection refused", "no such host", "i/o timeout", "network is unreachable",
+                              "connection reset", "eof", "server misbehaving")):
+        return f"registry {host} is unreachable ({cause}); check the address and that it is up"
+    if "http response to https client" in low:
+        return (f"registry {host} speaks plain HTTP and dockerd expects HTTPS ({cause}); add it to "
+                "insecure-registries in /etc/docker/daemon.json (loopback addresses are allowed already)")
+    return f"docker push {reference} failed: {cause}"
 
 
 def _candidates() -> list[str]:
@@ -70,26 +166,72 @@ def _ok(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
 
 
+def _daemon_error(path: str) -> str | None:
+    """None when ``path`` reaches a daemon, else docker's reason."""
+    info = _ok([path, "version", "--format", "{{.Server.Version}}"])
+    return None if info.returncode == 0 else _last_line(info.stderr, "?")
+
+
+def _buildkit(path: str) -> DockerClient | None:
+    """``path`` as a BuildKit-capable client, or None (needs no daemon)."""
+    if _ok([path, "buildx", "version"]).returncode == 0:
+        return DockerClient(path, buildx=True)
+    probe = _ok([path, "build", "--help"], env=dict(os.environ, DOCKER_BUILDKIT="1"))
+    if probe.returncode == 0 and "--secret" in probe.stdout:
+        return DockerClient(path, buildx=False)
+    return None
+
+
+def _no_client() -> KtlegacyError:
+    return KtlegacyError("no docker client found; install Docker (e.g. apt-get install docker.io)")
+
+
 @functools.lru_cache(maxsize=1)
 def client() -> DockerClient:
     """The first client that reaches a daemon and can do BuildKit builds."""
     paths = _candidates()
     if not paths:
-        raise KtlegacyError("no docker client found; install Docker (e.g. apt-get install docker.io)")
-    daemon_error = None
+        raise _no_client()
+    errors = {}
     for path in paths:
-        info = _ok([path, "version", "--format", "{{.Server.Version}}"])
-        if info.returncode != 0:
-            daemon_error = (info.stderr.strip().splitlines() or ["?"])[-1]
+        errors[path] = _daemon_error(path)
+        if errors[path] is not None:
             continue
-        if _ok([path, "buildx", "version"]).returncode == 0:
-            return DockerClient(path, buildx=True)
-        env = dict(os.environ, DOCKER_BUILDKIT="1")
-        probe = _ok([path, "build", "--help"], env=env)
-        if probe.returncode == 0 and "--secret" in probe.stdout:
-            return DockerClient(path, buildx=False)
-    if daemon_error is not None and not any(_ok([p, "version", "--format", "{{.Server.Version}}"]).returncode == 0 for p in paths):
-        raise KtlegacyError(f"no Docker daemon is reachable ({daemon_error}); start dockerd "
+        found = _buildkit(path)
+        if found is not None:
+            return found
+    if all(err is not None for err in errors.values()):
+        raise KtlegacyError(f"no Docker daemon is reachable ({errors[paths[0]]}); start dockerd "
                             "(or set DOCKER_HOST) and try again")
     raise KtlegacyError("the Docker client(s) " + ", ".join(paths) + " cannot do BuildKit builds; "
                         "install the buildx plugin or a client with BuildKit built in (Debian docker.io)")
+
+
+def build_client() -> DockerClient:
+    """The client a build would use, found without a daemon (what ``--dry-run`` prints): the
+    daemon-reaching BuildKit client when there is one, else the first BuildKit-capable client."""
+    try:
+        return client()
+    except KtlegacyError:
+        pass
+    paths = _candidates()
+    for path in paths:
+        found = _buildkit(path)
+        if found is not None:
+            return found
+    if not paths:
+        raise _no_client()
+    raise KtlegacyError("the Docker client(s) " + ", ".join(paths) + " cannot do BuildKit builds; "
+                        "install the buildx plugin or a client with BuildKit built in (Debian docker.io)")
+
+
+def daemon_client() -> DockerClient:
+    """A client that reaches a daemon; BuildKit not needed (publish, doctor, up)."""
+    try:
+        return client()
+    except KtlegacyError as exc:
+        why = exc
+    for path in _candidates():
+        if _daemon_error(path) is None:
+            return DockerClient(path, buildx=False)
+    raise why

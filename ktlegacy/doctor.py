@@ -12,8 +12,6 @@ against hosts recorded in ``tests/fixtures/hosts``:
 
 from __future__ import annotations
 
-import re
-import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,8 @@ from .arch import ARCHES
 from .cli import command
 from .errors import KtlegacyError
 from .hostfacts import Gpu, HostFacts
-from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF
-from .profiles import PROFILES, ServiceSpec, get_profile, resolve
+from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF, parse_tag
+from .profiles import COMPOSE_DIR, PROFILES, REPO_ROOT, ServiceSpec, get_profile, resolve
 from .vram import GPU_RUNTIME_MIB, GgufModel, Estimate, estimate, load_rules, read_gguf
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
@@ -149,9 +147,9 @@ def row_gpus(spec: ServiceSpec, facts: HostFacts) -> tuple[Row, list[Gpu]]:
 def image_arch_and_cpu(spec: ServiceSpec, labels: dict | None) -> tuple[str, str]:
     """The image's arch and CPU set: from its labels, else from its tag."""
     labels = labels or {}
-    scheme = re.search(r"-cu\d+-(sm\d+)-(\w+)$", spec.image)   # ktlegacy/images.py's tag suffix
-    arch = labels.get(LABEL_ARCH) or (scheme.group(1) if scheme else spec.profile.arch_name)
-    cpu = labels.get(LABEL_CPU) or (scheme.group(2) if scheme else "")
+    scheme = parse_tag(spec.image)
+    arch = labels.get(LABEL_ARCH) or (scheme.arch if scheme else spec.profile.arch_name)
+    cpu = labels.get(LABEL_CPU) or (scheme.cpu if scheme else "")
     return arch, cpu.upper()
 
 
@@ -299,7 +297,7 @@ def row_port(spec: ServiceSpec, facts: HostFacts) -> Row:
 
 # --- rule files --------------------------------------------------------------------------------
 
-def read_rules(spec: ServiceSpec, labels: dict | None, docker_path: str | None,
+def read_rules(spec: ServiceSpec, labels: dict | None, docker,
                rules_file: Path | None = None) -> tuple[str | None, str]:
     """The profile's rule file text: --rules, an absolute path, the image's copy, or upstream's sdist.
 
@@ -311,13 +309,13 @@ def read_rules(spec: ServiceSpec, labels: dict | None, docker_path: str | None,
     if spec.rules.startswith("/"):
         p = Path(spec.rules)
         return (p.read_text(), "from the host") if p.is_file() else (None, f"{p} does not exist on this host")
-    if labels is not None and docker_path:
+    if labels is not None and docker is not None:
         script = ("import os, sys, ktransformers; sys.stdout.write(open(os.path.join(os.path.dirname("
                   f"ktransformers.__file__), 'optimize', 'optimize_rules', {spec.rules!r})).read())")
-        proc = subprocess.run([docker_path, "run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "python3",
-                               spec.image, "-c", script], capture_output=True, text=True)
+        proc = docker.run("run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "python3",
+                          spec.image, "-c", script, check=False)
         if proc.returncode == 0:
-            return proc.stdout, "from the image"
+            return proc.stdout.decode("utf-8", "replace"), "from the image"
     from .refs import REFS, DEFAULT_REF
     from .source import download_sdist
     ref = REFS.get((labels or {}).get(LABEL_REF) or _ref_from_tag(spec.image) or DEFAULT_REF)
@@ -336,13 +334,13 @@ def read_rules(spec: ServiceSpec, labels: dict | None, docker_path: str | None,
 
 
 def _ref_from_tag(image: str) -> str | None:
-    m = re.search(r":(.+)-cu\d+-sm\d+-\w+$", image)
-    return m.group(1) if m else None
+    parts = parse_tag(image)
+    return parts.ref if parts else None
 
 
 # --- the doctor --------------------------------------------------------------------------------
 
-def check_profile(spec: ServiceSpec, facts: HostFacts, docker_path: str | None = None,
+def check_profile(spec: ServiceSpec, facts: HostFacts, docker=None,
                   rules_file: Path | None = None) -> Report:
     gpu_row, gpus = row_gpus(spec, facts)
     rows = [gpu_row, row_docker(facts)]
@@ -350,17 +348,17 @@ def check_profile(spec: ServiceSpec, facts: HostFacts, docker_path: str | None =
     rows += [image_row, row_arch(spec, gpus, labels), row_cpu(spec, facts, labels), row_model_dir(spec)]
     gguf_row, model = row_gguf(spec)
     rows += [gguf_row, row_ram(model, facts)]
-    rules_text, rules_note = (None, "") if model is None else read_rules(spec, labels, docker_path, rules_file)
+    rules_text, rules_note = (None, "") if model is None else read_rules(spec, labels, docker, rules_file)
     rows.append(row_vram(spec, model, rules_text, rules_note, gpus)[0])
     rows.append(row_port(spec, facts))
     return Report(rows)
 
 
-def check_host(facts: HostFacts, specs: list[ServiceSpec], docker_path: str | None = None) -> Report:
+def check_host(facts: HostFacts, specs: list[ServiceSpec], docker=None) -> Report:
     """No profile named: the host, then one verdict per profile (its first failing check)."""
     rows = [row_gpus_host(facts), row_docker(facts), row_cpu_host(facts), row_ram_host(facts)]
     for spec in specs:
-        report = check_profile(spec, facts, docker_path)
+        report = check_profile(spec, facts, docker)
         failed = sorted(report.failed, key=lambda r: VERDICT_ORDER.index(r.check))
         if failed:
             first = failed[0]
@@ -373,45 +371,57 @@ def check_host(facts: HostFacts, specs: list[ServiceSpec], docker_path: str | No
     return Report(rows)
 
 
-def docker_or_none() -> tuple[str | None, str]:
-    """A docker client that reaches a daemon (serving needs no BuildKit), or (None, why)."""
-    from .docker import _candidates, client
+def docker_or_none():
+    """A client that reaches a daemon (serving needs no BuildKit), or (None, why)."""
+    from .docker import daemon_client
     try:
-        return client().path, ""
+        return daemon_client(), ""
     except KtlegacyError as exc:
-        why = str(exc)
-    for path in _candidates():
-        if subprocess.run([path, "version"], capture_output=True).returncode == 0:
-            return path, ""
-    return None, why
+        return None, str(exc)
 
 
-def resolve_or_defaults(name: str, docker_path: str | None) -> tuple[ServiceSpec, Row | None]:
+def resolve_or_defaults(name: str, docker) -> tuple[ServiceSpec, Row | None]:
     """The profile as compose resolves it; if compose cannot, its defaults and a row saying why."""
     try:
-        return resolve(name, docker_path), None
+        return resolve(name, docker), None
     except KtlegacyError as exc:
         return resolve(name, None), Row("compose config", FAIL, f"{exc} (checked the profile's defaults instead)",
                                         "install the compose v2 plugin (docker compose version) and fix what "
                                         "it reports in compose/.env")
 
 
+ENV_FILE = COMPOSE_DIR / ".env"
+ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
+
+
+def env_file_first(report: Report, env_file: Path | None = None) -> Report:
+    """Fixes that say "set X in compose/.env" start with copying the example when there is no .env yet."""
+    env_file = env_file or ENV_FILE
+    if env_file.exists():
+        return report
+    first = f"cp {ENV_EXAMPLE.relative_to(REPO_ROOT)} {ENV_FILE.relative_to(REPO_ROOT)} (there is none yet), then "
+    for row in report.rows:
+        if "compose/.env" in row.fix and not row.fix.startswith(first):
+            row.fix = first + row.fix
+    return report
+
+
 def doctor(profile: str | None = None, model_dir=None, gguf_dir=None, image=None,
            rules_file=None, facts: HostFacts | None = None) -> Report:
     if profile is not None:
         get_profile(profile)   # unknown profile: one line, before probing anything
-    docker_path, docker_error = docker_or_none()
-    facts = facts or HostFacts.probe(docker_path, docker_error)
+    docker, docker_error = docker_or_none()
+    facts = facts or HostFacts.probe(docker, docker_error)
     names = [profile] if profile else list(PROFILES)
-    resolved = [resolve_or_defaults(n, docker_path) for n in names]
+    resolved = [resolve_or_defaults(n, docker) for n in names]
     specs = [spec.with_overrides(model_dir, gguf_dir, image) for spec, _ in resolved]
     compose_rows = [row for _, row in resolved if row is not None][:1]
     if profile:
-        report = check_profile(specs[0], facts, docker_path, rules_file)
+        report = check_profile(specs[0], facts, docker, rules_file)
     else:
-        report = check_host(facts, specs, docker_path)
+        report = check_host(facts, specs, docker)
     report.rows[:0] = compose_rows
-    return report
+    return env_file_first(report)
 
 
 def _doctor_args(p) -> None:

@@ -110,8 +110,9 @@ class HostFacts:
                    listening=listening, source=str(d))
 
     @classmethod
-    def probe(cls, docker_path: str | None = None, docker_error: str = "") -> "HostFacts":
-        """Facts of this host, now. ``docker_path`` None: no Docker (``docker_error`` says why)."""
+    def probe(cls, docker=None, docker_error: str = "") -> "HostFacts":
+        """Facts of this host, now. ``docker`` (a :class:`ktlegacy.docker.DockerClient`) None: no
+        Docker (``docker_error`` says why)."""
         gpus, gpu_error = probe_gpus()
         flags, model = parse_lscpu(_run_text(["lscpu"]) or _read("/proc/cpuinfo"))
         numa = {}
@@ -120,22 +121,14 @@ class HostFacts:
         if not numa:   # no NUMA sysfs (some containers): the whole machine is one node
             numa = {0: parse_meminfo(_read("/proc/meminfo"))}
         runtimes = None
-        if docker_path:
-            proc = subprocess.run([docker_path, "info", "--format", "{{json .Runtimes}}"],
-                                  capture_output=True, text=True)
-            if proc.returncode == 0:
-                runtimes = json.loads(proc.stdout or "{}")
-            else:
-                docker_error = (proc.stderr.strip().splitlines() or ["docker info failed"])[-1]
+        if docker is not None:
+            runtimes, why = docker.runtimes()
+            docker_error = why or docker_error
         hook = next((p for p in (shutil.which(h) for h in NVIDIA_HOOKS) if p), "") or \
             next((p for p in CDI_SPECS if os.path.exists(p)), "")
 
         def image_probe(tag: str) -> dict | None:
-            if not docker_path:
-                return None
-            proc = subprocess.run([docker_path, "image", "inspect", "--format", "{{json .Config.Labels}}", tag],
-                                  capture_output=True, text=True)
-            return (json.loads(proc.stdout) or {}) if proc.returncode == 0 else None
+            return docker.labels(tag) if docker is not None else None
 
         return cls(gpus=gpus, gpu_error=gpu_error, cpu_flags=flags, cpu_model=model, numa_mem_kib=numa,
                    docker_runtimes=runtimes, docker_error=docker_error, nvidia_hook=hook,

@@ -8,6 +8,9 @@ to match an image to their hardware.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from .arch import Arch
 from .errors import KtlegacyError
 
@@ -28,6 +31,10 @@ LABEL_CPU = "io.ktlegacy.cpu-instruct"
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
 LABEL_SOURCE = "org.opencontainers.image.source"
+LABEL_STANDIN = "io.ktlegacy.standin"       # "true" only on the no-CUDA stand-in test build
+
+STANDIN_SUFFIX = "-standin"   # tag suffix of stand-in (no CUDA) test builds: never passes for a CUDA image
+DIRTY_SUFFIX = "-dirty"       # revision label (and commit tag) of a build from uncommitted changes
 
 
 def cpu_instruct(name: str) -> str:
@@ -44,3 +51,26 @@ def image_tag(ref: str, arch: Arch, cpu: str = DEFAULT_CPU_INSTRUCT, repository:
 
 def tag_suffix(ref: str, arch: Arch, cpu: str = DEFAULT_CPU_INSTRUCT) -> str:
     return f"{ref}-{CUDA_TAG}-{arch.name}-{cpu_instruct(cpu).lower()}"
+
+
+@dataclass(frozen=True)
+class TagParts:
+    """What a tag of the scheme says: ``<ref>-cu118-<arch>-<cpu>[-standin]``."""
+    ref: str
+    arch: str          # e.g. "sm75" (not checked against ktlegacy.arch: callers decide)
+    cpu: str           # upper case, one of CPU_INSTRUCTS
+    standin: bool
+
+
+_TAG = re.compile(r"^(?P<ref>.+)-" + re.escape(CUDA_TAG) + r"-(?P<arch>sm[0-9]+)-(?P<cpu>[a-z0-9]+)"
+                  r"(?P<standin>" + re.escape(STANDIN_SUFFIX) + r")?$")
+
+
+def parse_tag(image: str) -> TagParts | None:
+    """The one parser of the tag scheme: ``repo:tag`` or a bare tag -> its parts, or None."""
+    tag = image.rsplit("/", 1)[-1].split("@", 1)[0]
+    tag = tag.split(":", 1)[1] if ":" in tag else tag
+    m = _TAG.match(tag)
+    if not m or m["cpu"].upper() not in CPU_INSTRUCTS:
+        return None
+    return TagParts(m["ref"], m["arch"], m["cpu"].upper(), bool(m["standin"]))

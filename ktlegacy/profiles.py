@@ -11,7 +11,6 @@ keep equal to compose.yaml's.
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -77,10 +76,9 @@ class ServiceSpec:
                        image=image or self.image)
 
 
-def compose_config(profile: str, docker_path: str, env: dict | None = None) -> dict:
+def compose_config(profile: str, docker, env: dict | None = None) -> dict:
     """``docker compose --profile P config --format json`` run from the repository root."""
-    proc = subprocess.run([docker_path, "compose", "--profile", profile, "config", "--format", "json"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    proc = docker.compose("--profile", profile, "config", "--format", "json", cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
         raise KtlegacyError(f"docker compose could not resolve profile {profile}: {err}")
@@ -112,9 +110,10 @@ def spec_defaults(profile: Profile) -> ServiceSpec:
         bind=DEFAULT_BIND, port=DEFAULT_HOST_PORT, cache_lens=DEFAULT_CACHE_LENS, source="defaults")
 
 
-def resolve(profile_name: str, docker_path: str | None) -> ServiceSpec:
-    """The profile's service as compose resolves it here, or its defaults without compose."""
+def resolve(profile_name: str, docker) -> ServiceSpec:
+    """The profile's service as compose resolves it here (``docker``: a DockerClient), or its
+    defaults without Docker (``docker`` None)."""
     profile = get_profile(profile_name)
-    if docker_path is None:
+    if docker is None:
         return spec_defaults(profile)
-    return spec_from_config(profile, compose_config(profile.name, docker_path))
+    return spec_from_config(profile, compose_config(profile.name, docker))

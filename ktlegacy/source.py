@@ -175,7 +175,11 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
                 record = {"ref": r.name, "origin": "sdist", "file": r.filename, "sha256": r.sha256,
                           "commit": ""}
             else:
-                commit = _clone(UPSTREAM_GIT_URL, r.name, tree)
+                try:
+                    commit = _clone(UPSTREAM_GIT_URL, r.name, tree)
+                except KtlegacyError as exc:
+                    raise KtlegacyError(f"{exc}; if {UPSTREAM_GIT_URL} is out of reach, pass a mirror with --git-url URL "
+                                        f"--ref {r.name}, or a checked-out tree with --local DIR") from None
                 record = {"ref": r.name, "origin": "git", "url": UPSTREAM_GIT_URL, "commit": commit}
         if record["ref"] and record["ref"] not in REFS:
             # A commit or an unsupported tag: keep it, patch will detect the version itself.

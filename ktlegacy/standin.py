@@ -51,15 +51,18 @@ def rootfs_tarball(cache: Path = CACHE_DIR) -> Path:
     return tarball
 
 
-def ensure_standin_image(docker_path: str = "/usr/bin/docker", tag: str = STANDIN_IMAGE) -> str:
+def ensure_standin_image(docker=None, tag: str = STANDIN_IMAGE) -> str:
     """Import the stand-in base as ``tag`` unless the daemon already has it; return the tag."""
-    if subprocess.run([docker_path, "image", "inspect", tag], capture_output=True).returncode == 0:
+    if docker is None:
+        from .docker import daemon_client
+        docker = daemon_client()
+    if docker.inspect(tag) is not None:
         return tag
     tarball = rootfs_tarball()
     with open(tarball, "rb") as fh:
-        proc = subprocess.run([docker_path, "import", "--change", "CMD [\"/bin/bash\"]",
-                               "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                               "-", tag], stdin=fh, capture_output=True, text=True)
+        proc = docker.run("import", "--change", "CMD [\"/bin/bash\"]",
+                          "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                          "-", tag, stdin=fh, check=False)
     if proc.returncode != 0:
-        raise KtlegacyError(f"docker import of the stand-in base failed: {proc.stderr.strip()[-200:]}")
+        raise KtlegacyError(f"docker import of the stand-in base failed: {proc.stderr.decode(errors='replace').strip()[-200:]}")
     return tag

@@ -241,6 +241,13 @@ def _interesting_stderr(stderr: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def _install_pin() -> str:
+    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/build.py."""
+    from .build import DEFAULT_TORCH_INDEX_URL, DEFAULT_TORCH_VERSION
+    return (f"install the image's torch pin, pip install torch=={DEFAULT_TORCH_VERSION} --index-url "
+            f"{DEFAULT_TORCH_INDEX_URL} (it brings the Triton it requires; docs/torch-pin.md)")
+
+
 def triton_version(python: str) -> str:
     """The Triton version of ``python``, or a one-line error saying how to get one."""
     try:
@@ -251,8 +258,8 @@ def triton_version(python: str) -> str:
                             "interpreter whose Triton the image uses")
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise KtlegacyError(f"{python} cannot import triton ({last}): install the image's torch "
-                            "(it brings its Triton) or pass --python")
+        raise KtlegacyError(f"{python} cannot import triton ({last}): {_install_pin()}, or pass --python "
+                            "with the image's interpreter")
     return proc.stdout.strip()
 
 
@@ -302,7 +309,8 @@ def compile_launch(tree: Path, path: str, kernel: str, scenario: Scenario, arch:
             raise KtlegacyError(f"cannot import {path} with {python}: {answer['error']}; run the check "
                                 "with the image's Python (torch and triton installed)")
         if answer.get("error_type") == "ModuleNotFoundError":
-            raise KtlegacyError(f"{python} has no Triton: install the image's torch/triton or pass --python")
+            raise KtlegacyError(f"{python} has no Triton: {_install_pin()}, or pass --python with the image's "
+                                "interpreter")
         result.verdict = "compile-error"
         result.detail = _interesting_stderr(proc.stderr) or answer.get("error", "")
         if answer.get("error") and answer["error"] not in result.detail:

@@ -6,15 +6,13 @@ judge - a custom rule file whose placement it estimates wrongly, a GPU it does n
 
 from __future__ import annotations
 
-import subprocess
-
 from .cli import command
 from .errors import KtlegacyError
 from .profiles import REPO_ROOT, get_profile
 
 
 def up(profile: str, force: bool = False) -> None:
-    from .docker import client
+    from .docker import daemon_client
     from .doctor import doctor
 
     get_profile(profile)
@@ -25,9 +23,10 @@ def up(profile: str, force: bool = False) -> None:
         first = failed[0]
         raise KtlegacyError(f"not starting profile {profile}: {len(failed)} doctor check(s) failed, first "
                             f"{first.check}: {first.detail}; fix them (see the table) or pass --force")
-    cmd = [client().path, "compose", "--profile", profile, "up", "-d"]
-    print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    docker = daemon_client()
+    args = ["--profile", profile, "up", "-d"]
+    print("+ " + " ".join(docker.cmd("compose", *args)), flush=True)
+    proc = docker.compose(*args, cwd=REPO_ROOT)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
         raise KtlegacyError(f"docker compose --profile {profile} up failed: {err}")

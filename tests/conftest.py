@@ -55,7 +55,7 @@ def docker():
 def standin_base(docker) -> str:
     """Tag of the debootstrapped Debian stand-in for the CUDA base images."""
     from ktlegacy.standin import ensure_standin_image
-    return ensure_standin_image(docker.path)
+    return ensure_standin_image(docker)
 
 
 # -- the stand-in image build (helper h3; also used by the compose and publish tests) -------------

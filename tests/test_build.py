@@ -68,6 +68,27 @@ def test_dry_run_sm75_is_a_cuda_11_8_build_for_7_5():
     assert line.startswith("DOCKER_BUILDKIT=1 ") != buildx, line
 
 
+@pytest.mark.docker
+def test_dry_run_without_a_daemon_prints_the_client_that_can_build(tmp_path, docker):
+    """No daemon, and the first docker found refuses BuildKit (a client without buildx, as the
+    28.x one here): the dry run prints the BuildKit-capable client, not a bare "docker"."""
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$1\" in\n"
+                    "  buildx) echo \"docker: 'buildx' is not a docker command.\" >&2; exit 1 ;;\n"
+                    "  build) echo 'ERROR: BuildKit is enabled but the buildx component is missing or broken.' >&2;"
+                    " exit 1 ;;\n"
+                    "  *) echo 'Cannot connect to the Docker daemon' >&2; exit 1 ;;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    proc = cli("build", "--arch", "sm75", "--dry-run",
+               env={"KTLEGACY_DOCKER": str(fake), "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"}, check=True)
+    (line,) = [ln for ln in _build_lines(proc.stdout) if "images/Dockerfile" in ln]
+    expected = docker.build_cmd("--progress")[:-1]  # the suite's BuildKit client, as it builds
+    assert line.startswith(docker.shell_prefix() + " ".join(expected) + " --progress"), line
+    assert str(fake) not in line
+
+
 def test_dry_run_all_builds_both_arches():
     proc = cli("build", "--arch", "all", "--dry-run", check=True)
     lines = _build_lines(proc.stdout)
@@ -148,10 +169,10 @@ def _no_image(tag: str) -> bool:
     (["--arch", "sm75", "--target", "nope"], "unknown --target"),
 ])
 def test_bad_input_is_one_line_and_builds_nothing(args, expected, docker):
-    tag = "h3-bad/ktransformers:never"
-    proc = cli("build", *args, "--tag", tag)
+    proc = cli("build", *args, "--tag", "h3-bad/ktransformers:never")
     assert expected in one_line_error(proc)
-    assert _no_image(tag)
+    # refused before the first docker command: build() prints "$ <command>" before running each one
+    assert "$ " not in proc.stdout, proc.stdout
 
 
 @pytest.mark.docker
@@ -232,6 +253,17 @@ def test_standin_image_passes_its_smoke(standin_runtime_image):
 def test_smoke_refuses_an_image_of_another_arch(standin_runtime_image):
     line = one_line_error(cli("smoke", "--arch", "sm70", "--image", standin_runtime_image))
     assert "labelled for arch 'sm75'" in line
+
+
+@pytest.mark.docker
+def test_smoke_without_the_image_names_the_build_command(docker):
+    from ktlegacy.arch import get_arch
+    tag = images.image_tag("v0.3.2", get_arch("sm70"), "AVX512")
+    assert docker.inspect(tag) is None, f"{tag} exists on this daemon (this test expects it absent)"
+    line = one_line_error(cli("smoke", "--arch", "sm70", "--ref", "v0.3.2", "--cpu-instruct", "avx512"))
+    assert f"image {tag} not found; build it first: invoke build --arch sm70 --cpu-instruct AVX512 --ref v0.3.2" in line
+    line = one_line_error(cli("smoke", "--arch", "sm75", "--image", "h5-never/built:x"))
+    assert "build it first: invoke build --arch sm75 --tag h5-never/built:x" in line
 
 
 @pytest.mark.docker

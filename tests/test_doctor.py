@@ -91,12 +91,30 @@ def test_profile_passes_on_its_host(host, profile, model_dirs, sdist_tree):
 
 def test_rules_come_from_upstream_sdist_when_the_image_cannot_be_asked(model_dirs, sdist_tree):
     spec = spec_for("t4x4", model_dirs, port=10050)
-    report = check_profile(spec, with_image(facts_of("t4-x4"), spec), docker_path=None)
+    report = check_profile(spec, with_image(facts_of("t4-x4"), spec), docker=None)
     assert rows(report)["VRAM per GPU"].status == OK
     assert "DeepSeek-V3-Chat-multi-gpu-4.yaml (from upstream 0.2.1.post1)" in rows(report)["VRAM per GPU"].detail
 
 
 # --- bad input: one clear line each -------------------------------------------------------------
+
+def test_fixes_say_to_copy_the_env_example_when_there_is_no_env(model_dirs, tmp_path):
+    """A fix that says "set X in compose/.env" on a host that has none yet starts with the copy."""
+    from ktlegacy.doctor import env_file_first
+    spec = spec_for("t4x4", model_dirs, port=10050, model_dir=tmp_path / "no-model")
+    report = check_profile(spec, with_image(facts_of("t4-x4"), spec), docker=None)
+    fix = rows(report)["model dir"].fix
+    assert "set KTLEGACY_MODEL_DIR in compose/.env" in fix
+    env = tmp_path / ".env"
+    env.write_text("")
+    assert rows(env_file_first(report, env))["model dir"].fix == fix     # there is one: unchanged
+    env.unlink()
+    copied = rows(env_file_first(report, env))["model dir"].fix
+    assert copied == "cp compose/.env.example compose/.env (there is none yet), then " + fix
+    assert (REPO / "compose" / ".env.example").is_file()
+    assert rows(env_file_first(report, env))["model dir"].fix == copied  # said once
+    assert rows(report)["GPUs"].fix == ""  # rows without a compose/.env fix are left alone
+
 
 def failing(report, check):
     row = rows(report)[check]
@@ -264,7 +282,6 @@ def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_di
     """A local image is asked for its own (patched) rule file and its labels: here a rule file that
     exists only in the image and puts everything on cuda:1 of the 2080 Ti pair."""
     import base64
-    import json as _json
     tag = "h4-doctor-rules:sm75"
     rules = ("- match: {name: '^model\\.embed_tokens'}\n  replace: {class: default, kwargs: {generate_device: cpu}}\n"
              "- match: {name: '^model\\.layers\\..*\\.mlp\\.experts$'}\n"
@@ -281,10 +298,8 @@ def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_di
     try:
         spec = spec_for("2080ti-x2", model_dirs, port=10050, image=tag, rules="Only-In-Image.yaml")
         facts = facts_of("2080ti-x2")
-        facts.image_probe = lambda t: _json.loads(subprocess.run(
-            [docker.path, "image", "inspect", "--format", "{{json .Config.Labels}}", t],
-            capture_output=True, text=True).stdout)
-        report = check_profile(spec, facts, docker_path=docker.path)
+        facts.image_probe = docker.labels
+        report = check_profile(spec, facts, docker=docker)
         by = rows(report)
         assert by["image"].status == OK and "arch sm75, CPU AVX2, ref 0.2.1.post1" in by["image"].detail
         vram = by["VRAM per GPU"]

@@ -1,18 +1,18 @@
 """invoke publish against a real registry: Debian's docker-registry (distribution 2.8) on 127.0.0.1.
 
-Each test starts its own registry (storage in a tmp dir, deletes enabled) and publishes the
-stand-in runtime image (fixture ``standin_runtime_image``: images/Dockerfile built on the no-CUDA
-stand-in base, labelled by ktlegacy/build.py), or an image built FROM it.
-Failures are real ones: the registry process is killed between the manifest push and the
-tagging, a proxy in front of the registry fails one tag PUT, htpasswd auth refuses, a port
-has nothing listening.
+Each test starts its own registry (storage in a tmp dir) and publishes the stand-in runtime image
+(fixture ``standin_runtime_image``: images/Dockerfile built on the no-CUDA stand-in base, labelled
+by ktlegacy/build.py), or an image built FROM it, with ``docker push`` (dockerd does the transfer).
+Failures are real ones: a proxy in front of the registry answers 500 to one manifest PUT (a
+followed tag, or the commit tag of the second image), htpasswd auth refuses, a port has nothing
+listening; each ends in one line, and running the same publish again ends with every tag on the
+image that was checked.
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
-import hashlib
+import copy
 import http.client
 import http.server
 import json
@@ -23,15 +23,14 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
 from ktlegacy import images
 from ktlegacy.arch import get_arch
-from ktlegacy.errors import KtlegacyError
 
 pytestmark = pytest.mark.docker
 
@@ -42,11 +41,12 @@ SHA_B = "b2c3d4e5f60718293a4b5c6d7e8f901234567890"
 TAG = images.tag_suffix(REF, get_arch("sm75"), "AVX2") + "-standin"   # as ktlegacy/build.py tags it
 MOVING = "latest-sm75-avx2-standin"
 NAME = "ktransformers"
-# local repositories (h5 prefix: other helpers share this Docker daemon)
-SRC_A = "h5-ktlegacy/ktransformers"
-SRC_B = "h5-ktlegacy-b/ktransformers"
-SRC_BAD = "h5-ktlegacy-bad/ktransformers"
-SRC_TWO = "h5-ktlegacy-two/ktransformers"   # two images: A as avx2, and A relabelled avx512
+# local repositories, unique to this run: other test runs share this Docker daemon
+RUN = uuid.uuid4().hex[:6]
+SRC_A = f"h5-{RUN}-ktlegacy/ktransformers"
+SRC_B = f"h5-{RUN}-ktlegacy-b/ktransformers"
+SRC_BAD = f"h5-{RUN}-ktlegacy-bad/ktransformers"
+SRC_TWO = f"h5-{RUN}-ktlegacy-two/ktransformers"   # two images: A as avx2, and A relabelled avx512
 TAG_512 = images.tag_suffix(REF, get_arch("sm75"), "AVX512") + "-standin"
 # the fixture image is built from this working tree, which may have uncommitted changes
 ALLOW = ("--allow-standin", "--allow-dirty")
@@ -67,12 +67,13 @@ def free_port() -> int:
 class LocalRegistry:
     """docker-registry serving on 127.0.0.1:<port>, storage under ``root``; start/kill/restart."""
 
-    def __init__(self, root: Path, htpasswd: Path | None = None, auth_yaml: str = ""):
+    def __init__(self, root: Path, htpasswd: Path | None = None):
         self.root, self.port, self.proc = root, free_port(), None
         self.host = f"127.0.0.1:{self.port}"
-        self.auth = None  # "user:password" (basic) or "Bearer <token>" for the test's own API calls
+        self.ns = ""      # a namespace of its own per test (see the registry fixture)
+        self.auth = None  # "user:password" for the test's own API calls
         root.mkdir(parents=True, exist_ok=True)
-        auth = f"auth:\n  htpasswd:\n    realm: h5-test\n    path: {htpasswd}\n" if htpasswd else auth_yaml
+        auth = f"auth:\n  htpasswd:\n    realm: h5-test\n    path: {htpasswd}\n" if htpasswd else ""
         (root / "config.yml").write_text(
             "version: 0.1\nlog:\n  level: error\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
@@ -98,9 +99,7 @@ class LocalRegistry:
 
     def api(self, method: str, path: str, accept: str = "application/vnd.docker.distribution.manifest.v2+json"):
         req = urllib.request.Request(f"http://{self.host}{path}", method=method, headers={"Accept": accept})
-        if self.auth and self.auth.startswith("Bearer "):
-            req.add_header("Authorization", self.auth)
-        elif self.auth:
+        if self.auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(self.auth.encode()).decode())
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
@@ -109,25 +108,54 @@ class LocalRegistry:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers, exc.read()
 
-    def tags(self, name: str = NAME) -> list[str]:
+    @property
+    def arg(self) -> str:
+        """What --registry gets: HOST:PORT[/NAMESPACE]."""
+        return f"{self.host}/{self.ns}" if self.ns else self.host
+
+    @property
+    def name(self) -> str:
+        """The repository's name inside the registry."""
+        return f"{self.ns}/{NAME}" if self.ns else NAME
+
+    @property
+    def repo(self) -> str:
+        """The repository users pull."""
+        return f"{self.arg}/{NAME}"
+
+    def namespaced(self, ns: str) -> "LocalRegistry":
+        view = copy.copy(self)
+        view.ns = ns
+        return view
+
+    def tags(self, name: str | None = None) -> list[str]:
+        name = name or self.name
         status, _, body = self.api("GET", f"/v2/{name}/tags/list")
         if status == 404:
             return []
         assert status == 200, (status, body)
         return sorted(json.loads(body).get("tags") or [])
 
-    def digest_of(self, tag: str, name: str = NAME) -> str | None:
-        status, headers, _ = self.api("HEAD", f"/v2/{name}/manifests/{tag}")
+    def digest_of(self, tag: str, name: str | None = None) -> str | None:
+        status, headers, _ = self.api("HEAD", f"/v2/{name or self.name}/manifests/{tag}")
         return headers["Docker-Content-Digest"] if status == 200 else None
 
 
-@pytest.fixture
-def registry(tmp_path):
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory):
+    """One registry for the module: dockerd compresses the 1.6 GB image once, for the first push
+    to it; every later push mounts the blobs from the repository that holds them."""
     if not os.access(REGISTRY_BIN, os.X_OK):
         _missing(f"{REGISTRY_BIN} (Debian package docker-registry)")
-    reg = LocalRegistry(tmp_path / "registry").start()
+    reg = LocalRegistry(tmp_path_factory.mktemp("h5-registry")).start()
     yield reg
     reg.kill()
+
+
+@pytest.fixture
+def registry(shared_registry):
+    """The shared registry, seen through a namespace of this test's own: empty at the start."""
+    return shared_registry.namespaced("t" + uuid.uuid4().hex[:10])
 
 
 @pytest.fixture
@@ -137,20 +165,6 @@ def docker_config(tmp_path, monkeypatch) -> Path:
     path.mkdir()
     monkeypatch.setenv("DOCKER_CONFIG", str(path))
     return path
-
-
-@pytest.fixture(scope="module")
-def layer_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("h5-publish-cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(layer_cache, monkeypatch):
-    # our own layer cache, and a blob store so the 1.6 GB image is compressed once per module
-    # (the first publish, test_publish_then_pull_back..., compresses; later ones reuse)
-    monkeypatch.setattr("ktlegacy.publish.CACHE_DIR", layer_cache)
-    monkeypatch.setenv("KTLEGACY_CACHE", str(layer_cache))
-    monkeypatch.setenv("KTLEGACY_BLOB_STORE", str(layer_cache / "blobs"))
 
 
 def _build_from(docker, base: str, context: Path, tag: str, labels: dict, run: str | None = None) -> str:
@@ -192,6 +206,26 @@ def standin_images(docker, standin_runtime_image, tmp_path_factory) -> dict:
         docker.run("rmi", ref, check=False)
 
 
+SRC_TINY = f"h5-{RUN}-ktlegacy-tiny/ktransformers"
+
+
+@pytest.fixture(scope="module")
+def tiny_image(docker, standin_images, tmp_path_factory) -> str:
+    """Two small files as an image, with the stand-in image's labels under its tag: it passes
+    every check, and a push to a registry of its own (the auth test's) moves kilobytes."""
+    root = tmp_path_factory.mktemp("h5-tiny")
+    (root / "h5-tiny").write_text("h5\n")
+    labels = docker.labels(f"{SRC_A}:{TAG}")
+    changes = []
+    for key, value in labels.items():
+        changes += ["--change", f"LABEL {json.dumps(key)}={json.dumps(value)}"]
+    tar = subprocess.run(["tar", "-C", str(root), "-c", "h5-tiny"], capture_output=True, check=True).stdout
+    docker.run("import", *changes, "-", f"{SRC_TINY}:{TAG}", input=tar)
+    assert docker.labels(f"{SRC_TINY}:{TAG}") == labels
+    yield f"{SRC_TINY}:{TAG}"
+    docker.run("rmi", f"{SRC_TINY}:{TAG}", check=False)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ktlegacy", "publish", *args], capture_output=True, text=True,
                           cwd=REPO, env=dict(os.environ))
@@ -206,57 +240,52 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
-def expected_tags(revision: str, moving: bool) -> list[str]:
+def commit_tag(revision: str, tag: str = TAG) -> str:
     dirty = "-dirty" if revision.endswith("-dirty") else ""
-    return sorted([TAG, f"{TAG}-g{revision[:7]}{dirty}"] + ([MOVING] if moving else []))
+    return f"{tag}-g{revision[:7]}{dirty}"
 
 
-def verify_blobs(reg: LocalRegistry, digest: str) -> dict:
-    """Fetch the manifest by digest and every blob it names; check digests and diff_ids; return config."""
-    status, headers, body = reg.api("GET", f"/v2/{NAME}/manifests/{digest}")
-    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
-    manifest = json.loads(body)
-    status, _, config_bytes = reg.api("GET", f"/v2/{NAME}/blobs/{manifest['config']['digest']}")
-    assert status == 200 and "sha256:" + hashlib.sha256(config_bytes).hexdigest() == manifest["config"]["digest"]
-    config = json.loads(config_bytes)
-    diff_ids = []
-    for layer in manifest["layers"]:
-        status, _, blob = reg.api("GET", f"/v2/{NAME}/blobs/{layer['digest']}")
-        assert status == 200 and len(blob) == layer["size"]
-        assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
-        diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest())
-    assert diff_ids == config["rootfs"]["diff_ids"]
-    return config
+def expected_tags(revision: str, moving: bool) -> list[str]:
+    return sorted([TAG, commit_tag(revision)] + ([MOVING] if moving else []))
+
+
+def config_digest(reg: LocalRegistry, digest: str) -> str:
+    """The image id (config digest) of the manifest stored under ``digest``."""
+    status, _, body = reg.api("GET", f"/v2/{reg.name}/manifests/{digest}")
+    assert status == 200, (status, body)
+    return json.loads(body)["config"]["digest"]
+
+
+def where_tags_point(reg: LocalRegistry) -> dict:
+    return {tag: reg.digest_of(tag) for tag in reg.tags()}
 
 
 # --- the happy path --------------------------------------------------------------------------
 
 def test_publish_then_pull_back_by_tag_and_by_digest(registry, docker, docker_config, standin_images):
     revision = standin_images["revision_A"]
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A, *ALLOW, "--moving")
+    proc = cli("--registry", registry.arg, "--source-repository", SRC_A, *ALLOW, "--moving")
     assert proc.returncode == 0, proc.stderr
     assert registry.tags() == expected_tags(revision, moving=True)
     digest = registry.digest_of(TAG)
     assert all(registry.digest_of(t) == digest for t in expected_tags(revision, True))
-    assert f"{registry.host}/{NAME}@{digest}" in proc.stdout
+    assert f"{registry.repo}@{digest}" in proc.stdout
+    # the registry holds the checked local image: its config digest is the local image id
+    assert config_digest(registry, digest) == standin_images["A"]
+    # publish leaves no local name of the registry behind (it tags by image id, pushes, untags)
+    assert docker.tags(registry.repo) == []
 
-    # every blob, fetched over the API: digest, size, and decompressed diff_id match the config
-    config = verify_blobs(registry, digest)
-    assert config["config"]["Labels"][images.LABEL_ARCH] == "sm75"
-
-    # docker pulls it back by tag and by digest: the same image (config digest = image id), labels
-    # intact, and its in-image smoke passes (docker skips layers it holds: the blob check above
-    # is what proves every layer's bytes)
-    remote = f"{registry.host}/{NAME}"
+    # docker pulls it back by tag and by digest: the same image, labels intact, its smoke passes
+    remote = registry.repo
     try:
         for ref in (f"{remote}:{TAG}", f"{remote}@{digest}"):
             docker.run("pull", "-q", ref)
-            info = _inspect(docker, ref)
+            info = docker.inspect(ref)
             assert info["Id"] == standin_images["A"], "the pulled image is not the one pushed"
             assert f"{remote}@{digest}" in info["RepoDigests"]
-            labels = info["Config"]["Labels"]
+            labels = docker.labels(ref)
             assert labels[images.LABEL_REF] == REF and labels[images.LABEL_CPU] == "AVX2"
-            assert labels[images.LABEL_REVISION] == revision and labels["io.ktlegacy.standin"] == "true"
+            assert labels[images.LABEL_REVISION] == revision and labels[images.LABEL_STANDIN] == "true"
         smoke = subprocess.run([sys.executable, "-m", "ktlegacy", "smoke", "--arch", "sm75", "--image",
                                 f"{remote}:{TAG}"], capture_output=True, text=True, cwd=REPO)
         assert smoke.returncode == 0, smoke.stdout[-2000:] + smoke.stderr[-2000:]
@@ -264,60 +293,56 @@ def test_publish_then_pull_back_by_tag_and_by_digest(registry, docker, docker_co
         docker.run("rmi", f"{remote}:{TAG}", check=False)
         docker.run("rmi", f"{remote}@{digest}", check=False)
 
-    # publishing again is idempotent: same digest, no new blobs, same tags
-    again = cli("--registry", registry.host, "--source-repository", SRC_A, *ALLOW)
+    # publishing again is idempotent: same digest, same tags
+    again = cli("--registry", registry.arg, "--source-repository", SRC_A, *ALLOW)
     assert again.returncode == 0, again.stderr
-    assert f"@{digest} (0 blobs uploaded" in again.stdout
-    assert registry.tags() == expected_tags(revision, moving=True)
+    assert f"@{digest} as" in again.stdout
+    assert where_tags_point(registry) == {t: digest for t in expected_tags(revision, moving=True)}
 
 
 def test_dry_run_through_invoke_pushes_nothing(registry, standin_images, docker_config):
     revision = standin_images["revision_A"]
     invoke = REPO / ".venv/bin/invoke"
-    base = [str(invoke) if invoke.exists() else "invoke", "publish", "--registry", f"{registry.host}/team",
+    base = [str(invoke) if invoke.exists() else "invoke", "publish", "--registry", f"{registry.arg}/team",
             "--source-repository", SRC_A, *ALLOW, "--dry-run", "--cpu-instruct", "avx2", "--arch", "sm75"]
     moving = subprocess.run(base + ["--moving"], capture_output=True, text=True, cwd=REPO)
     plain = subprocess.run(base, capture_output=True, text=True, cwd=REPO)
     assert moving.returncode == 0 and plain.returncode == 0, moving.stderr + plain.stderr
-    tags = ", ".join([TAG, expected_tags(revision, False)[1], MOVING])
-    assert f"to {registry.host}/team/{NAME} as {tags}" in moving.stdout
+    tags = ", ".join([commit_tag(revision), TAG, MOVING])
+    assert f"to {registry.arg}/team/{NAME} as {tags}" in moving.stdout
     assert "latest-" not in plain.stdout
-    assert registry.tags("team/" + NAME) == []
+    assert registry.tags(f"{registry.ns}/team/{NAME}") == []
 
 
-# --- bad input: one line, non-zero, no tags ----------------------------------------------------
+def test_github_output_names_the_image_and_its_tags(tmp_path, registry, standin_images, docker_config):
+    """What the workflow's push steps read: one checked image, its repository, its tags."""
+    out = tmp_path / "github_output"
+    out.write_text("earlier=1\n")
+    proc = cli("--registry", "ghcr.io/owner", "--source-repository", SRC_A, *ALLOW, "--dry-run", "--moving",
+               "--sha", standin_images["revision_A"].removesuffix("-dirty"), "--github-output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.startswith("earlier=1\n")  # appended, as $GITHUB_OUTPUT wants
+    assert f"image={SRC_A}:{TAG}\n" in text and f"image-id={standin_images['A']}\n" in text
+    assert "repository=ghcr.io/owner/ktransformers\n" in text
+    tags = text.split("tags<<KTLEGACY_EOF\n", 1)[1].split("\nKTLEGACY_EOF", 1)[0].splitlines()
+    assert tags == [commit_tag(standin_images["revision_A"]), TAG, MOVING]
+    assert f"type=raw,value={MOVING}\n" in text
+    # two images match: the workflow's step describes one, so this is refused in one line
+    proc = cli("--registry", "ghcr.io/owner", "--source-repository", SRC_TWO, *ALLOW, "--dry-run",
+               "--github-output", str(tmp_path / "two"))
+    assert_one_line_error(proc, "--github-output describes one image, but 2 match")
+    assert not (tmp_path / "two").exists()
 
-def test_registry_killed_between_digest_push_and_tagging(registry, docker, docker_config, standin_images,
-                                                          monkeypatch):
-    import ktlegacy.publish as publish_mod
-    seen = {}
 
-    def crash(plan, digest):
-        seen["digest"] = digest
-        registry.kill()
-
-    monkeypatch.setattr(publish_mod, "before_tagging", crash)
-    with pytest.raises(KtlegacyError) as err:
-        publish_mod.publish(registry.host, source_repository=SRC_A, allow_standin=True, allow_dirty=True,
-                            moving=True, docker=docker, out=lambda line: None)
-    message = str(err.value)
-    assert "\n" not in message and f"registry {registry.host} is unreachable" in message
-    assert "no tag" in message
-
-    registry.start()  # same storage: what did the crash leave behind?
-    assert registry.tags() == []
-    assert registry.api("HEAD", f"/v2/{NAME}/manifests/{seen['digest']}")[0] == 200  # it was pushed by digest
-
+# --- failures: one line, and the same command run again finishes ---------------------------------
 
 class FailingProxy:
-    """HTTP proxy to the registry that forwards everything, but answers 500 to the first PUT of one
-    tag (after forwarding it, so the tag did move: the worst case for the publisher)."""
+    """HTTP proxy to the registry that forwards everything (request bodies streamed, chunked or not)
+    but answers 500 to the first PUT of one path, without forwarding it."""
 
-    def __init__(self, upstream: str, fail_path: str, after_forward=None):
-        # after_forward(path): instead of answering 500, run this once the PUT landed (e.g. kill
-        # the registry) and pass the registry's own answer on
+    def __init__(self, upstream: str, fail_path: str):
         self.upstream, self.fail_path, self.failed = upstream, fail_path, 0
-        self.after_forward = after_forward
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -326,37 +351,62 @@ class FailingProxy:
             def log_message(self, *args):
                 pass
 
+            def body_chunks(self):
+                """The request body as it came: chunked framing relayed as is, or Content-Length bytes."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    while True:
+                        line = self.rfile.readline()
+                        yield line
+                        size = int(line.split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while True:  # trailers, then the empty line
+                                trailer = self.rfile.readline()
+                                yield trailer
+                                if trailer in (b"\r\n", b"\n", b""):
+                                    return
+                        yield self.rfile.read(size + 2)  # data + CRLF
+                else:
+                    left = int(self.headers.get("Content-Length") or 0)
+                    while left:
+                        chunk = self.rfile.read(min(left, 1 << 20))
+                        if not chunk:
+                            return
+                        left -= len(chunk)
+                        yield chunk
+
             def forward(self):
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=120)
-                length = int(self.headers.get("Content-Length") or 0)
+                if self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed:
+                    for _ in self.body_chunks():
+                        pass
+                    proxy.failed += 1
+                    body = b'{"errors":[{"code":"UNKNOWN","message":"h5 proxy: injected failure"}]}'
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=300)
                 conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                 for key, value in self.headers.items():
                     conn.putheader(key, value)
                 conn.endheaders()
-                left = length
-                while left:
-                    chunk = self.rfile.read(min(left, 1 << 20))
+                for chunk in self.body_chunks():
                     conn.send(chunk)
-                    left -= len(chunk)
                 resp = conn.getresponse()
                 body = resp.read()
-                if self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed and proxy.after_forward:
-                    proxy.failed += 1
-                    proxy.after_forward(self.path)
-                elif self.command == "PUT" and self.path == proxy.fail_path and not proxy.failed:
-                    proxy.failed += 1
-                    self.send_response(500)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    # a HEAD answer's Content-Length is the blob's size (docker reads it): pass it on
+                    if key.lower() not in ("transfer-encoding", "connection") and \
+                            (key.lower() != "content-length" or self.command == "HEAD"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
+                conn.close()
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = forward
 
@@ -369,89 +419,77 @@ class FailingProxy:
         self.server.server_close()
 
 
-def test_failed_tag_rolls_back_every_tag(registry, docker, docker_config, standin_images):
-    from ktlegacy.publish import publish
-    publish(registry.host, source_repository=SRC_A, allow_standin=True, allow_dirty=True, moving=True,
-            docker=docker, out=lambda line: None)
-    before = {tag: registry.digest_of(tag) for tag in registry.tags()}
-    assert sorted(before) == expected_tags(standin_images["revision_A"], moving=True)
+def test_failed_followed_tag_then_the_same_publish_finishes(registry, docker, docker_config, standin_images):
+    """A is published; B (same ref/arch/cpu, another commit) fails on its last followed tag. The
+    error names what moved and what did not; running the same publish again puts every tag on B."""
+    proc = cli("--registry", registry.arg, "--source-repository", SRC_A, *ALLOW, "--moving")
+    assert proc.returncode == 0, proc.stderr
+    digest_a = registry.digest_of(TAG)
 
-    # B: same ref/arch/cpu tag, new commit; the moving tag's PUT fails after it landed
-    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/{MOVING}")
+    proxy = FailingProxy(registry.host, f"/v2/{registry.name}/manifests/{MOVING}")
     try:
-        with pytest.raises(KtlegacyError) as err:
-            publish(proxy.host, source_repository=SRC_B, allow_standin=True, allow_dirty=True, moving=True,
-                    docker=docker, out=lambda line: None)
+        proc = cli("--registry", f"{proxy.host}/{registry.ns}", "--source-repository", SRC_B, *ALLOW, "--moving")
     finally:
         proxy.close()
-    assert proxy.failed == 1
-    message = str(err.value)
-    assert "\n" not in message and "HTTP 500" in message and "rolled back" in message
-    # exactly A's tags, each still on A's manifest; B's sha tag is gone
-    assert {tag: registry.digest_of(tag) for tag in registry.tags()} == before
+    assert proxy.failed == 1, proc.stderr
+    line = assert_one_line_error(proc, "500", f"moved so far: {proxy.host}/{registry.name}:{TAG}",
+                                 f"not moved: {proxy.host}/{registry.name}:{MOVING}", "run the same publish again")
+    # B is stored under its commit tag and moved the tag that came first; latest-* still on A
+    digest_b = registry.digest_of(commit_tag(SHA_B))
+    assert digest_b and digest_b != digest_a and config_digest(registry, digest_b) == standin_images["B"]
+    assert registry.digest_of(TAG) == digest_b and registry.digest_of(MOVING) == digest_a, line
+
+    again = cli("--registry", registry.arg, "--source-repository", SRC_B, *ALLOW, "--moving")
+    assert again.returncode == 0, again.stderr
+    assert f"@{digest_b} as" in again.stdout  # the same image, the same digest
+    assert where_tags_point(registry) == {TAG: digest_b, MOVING: digest_b, commit_tag(SHA_B): digest_b,
+                                          commit_tag(standin_images["revision_A"]): digest_a}
 
 
-def test_registry_killed_while_tagging_names_what_may_be_left(registry, docker, docker_config, standin_images):
-    """The one case no client can roll back: the registry dies after the first tag landed. The
-    error must say so, and name every tag that may be left (a superset of what is there)."""
-    from ktlegacy.publish import publish
-    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/{TAG}", after_forward=lambda path: registry.kill())
+def test_failure_while_storing_moves_no_followed_tag(registry, docker, docker_config, standin_images):
+    """Two images in one run: every image is stored under its commit tag before any followed tag
+    moves, so a failure storing the second leaves only the first one's commit tag."""
+    revision = standin_images["revision_A"]
+    proxy = FailingProxy(registry.host, f"/v2/{registry.name}/manifests/{commit_tag(revision, TAG_512)}")
     try:
-        with pytest.raises(KtlegacyError) as err:
-            publish(proxy.host, source_repository=SRC_A, allow_standin=True, allow_dirty=True, moving=True,
-                    docker=docker, out=lambda line: None)
+        proc = cli("--registry", f"{proxy.host}/{registry.ns}", "--source-repository", SRC_TWO, *ALLOW)
     finally:
         proxy.close()
-    message = str(err.value)
-    assert proxy.failed == 1 and "\n" not in message
-    assert "could not roll back" in message and "re-run publish, or delete them" in message
-    named = set(message.split("so tags ", 1)[1].split(f" of {proxy.host}", 1)[0].split(", "))
-    registry.start()
-    assert TAG in registry.tags() and set(registry.tags()) <= named
+    assert proxy.failed == 1, proc.stderr
+    assert_one_line_error(proc, "500", "no followed tag moved", f"stored so far: {proxy.host}/{registry.name}:{commit_tag(revision)}")
+    assert registry.tags() == [commit_tag(revision)]
+
+    again = cli("--registry", registry.arg, "--source-repository", SRC_TWO, *ALLOW)
+    assert again.returncode == 0, again.stderr
+    tags = where_tags_point(registry)
+    assert sorted(tags) == sorted([TAG, commit_tag(revision), TAG_512, commit_tag(revision, TAG_512)])
+    assert tags[TAG] == tags[commit_tag(revision)] != tags[TAG_512] == tags[commit_tag(revision, TAG_512)]
+    assert config_digest(registry, tags[TAG_512]) == standin_images["avx512"]
 
 
-def test_failed_tag_of_the_second_image_rolls_back_the_first(registry, docker, docker_config, standin_images):
-    """Several images in one run: all are stored by digest first, then all tags or none."""
-    from ktlegacy.publish import publish
-    proxy = FailingProxy(registry.host, f"/v2/{NAME}/manifests/{TAG_512}")
-    try:
-        with pytest.raises(KtlegacyError) as err:
-            publish(proxy.host, source_repository=SRC_TWO, allow_standin=True, allow_dirty=True, docker=docker,
-                    out=lambda line: None)
-    finally:
-        proxy.close()
-    assert proxy.failed == 1 and "rolled back" in str(err.value)
-    assert registry.tags() == []  # not even the avx2 image's tags, which went in first
-
-    # the same run without the failure publishes both
-    results = publish(registry.host, source_repository=SRC_TWO, allow_standin=True, allow_dirty=True,
-                      docker=docker, out=lambda line: None)
-    assert [r.plan.image.cpu for r in results] == ["AVX2", "AVX512"]
-    assert {TAG, TAG_512} <= set(registry.tags()) and len(registry.tags()) == 4
-
-
-def test_auth_refused_without_login_or_with_a_wrong_one(tmp_path, docker, docker_config, standin_images):
+def test_auth_refused_without_login_or_with_a_wrong_one(tmp_path, docker, docker_config, standin_images, tiny_image):
     import bcrypt  # the registry's htpasswd takes bcrypt hashes only
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("h5user:" + bcrypt.hashpw(b"h5-secret-pw", bcrypt.gensalt(rounds=5)).decode() + "\n")
     reg = LocalRegistry(tmp_path / "auth-registry", htpasswd=htpasswd).start()
     try:
-        args = ("--registry", reg.host, "--source-repository", SRC_A, *ALLOW)
-        line = assert_one_line_error(cli(*args), f"registry {reg.host} asks for a login",
-                                     f"docker login {reg.host}")
+        args = ("--registry", reg.host, "--source-repository", SRC_TINY, *ALLOW)
+        assert_one_line_error(cli(*args), f"registry {reg.host} asks for a login", f"run docker login {reg.host}",
+                              "no followed tag moved")
 
         wrong = base64.b64encode(b"h5user:not-the-password").decode()
         (docker_config / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": wrong}}}))
-        line = assert_one_line_error(cli(*args), "refused", "HTTP 401", f"docker login {reg.host}")
+        line = assert_one_line_error(cli(*args), f"registry {reg.host} refused the push",
+                                     f"run docker login {reg.host}")
         assert "not-the-password" not in line and wrong not in line
         reg.auth = "h5user:h5-secret-pw"
         assert reg.tags() == []
 
         # a real docker login, then the same command publishes
         (docker_config / "config.json").unlink()
-        login = subprocess.run(docker.cmd("login", reg.host, "-u", "h5user", "--password-stdin"),
-                               input=b"h5-secret-pw", capture_output=True, env=dict(os.environ))
-        assert login.returncode == 0, login.stderr
+        login = docker.run("login", reg.host, "-u", "h5user", "--password-stdin", input=b"h5-secret-pw",
+                           env=dict(os.environ))
+        assert login.returncode == 0
         proc = cli(*args)
         assert proc.returncode == 0, proc.stderr
         assert "h5-secret-pw" not in proc.stdout + proc.stderr
@@ -466,142 +504,38 @@ def test_unreachable_registry(docker_config, standin_images):
     assert_one_line_error(proc, f"registry 127.0.0.1:{port} is unreachable", "connection refused")
 
 
+@pytest.mark.parametrize("registry_arg, needle", [
+    ("http://127.0.0.1:5000", "drop the scheme"),
+    ("ghcr.io/Owner", "lower case"),
+    ("owner", "is not HOST[:PORT][/NAMESPACE]"),
+    ("ghcr.io/own er", "is not HOST[:PORT][/NAMESPACE]"),
+])
+def test_bad_registry_is_one_line_before_anything_is_read(registry_arg, needle, docker_config):
+    # the source repository does not exist: the registry argument is refused before it is looked at
+    proc = cli("--registry", registry_arg, "--source-repository", "h5-ktlegacy-never/ktransformers")
+    assert_one_line_error(proc, needle)
+
+
 def test_image_never_built(registry, docker_config, standin_images):
-    proc = cli("--registry", registry.host, "--source-repository", "h5-ktlegacy-never/ktransformers")
+    proc = cli("--registry", registry.arg, "--source-repository", "h5-ktlegacy-never/ktransformers")
     assert_one_line_error(proc, "no image like h5-ktlegacy-never/ktransformers:<ref>-cu118-", "invoke build")
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--ref", "v0.3.2", *ALLOW)
-    assert_one_line_error(proc, "no image like h5-ktlegacy/ktransformers:v0.3.2-cu118-")
+    proc = cli("--registry", registry.arg, "--source-repository", SRC_A, "--ref", "v0.3.2", *ALLOW)
+    assert_one_line_error(proc, f"no image like {SRC_A}:v0.3.2-cu118-")
     assert registry.tags() == []
 
 
 def test_refuses_labels_that_contradict_the_tag(registry, docker, docker_config, standin_images):
-    proc = cli("--registry", registry.host, "--source-repository", SRC_BAD, *ALLOW)
+    proc = cli("--registry", registry.arg, "--source-repository", SRC_BAD, *ALLOW)
     assert_one_line_error(proc, f"{SRC_BAD}:{TAG} is labelled {images.LABEL_ARCH}=sm70 but its tag says sm75")
-    proc = cli("--registry", registry.host, "--source-repository", SRC_B, *ALLOW, "--sha", "c" * 40)
+    proc = cli("--registry", registry.arg, "--source-repository", SRC_B, *ALLOW, "--sha", "c" * 40)
     assert_one_line_error(proc, f"built from commit {SHA_B[:12]}", f"not --sha {'c' * 12}")
-    proc = cli("--registry", registry.host, "--source-repository", SRC_A, "--allow-dirty")
+    proc = cli("--registry", registry.arg, "--source-repository", SRC_A, "--allow-dirty")
     assert_one_line_error(proc, "stand-in build without CUDA", "--allow-standin")
     # a stand-in image under a tag without -standin would pass for a CUDA build
     docker.run("tag", standin_images["A"], f"{SRC_BAD}-plain:{TAG.removesuffix('-standin')}")
     try:
-        proc = cli("--registry", registry.host, "--source-repository", f"{SRC_BAD}-plain", *ALLOW)
+        proc = cli("--registry", registry.arg, "--source-repository", f"{SRC_BAD}-plain", *ALLOW)
         assert_one_line_error(proc, "io.ktlegacy.standin=true but its tag does not say -standin")
     finally:
         docker.run("rmi", f"{SRC_BAD}-plain:{TAG.removesuffix('-standin')}", check=False)
     assert registry.tags() == []
-
-
-
-class TokenService:
-    """A bearer-token service as GHCR, Docker Hub and Harbor run one: basic auth in, a JWT out
-    (ES256, the signing certificate in the x5c header), which docker-registry checks against
-    its rootcertbundle. Only h5user:h5-token-pw gets a token; it grants what the scope asks."""
-
-    USER, PASSWORD = "h5user", "h5-token-pw"
-
-    def __init__(self, root: Path):
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "h5-token-issuer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(self.key, hashes.SHA256()))
-        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
-        self.bundle = root / "token-ca.pem"
-        root.mkdir(parents=True, exist_ok=True)
-        self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.requests: list[tuple[str, str]] = []  # (who, scope)
-        service = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-                who = "anonymous"
-                header = self.headers.get("Authorization", "")
-                if header.startswith("Basic "):
-                    who = base64.b64decode(header[6:]).decode()
-                service.requests.append((who, query.get("scope", "")))
-                if who != f"{service.USER}:{service.PASSWORD}":
-                    body = b'{"errors":[{"code":"UNAUTHORIZED"}]}'
-                    self.send_response(401)
-                else:
-                    body = json.dumps({"token": service.issue(query.get("scope", ""))}).encode()
-                    self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def issue(self, scope: str) -> str:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
-        def b64(data: bytes) -> str:
-            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-        access = []
-        for item in filter(None, scope.split(" ")):
-            kind, name, actions = item.split(":")
-            access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        now = int(time.time())
-        header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.cert_der).decode()]}
-        claims = {"iss": "h5-issuer", "sub": self.USER, "aud": "h5-registry", "exp": now + 600,
-                  "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(), "access": access}
-        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-        r, s = decode_dss_signature(self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
-        return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
-
-    def yaml(self) -> str:
-        return ("auth:\n  token:\n"
-                f"    realm: {self.realm}\n    service: h5-registry\n    issuer: h5-issuer\n"
-                f"    rootcertbundle: {self.bundle}\n")
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_bearer_token_flow_as_on_ghcr(tmp_path, docker, docker_config, standin_images):
-    tokens = TokenService(tmp_path / "tokens")
-    reg = LocalRegistry(tmp_path / "token-registry", auth_yaml=tokens.yaml()).start()
-    try:
-        args = ("--registry", reg.host, "--source-repository", SRC_A, *ALLOW)
-        assert_one_line_error(cli(*args), f"the token service of {reg.host} refused an anonymous request",
-                              "HTTP 401", f"docker login {reg.host}")
-        assert tokens.requests[-1] == ("anonymous", f"repository:{NAME}:pull,push")
-
-        login = subprocess.run(docker.cmd("login", reg.host, "-u", tokens.USER, "--password-stdin"),
-                               input=tokens.PASSWORD.encode(), capture_output=True, env=dict(os.environ))
-        assert login.returncode == 0, login.stderr
-        proc = cli(*args)
-        assert proc.returncode == 0, proc.stderr
-        assert tokens.PASSWORD not in proc.stdout + proc.stderr
-        assert (f"{tokens.USER}:{tokens.PASSWORD}", f"repository:{NAME}:pull,push") in tokens.requests
-        reg.auth = "Bearer " + tokens.issue(f"repository:{NAME}:pull")
-        assert reg.tags() == expected_tags(standin_images["revision_A"], moving=False)
-        assert registry_digest_ok(reg)
-    finally:
-        reg.kill()
-        tokens.close()
-
-
-def registry_digest_ok(reg: LocalRegistry) -> bool:
-    digest = reg.digest_of(TAG)
-    return bool(digest) and verify_blobs(reg, digest)["config"]["Labels"][images.LABEL_ARCH] == "sm75"

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,18 @@ def test_local_git_clone_records_commit(sdist_tree, tmp_path):
     assert json.loads((tmp_path / "clone/ktlegacy-source.json").read_text())["commit"] == head
 
 
+def test_unreachable_upstream_git_names_the_mirror_and_local_options(tmp_path):
+    """A git ref without GitHub: git's own message, then what to do instead (a mirror or a local tree)."""
+    env = dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="url.file:///nonexistent/.insteadOf",
+               GIT_CONFIG_VALUE_0="https://github.com/")
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "fetch-source", "--ref", "v0.3.2",
+                           "--dest", str(tmp_path / "x")], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "git fetch -q failed" in proc.stderr
+    assert "pass a mirror with --git-url URL --ref v0.3.2, or a checked-out tree with --local DIR" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path):
     env_cmd = [sys.executable, "-m", "ktlegacy", "fetch-source", "--ref", "v9.9", "--dest", str(tmp_path / "x")]
     proc = subprocess.run(env_cmd, capture_output=True, text=True)
@@ -85,9 +98,16 @@ def test_occupied_dest_is_refused(tmp_path):
     assert (tmp_path / "d/keep").read_text() == "mine"
 
 
-def test_every_ref_in_table():
-    assert set(REFS) == {"0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2"}
-    with pytest.raises(KtlegacyError):
+def test_ref_table_is_consistent():
+    """Every ref is found again from the version its tree reports (how patch detects a tree's ref),
+    sdist refs carry what the download checks, and the default is one CI can fetch (PyPI)."""
+    from ktlegacy.refs import DEFAULT_REF, ref_for_version
+    for ref in REFS.values():
+        assert ref_for_version(ref.version) is ref, ref
+        assert ref.kind in ("sdist", "git")
+        assert (ref.kind == "sdist") == bool(ref.sha256 and ref.filename), ref
+    assert REFS[DEFAULT_REF].kind == "sdist"
+    with pytest.raises(KtlegacyError, match="supported refs are " + ", ".join(REFS).replace(".", r"\.")):
         get_ref("main")
 
 
