@@ -42,6 +42,31 @@ def patch(args) -> int:
     return 0
 
 
+def _fingerprint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", required=True, type=Path, help="the ref's pristine tree")
+    p.add_argument("--ref", required=True, help="the supported ref that tree is")
+    p.add_argument("--arch", default="sm75", help="arch to run the overlay set for (default sm75)")
+
+
+@command("fingerprint", "record a pristine tree's overlay-file hashes as --ref's fingerprint (maintainers)",
+         _fingerprint_args)
+def fingerprint_cmd(args) -> int:
+    from . import fingerprint
+    from .arch import get_arch
+    from .overlay import read_manifest
+    from .refs import get_ref
+    ref = get_ref(args.ref)
+    if read_manifest(args.src) is not None:
+        raise KtlegacyError(f"{args.src} is patched; record a fingerprint from a pristine tree")
+    files = fingerprint.record(args.src, ref, get_arch(args.arch))
+    table = fingerprint.load() if fingerprint.FINGERPRINTS.is_file() else {}
+    table[ref.name] = files
+    fingerprint.write(table)
+    print(f"{ref.name}: {len(files['files'])} files and a digest of {', '.join(files['scanned']['patterns'])} "
+          f"recorded in {fingerprint.FINGERPRINTS}")
+    return 0
+
+
 
 def _fetch_args(p: argparse.ArgumentParser) -> None:
     from .refs import DEFAULT_REF, PYPI_SIMPLE_URL

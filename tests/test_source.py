@@ -86,16 +86,9 @@ def test_occupied_dest_is_refused(tmp_path):
 
 
 def test_every_ref_in_table():
-    assert set(REFS) == {"0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2"}
+    assert set(REFS) == {"0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0"}
     with pytest.raises(KtlegacyError):
         get_ref("main")
-
-
-def test_version_detection_follows_what_each_tag_says():
-    """Upstream's __version__ lags its tags (v0.3.1 says "0.3", v0.3.2 says "0.3.1")."""
-    from ktlegacy.refs import ref_for_version
-    assert ref_for_version("0.2.1.post1").name == "0.2.1.post1"
-    assert ref_for_version("0.2.4post1").name == "v0.2.4post1"
-    assert ref_for_version("0.3").name == "v0.3.1"
-    assert ref_for_version("0.3.1").name == "v0.3.2"
-    assert ref_for_version("0.4.0") is None
+    for ref in REFS.values():
+        assert (ref.kind == "sdist") == bool(ref.sha256) and (ref.kind == "git") == (len(ref.commit) == 40), ref
+    assert REFS["v0.7.0"].subdir == "archive" and "third_party/llama.cpp" in REFS["v0.7.0"].submodules
