@@ -1,7 +1,9 @@
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +94,47 @@ def test_every_ref_in_table():
     for ref in REFS.values():
         assert (ref.kind == "sdist") == bool(ref.sha256) and (ref.kind == "git") == (len(ref.commit) == 40), ref
     assert REFS["v0.7.0"].subdir == "archive" and "third_party/llama.cpp" in REFS["v0.7.0"].submodules
+
+
+def _checkout_with_archive(root: Path) -> Path:
+    """The layout of an upstream checkout at v0.7.0: the engine under archive/ (its third_party/
+    holding llamafile only) and the llama.cpp/pybind11 submodules at the top."""
+    (root / "archive" / "ktransformers").mkdir(parents=True)
+    (root / "archive" / "ktransformers" / "__init__.py").write_text('__version__ = "0.4.1"\n')
+    (root / "archive" / "third_party" / "llamafile").mkdir(parents=True)
+    (root / "archive" / "third_party" / "llamafile" / "sgemm.cpp").write_text("// llamafile\n")
+    for sub in ("llama.cpp", "pybind11"):
+        (root / "third_party" / sub).mkdir(parents=True)
+        (root / "third_party" / sub / "CMakeLists.txt").write_text(f"# {sub}\n")
+        (root / "third_party" / sub / ".git").write_text("gitdir: ../../.git/modules/x\n")
+    (root / "kt-kernel").mkdir()
+    return root
+
+
+def test_v070_engine_is_archive_with_the_top_level_submodules(tmp_path):
+    from ktlegacy.source import engine_tree
+    repo = _checkout_with_archive(tmp_path / "checkout")
+    extra = engine_tree(repo, REFS["v0.7.0"], tmp_path / "engine")
+    engine = tmp_path / "engine"
+    assert extra == {"subdir": "archive", "submodules": ["third_party/llama.cpp", "third_party/pybind11"]}
+    assert (engine / "ktransformers" / "__init__.py").is_file() and not (engine / "kt-kernel").exists()
+    for sub in ("llama.cpp", "pybind11", "llamafile"):
+        assert (engine / "third_party" / sub).is_dir(), sub
+    assert not (engine / "third_party" / "llama.cpp" / ".git").exists()
+
+
+def test_v070_checkout_without_its_submodules_is_refused(tmp_path):
+    from ktlegacy.source import engine_tree
+    repo = _checkout_with_archive(tmp_path / "checkout")
+    shutil.rmtree(repo / "third_party" / "pybind11")
+    (repo / "third_party" / "pybind11").mkdir()
+    with pytest.raises(KtlegacyError, match="submodule third_party/pybind11 is empty"):
+        engine_tree(repo, REFS["v0.7.0"], tmp_path / "engine")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_local_repository_with_archive_says_where_the_engine_is(tmp_path):
+    repo = _checkout_with_archive(tmp_path / "checkout")
+    with pytest.raises(KtlegacyError, match=r"legacy engine is .*archive.*fetch-source --ref v0\.7\.0"):
+        fetch_source(tmp_path / "dest", "v0.7.0", local=repo)
+    assert not (tmp_path / "dest").exists()
