@@ -189,7 +189,14 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
     tree = work / "tree"
     try:
         if local is not None:
-            local = Path(local)
+            local = given = Path(local)
+            archive_sha = ""
+            if local.is_file():  # a tarball of a tree (one top-level directory), e.g. carried to a machine offline
+                if not tarfile.is_tarfile(local):
+                    raise KtlegacyError(f"{local} is neither a directory nor a tar archive of a ktransformers tree")
+                archive_sha = _sha256(local)
+                _extract_sdist(local, work / "unpacked")
+                local = work / "unpacked"
             if not (local / "ktransformers" / "__init__.py").is_file():
                 hint = ""
                 if (local / "archive" / "ktransformers" / "__init__.py").is_file():
@@ -198,7 +205,9 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
                             "(fetch-source --ref v0.7.0 does that)")
                 raise KtlegacyError(f"{local} is not a ktransformers source tree (no ktransformers/__init__.py){hint}")
             shutil.copytree(local, tree, symlinks=True)
-            record = {"ref": ref or "", "origin": "local", "path": str(local.resolve())}
+            record = {"ref": ref or "", "origin": "local", "path": str(given.resolve())}
+            if archive_sha:
+                record["sha256"] = archive_sha
         elif git_url is not None:
             if not ref:
                 raise KtlegacyError("--git-url needs --ref with a tag or commit to check out")

@@ -208,3 +208,19 @@ def test_supported_refs_fingerprints_are_distinct_and_complete():
         assert "ktransformers/**/*.py" in fp["scanned"]["patterns"], ref
     digests = {json.dumps(fp, sort_keys=True) for fp in fps.values()}
     assert len(digests) == len(fps)
+
+
+def test_v070_model_cache_imports_without_balance_serve(tmp_path):
+    """optional-sched-ext: v0.7.0's custom_cache.py imports sched_ext bare; patched, it imports without it."""
+    src = _tag_trees() / "v0.7.0"
+    if not (src / "ktransformers" / "__init__.py").is_file():
+        pytest.skip(f"{src} holds no exported ktransformers tree")
+    tree = tmp_path / "v0.7.0"
+    shutil.copytree(src, tree, symlinks=True)
+    probe = ["-c", "import ktransformers.models.custom_cache as c; print('sched_ext', c.sched_ext)"]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    before = subprocess.run([sys.executable, *probe], env=env, capture_output=True, text=True, timeout=300)
+    assert before.returncode != 0 and "No module named 'sched_ext'" in before.stderr
+    assert run_patch(tree).returncode == 0
+    after = subprocess.run([sys.executable, *probe], env=env, capture_output=True, text=True, timeout=300)
+    assert after.returncode == 0 and "sched_ext None" in after.stdout, after.stderr[-2000:]

@@ -138,3 +138,17 @@ def test_local_repository_with_archive_says_where_the_engine_is(tmp_path):
     with pytest.raises(KtlegacyError, match=r"legacy engine is .*archive.*fetch-source --ref v0\.7\.0"):
         fetch_source(tmp_path / "dest", "v0.7.0", local=repo)
     assert not (tmp_path / "dest").exists()
+
+
+def test_local_tarball_is_unpacked_and_recorded(sdist_tree, tmp_path):
+    """--local FILE: a tar archive of a tree (how the GPU machine gets a git ref without network)."""
+    from ktlegacy.source import CACHE_DIR
+    archive = CACHE_DIR / REFS["0.2.1.post1"].filename
+    record = fetch_source(tmp_path / "t", "0.2.1.post1", local=archive)
+    assert record["origin"] == "local" and record["sha256"] == REFS["0.2.1.post1"].sha256
+    assert (tmp_path / "t" / "ktransformers" / "__init__.py").read_bytes() == \
+        (sdist_tree / "ktransformers" / "__init__.py").read_bytes()
+    (tmp_path / "junk.txt").write_text("not a tree")
+    with pytest.raises(KtlegacyError, match="neither a directory nor a tar archive"):
+        fetch_source(tmp_path / "u", None, local=tmp_path / "junk.txt")
+    assert not (tmp_path / "u").exists()
