@@ -73,7 +73,7 @@ def _fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", default=None, help=f"supported ref, or tag/commit with --git-url (default {DEFAULT_REF})")
     p.add_argument("--dest", required=True, type=Path, help="directory to create")
     p.add_argument("--git-url", default=None, help="clone this repository instead (with --ref TAG|COMMIT)")
-    p.add_argument("--local", default=None, type=Path, help="copy this local tree instead")
+    p.add_argument("--local", default=None, type=Path, help="copy this local tree (a directory or a tar archive of one) instead")
     p.add_argument("--index-url", default=PYPI_SIMPLE_URL, help="PyPI simple index for sdist refs")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
 
