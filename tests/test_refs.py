@@ -8,6 +8,9 @@
   tag: its top, or ``archive/`` from v0.4.2 on), the real ``patch`` runs on each one: patched as
   the expected ref (second run a no-op) or refused in one line with the tree untouched; and the
   fixture is checked against the real files.
+* On the supported tags' real trees: the post-conditions test_overlays checks on the sdist (no
+  Marlin/FP8 op in any rule file, no flash_attn_func call, no flash_attention_2 assignment, one
+  Triton stage, no bf16 default, gated CPU probes, no -march=native in balance_serve).
 * Everywhere, on the real sdist: the refusal logic on trees built from it (its version string
   naming another ref, one overlay file edited, one scanned file added, a fetch record naming
   another ref, a repository with the engine under archive/), ``--ref`` forcing a set while drift
@@ -224,3 +227,45 @@ def test_v070_model_cache_imports_without_balance_serve(tmp_path):
     assert run_patch(tree).returncode == 0
     after = subprocess.run([sys.executable, *probe], env=env, capture_output=True, text=True, timeout=300)
     assert after.returncode == 0 and "sched_ext None" in after.stdout, after.stderr[-2000:]
+
+
+SM80_OPS = ("KLinearMarlin", "KExpertsMarlin", "VLinearMarlin", "KLinearFP8")
+
+
+@pytest.mark.parametrize("tag", [r for r in REFS if r != "0.2.1.post1"])
+def test_post_conditions_hold_at_every_git_ref(tag, tmp_path):
+    """What test_overlays checks on the sdist, on each supported tag's real tree."""
+    import re
+
+    import yaml
+    src = _tag_trees() / tag
+    if not (src / "ktransformers" / "__init__.py").is_file():
+        pytest.skip(f"{src} holds no exported ktransformers tree")
+    tree = tmp_path / tag
+    shutil.copytree(src, tree, symlinks=True)
+    assert run_patch(tree).returncode == 0
+    pkg = tree / "ktransformers"
+    for rule in sorted((pkg / "optimize" / "optimize_rules").rglob("*.y*ml")):
+        text = rule.read_text()
+        yaml.safe_load_all(text)  # still parses
+        body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+        assert not [op for op in SM80_OPS if op in body], rule
+    attention = (pkg / "operators" / "attention.py").read_text()
+    assert not re.search(r"(?<![\w.])flash_attn_func\(", attention)
+    for rel in ("local_chat.py", "server/backend/interfaces/ktransformers.py"):
+        assert not re.search(r"(?<![=!<>])=\s*[\"']flash_attention_2[\"']",
+                             "\n".join(l for l in (pkg / rel).read_text().splitlines() if not l.lstrip().startswith("#")))
+    assert "num_stages=2," not in (pkg / "operators" / "triton_attention.py").read_text()
+    for py in pkg.rglob("*.py"):
+        rel = py.relative_to(tree).as_posix()
+        if rel.startswith(("ktransformers/tests/", "ktransformers/ktransformers_ext/")):
+            continue
+        text = py.read_text(encoding="utf-8", errors="replace")
+        assert "set_default_dtype(torch.bfloat16)" not in text.replace(" ", ""), rel
+        compile(text, rel, "exec")
+    cmake = (tree / "csrc" / "ktransformers_ext" / "CMakeLists.txt").read_text()
+    if "lscpu" in cmake:
+        assert "ktlegacy: the host probe decides only for a NATIVE build" in cmake
+    for cm in (tree / "csrc" / "balance_serve").rglob("CMakeLists.txt"):
+        active = [l for l in cm.read_text().splitlines() if "-march=native" in l and not l.lstrip().startswith("#")]
+        assert all("KTLEGACY_MARCH" in l for l in active), (cm, active)
