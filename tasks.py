@@ -42,7 +42,7 @@ def one_line_errors(fn):
     "ref": "supported ref (0.2.1.post1, v0.2.4post1, v0.3.1, v0.3.2) or, with --git-url, any tag/commit",
     "dest": "directory to create with the pristine tree",
     "git-url": "clone this repository instead of the default origin of the ref",
-    "local": "copy this local ktransformers tree instead",
+    "local": "copy this local ktransformers tree (a directory or a tar archive of one) instead",
     "index-url": "PyPI simple index for the sdist (a mirror behind a firewall)",
     "force": "replace a non-empty --dest",
 })

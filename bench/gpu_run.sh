@@ -9,6 +9,11 @@
 # sdist (found through KTLEGACY_CACHE, hash-checked by fetch-source as usual).
 # Set KTLEGACY_PREBUILT=FILE (an ext-sm75-ptx.tar.gz an earlier run returned) to skip the compile;
 # the tree is still fetched, patched and packed, so Python-only overlay changes are picked up.
+# Git refs (the GPU machine has no network): the engine tree travels as a tarball, found as
+# KTLEGACY_SOURCE=FILE or .whl/ktransformers-REF-engine.tar.xz, and is fetched with
+# fetch-source --ref REF --local FILE (patch still recognises it by content). For v0.7.0 that is
+# archive/ plus the top-level llama.cpp and pybind11 submodules in third_party/, as
+# fetch-source --ref v0.7.0 lays it out (docs/compatibility.md says how it was made).
 #
 # Steps: fetch-source -> patch --arch sm75 -> compile_extensions.py --ptx (TORCH_CUDA_ARCH_LIST=7.5+PTX:
 # the H100 JIT-compiles the Turing PTX) -> check_cuda_arch.py: sm75 (+PTX) must pass, an sm70-only expectation must
@@ -49,11 +54,28 @@ cat "$logs/machine.txt"
 
 say "fetch-source $ref + patch sm75"
 rm -rf "$work/src"
-$py -m ktlegacy fetch-source --ref "$ref" --dest "$work/src" >"$logs/fetch.log" 2>&1 || { cat "$logs/fetch.log"; finish 4; }
+source_args=()
+carried="${KTLEGACY_SOURCE:-$repo/.whl/ktransformers-$ref-engine.tar.xz}"
+if [ -f "$carried" ]; then
+  source_args=(--local "$carried")
+elif [ -n "${KTLEGACY_SOURCE:-}" ]; then
+  echo "KTLEGACY_SOURCE=$KTLEGACY_SOURCE does not exist"; finish 4
+fi
+$py -m ktlegacy fetch-source --ref "$ref" "${source_args[@]}" --dest "$work/src" >"$logs/fetch.log" 2>&1 || { cat "$logs/fetch.log"; finish 4; }
+cat "$logs/fetch.log"
 $py -m ktlegacy patch --src "$work/src" --arch sm75 >"$logs/patch.log" 2>&1 || { cat "$logs/patch.log"; finish 4; }
 tail -3 "$logs/patch.log"
 
 if [ -z "${KTLEGACY_PREBUILT:-}" ]; then
+  # v0.4.1+: cpuinfer_ext includes <cublas_v2.h> (cpu_backend/vendors/cuda.h; header only, it links
+  # cudart alone). A toolkit without the cuBLAS headers gets those of torch's pip nvidia packages.
+  cuinc="$(dirname "$(command -v nvcc)")/../include"
+  if [ ! -f "$cuinc/cublas_v2.h" ]; then
+    cublas_inc=$($py -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**", "cublas_v2.h"), recursive=True)})))' 2>/dev/null)
+    [ -n "$cublas_inc" ] && export CPLUS_INCLUDE_PATH="$cublas_inc${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
+    echo "cublas_v2.h not in $cuinc; CPLUS_INCLUDE_PATH=${CPLUS_INCLUDE_PATH:-(none found)}"
+  fi
+  export USE_BALANCE_SERVE=0  # balance_serve: flashinfer, sm80+ only (and its submodules are gone at v0.7.0)
   say "compile extensions for 7.5+PTX (images/scripts/compile_extensions.py --ptx)"
   $py images/scripts/compile_extensions.py --src "$work/src" --out "$work/ext" --arch sm75 --ptx --jobs "$(nproc)" \
     >"$logs/compile.log" 2>&1

@@ -42,13 +42,38 @@ def patch(args) -> int:
     return 0
 
 
+def _fingerprint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", required=True, type=Path, help="the ref's pristine tree")
+    p.add_argument("--ref", required=True, help="the supported ref that tree is")
+    p.add_argument("--arch", default="sm75", help="arch to run the overlay set for (default sm75)")
+
+
+@command("fingerprint", "record a pristine tree's overlay-file hashes as --ref's fingerprint (maintainers)",
+         _fingerprint_args)
+def fingerprint_cmd(args) -> int:
+    from . import fingerprint
+    from .arch import get_arch
+    from .overlay import read_manifest
+    from .refs import get_ref
+    ref = get_ref(args.ref)
+    if read_manifest(args.src) is not None:
+        raise KtlegacyError(f"{args.src} is patched; record a fingerprint from a pristine tree")
+    files = fingerprint.record(args.src, ref, get_arch(args.arch))
+    table = fingerprint.load() if fingerprint.FINGERPRINTS.is_file() else {}
+    table[ref.name] = files
+    fingerprint.write(table)
+    print(f"{ref.name}: {len(files['files'])} files and a digest of {', '.join(files['scanned']['patterns'])} "
+          f"recorded in {fingerprint.FINGERPRINTS}")
+    return 0
+
+
 
 def _fetch_args(p: argparse.ArgumentParser) -> None:
     from .refs import DEFAULT_REF, PYPI_SIMPLE_URL
     p.add_argument("--ref", default=None, help=f"supported ref, or tag/commit with --git-url (default {DEFAULT_REF})")
     p.add_argument("--dest", required=True, type=Path, help="directory to create")
     p.add_argument("--git-url", default=None, help="clone this repository instead (with --ref TAG|COMMIT)")
-    p.add_argument("--local", default=None, type=Path, help="copy this local tree instead")
+    p.add_argument("--local", default=None, type=Path, help="copy this local tree (a directory or a tar archive of one) instead")
     p.add_argument("--index-url", default=PYPI_SIMPLE_URL, help="PyPI simple index for sdist refs")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
 

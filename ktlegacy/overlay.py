@@ -31,7 +31,8 @@ from typing import Callable, Iterable
 
 from .arch import Arch
 from .errors import KtlegacyError
-from .refs import REFS, Ref, ref_for_version
+from . import fingerprint
+from .refs import REFS, Ref
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS_DIR = Path(os.environ.get("KTLEGACY_OVERLAYS_DIR", REPO_ROOT / "overlays"))
@@ -66,6 +67,9 @@ class StagedTree:
         self._newline: dict[str, str] = {}  # files whose line ends are CRLF on disk
         self.changes: list[Change] = []
         self.current_overlay = "?"
+        self.read_by_name: set[str] = set()  # files read from disk (fingerprint.record)
+        self.globbed: set[str] = set()       # files a glob listed (scanned, not asked for by name)
+        self.glob_patterns: set[str] = set()
 
     # -- reading -----------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -77,6 +81,7 @@ class StagedTree:
         path = self.root / rel
         if not path.is_file():
             raise self.drift(rel, "the file to exist")
+        self.read_by_name.add(rel)
         raw = path.read_bytes().decode("utf-8")
         # Overlays see "\n" line ends; a CRLF file is written back as CRLF (see commit), so
         # an edit never rewrites the line ends of lines it did not touch. A file mixing both
@@ -89,7 +94,10 @@ class StagedTree:
 
     def glob(self, pattern: str) -> list[str]:
         """Relative paths (sorted) of files matching ``pattern`` under the root."""
-        return sorted(str(p.relative_to(self.root)) for p in self.root.glob(pattern) if p.is_file())
+        found = sorted(str(p.relative_to(self.root)) for p in self.root.glob(pattern) if p.is_file())
+        self.globbed.update(found)
+        self.glob_patterns.add(pattern)
+        return found
 
     # -- writing (staged) --------------------------------------------------------------
     def write(self, rel: str, text: str, what: str) -> None:
@@ -203,6 +211,7 @@ class Overlay:
     name: str = ""          # short id, e.g. "torch-linear-rules"
     summary: str = ""       # one line: what it does and why
     refs: tuple = ALL_REFS  # the refs whose code it was written against
+    not_applicable: dict = {}  # ref name -> why the overlay has nothing to do there (printed when skipped)
 
     def applies_to(self, ref: Ref) -> bool:
         return ref.name in self.refs
@@ -232,24 +241,44 @@ def load_overlays(directory: Path = OVERLAYS_DIR) -> list[tuple[Overlay, Path]]:
 
 
 def detect_ref(src: Path) -> Ref:
-    """The supported ref of an upstream tree: from the record ``fetch-source`` wrote,
-    else from ``ktransformers.__version__``."""
-    record = src / "ktlegacy-source.json"
-    if record.is_file():
-        name = json.loads(record.read_text()).get("ref", "")
-        if name in REFS:
-            return REFS[name]
-    init = src / "ktransformers" / "__init__.py"
-    if not init.is_file():
-        raise KtlegacyError(f"{src} is not a ktransformers source tree (no ktransformers/__init__.py); "
+    """The supported ref of an upstream tree, from its content (never from ``__version__``).
+
+    A tree ``patch`` already wrote keeps the ref of its manifest (its files are no longer
+    pristine; re-applying is a no-op or drift). Otherwise every file of a ref's fingerprint must
+    hold that ref's content (:mod:`ktlegacy.fingerprint`), and the ref ``fetch-source`` recorded,
+    if any, must be that one."""
+    src = Path(src)
+    manifest = read_manifest(src)
+    if manifest is not None:
+        name = manifest.get("ref", "")
+        if name not in REFS:
+            raise KtlegacyError(f"{src} was patched for ref {name!r}, which this ktlegacy does not support; "
+                                "start again from a pristine tree (invoke fetch-source)")
+        return REFS[name]
+    if not (src / "ktransformers" / "__init__.py").is_file():
+        hint = ""
+        if (src / "archive" / "ktransformers" / "__init__.py").is_file():
+            hint = f" (this is a newer upstream repository: its legacy engine is {src / 'archive'}; " \
+                   "invoke fetch-source --ref v0.7.0 sets it up with its submodules)"
+        raise KtlegacyError(f"{src} is not a ktransformers source tree (no ktransformers/__init__.py){hint}; "
                             "fetch one with: invoke fetch-source --ref REF --dest DIR")
-    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", init.read_text(encoding="utf-8"))
-    version = m.group(1) if m else "?"
-    ref = ref_for_version(version)
-    if ref is None:
-        raise KtlegacyError(f"{src} holds ktransformers {version}, which no overlay set supports; "
-                            f"supported refs: {', '.join(REFS)} (pass --ref to force one)")
-    return ref
+    name = fingerprint.identify(src)
+    recorded = (json.loads((src / "ktlegacy-source.json").read_text()).get("ref", "")
+                if (src / "ktlegacy-source.json").is_file() else "")
+    if recorded in REFS and recorded != name:
+        raise KtlegacyError(f"{src}: fetch-source recorded ref {recorded} but the content is {name}'s; "
+                            f"nothing was patched (pass --ref {name} or --ref {recorded} to force one)")
+    return REFS[name]
+
+
+def forced_ref_differences(src: Path, ref: Ref) -> list[str]:
+    """Files of ``ref``'s fingerprint whose content in ``src`` is not that ref's (for --ref)."""
+    fp = fingerprint.load().get(ref.name)
+    if fp is None:
+        return []
+    _, differing = fingerprint.compare(lambda rel: fingerprint.sha256_of(src, rel),
+                                       lambda pats: fingerprint.scanned_digest(src, pats), {ref.name: fp})
+    return differing[ref.name]
 
 
 def digest(overlay_files: Iterable[Path], arch: Arch, ref: Ref) -> str:
@@ -280,6 +309,8 @@ class PatchResult:
     skipped: list[str] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     written: bool = False
+    fingerprint_paths: list[str] = field(default_factory=list)  # pristine files edited or read by name
+    glob_patterns: list[str] = field(default_factory=list)  # what the overlays scanned
 
 
 def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = False,
@@ -289,7 +320,13 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
     src = Path(src)
     if not src.is_dir():
         raise KtlegacyError(f"source tree {src} does not exist; fetch one with: invoke fetch-source --dest {src}")
-    ref = ref or detect_ref(src)
+    if ref is None:
+        ref = detect_ref(src)
+    elif read_manifest(src) is None:
+        differ = forced_ref_differences(src, ref)
+        if differ:
+            out(f"--ref {ref.name}: {len(differ)} overlay files differ from {ref.name}'s ({', '.join(differ[:3])}"
+                f"{', ...' if len(differ) > 3 else ''}); each overlay still refuses a file without its anchors")
     overlays = overlays if overlays is not None else load_overlays()
     ctx = PatchContext(arch=arch, ref=ref)
     tree = StagedTree(src)
@@ -305,6 +342,9 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
         files.extend(getattr(overlay, "shipped_files", lambda: [])())
     result = PatchResult(ref=ref, arch=arch, digest=digest(files, arch, ref),
                          applied=applied, skipped=skipped)
+    pristine = {rel for rel, old in tree._original.items() if old is not None}
+    result.fingerprint_paths = sorted(pristine | (tree.read_by_name - tree.globbed))
+    result.glob_patterns = sorted(tree.glob_patterns)
 
     manifest = {
         "ktlegacy_version": _version(),
@@ -324,8 +364,9 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
             out(f"{name}: already applied, nothing to change")
         for c in mine:
             out(f"{name}: {verb} {c.path}: {c.what}")
+    reasons = {o.name: getattr(o, "not_applicable", {}).get(ref.name) for o, _ in overlays}
     for name in skipped:
-        out(f"{name}: not for ref {ref.name}, skipped")
+        out(f"{name}: not for ref {ref.name}, skipped" + (f" ({reasons[name]})" if reasons.get(name) else ""))
     code_changes = [c for c in tree.changes if c.overlay != "manifest"]
     if not check and tree.changed_paths:
         tree.commit()

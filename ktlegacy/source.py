@@ -127,14 +127,46 @@ def _git(*args: str, cwd: Path | None = None) -> str:
     return proc.stdout.strip()
 
 
-def _clone(url: str, rev: str, into: Path) -> str:
-    """Clone ``url`` at tag/branch/commit ``rev`` with submodules; return the resolved commit."""
+def _clone(url: str, rev: str, into: Path, submodules: tuple = ()) -> str:
+    """Clone ``url`` at tag/branch/commit ``rev`` with submodules (all, or only ``submodules``);
+    return the resolved commit."""
     _git("init", "-q", str(into))
     _git("remote", "add", "origin", url, cwd=into)
     _git("fetch", "-q", "--depth", "1", "origin", rev, cwd=into)
     _git("checkout", "-q", "FETCH_HEAD", cwd=into)
-    _git("submodule", "update", "-q", "--init", "--recursive", "--depth", "1", cwd=into)
+    _git("submodule", "update", "-q", "--init", "--recursive", "--depth", "1", "--", *submodules, cwd=into)
     return _git("rev-parse", "HEAD", cwd=into)
+
+
+def engine_tree(repo: Path, ref: Ref, into: Path) -> dict:
+    """Move the legacy engine of a checkout of ``ref`` to ``into``: the checkout itself, or its
+    ``ref.subdir`` with the top-level submodules it builds from placed in its ``third_party/``
+    (v0.7.0: ``archive/third_party`` holds llamafile but not llama.cpp/pybind11, which its
+    CMakeLists expect there). Returns what to add to the record."""
+    if not ref.subdir:
+        os.replace(repo, into)
+        return {}
+    engine = repo / ref.subdir
+    if not (engine / "ktransformers" / "__init__.py").is_file():
+        raise KtlegacyError(f"{ref.name}: {ref.subdir}/ktransformers/__init__.py is missing in the checkout; "
+                            "is this the right tag?")
+    placed = {}
+    for sub in ref.submodules:
+        src, dest = repo / sub, engine / sub
+        if not (src.is_dir() and any(src.iterdir())):
+            raise KtlegacyError(f"{ref.name}: submodule {sub} is empty in the checkout; fetch it with its "
+                                "submodules (git submodule update --init)")
+        if dest.exists() and any(dest.iterdir()):
+            raise KtlegacyError(f"{ref.name}: {ref.subdir}/{sub} already exists; refusing to overwrite it")
+        if dest.exists():
+            dest.rmdir()
+        shutil.rmtree(src / ".git", ignore_errors=True)
+        if (src / ".git").is_file():
+            (src / ".git").unlink()
+        os.replace(src, dest)
+        placed[sub] = f"top-level {sub} moved into {ref.subdir}/{sub}"
+    os.replace(engine, into)
+    return {"subdir": ref.subdir, "submodules": sorted(placed)}
 
 
 # -- front -------------------------------------------------------------------------------------
@@ -157,11 +189,25 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
     tree = work / "tree"
     try:
         if local is not None:
-            local = Path(local)
+            local = given = Path(local)
+            archive_sha = ""
+            if local.is_file():  # a tarball of a tree (one top-level directory), e.g. carried to a machine offline
+                if not tarfile.is_tarfile(local):
+                    raise KtlegacyError(f"{local} is neither a directory nor a tar archive of a ktransformers tree")
+                archive_sha = _sha256(local)
+                _extract_sdist(local, work / "unpacked")
+                local = work / "unpacked"
             if not (local / "ktransformers" / "__init__.py").is_file():
-                raise KtlegacyError(f"{local} is not a ktransformers source tree (no ktransformers/__init__.py)")
+                hint = ""
+                if (local / "archive" / "ktransformers" / "__init__.py").is_file():
+                    hint = (f"; its legacy engine is {local / 'archive'}, which needs the top-level "
+                            "third_party/llama.cpp and third_party/pybind11 in archive/third_party/ "
+                            "(fetch-source --ref v0.7.0 does that)")
+                raise KtlegacyError(f"{local} is not a ktransformers source tree (no ktransformers/__init__.py){hint}")
             shutil.copytree(local, tree, symlinks=True)
-            record = {"ref": ref or "", "origin": "local", "path": str(local.resolve())}
+            record = {"ref": ref or "", "origin": "local", "path": str(given.resolve())}
+            if archive_sha:
+                record["sha256"] = archive_sha
         elif git_url is not None:
             if not ref:
                 raise KtlegacyError("--git-url needs --ref with a tag or commit to check out")
@@ -175,15 +221,20 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
                 record = {"ref": r.name, "origin": "sdist", "file": r.filename, "sha256": r.sha256,
                           "commit": ""}
             else:
+                checkout = work / "checkout"
                 try:
-                    commit = _clone(UPSTREAM_GIT_URL, r.name, tree)
+                    commit = _clone(UPSTREAM_GIT_URL, r.name, checkout, r.submodules)
                 except KtlegacyError as exc:
                     raise KtlegacyError(f"{exc}; if {UPSTREAM_GIT_URL} is out of reach, pass a mirror with --git-url URL "
                                         f"--ref {r.name}, or a checked-out tree with --local DIR") from None
-                record = {"ref": r.name, "origin": "git", "url": UPSTREAM_GIT_URL, "commit": commit}
+                if r.commit and commit != r.commit:
+                    raise KtlegacyError(f"tag {r.name} of {UPSTREAM_GIT_URL} resolves to {commit}, not {r.commit} "
+                                        "as recorded in ktlegacy/refs.py; refusing a moved tag")
+                extra = engine_tree(checkout, r, tree)
+                record = {"ref": r.name, "origin": "git", "url": UPSTREAM_GIT_URL, "commit": commit, **extra}
         if record["ref"] and record["ref"] not in REFS:
             # A commit or an unsupported tag: keep it, patch will detect the version itself.
-            record["note"] = "not a supported ref; overlays pick their set from ktransformers.__version__"
+            record["note"] = "not a supported ref; patch recognises the tree by its content or refuses it"
         (tree / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if dest.exists():
             shutil.rmtree(dest)

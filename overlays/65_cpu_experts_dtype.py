@@ -106,6 +106,11 @@ EDITS = {
     "v0.2.4post1": _V024,
     "v0.3.1": _V03,
     "v0.3.2": _V03,
+    # v0.4.1 and v0.7.0's archive/ (experts.py identical in both): v0.3.2's code for all four anchors
+    # (hidden_type :200, backends :201-235, output_cpu :280/:290); the new `if use_torch_npu:` branch (:270-275,
+    # bf16 nested lists) is Ascend NPU only, not CUDA, and stays as it is
+    "v0.4.1": _V03,
+    "v0.7.0": _V03,
 }
 
 

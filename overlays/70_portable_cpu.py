@@ -3,7 +3,7 @@
 Images are built on one machine and run on others, so nothing the build host has may leak in.
 Upstream's setup.py maps CPU_INSTRUCT (NATIVE, FANCY, AVX512, AVX2) to LLAMA_* CMake options,
 but any other value (a typo, lower case) silently becomes NATIVE (-march=native); the overlay
-normalises the value and refuses unknown ones. From v0.3.1 the extension's CMakeLists also
+normalises the value and refuses unknown ones. From v0.3.1 (indented one level more from v0.4.1) the extension's CMakeLists also
 probes ``lscpu`` and turns on AVX512 and AMX code whenever the *build host* has them, whatever
 was asked; the overlay lets that probe count only for NATIVE builds and otherwise derives it
 from the requested LLAMA_AVX512 option (AMX stays off: no CPU_INSTRUCT value asks for it).
@@ -41,6 +41,11 @@ PROBE_GATED = PROBE + (
     "    endif()\n")
 
 
+
+def _deeper(block: str) -> str:
+    return "".join("    " + line if line.strip() else line for line in block.splitlines(keepends=True))
+
+
 BALANCE_ROOT = "csrc/balance_serve/CMakeLists.txt"
 BALANCE_PROJECT = r"^project\(balance_serve\b.*\)$"
 MARCH_VAR = (
@@ -66,6 +71,9 @@ class PortableCpuOverlay(Overlay):
         tree.replace(SETUP, CHOICE, CHECKED_CHOICE, what="CPU_INSTRUCT normalised, unknown values refused")
         if ctx.ref.name in ("v0.3.1", "v0.3.2"):
             tree.replace(EXT_CMAKE, PROBE, PROBE_GATED, what="lscpu AVX512/AMX probe only for NATIVE builds")
+        elif ctx.ref.name in ("v0.4.1", "v0.7.0"):  # the same probe, one level deeper (inside an x86 test)
+            tree.replace(EXT_CMAKE, _deeper(PROBE), _deeper(PROBE_GATED),
+                         what="lscpu AVX512/AMX probe only for NATIVE builds")
         if ctx.ref.name != "0.2.1.post1":
             self._balance_serve(tree)
 

@@ -1,4 +1,4 @@
-"""sdpa-kv-reuse and cpu-experts-dtype at the git tags v0.2.4post1, v0.3.1 and v0.3.2.
+"""sdpa-kv-reuse and cpu-experts-dtype at the git tags v0.2.4post1, v0.3.1, v0.3.2, v0.4.1 and v0.7.0 (archive/).
 
 CI cannot fetch the tags (GitHub is not reachable there), so the tests on tag trees run only
 when ``KTLEGACY_TAG_TREES=DIR`` names a directory holding pristine exports ``DIR/<tag>/``, e.g.
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 ATTENTION = "ktransformers/operators/attention.py"
 EXPERTS = "ktransformers/operators/experts.py"
 LINEAR = "ktransformers/operators/linear.py"
-TAGS = ("v0.2.4post1", "v0.3.1", "v0.3.2")
+TAGS = ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")  # v0.7.0: its archive/ exported as DIR/v0.7.0
 TREES_ENV = "KTLEGACY_TAG_TREES"
 
 
@@ -127,11 +127,13 @@ def test_tag_cpu_experts_get_the_model_dtype_and_kv_reuse_is_upstreams(tag_tree)
 
     experts = (tree / EXPERTS).read_text()
     load = _method(experts, "load", cls="KExpertsCPU")
-    outputs = [line for line in load.splitlines() if "KExpertsCPU.output_cpu = " in line]
+    # v0.4.1+ add an Ascend NPU branch (`if use_torch_npu:`, nested lists `[[...]]`): not CUDA, left as is
+    outputs = [line for line in load.splitlines() if "KExpertsCPU.output_cpu = " in line
+               and "KExpertsCPU.output_cpu = [[" not in line]
     assert outputs and not [line for line in outputs if "torch.bfloat16" in line], outputs
     assert "{torch.float32: 0, torch.float16: 1}.get(" in load
     assert "30, # TODO" not in load and "hidden_type = 30 # bf16" not in load
-    if tag.startswith("v0.3"):
+    if tag != "v0.2.4post1":  # v0.3.x and later: AMX backends
         guard = load.index('if self.backend != "llamafile" and model_dtype != torch.bfloat16:')
         assert guard < load.index('if self.backend == "llamafile":') < load.index('elif self.backend == "AMXBF16":')
     compile(experts, EXPERTS, "exec")

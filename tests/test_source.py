@@ -1,8 +1,10 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,23 +101,74 @@ def test_occupied_dest_is_refused(tmp_path):
 
 
 def test_ref_table_is_consistent():
-    """Every ref is found again from the version its tree reports (how patch detects a tree's ref),
-    sdist refs carry what the download checks, and the default is one CI can fetch (PyPI)."""
-    from ktlegacy.refs import DEFAULT_REF, ref_for_version
+    """sdist refs carry what the download checks, git refs a full commit, the default is one CI
+    can fetch (PyPI), and an unknown ref names the supported ones."""
+    from ktlegacy.refs import DEFAULT_REF
+    assert set(REFS) == {"0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0"}
+    assert REFS[DEFAULT_REF].kind == "sdist"
     for ref in REFS.values():
-        assert ref_for_version(ref.version) is ref, ref
         assert ref.kind in ("sdist", "git")
         assert (ref.kind == "sdist") == bool(ref.sha256 and ref.filename), ref
-    assert REFS[DEFAULT_REF].kind == "sdist"
     with pytest.raises(KtlegacyError, match="supported refs are " + ", ".join(REFS).replace(".", r"\.")):
         get_ref("main")
+    for ref in REFS.values():
+        assert (ref.kind == "sdist") == bool(ref.sha256) and (ref.kind == "git") == (len(ref.commit) == 40), ref
+    assert REFS["v0.7.0"].subdir == "archive" and "third_party/llama.cpp" in REFS["v0.7.0"].submodules
 
 
-def test_version_detection_follows_what_each_tag_says():
-    """Upstream's __version__ lags its tags (v0.3.1 says "0.3", v0.3.2 says "0.3.1")."""
-    from ktlegacy.refs import ref_for_version
-    assert ref_for_version("0.2.1.post1").name == "0.2.1.post1"
-    assert ref_for_version("0.2.4post1").name == "v0.2.4post1"
-    assert ref_for_version("0.3").name == "v0.3.1"
-    assert ref_for_version("0.3.1").name == "v0.3.2"
-    assert ref_for_version("0.4.0") is None
+def _checkout_with_archive(root: Path) -> Path:
+    """The layout of an upstream checkout at v0.7.0: the engine under archive/ (its third_party/
+    holding llamafile only) and the llama.cpp/pybind11 submodules at the top."""
+    (root / "archive" / "ktransformers").mkdir(parents=True)
+    (root / "archive" / "ktransformers" / "__init__.py").write_text('__version__ = "0.4.1"\n')
+    (root / "archive" / "third_party" / "llamafile").mkdir(parents=True)
+    (root / "archive" / "third_party" / "llamafile" / "sgemm.cpp").write_text("// llamafile\n")
+    for sub in ("llama.cpp", "pybind11"):
+        (root / "third_party" / sub).mkdir(parents=True)
+        (root / "third_party" / sub / "CMakeLists.txt").write_text(f"# {sub}\n")
+        (root / "third_party" / sub / ".git").write_text("gitdir: ../../.git/modules/x\n")
+    (root / "kt-kernel").mkdir()
+    return root
+
+
+def test_v070_engine_is_archive_with_the_top_level_submodules(tmp_path):
+    from ktlegacy.source import engine_tree
+    repo = _checkout_with_archive(tmp_path / "checkout")
+    extra = engine_tree(repo, REFS["v0.7.0"], tmp_path / "engine")
+    engine = tmp_path / "engine"
+    assert extra == {"subdir": "archive", "submodules": ["third_party/llama.cpp", "third_party/pybind11"]}
+    assert (engine / "ktransformers" / "__init__.py").is_file() and not (engine / "kt-kernel").exists()
+    for sub in ("llama.cpp", "pybind11", "llamafile"):
+        assert (engine / "third_party" / sub).is_dir(), sub
+    assert not (engine / "third_party" / "llama.cpp" / ".git").exists()
+
+
+def test_v070_checkout_without_its_submodules_is_refused(tmp_path):
+    from ktlegacy.source import engine_tree
+    repo = _checkout_with_archive(tmp_path / "checkout")
+    shutil.rmtree(repo / "third_party" / "pybind11")
+    (repo / "third_party" / "pybind11").mkdir()
+    with pytest.raises(KtlegacyError, match="submodule third_party/pybind11 is empty"):
+        engine_tree(repo, REFS["v0.7.0"], tmp_path / "engine")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_local_repository_with_archive_says_where_the_engine_is(tmp_path):
+    repo = _checkout_with_archive(tmp_path / "checkout")
+    with pytest.raises(KtlegacyError, match=r"legacy engine is .*archive.*fetch-source --ref v0\.7\.0"):
+        fetch_source(tmp_path / "dest", "v0.7.0", local=repo)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_local_tarball_is_unpacked_and_recorded(sdist_tree, tmp_path):
+    """--local FILE: a tar archive of a tree (how the GPU machine gets a git ref without network)."""
+    from ktlegacy.source import CACHE_DIR
+    archive = CACHE_DIR / REFS["0.2.1.post1"].filename
+    record = fetch_source(tmp_path / "t", "0.2.1.post1", local=archive)
+    assert record["origin"] == "local" and record["sha256"] == REFS["0.2.1.post1"].sha256
+    assert (tmp_path / "t" / "ktransformers" / "__init__.py").read_bytes() == \
+        (sdist_tree / "ktransformers" / "__init__.py").read_bytes()
+    (tmp_path / "junk.txt").write_text("not a tree")
+    with pytest.raises(KtlegacyError, match="neither a directory nor a tar archive"):
+        fetch_source(tmp_path / "u", None, local=tmp_path / "junk.txt")
+    assert not (tmp_path / "u").exists()

@@ -78,6 +78,42 @@ def default_dtype(preferred: torch.dtype = torch.bfloat16) -> torch.dtype:
     return preferred
 
 
+# Architectures the legacy engine serves only through its balance_serve backend: local_chat's
+# custom_models (what the ktransformers backend loads) has no entry for them, and their only rule
+# files are the *-serve.yaml ones (balance_serve attention on flashinfer). Read at v0.3.x-v0.7.0.
+BALANCE_SERVE_ONLY = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM", "SmallThinkerForCausalLM", "Qwen3NextForCausalLM")
+
+
+def _architecture(model_dir) -> str | None:
+    import json
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            return (json.load(fh).get("architectures") or [None])[0]
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def check_server_backend(backend_type: str, model_dir=None) -> None:
+    """Stop the server in one line, before it loads anything, when below sm80 it would start a
+    backend or a model that only runs on sm80+: the balance_serve backend (flashinfer's batch
+    MLA kernels, its C++ scheduler), and the models only that backend serves."""
+    if not is_legacy():
+        return
+    cc = "%d.%d" % compute_capability()
+    arch = _architecture(model_dir)
+    model = arch or "the model"
+    if backend_type == "balance_serve":
+        raise SystemExit(
+            f"ktlegacy: cannot serve {model} with --backend_type balance_serve on compute capability {cc}: "
+            "that backend runs on flashinfer's batch kernels and a scheduler built for sm80+ only; "
+            "use --backend_type ktransformers with a rule file without -serve")
+    if backend_type == "ktransformers" and arch in BALANCE_SERVE_ONLY:
+        raise SystemExit(
+            f"ktlegacy: cannot serve {arch} on compute capability {cc}: upstream runs this model only "
+            "through the balance_serve backend (flashinfer, sm80+), so there is no sm<80 path for it; "
+            "serve a DeepSeek-V2/V3, Qwen2-MoE, Llama or Mixtral model instead")
+
+
 def prefill_path() -> str:
     """Which prefill attention runs: ``sdpa`` (default) or upstream's ``windows`` path."""
     value = os.environ.get(PREFILL_ENV, "").strip().lower() or "sdpa"
