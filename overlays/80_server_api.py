@@ -43,6 +43,9 @@ class ServerApiOverlay(Overlay):
     name = "server-api"
     summary = "OpenAI/Ollama API that real clients parse; per-request sampling, usage, errors (0.2.1.post1)"
     refs = ("0.2.1.post1",)
+    not_applicable = {ref: "not ported yet: this ref's server (new backends, balance_serve, its own sampling "
+                           "arguments) is not 0.2.1.post1's and has not been driven with the openai/ollama clients"
+                      for ref in ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")}
 
     def shipped_files(self):
         return [SOURCE]

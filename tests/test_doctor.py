@@ -215,9 +215,10 @@ def test_port_taken_live(model_dirs):
 def test_vram_short_and_rule_file_for_more_gpus(model_dirs, sdist_tree):
     spec = spec_for("2080ti-x2", model_dirs, port=10050)
     facts = with_image(facts_of("2080ti-x2"), spec)
-    facts.gpus = [dataclasses.replace(g, vram_mib=1024) for g in facts.gpus]
+    facts.gpus = [dataclasses.replace(g, vram_mib=900) for g in facts.gpus]
     row = failing(check_profile(spec, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
-    assert "cuda:0 needs ~1.5 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 1.0 GiB" in row.detail
+    # the tiny GGUF: the 1024 MiB runtime term alone is more than these 900 MiB cards
+    assert "cuda:0 needs ~1.0 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 0.9 GiB" in row.detail
     spec = spec_for("2080ti-x2", model_dirs, port=10050, rules="DeepSeek-V3-Chat-multi-gpu-4.yaml")
     row = failing(check_profile(spec, with_image(facts_of("2080ti-x2"), spec),
                                 rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")

@@ -86,8 +86,9 @@ def test_drift_is_refused_and_the_tree_untouched(pristine_tree, rel, anchor, ove
     path = pristine_tree / rel
     path.write_text(path.read_text().replace(anchor, anchor.replace("  ", " \t", 1)))
     snapshot = {p: p.read_bytes() for p in pristine_tree.rglob("*.py")}
-    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "patch", "--src", str(pristine_tree), "--arch", "sm75"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    # forced to 0.2.1.post1: without --ref the edited file already makes the tree "no supported ref"
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy", "patch", "--src", str(pristine_tree), "--arch", "sm75",
+                           "--ref", "0.2.1.post1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: overlay {overlay}: {rel}: expected "), proc.stderr

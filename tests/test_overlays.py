@@ -28,7 +28,7 @@ from ktlegacy.refs import get_ref
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "triton-stages", "fp16",
-                 "cpu-experts-dtype", "portable-cpu"]
+                 "cpu-experts-dtype", "portable-cpu", "server-api"]
 NOT_FOR_SDIST = ["loopback-listeners", "serve-backend-guard", "optional-sched-ext"]  # later refs only
 SM80_OPS = {"KLinearMarlin", "KExpertsMarlin", "VLinearMarlin", "KLinearFP8"}
 RULES = "ktransformers/optimize/optimize_rules"
@@ -152,6 +152,9 @@ DRIFTS = {
              _edit("ktransformers/server/backend/interfaces/ktransformers.py",
                    "torch.set_default_dtype(torch.bfloat16)", "torch.set_default_dtype(torch.float32)")),
     "portable-cpu": ("setup.py", _edit("setup.py", 'os.getenv("CPU_INSTRUCT", "NATIVE")', 'os.getenv("CPU_INSTRUCT", "AVX2")')),
+    "server-api": ("ktransformers/server/api/__init__.py",
+                   _edit("ktransformers/server/api/__init__.py", "router.include_router(ollama_router)",
+                         "router.include_router(ollama_router, prefix='/ollama')")),
 }
 
 
@@ -183,6 +186,11 @@ def test_only_expected_files_change(sdist_tree, patched):
         "ktransformers/operators/linear.py",
         "ktransformers/operators/triton_attention.py",
         "ktransformers/server/backend/interfaces/ktransformers.py",
+        "ktransformers/server/api/ktlegacy_api.py",           # server-api
+        "ktransformers/server/api/__init__.py",
+        "ktransformers/server/api/openai/__init__.py",
+        "ktransformers/server/main.py",
+        "ktransformers/server/backend/interfaces/transformers.py",
         "setup.py",
     ])
 
