@@ -300,9 +300,53 @@ def load_ktlegacy(model_dir: Path, threads: int):
     return model, config, info
 
 
+class CpuExpertWait:
+    """Wall time the engine's thread spends in KExpertsCPU calls: ``forward`` (prefill: the
+    whole CPU MoE) and ``submit_for_one_decode`` + ``sync_for_one_decode`` (decode: the submit,
+    then the wait for the CPU experts after the shared experts ran on the GPU)."""
+
+    METHODS = ("forward", "submit_for_one_decode", "sync_for_one_decode")
+
+    def __enter__(self):
+        from ktransformers.operators.experts import KExpertsCPU
+        self.cls, self.seconds, self.saved = KExpertsCPU, 0.0, {}
+        for name in self.METHODS:
+            original = getattr(KExpertsCPU, name)
+            self.saved[name] = original
+
+            def timed(this, *a, _orig=original, **kw):
+                t = time.perf_counter()
+                try:
+                    return _orig(this, *a, **kw)
+                finally:
+                    self.seconds += time.perf_counter() - t
+            setattr(KExpertsCPU, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(self.cls, name, original)
+
+
+def profile_decode(sess, tok: int, steps: int = 8, rows: int = 15) -> dict:
+    """torch profiler over a few decode steps: the ops with the most CPU time (and their CUDA
+    time), to see where a step goes (CPU experts, attention, launches)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = int(sess.decode(tok).argmax())
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
+    print(table, flush=True)
+    top = sorted(prof.key_averages(), key=lambda e: e.cpu_time_total, reverse=True)[:rows]
+    return {"steps": steps, "top_ops": [
+        {"name": e.key, "calls": e.count, "cpu_total_ms": e.cpu_time_total / 1000,
+         "cuda_total_ms": getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000}
+        for e in top]}
+
+
 def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
     import torch
-    from gpu_proof import EngineSession, _CpuExpertTimer, _keep_kv_b
+    from gpu_proof import EngineSession, _keep_kv_b
     model, config = results["_ktlegacy"]
     os.environ["KTLEGACY_PREFILL"] = PREFILL_MODE[engine]
     restore = _keep_kv_b(model)
@@ -335,7 +379,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                 out["skipped"].append(f"prefill {n}: deadline")
                 break
             sess = session(n + 8)
-            with _CpuExpertTimer() as timer:
+            with CpuExpertWait() as timer:
                 t0 = time.perf_counter()
                 sess.prefill(ids[:n])
                 dt = time.perf_counter() - t0
@@ -343,7 +387,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
             rates.append(n / dt)
             experts_s.append(timer.seconds)
         if rates:
-            out["prefill"][str(n)] = dict(summarize(rates), cpu_experts_s=experts_s)
+            out["prefill"][str(n)] = dict(summarize(rates), cpu_experts_wait_s=experts_s)
             log(f"{engine} prefill {n}: {out['prefill'][str(n)]['median']:.1f} tok/s "
                 f"({[round(r, 1) for r in rates]}); CPU experts {[round(s, 2) for s in experts_s]} s")
 
@@ -351,7 +395,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
         if time.monotonic() > deadline:
             out["skipped"].append(f"decode {ctx}: deadline")
             continue
-        sess = session(ctx + args.runs * args.decode_tokens + 8)
+        sess = session(ctx + args.runs * args.decode_tokens + 16)
         tok = int(sess.prefill(ids[:ctx]).argmax())
         rates, experts_s, contexts = [], [], []
         for _ in range(args.runs):
@@ -359,17 +403,22 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                 out["skipped"].append(f"decode {ctx}: deadline")
                 break
             contexts.append(sess.pos)
-            with _CpuExpertTimer() as timer:
+            with CpuExpertWait() as timer:
                 t0 = time.perf_counter()
                 for _ in range(args.decode_tokens):
                     tok = int(sess.decode(tok).argmax())
                 dt = time.perf_counter() - t0
             rates.append(args.decode_tokens / dt)
             experts_s.append(timer.seconds)
+        if engine == "ktlegacy" and "decode_profile" not in out and time.monotonic() < deadline:
+            try:  # where a decode step goes (not part of the timed runs)
+                out["decode_profile"] = dict(profile_decode(sess, tok), context=sess.pos)
+            except Exception as exc:
+                out["decode_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
         done(sess)
         if rates:
             out["decode"][str(ctx)] = dict(summarize(rates), decode_tokens=args.decode_tokens, contexts=contexts,
-                                           cpu_experts_s=experts_s)
+                                           cpu_experts_wait_s=experts_s)
             log(f"{engine} decode @{ctx}: {out['decode'][str(ctx)]['median']:.2f} tok/s "
                 f"({[round(r, 2) for r in rates]}); CPU experts {[round(s, 2) for s in experts_s]} s")
     os.environ["KTLEGACY_PREFILL"] = "sdpa"

@@ -9,7 +9,8 @@
 # Optional: KTLEGACY_PREBUILT=.whl/ext-sm75-ptx.tar.gz (our extensions from an earlier run: no
 # compile), PEER_LLAMA_PREBUILT=.whl/llama-bench-cuda.tar.gz (llama-bench from an earlier run),
 # PEER_LLAMA_CPU=native|avx2 (llama.cpp's CPU code; default native), PEER_THREADS=N (default:
-# physical cores), PEER_DEADLINE_S (default 570: the device's 10-minute limit less a margin).
+# physical cores), PEER_DEADLINE_S (default 570: the device's 10-minute limit less a margin),
+# PEER_PREPARE_ONLY=1 (build and generate, no benchmark).
 #
 # Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.peer_model,
 # ~9.4 GiB, never leaves the machine) | llama.cpp's llama-bench (bench/peer_build_llama.sh: PTX for
@@ -17,10 +18,11 @@
 # with KTLEGACY_PROOF=install) -> bench/peer_bench.py (KTLEGACY_EMULATE_CC=7.5): triad,
 # llama.cpp, ktlegacy (SDPA), ktlegacy (windows).
 # State lives in build/peer-gpu/ (git-ignored: the device keeps it between calls while the machine
-# stays warm): a second call finds the builds and the model and only benchmarks. If the first call
-# runs out of time, $OUT holds the partial JSON, ext-sm75-ptx.tar.gz and llama-bench-cuda.tar.gz:
-# call again (warm machine: reuses everything), or carry those two in .whl/ with KTLEGACY_PREBUILT
-# and PEER_LLAMA_PREBUILT for a fresh machine.
+# stays warm): a second call finds the builds, the install and the model and only benchmarks.
+# Expected on a 16-core H200 host: builds + model ~5 min, the benchmark ~7 min, so the plan is two
+# calls: PEER_PREPARE_ONLY=1 first, then the same command without it (the JSON comes from that one
+# call alone, all three engines). $OUT also gets ext-sm75-ptx.tar.gz and llama-bench-cuda.tar.gz:
+# carry them in .whl/ with KTLEGACY_PREBUILT / PEER_LLAMA_PREBUILT if the machine was handed back.
 # Results: $OUT/peer_vs_llama_cpp.json (.partial.json while running), peer-logs.tar.gz.
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
@@ -75,18 +77,27 @@ else
 fi
 
 # ---- 3. our engine (foreground): bench/gpu_run.sh up to the install
-if [ -z "${KTLEGACY_PREBUILT:-}" ] && [ -f "$work/ext-sm75-ptx.tar.gz" ]; then
-  export KTLEGACY_PREBUILT="$work/ext-sm75-ptx.tar.gz"  # compiled by an earlier call on this machine
+# the installed tree is reused while the code that makes it (overlays, library, build scripts) is unchanged
+kt_want="$(find overlays ktlegacy images/scripts bench/gpu_run.sh -type f ! -name '*.pyc' -print0 | sort -z \
+  | xargs -0 sha256sum | sha256sum | cut -d' ' -f1) ${KTLEGACY_PREBUILT:-}"
+if [ -d "$work/kt-work/kt/ktransformers" ] && [ "$(cat "$work/kt.stamp" 2>/dev/null)" = "$kt_want" ]; then
+  say "ktransformers: reusing the install in $work/kt-work/kt"; kt_rc=0
+else
+  rm -f "$work/kt.stamp"
+  if [ -z "${KTLEGACY_PREBUILT:-}" ] && [ -f "$work/ext-sm75-ptx.tar.gz" ]; then
+    export KTLEGACY_PREBUILT="$work/ext-sm75-ptx.tar.gz"  # compiled by an earlier call on this machine
+  fi
+  say "ktransformers: bench/gpu_run.sh (KTLEGACY_PROOF=install${KTLEGACY_PREBUILT:+, prebuilt $KTLEGACY_PREBUILT})"
+  KTLEGACY_WORK="$work/kt-work" KTLEGACY_PROOF=install OUT="$work/kt-out" bash bench/gpu_run.sh >"$logs/gpu_run.log" 2>&1
+  kt_rc=$?
+  grep -E "^\[gpu_run" "$logs/gpu_run.log"
+  if [ -f "$work/kt-out/ext-sm75-ptx.tar.gz" ]; then
+    cp "$work/kt-out/ext-sm75-ptx.tar.gz" "$work/ext-sm75-ptx.tar.gz" && cp "$work/kt-out/ext-sm75-ptx.tar.gz" "$OUT/"
+  fi
+  cp "$work/kt-out/h6-logs.tar.gz" "$logs/gpu_run-logs.tar.gz" 2>/dev/null
+  if [ $kt_rc = 0 ]; then echo "$kt_want" >"$work/kt.stamp"
+  else tail -30 "$logs/gpu_run.log"; say "ktransformers install failed ($kt_rc)"; fi
 fi
-say "ktransformers: bench/gpu_run.sh (KTLEGACY_PROOF=install${KTLEGACY_PREBUILT:+, prebuilt $KTLEGACY_PREBUILT})"
-KTLEGACY_WORK="$work/kt-work" KTLEGACY_PROOF=install OUT="$work/kt-out" bash bench/gpu_run.sh >"$logs/gpu_run.log" 2>&1
-kt_rc=$?
-grep -E "^\[gpu_run" "$logs/gpu_run.log"
-if [ -f "$work/kt-out/ext-sm75-ptx.tar.gz" ]; then
-  cp "$work/kt-out/ext-sm75-ptx.tar.gz" "$work/ext-sm75-ptx.tar.gz" && cp "$work/kt-out/ext-sm75-ptx.tar.gz" "$OUT/"
-fi
-cp "$work/kt-out/h6-logs.tar.gz" "$logs/gpu_run-logs.tar.gz" 2>/dev/null
-[ $kt_rc = 0 ] || { tail -30 "$logs/gpu_run.log"; say "ktransformers install failed ($kt_rc)"; }
 
 # ---- wait for the background steps
 while [ ! -f "$work/model.rc" ] || [ ! -f "$work/llama.rc" ]; do
@@ -100,6 +111,11 @@ if [ "$(cat "$work/llama.rc")" = 0 ]; then
   [ -f "$OUT/llama-bench-cuda.tar.gz" ] || tar -C "$work/llama" -czf "$OUT/llama-bench-cuda.tar.gz" build/bin/llama-bench llama.cpp/KTLEGACY-SOURCE.json
 else
   tail -30 "$logs/llama-build.log"
+fi
+
+if [ "${PEER_PREPARE_ONLY:-0}" = 1 ]; then
+  say "prepared (PEER_PREPARE_ONLY=1): the next call on this machine only benchmarks"
+  finish $(( kt_rc != 0 ))
 fi
 
 # ---- 4. the benchmark

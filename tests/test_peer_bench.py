@@ -224,3 +224,37 @@ def test_scripts_parse_and_refuse_missing_inputs(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "x.tar.gz"),
                            str(tmp_path / "b"), "metal"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: mode must be cuda or cpu, not metal"
+
+
+def test_cpu_expert_wait_times_and_restores(monkeypatch):
+    """The timer wraps KExpertsCPU's three entry points and puts them back (a stand-in class:
+    the real one needs the compiled cpuinfer extension, which only the GPU machine has)."""
+    import time
+    import types
+
+    class KExpertsCPU:
+        def forward(self, x):
+            time.sleep(0.02)
+            return x + 1
+
+        def submit_for_one_decode(self, x):
+            return "submitted"
+
+        def sync_for_one_decode(self):
+            time.sleep(0.01)
+            return "synced"
+    originals = {n: KExpertsCPU.__dict__[n] for n in peer_bench.CpuExpertWait.METHODS}
+    mod = types.ModuleType("ktransformers.operators.experts")
+    mod.KExpertsCPU = KExpertsCPU
+    for name in ("ktransformers", "ktransformers.operators"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "ktransformers.operators.experts", mod)
+    e = KExpertsCPU()
+    with peer_bench.CpuExpertWait() as w:
+        assert e.forward(1) == 2 and e.submit_for_one_decode(0) == "submitted" and e.sync_for_one_decode() == "synced"
+    assert 0.03 <= w.seconds < 1.0
+    assert {n: KExpertsCPU.__dict__[n] for n in originals} == originals
+    with pytest.raises(ZeroDivisionError):
+        with peer_bench.CpuExpertWait():
+            1 / 0
+    assert {n: KExpertsCPU.__dict__[n] for n in originals} == originals
