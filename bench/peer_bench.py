@@ -12,8 +12,10 @@ Engines, all with the routed experts on the CPU and everything else on the GPU:
 
 - ``ktlegacy``: the patched ktransformers (built 7.5+PTX, ``KTLEGACY_EMULATE_CC=7.5``) driven as
   bench/gpu_proof.py drives it (``optimize_and_load_gguf`` with the patched
-  DeepSeek-V2-Lite-Chat.yaml, its ``StaticCache``, eager decode, no CUDA graph), SDPA prefill;
-  the CPU experts get ``cpu_infer = --threads``;
+  DeepSeek-V2-Lite-Chat.yaml, its ``StaticCache``), SDPA prefill; decode is timed eager and
+  through upstream's ``CUDAGraphRunner`` as local_chat's ``prefill_and_generate`` uses it (its
+  default): the CUDA-graph number is the headline, the eager one is kept beside it; the CPU
+  experts get ``cpu_infer = --threads``;
 - ``ktlegacy_windows``: the same loaded model with ``KTLEGACY_PREFILL=windows`` (upstream's
   ``forward_windows`` prefill);
 - ``llama_cpp``: ``llama-bench -ngl 99 -ot exps=CPU -fa 1 -t THREADS`` (its defaults otherwise:
@@ -293,7 +295,7 @@ def load_ktlegacy(model_dir: Path, threads: int):
     torch.cuda.synchronize()
     from ktransformers.server.config.config import Config
     info = {"load_s": time.monotonic() - t0, "dtype": str(dtype), "rule_file": str(rules),
-            "cpu_infer": Config().cpu_infer, "cuda_graph": False,
+            "cpu_infer": Config().cpu_infer,
             "gpu_memory_allocated_bytes": torch.cuda.memory_allocated(),
             "linear_ops": sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}),
             "experts_ops": sorted({type(m).__name__ for m in model.modules() if "Experts" in type(m).__name__})}
@@ -342,6 +344,51 @@ def profile_decode(sess, tok: int, steps: int = 8, rows: int = 15) -> dict:
         {"name": e.key, "calls": e.count, "cpu_total_ms": e.cpu_time_total / 1000,
          "cuda_total_ms": getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000}
         for e in top]}
+
+
+def decode_windows(sess, step, tok: int, args, deadline: float):
+    """``--runs`` consecutive timed windows of ``--decode-tokens`` steps: (summary or None, tok)."""
+    rates, waits, contexts = [], [], []
+    for _ in range(args.runs):
+        if time.monotonic() > deadline:
+            break
+        contexts.append(sess.pos)
+        with CpuExpertWait() as timer:
+            t0 = time.perf_counter()
+            for _ in range(args.decode_tokens):
+                tok = step(tok)
+            dt = time.perf_counter() - t0
+        rates.append(args.decode_tokens / dt)
+        waits.append(timer.seconds)
+    if not rates:
+        return None, tok
+    return dict(summarize(rates), decode_tokens=args.decode_tokens, contexts=contexts, cpu_experts_wait_s=waits), tok
+
+
+def graph_decoder(sess, tok: int):
+    """Decode through upstream's CUDAGraphRunner the way 0.2.1.post1's prefill_and_generate
+    (local_chat's default, use_cuda_graph=True) does: one eager step, capture at the next
+    position, then replay with the token/position copied into the graph's input buffers.
+    Returns (step function, next token)."""
+    import torch
+    from ktransformers.util.cuda_graph_runner import CUDAGraphRunner
+    tok = int(sess.decode(tok).argmax())
+    cache_position = torch.tensor([sess.pos], device=sess.device, dtype=torch.int32)
+    position_ids = cache_position.unsqueeze(0)  # a view: follows cache_position
+    cur = torch.tensor([[tok]], device=sess.device)
+    runner = CUDAGraphRunner()
+    runner.capture(sess.model, cur, position_ids, cache_position, sess.cache, sess.device,
+                   return_dict=False, use_cache=True)
+
+    def step(t: int) -> int:
+        cur.fill_(t)
+        logits = runner(cur, position_ids, cache_position)
+        sess.cache.change_seq_length(1)
+        torch.cuda.synchronize()
+        cache_position.add_(1)
+        sess.pos += 1
+        return int(logits[0, -1].argmax())
+    return step, tok
 
 
 def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
@@ -395,32 +442,41 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
         if time.monotonic() > deadline:
             out["skipped"].append(f"decode {ctx}: deadline")
             continue
-        sess = session(ctx + args.runs * args.decode_tokens + 16)
+        sess = session(ctx + 2 * args.runs * args.decode_tokens + 48)
         tok = int(sess.prefill(ids[:ctx]).argmax())
-        rates, experts_s, contexts = [], [], []
-        for _ in range(args.runs):
-            if time.monotonic() > deadline:
-                out["skipped"].append(f"decode {ctx}: deadline")
-                break
-            contexts.append(sess.pos)
-            with CpuExpertWait() as timer:
-                t0 = time.perf_counter()
-                for _ in range(args.decode_tokens):
-                    tok = int(sess.decode(tok).argmax())
-                dt = time.perf_counter() - t0
-            rates.append(args.decode_tokens / dt)
-            experts_s.append(timer.seconds)
+
+        def eager_step(t):
+            return int(sess.decode(t).argmax())
+        eager, tok = decode_windows(sess, eager_step, tok, args, deadline)
         if engine == "ktlegacy" and "decode_profile" not in out and time.monotonic() < deadline:
-            try:  # where a decode step goes (not part of the timed runs)
+            try:  # where an eager decode step goes (not part of the timed runs)
                 out["decode_profile"] = dict(profile_decode(sess, tok), context=sess.pos)
             except Exception as exc:
                 out["decode_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        graph, graph_error = None, None
+        if time.monotonic() < deadline:
+            try:
+                step, tok = graph_decoder(sess, tok)
+                graph, tok = decode_windows(sess, step, tok, args, deadline)
+            except Exception as exc:  # recorded: the eager number stands alone then
+                traceback.print_exc()
+                graph_error = f"{type(exc).__name__}: {exc}"
         done(sess)
-        if rates:
-            out["decode"][str(ctx)] = dict(summarize(rates), decode_tokens=args.decode_tokens, contexts=contexts,
-                                           cpu_experts_wait_s=experts_s)
-            log(f"{engine} decode @{ctx}: {out['decode'][str(ctx)]['median']:.2f} tok/s "
-                f"({[round(r, 2) for r in rates]}); CPU experts {[round(s, 2) for s in experts_s]} s")
+        row = {}
+        if eager:
+            row["eager"] = eager
+        if graph:
+            row["cuda_graph"] = graph
+        if graph_error:
+            row["cuda_graph_error"] = graph_error
+        head = graph or eager
+        if head:  # the headline is what local_chat does: CUDA-graph decode (eager if that failed)
+            out["decode"][str(ctx)] = dict(head, mode="cuda_graph" if graph else "eager", **row)
+            log(f"{engine} decode @{ctx}: eager {eager['median'] if eager else float('nan'):.2f} tok/s, "
+                f"CUDA graph {graph['median'] if graph else float('nan'):.2f} tok/s"
+                + (f" (graph failed: {graph_error})" if graph_error else ""))
+        else:
+            out["skipped"].append(f"decode {ctx}: no run finished")
     os.environ["KTLEGACY_PREFILL"] = "sdpa"
     return out
 

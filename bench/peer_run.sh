@@ -10,7 +10,8 @@
 # compile), PEER_LLAMA_PREBUILT=.whl/llama-bench-cuda.tar.gz (llama-bench from an earlier run),
 # PEER_LLAMA_CPU=native|avx2 (llama.cpp's CPU code; default native), PEER_THREADS=N (default:
 # physical cores), PEER_DEADLINE_S (default 570: the device's 10-minute limit less a margin),
-# PEER_PREPARE_ONLY=1 (build and generate, no benchmark).
+# PEER_PREPARE_ONLY=1 (build and generate, no benchmark), PEER_BENCH_ARGS="..." (extra arguments
+# for bench/peer_bench.py, e.g. "--decode-tokens 16" if a run does not fit).
 #
 # Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.peer_model,
 # ~9.4 GiB, never leaves the machine) | llama.cpp's llama-bench (bench/peer_build_llama.sh: PTX for
@@ -126,12 +127,14 @@ engines=()
 export PYTHONPATH="$work/kt-work/kt:$work/kt-work/site:$repo"
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" KTLEGACY_EMULATE_CC=7.5 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PEER_LLAMA_SOURCE_JSON="$work/llama/llama.cpp/KTLEGACY-SOURCE.json"
+# both engines JIT-compile sm75 PTX on a newer GPU: keep the JIT cache across the processes of a call
+export CUDA_CACHE_MAXSIZE=4294967296
 budget=$(left)
 say "peer_bench: engines ${engines[*]}, ${budget}s left"
 threads=()
 [ -n "${PEER_THREADS:-}" ] && threads=(--threads "$PEER_THREADS")
 timeout "$budget" $py bench/peer_bench.py --model "$model" --llama-bench "$llama_bin" --engines "${engines[@]}" \
-  "${threads[@]}" --out "$OUT/peer_vs_llama_cpp.json" --deadline-s $(( budget - 45 )) 2>&1 | tee "$logs/peer_bench.log" \
+  "${threads[@]}" --out "$OUT/peer_vs_llama_cpp.json" --deadline-s $(( budget - 45 )) ${PEER_BENCH_ARGS:-} 2>&1 | tee "$logs/peer_bench.log" \
   | grep -E "^\[peer_bench|Error|error" | tail -80
 rc=${PIPESTATUS[0]}
 say "peer_bench exit $rc"

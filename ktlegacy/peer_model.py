@@ -243,6 +243,9 @@ def _write_gguf(path: Path, spec: LiteSpec, plan, tokens, types, merges, bos_id:
     w.add_leading_dense_block_count(spec.first_k_dense_replace)
     w.add_vocab_size(spec.vocab_size)
     w.add_kv_lora_rank(spec.kv_lora_rank)
+    # no q LoRA. Real V2-Lite files omit the key; llama.cpp then recognises "lite" by the layer
+    # count (26/27) alone and demands the key for any other count: 0 says it for every size.
+    w.add_q_lora_rank(0)
     w.add_key_length(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
     w.add_value_length(spec.v_head_dim)
     w.add_expert_feed_forward_length(spec.moe_intermediate_size)

@@ -59,8 +59,10 @@ def test_llama_cpp_metadata_and_tokenizer(reader):
               "deepseek2.expert_shared_count": 2, "deepseek2.expert_feed_forward_length": 1408,
               "deepseek2.leading_dense_block_count": 1, "deepseek2.vocab_size": VOCAB}
     assert {k: _field(reader, k) for k in expect} == expect
-    # legacy (unsplit attn_kv_b) form: no MLA length keys, no q LoRA rank (what 0.2.1.post1 reads)
-    assert not [k for k in reader.fields if k.endswith("_mla") or "q_lora_rank" in k]
+    # legacy (unsplit attn_kv_b) form: no MLA length keys (what 0.2.1.post1 reads); q LoRA rank 0
+    # (llama.cpp needs it for layer counts other than V2-Lite's 27)
+    assert not [k for k in reader.fields if k.endswith("_mla")]
+    assert _field(reader, "deepseek2.attention.q_lora_rank") == 0
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
     assert _field(reader, "tokenizer.ggml.pre") == "deepseek-llm"
     tokens = reader.fields["tokenizer.ggml.tokens"]
