@@ -116,7 +116,7 @@ fi
 
 if [ "${PEER_PREPARE_ONLY:-0}" = 1 ]; then
   say "prepared (PEER_PREPARE_ONLY=1): the next call on this machine only benchmarks"
-  finish $(( kt_rc != 0 ))
+  finish $(( kt_rc != 0 || $(cat "$work/llama.rc") != 0 ))
 fi
 
 # ---- 4. the benchmark
@@ -130,6 +130,7 @@ export PEER_LLAMA_SOURCE_JSON="$work/llama/llama.cpp/KTLEGACY-SOURCE.json"
 # both engines JIT-compile sm75 PTX on a newer GPU: keep the JIT cache across the processes of a call
 export CUDA_CACHE_MAXSIZE=4294967296
 budget=$(left)
+[ "$budget" -ge 120 ] || { say "only ${budget}s left: call again (the builds and the model are reused on this machine)"; finish 8; }
 say "peer_bench: engines ${engines[*]}, ${budget}s left"
 threads=()
 [ -n "${PEER_THREADS:-}" ] && threads=(--threads "$PEER_THREADS")
