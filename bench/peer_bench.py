@@ -167,7 +167,7 @@ def derive(results: dict) -> dict:
     ref_d = out["decode_tok_s"].get("llama_cpp", {})
     for eng, key in (("ktlegacy", "ratio_vs_llama_cpp"), ("ktlegacy_windows", "ratio_vs_llama_cpp_windows")):
         p, d = out["prefill_tok_s"].get(eng, {}), out["decode_tok_s"].get(eng, {})
-        if ref_p or ref_d:
+        if (ref_p or ref_d) and (p or d):
             out[key] = {"prefill": {k: p[k] / ref_p[k] for k in p if k in ref_p},
                         "decode": {k: d[k] / ref_d[k] for k in d if k in ref_d}}
     bw = results.get("bandwidth", {}).get("best_gb_s")
@@ -252,7 +252,7 @@ def run_llama(args, gguf: Path, deadline: float) -> dict:
         out["commands"].append(shlex.join(cmd))
         log(f"llama.cpp {kind}: {shlex.join(cmd)}")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=None if left == float("inf") else left)
             stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:  # keep the rows it finished (jsonl is flushed per test)
             stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
