@@ -14,6 +14,8 @@
 # fetch-source --ref REF --local FILE (patch still recognises it by content). For v0.7.0 that is
 # archive/ plus the top-level llama.cpp and pybind11 submodules in third_party/, as
 # fetch-source --ref v0.7.0 lays it out (docs/compatibility.md says how it was made).
+# KTLEGACY_PROOF=install stops once the patched ktransformers is installed in $work/kt
+# (bench/peer_run.sh runs its own benchmark on it).
 #
 # Steps: fetch-source -> patch --arch sm75 -> compile_extensions.py --ptx (TORCH_CUDA_ARCH_LIST=7.5+PTX:
 # the H100 JIT-compiles the Turing PTX) -> check_cuda_arch.py: sm75 (+PTX) must pass, an sm70-only expectation must
@@ -23,7 +25,7 @@
 # h6-logs.tar.gz (logs, arch-check JSON, cuobjdump listings, host record).
 set -uo pipefail
 ref="${1:-0.2.1.post1}"
-proof="${KTLEGACY_PROOF:-engine}"  # engine: bench/gpu_proof.py (V2, 1 GPU); serve: bench/serve_proof.py (V3, 1+2 GPUs)
+proof="${KTLEGACY_PROOF:-engine}"  # engine: bench/gpu_proof.py (V2, 1 GPU); serve: bench/serve_proof.py (V3, 1+2 GPUs); install: stop after the install
 # never NVLink multicast on the shared GPU hosts (the device's KINDS.md); every child inherits these
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 : "${OUT:?set OUT to the results directory}"
@@ -114,6 +116,11 @@ ls -la "$work/wheels" "$work/stub"
 
 if [ -f tests/fixtures/hosts/record.sh ]; then
   bash tests/fixtures/hosts/record.sh "$work/logs/h100-host" >"$logs/record.log" 2>&1 || true
+fi
+
+if [ "$proof" = install ]; then  # bench/peer_run.sh: the install is all it needs
+  say "installed into $work/kt; stopping before any proof (KTLEGACY_PROOF=install)"
+  finish 0
 fi
 
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# ktlegacy vs llama.cpp on the GPU machine, one command (issue 13):
+#
+#   OUT=/some/dir bash bench/peer_run.sh          # from the repo root
+#
+# Carried in the repo's git-ignored .whl/: everything bench/gpu_run.sh needs (its wheels, the
+# cpufeature sdist, the upstream sdist) plus llama.cpp-src.tar.gz, written here by
+#   python bench/peer_source.py --out .whl/llama.cpp-src.tar.gz     (~5 MB, from PyPI)
+# Optional: KTLEGACY_PREBUILT=.whl/ext-sm75-ptx.tar.gz (our extensions from an earlier run: no
+# compile), PEER_LLAMA_PREBUILT=.whl/llama-bench-cuda.tar.gz (llama-bench from an earlier run),
+# PEER_LLAMA_CPU=native|avx2 (llama.cpp's CPU code; default native), PEER_THREADS=N (default:
+# physical cores), PEER_DEADLINE_S (default 570: the device's 10-minute limit less a margin),
+# PEER_PREPARE_ONLY=1 (build and generate, no benchmark), PEER_BENCH_ARGS="..." (extra arguments
+# for bench/peer_bench.py, e.g. "--decode-tokens 16" if a run does not fit).
+#
+# Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.peer_model,
+# ~9.4 GiB, never leaves the machine) | llama.cpp's llama-bench (bench/peer_build_llama.sh: PTX for
+# 7.5 only, flash attention on) | our patched ktransformers 0.2.1.post1, 7.5+PTX (bench/gpu_run.sh
+# with KTLEGACY_PROOF=install) -> bench/peer_bench.py (KTLEGACY_EMULATE_CC=7.5): triad,
+# llama.cpp, ktlegacy (SDPA), ktlegacy (windows).
+# State lives in build/peer-gpu/ (git-ignored: the device keeps it between calls while the machine
+# stays warm): a second call finds the builds, the install and the model and only benchmarks.
+# Expected on a 16-core H200 host: builds + model ~5 min, the benchmark ~7 min, so the plan is two
+# calls: PEER_PREPARE_ONLY=1 first, then the same command without it (the JSON comes from that one
+# call alone, all three engines). $OUT also gets ext-sm75-ptx.tar.gz and llama-bench-cuda.tar.gz:
+# carry them in .whl/ with KTLEGACY_PREBUILT / PEER_LLAMA_PREBUILT if the machine was handed back.
+# Results: $OUT/peer_vs_llama_cpp.json (.partial.json while running), peer-logs.tar.gz.
+set -uo pipefail
+: "${OUT:?set OUT to the results directory}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+work="${PEER_WORK:-$repo/build/peer-gpu}"
+logs="$work/logs"
+limit="${PEER_DEADLINE_S:-570}"
+src_tar="${PEER_LLAMA_SRC:-.whl/llama.cpp-src.tar.gz}"
+[ -f "$src_tar" ] || [ -n "${PEER_LLAMA_PREBUILT:-}" ] || {
+  echo "error: $src_tar is missing: run python bench/peer_source.py --out $src_tar here and carry .whl/" >&2; exit 2; }
+mkdir -p "$work" "$logs" "$OUT"
+t0=$(date +%s)
+say() { echo "[peer_run +$(( $(date +%s) - t0 ))s] $*"; }
+left() { echo $(( limit - ($(date +%s) - t0) )); }
+finish() {
+  tar -C "$work" -czf "$OUT/peer-logs.tar.gz" logs 2>/dev/null
+  say "done (exit $1)"; exit "$1"
+}
+py=python3
+unset TORCH_CUDA_ARCH_LIST
+export PATH="$PATH:$work/kt-work/site/bin"  # a cmake from a carried wheel, if that is where it is
+
+# ---- 1. the model (background)
+model="$work/model"
+if [ -f "$model/ktlegacy-peer-model.json" ] && [ -f "$model/model.gguf" ]; then
+  say "model: reusing $model"; echo 0 >"$work/model.rc"
+else
+  rm -f "$work/model.rc"
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/gen-site" .whl/*.whl \
+    >"$logs/pip-gen.log" 2>&1 || { cat "$logs/pip-gen.log"; finish 3; }
+  say "model: generating in the background"
+  ( PYTHONPATH="$work/gen-site:$repo" $py -m ktlegacy.peer_model --dest "$model" --force >"$logs/model.log" 2>&1
+    echo $? >"$work/model.rc" ) &
+fi
+
+# ---- 2. llama-bench (background)
+llama_bin="$work/llama/build/bin/llama-bench"
+want="$( [ -f "$src_tar" ] && sha256sum "$src_tar" | cut -d' ' -f1) ${PEER_LLAMA_CPU:-native}"
+if [ -x "$llama_bin" ] && [ "$(cat "$work/llama.stamp" 2>/dev/null)" = "$want" ]; then
+  say "llama.cpp: reusing $llama_bin"; echo 0 >"$work/llama.rc"
+elif [ -n "${PEER_LLAMA_PREBUILT:-}" ]; then
+  say "llama.cpp: using $PEER_LLAMA_PREBUILT"
+  rm -rf "$work/llama" && mkdir -p "$work/llama" && tar -C "$work/llama" -xzf "$PEER_LLAMA_PREBUILT" || finish 4
+  echo "$want" >"$work/llama.stamp"; echo 0 >"$work/llama.rc"
+else
+  rm -f "$work/llama.rc" "$work/llama.stamp"
+  say "llama.cpp: building llama-bench (CUDA, 75-virtual) in the background"
+  ( bash bench/peer_build_llama.sh "$src_tar" "$work/llama" cuda >"$logs/llama-build.log" 2>&1
+    rc=$?; cp "$work/llama/"cmake-*.log "$logs/" 2>/dev/null
+    [ $rc = 0 ] && echo "$want" >"$work/llama.stamp"; echo $rc >"$work/llama.rc" ) &
+fi
+
+# ---- 3. our engine (foreground): bench/gpu_run.sh up to the install
+# the installed tree is reused while the code that makes it (overlays, library, build scripts) is unchanged
+kt_want="$(find overlays ktlegacy images/scripts bench/gpu_run.sh -type f ! -name '*.pyc' -print0 | sort -z \
+  | xargs -0 sha256sum | sha256sum | cut -d' ' -f1) ${KTLEGACY_PREBUILT:-}"
+if [ -d "$work/kt-work/kt/ktransformers" ] && [ "$(cat "$work/kt.stamp" 2>/dev/null)" = "$kt_want" ]; then
+  say "ktransformers: reusing the install in $work/kt-work/kt"; kt_rc=0
+else
+  rm -f "$work/kt.stamp"
+  if [ -z "${KTLEGACY_PREBUILT:-}" ] && [ -f "$work/ext-sm75-ptx.tar.gz" ]; then
+    export KTLEGACY_PREBUILT="$work/ext-sm75-ptx.tar.gz"  # compiled by an earlier call on this machine
+  fi
+  say "ktransformers: bench/gpu_run.sh (KTLEGACY_PROOF=install${KTLEGACY_PREBUILT:+, prebuilt $KTLEGACY_PREBUILT})"
+  KTLEGACY_WORK="$work/kt-work" KTLEGACY_PROOF=install OUT="$work/kt-out" bash bench/gpu_run.sh >"$logs/gpu_run.log" 2>&1
+  kt_rc=$?
+  grep -E "^\[gpu_run" "$logs/gpu_run.log"
+  if [ -f "$work/kt-out/ext-sm75-ptx.tar.gz" ]; then
+    cp "$work/kt-out/ext-sm75-ptx.tar.gz" "$work/ext-sm75-ptx.tar.gz" && cp "$work/kt-out/ext-sm75-ptx.tar.gz" "$OUT/"
+  fi
+  cp "$work/kt-out/h6-logs.tar.gz" "$logs/gpu_run-logs.tar.gz" 2>/dev/null
+  if [ $kt_rc = 0 ]; then echo "$kt_want" >"$work/kt.stamp"
+  else tail -30 "$logs/gpu_run.log"; say "ktransformers install failed ($kt_rc)"; fi
+fi
+
+# ---- wait for the background steps
+while [ ! -f "$work/model.rc" ] || [ ! -f "$work/llama.rc" ]; do
+  [ "$(left)" -gt 60 ] || { say "out of time waiting for the model/llama.cpp build"; finish 6; }
+  sleep 2
+done
+say "model rc $(cat "$work/model.rc"); llama.cpp rc $(cat "$work/llama.rc")"
+cat "$logs/model.log" 2>/dev/null | tail -3
+[ "$(cat "$work/model.rc")" = 0 ] || finish 5
+if [ "$(cat "$work/llama.rc")" = 0 ]; then
+  [ -f "$OUT/llama-bench-cuda.tar.gz" ] || tar -C "$work/llama" -czf "$OUT/llama-bench-cuda.tar.gz" build/bin/llama-bench llama.cpp/KTLEGACY-SOURCE.json
+else
+  tail -30 "$logs/llama-build.log"
+fi
+
+if [ "${PEER_PREPARE_ONLY:-0}" = 1 ]; then
+  say "prepared (PEER_PREPARE_ONLY=1): the next call on this machine only benchmarks"
+  finish $(( kt_rc != 0 || $(cat "$work/llama.rc") != 0 ))
+fi
+
+# ---- 4. the benchmark
+engines=()
+[ "$(cat "$work/llama.rc")" = 0 ] && engines+=(llama_cpp)
+[ $kt_rc = 0 ] && engines+=(ktlegacy ktlegacy_windows)
+[ ${#engines[@]} -gt 0 ] || finish 7
+export PYTHONPATH="$work/kt-work/kt:$work/kt-work/site:$repo"
+export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" KTLEGACY_EMULATE_CC=7.5 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PEER_LLAMA_SOURCE_JSON="$work/llama/llama.cpp/KTLEGACY-SOURCE.json"
+# both engines JIT-compile sm75 PTX on a newer GPU: keep the JIT cache across the processes of a call
+export CUDA_CACHE_MAXSIZE=4294967296
+budget=$(left)
+[ "$budget" -ge 120 ] || { say "only ${budget}s left: call again (the builds and the model are reused on this machine)"; finish 8; }
+say "peer_bench: engines ${engines[*]}, ${budget}s left"
+threads=()
+[ -n "${PEER_THREADS:-}" ] && threads=(--threads "$PEER_THREADS")
+timeout "$budget" $py bench/peer_bench.py --model "$model" --llama-bench "$llama_bin" --engines "${engines[@]}" \
+  "${threads[@]}" --out "$OUT/peer_vs_llama_cpp.json" --deadline-s $(( budget - 45 )) ${PEER_BENCH_ARGS:-} 2>&1 | tee "$logs/peer_bench.log" \
+  | grep -E "^\[peer_bench|Error|error" | tail -80
+rc=${PIPESTATUS[0]}
+say "peer_bench exit $rc"
+finish "$rc"

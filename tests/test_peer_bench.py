@@ -1,0 +1,260 @@
+"""bench/peer_bench.py's parts that run without a GPU, and the peer's source/build scripts.
+
+The llama-bench output is a real recording: tests/fixtures/peer/llama-bench-cpu.jsonl is what
+the CPU build of the carried llama.cpp printed for the small peer model (see the file's README
+line in tests/fixtures/peer/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import peer_bench  # noqa: E402
+import peer_source  # noqa: E402
+
+FIXTURES = REPO / "tests" / "fixtures" / "peer"
+
+
+def test_summarize_median_and_spread():
+    s = peer_bench.summarize([10.0, 14.0, 12.0])
+    assert (s["median"], s["min"], s["max"]) == (12.0, 10.0, 14.0)
+    assert s["spread"] == pytest.approx(4.0 / 24.0)
+    assert s["runs"] == [10.0, 14.0, 12.0]
+    with pytest.raises(ValueError):
+        peer_bench.summarize([])
+
+
+def test_parse_recorded_llama_bench_output():
+    text = (FIXTURES / "llama-bench-cpu.jsonl").read_text()
+    rows = peer_bench.parse_llama_bench(text)
+    assert rows, "the recording holds no rows"
+    pp = [r for r in rows if r["n_prompt"] > 0]
+    tg = [r for r in rows if r["n_gen"] > 0]
+    assert pp and tg
+    for r in rows:
+        assert len(r["samples_ts"]) >= 3 and all(s > 0 for s in r["samples_ts"])
+        assert r["avg_ts"] == pytest.approx(sum(r["samples_ts"]) / len(r["samples_ts"]), rel=1e-3)
+    pts = peer_bench.llama_points(rows)
+    for r in pp:
+        assert pts["prefill"][str(r["n_prompt"])]["median"] == pytest.approx(sorted(r["samples_ts"])[1])
+    for r in tg:
+        assert pts["decode"][str(r["n_depth"])]["decode_tokens"] == r["n_gen"]
+    # the same rows as one JSON array (-o json) parse the same
+    as_array = "[\n" + ",\n".join(ln for ln in text.splitlines() if ln.startswith("{")) + "\n]\n"
+    assert peer_bench.parse_llama_bench(as_array) == rows
+    # log lines around jsonl rows are ignored; a row without samples is refused
+    assert peer_bench.parse_llama_bench("load: something\n" + text) == rows
+    with pytest.raises(ValueError, match="samples_ts"):
+        peer_bench.parse_llama_bench('{"n_prompt": 1, "n_gen": 0, "avg_ts": 1.0}')
+
+
+def _pts(prefill: dict, decode: dict) -> dict:
+    return {"prefill": {k: peer_bench.summarize(v) for k, v in prefill.items()},
+            "decode": {k: peer_bench.summarize(v) for k, v in decode.items()}}
+
+
+def test_ratios_bandwidth_fraction_and_targets():
+    results = {
+        "model": {"decode_cpu_bytes_per_token": {"total": 500_000_000}},
+        "bandwidth": {"best_gb_s": 100.0},          # limit: 100e9 / 5e8 = 200 tok/s
+        "llama_cpp": _pts({"512": [100, 110, 90], "2048": [200, 210, 190], "8192": [100, 100, 100]},
+                          {"1024": [40, 41, 39], "4096": [20, 20, 20]}),
+        "ktlegacy": _pts({"512": [300, 300, 300], "2048": [400, 300, 350], "8192": [140, 150, 160]},
+                         {"1024": [50, 50, 50], "4096": [110, 100, 105]}),
+        "ktlegacy_windows": _pts({"512": [50, 50, 50]}, {}),
+    }
+    d = peer_bench.derive(results)
+    assert d["prefill_tok_s"]["ktlegacy"] == {"512": 300, "2048": 350, "8192": 150}
+    assert d["decode_tok_s"]["llama_cpp"] == {"1024": 40, "4096": 20}
+    r = d["ratio_vs_llama_cpp"]
+    assert r["prefill"] == {"512": pytest.approx(3.0), "2048": pytest.approx(1.75), "8192": pytest.approx(1.5)}
+    assert r["decode"] == {"1024": pytest.approx(1.25), "4096": pytest.approx(5.25)}
+    assert d["ratio_vs_llama_cpp_windows"] == {"prefill": {"512": pytest.approx(0.5)}, "decode": {}}
+    assert d["bandwidth_gb_s"] == 100.0
+    assert d["decode_bandwidth_limit_tok_s"] == pytest.approx(200.0)
+    assert d["decode_fraction_of_bandwidth_limit"]["ktlegacy"] == {"1024": pytest.approx(0.25),
+                                                                   "4096": pytest.approx(0.525)}
+    assert d["decode_fraction_of_bandwidth_limit"]["llama_cpp"]["4096"] == pytest.approx(0.1)
+    assert d["targets_met"] == {"decode_ge_1x_llama_cpp": True,
+                                "prefill_ge_1.5x_llama_cpp_at_2048_8192": True,
+                                "decode_ge_50pct_of_bandwidth_limit": False}
+    # one point below target flips it
+    results["ktlegacy"]["prefill"]["8192"] = peer_bench.summarize([149, 149, 149])
+    assert peer_bench.derive(results)["targets_met"]["prefill_ge_1.5x_llama_cpp_at_2048_8192"] is False
+    # nothing measured for llama.cpp: no ratios, no targets
+    assert "ratio_vs_llama_cpp" not in peer_bench.derive({"ktlegacy": results["ktlegacy"]})
+
+
+def test_bandwidth_limit_from_the_model_record():
+    from ktlegacy.peer_model import LiteSpec, decode_cpu_bytes, tensor_plan
+    per_token = decode_cpu_bytes(LiteSpec(), tensor_plan(LiteSpec()))["total"]
+    # 26 MoE layers x 6 experts x 5,226,496 bytes + one Q8_0 embedding row
+    assert per_token == 26 * 6 * 5_226_496 + 2176
+    assert peer_bench.bandwidth_limit_tok_s(81.5, per_token) == pytest.approx(81.5e9 / per_token)
+
+
+def test_triad_measures_and_checks_its_result(monkeypatch):
+    got = peer_bench.triad(1 << 20, threads=1, reps=3)
+    assert got["array_bytes"] == 8 << 20 and got["threads"] == 1 and got["reps"] == 3
+    assert got["best_gb_s"] >= got["median_gb_s"] > 0
+    import torch
+    real_add = torch.add
+
+    def wrong_add(b, c, alpha=1.0, out=None):
+        real_add(b, c, alpha=alpha, out=out)
+        out[0] = -1.0  # a triad that writes a wrong element must not report a rate
+        return out
+    monkeypatch.setattr(torch, "add", wrong_add)
+    with pytest.raises(RuntimeError, match="wrong values"):
+        peer_bench.triad(4096, threads=1, reps=1)
+
+
+def test_physical_cores_counts_smt_siblings_once(tmp_path):
+    # cpu0/cpu2 and cpu1/cpu3 are SMT pairs on package 0; cpu4 is alone on package 1
+    topo = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1), 4: (1, 0)}
+    for cpu, (pkg, core) in topo.items():
+        d = tmp_path / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "physical_package_id").write_text(f"{pkg}\n")
+        (d / "core_id").write_text(f"{core}\n")
+    assert peer_bench.physical_cores({0, 1, 2, 3, 4}, sysfs=tmp_path) == 3
+    assert peer_bench.physical_cores({0, 2}, sysfs=tmp_path) == 1
+    assert peer_bench.physical_cores({0, 9}, sysfs=tmp_path) == 2  # no topology for cpu9: count CPUs
+
+
+def test_llama_bench_commands():
+    p = peer_bench.llama_bench_cmd("/x/llama-bench", Path("/m/model.gguf"), 16, 3, prompts=[512, 2048, 8192])
+    assert p[:3] == ["/x/llama-bench", "-m", "/m/model.gguf"]
+    joined = " ".join(p)
+    for part in ("-ngl 99", "-ot exps=CPU", "-fa 1", "-t 16", "-r 3", "-o jsonl", "-p 512,2048,8192", "-n 0"):
+        assert part in joined
+    d = " ".join(peer_bench.llama_bench_cmd("b", Path("m"), 8, 5, depths=[1024, 4096], n_gen=32))
+    assert "-p 0 -n 32 -d 1024,4096" in d and "-t 8" in d and "-r 5" in d
+
+
+def test_cli_refusals(tmp_path):
+    script = REPO / "bench" / "peer_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--out", str(tmp_path / "o.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds no ktlegacy-peer-model.json" in proc.stderr
+    assert not (tmp_path / "o.json").exists()
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--out", str(tmp_path / "o.json"),
+                           "--runs", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--runs must be at least 3" in proc.stderr
+
+
+# ---------------------------------------------------------------- the source archive
+
+def _fake_sdist(path: Path, changelog: str) -> Path:
+    files = {
+        "CHANGELOG.md": changelog,
+        "vendor/llama.cpp/CMakeLists.txt": "project(x)\n",
+        "vendor/llama.cpp/src/llama.cpp": "// src\n",
+        "vendor/llama.cpp/tools/llama-bench/llama-bench.cpp": "// bench\n",
+        "vendor/llama.cpp/tools/server/server.cpp": "// dropped\n",
+        "vendor/llama.cpp/models/ggml-vocab-x.gguf": "dropped",
+        "vendor/llama.cpp/ggml/src/ggml-cuda/fattn.cu": "// kept\n",
+        "vendor/llama.cpp/ggml/src/ggml-vulkan/v.cpp": "// dropped\n",
+        "llama_cpp/llama.py": "# not vendored\n",
+    }
+    top = f"llama_cpp_python-{peer_source.SDIST_VERSION}/"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(top + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_source_archive_keeps_what_the_build_reads(tmp_path):
+    sdist = _fake_sdist(tmp_path / "s.tar.gz", "## [0.3.36]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0c1e57098\n")
+    sha = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    rec = peer_source.make_archive(sdist, tmp_path / "out" / "src.tar.gz", sha256=sha)
+    assert rec["llama_cpp_commit"] == "0c1e57098"
+    with tarfile.open(tmp_path / "out" / "src.tar.gz") as tar:
+        names = sorted(tar.getnames())
+        meta = json.loads(tar.extractfile("llama.cpp/KTLEGACY-SOURCE.json").read())
+    assert names == ["llama.cpp/CMakeLists.txt", "llama.cpp/KTLEGACY-SOURCE.json",
+                     "llama.cpp/ggml/src/ggml-cuda/fattn.cu", "llama.cpp/src/llama.cpp",
+                     "llama.cpp/tools/llama-bench/llama-bench.cpp"]
+    assert meta["llama_cpp_commit"] == "0c1e57098" and meta["sdist_sha256"] == sha
+    assert not (tmp_path / "out" / "src.tar.gz.partial").exists()
+
+
+def test_source_archive_refuses_a_wrong_sdist(tmp_path):
+    sdist = _fake_sdist(tmp_path / "s.tar.gz", "no commit named here\n")
+    with pytest.raises(SystemExit, match="expected"):
+        peer_source.make_archive(sdist, tmp_path / "a.tar.gz")  # the pinned hash
+    with pytest.raises(ValueError, match="names no llama.cpp commit"):
+        peer_source.make_archive(sdist, tmp_path / "a.tar.gz", sha256=hashlib.sha256(sdist.read_bytes()).hexdigest())
+    assert not (tmp_path / "a.tar.gz").exists() and not (tmp_path / "a.tar.gz.partial").exists()
+
+
+# ---------------------------------------------------------------- the GPU-machine scripts
+
+def test_scripts_parse_and_refuse_missing_inputs(tmp_path):
+    for script in ("peer_run.sh", "peer_build_llama.sh", "gpu_run.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "bench" / script)], check=True)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PEER_WORK=str(tmp_path / "work"),
+               PEER_LLAMA_SRC=str(tmp_path / "none.tar.gz"))
+    env.pop("PEER_LLAMA_PREBUILT", None)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "peer_run.sh")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none.tar.gz'} is missing: run python bench/peer_source.py --out "
+        f"{tmp_path / 'none.tar.gz'} here and carry .whl/"]
+    proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "none.tar.gz"),
+                           str(tmp_path / "b")], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "bench/peer_source.py" in proc.stderr and not (tmp_path / "b").exists()
+    (tmp_path / "x.tar.gz").write_bytes(b"")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "x.tar.gz"),
+                           str(tmp_path / "b"), "metal"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: mode must be cuda or cpu, not metal"
+
+
+def test_cpu_expert_wait_times_and_restores(monkeypatch):
+    """The timer wraps KExpertsCPU's three entry points and puts them back (a stand-in class:
+    the real one needs the compiled cpuinfer extension, which only the GPU machine has)."""
+    import time
+    import types
+
+    class KExpertsCPU:
+        def forward(self, x):
+            time.sleep(0.02)
+            return x + 1
+
+        def submit_for_one_decode(self, x):
+            return "submitted"
+
+        def sync_for_one_decode(self):
+            time.sleep(0.01)
+            return "synced"
+    originals = {n: KExpertsCPU.__dict__[n] for n in peer_bench.CpuExpertWait.METHODS}
+    mod = types.ModuleType("ktransformers.operators.experts")
+    mod.KExpertsCPU = KExpertsCPU
+    for name in ("ktransformers", "ktransformers.operators"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "ktransformers.operators.experts", mod)
+    e = KExpertsCPU()
+    with peer_bench.CpuExpertWait() as w:
+        assert e.forward(1) == 2 and e.submit_for_one_decode(0) == "submitted" and e.sync_for_one_decode() == "synced"
+    assert 0.03 <= w.seconds < 1.0
+    assert {n: KExpertsCPU.__dict__[n] for n in originals} == originals
+    with pytest.raises(ZeroDivisionError):
+        with peer_bench.CpuExpertWait():
+            1 / 0
+    assert {n: KExpertsCPU.__dict__[n] for n in originals} == originals
