@@ -545,9 +545,11 @@ def _hf_names(name: str, tensor):
 
 def _args(p) -> None:
     p.add_argument("--dest", required=True, type=Path, help="directory to write the model into")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="v2",
+    p.add_argument("--preset", choices=sorted(PRESETS) + ["v2-lite"], default="v2",
                    help="v2: DeepSeek-V2-Lite layout, 6 layers; v3: DeepSeek-V3 layout (q LoRA, noaux_tc "
-                        "router), 46 layers: every GPU of the 2- and 4-GPU V3 rule files gets layers")
+                        "router), 46 layers: every GPU of the 2- and 4-GPU V3 rule files gets layers; "
+                        "v2-lite: DeepSeek-V2-Lite's real dimensions and quant mix (Q4_K experts, ~9.4 GiB, "
+                        "for bench/peer_run.sh; ktlegacy/peer_model.py)")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers (dense first, rest MoE; default: the preset's); "
                         "27 matches V2-Lite's multi-GPU rule split")
@@ -560,6 +562,12 @@ def _register():
 
     @command("make-test-model", "write a synthetic DeepSeek-V2/V3 GGUF checkpoint + config + tokenizer", _args)
     def run(args) -> int:
+        if args.preset == "v2-lite":
+            from .peer_model import make_lite_model
+            out = make_lite_model(args.dest, seed=args.seed, force=args.force,
+                                  **({} if args.layers is None else {"layers": args.layers}))
+            print(f"wrote {out}: DeepSeek-V2-Lite shapes, {(out / GGUF_NAME).stat().st_size / 2**30:.2f} GiB GGUF")
+            return 0
         dense = PRESETS[args.preset].first_k_dense_replace
         layers = PRESETS[args.preset].num_hidden_layers if args.layers is None else args.layers
         if layers <= dense:
