@@ -135,18 +135,25 @@ def publish(c, registry, arch="all", cpu_instruct=None, ref=None, sha=None, movi
 
 @task(positional=[], auto_shortflags=False, help={
     "dest": "directory to write the synthetic checkpoint into (model.gguf, config, tokenizer)",
-    "layers": "decoder layers: the first dense, the rest MoE (default 6; 27 = V2-Lite's layer count)",
+    "preset": "v2 (default: DeepSeek-V2-Lite layout, 6 layers), v3 (DeepSeek-V3 layout, 46 layers) or "
+              "v2-lite (DeepSeek-V2-Lite's real dimensions and quant mix, ~9.4 GiB)",
+    "layers": "decoder layers: dense first, the rest MoE (default: the preset's)",
     "seed": "seed of the random weights (default 0)",
     "force": "replace a non-empty --dest",
 })
 @one_line_errors
-def make_test_model(c, dest, layers=6, seed=0, force=False):
-    """Write a synthetic DeepSeek-V2 GGUF checkpoint (MLA dims of V2-Lite, seeded random weights)."""
-    from ktlegacy.testmodel import TestModelSpec, make_test_model as make
-    if int(layers) < 2:
-        raise KtlegacyError("--layers must be at least 2 (one dense layer, then MoE layers)")
-    out = make(Path(dest), TestModelSpec(num_hidden_layers=int(layers), seed=int(seed)), force=force)
-    print(f"wrote {out}")
+def make_test_model(c, dest, preset=None, layers=None, seed=None, force=False):
+    """Write a synthetic DeepSeek GGUF checkpoint for GPU proofs (same as python -m ktlegacy make-test-model)."""
+    from ktlegacy.cli import main
+    argv = ["make-test-model", "--dest", dest]
+    for flag, value in (("--preset", preset), ("--layers", layers), ("--seed", seed)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if force:
+        argv.append("--force")
+    code = main(argv)
+    if code:
+        sys.exit(code)
 
 
 @task(positional=[], auto_shortflags=False, help={
