@@ -51,7 +51,7 @@ PROMPTS = [
     "Hello world",
     "What is the second expert of the third layer?",
 ]
-PROFILES = {1: "v100", 2: "2080ti-x2"}   # profile whose environment (rule file) serves N GPUs
+PROFILES = {1: "v100", 2: "2080ti-x2", 4: "t4x4"}   # profile whose environment (rule file) serves N GPUs
 PORT = 10002                               # serve.sh's port
 MAX_TOKENS = 32
 
@@ -563,13 +563,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, type=Path, help="scratch directory (model, logs)")
     p.add_argument("--out", required=True, type=Path, help="results JSON")
-    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts to prove (1 and/or 2)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], choices=sorted(PROFILES),
+                   help="GPU counts to prove: 1 (v100 profile), 2 (2080ti-x2), 4 (t4x4)")
     p.add_argument("--steps", type=int, default=32, help="greedy steps per prompt (>= 32)")
     p.add_argument("--skip", nargs="*", default=[], help="phases to skip: serve concurrency")
     args = p.parse_args(argv)
     import torch
     if torch.cuda.device_count() < max(args.gpus):
-        print(f"error: {max(args.gpus)} GPUs needed, {torch.cuda.device_count()} visible", file=sys.stderr)
+        n = max(args.gpus)
+        print(f"error: --gpus {n} proves the {PROFILES[n]} profile's rule file on {n} GPUs, but "
+              f"{torch.cuda.device_count()} are visible: run it on a machine with {n} GPUs", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0),
