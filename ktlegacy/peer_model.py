@@ -35,7 +35,6 @@ in 0.6 s.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -317,14 +316,9 @@ def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: i
     dest = Path(dest)
     if layers < 2:
         raise KtlegacyError("layers must be at least 2 (one dense layer, then MoE layers)")
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise KtlegacyError(f"{dest} is not empty: pass force=True (--force) to replace it, or another dest")
-    from .testmodel import BOS, EOS, CHAT_TEMPLATE
+    from .testmodel import BOS, EOS, CHAT_TEMPLATE, staged_dir
     plan = tensor_plan(spec)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(dest, force) as tmp:
         tok_json, tokens, types, merges = padded_tokenizer(vocab)
         bos_id, eos_id = tokens.index(BOS), tokens.index(EOS)
         (tmp / "tokenizer.json").write_text(tok_json)
@@ -359,12 +353,6 @@ def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: i
             "decode_cpu_bytes_per_token": decode_cpu_bytes(spec, plan),
             "tensors": [{"name": n, "shape": list(s), "type": q} for n, s, q, _ in plan],
         }, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
     return dest
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -301,7 +302,7 @@ def _tensors(spec: TestModelSpec):
     embed = rng.standard_normal((v, d), dtype=np.float32)
     yield "token_embd.weight", embed, "F16"
     b = spec.branch_scale
-    out = (lambda m: m)
+    proj = None
     if spec.confine_branches:
         # Routing is solved on the bare embeddings; 46 layers of random branches move the
         # residual stream far from them, and on the GPU (first run: fp16 engine vs fp32
@@ -313,8 +314,11 @@ def _tensors(spec: TestModelSpec):
         basis = np.linalg.qr(embed.T.astype(np.float64))[0]           # d x v, orthonormal
         proj = (np.eye(d) - basis @ basis.T).astype(np.float32)
 
-        def out(m):
-            return proj @ m if m.ndim == 2 else np.einsum("ij,ejk->eik", proj, m)
+    def out(m):
+        """A branch's output matrix (or stack of them), confined when the spec says so."""
+        if proj is None:
+            return m
+        return proj @ m if m.ndim == 2 else np.einsum("ij,ejk->eik", proj, m)
     for i in range(spec.num_hidden_layers):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", norm(d), "F32"
@@ -418,6 +422,26 @@ def _write_gguf(path: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> li
     return listing
 
 
+@contextmanager
+def staged_dir(dest: Path, force: bool):
+    """Write a model directory all or nothing: yields ``DEST.partial``; on success it replaces
+    ``dest``, on any failure it is removed and ``dest`` is left as it was."""
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise KtlegacyError(f"{dest} is not empty: pass --force to replace it, or another --dest")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
 def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool = False) -> Path:
     """Write the synthetic checkpoint into ``dest`` (all files, or nothing on failure)."""
     spec = spec or TestModelSpec()
@@ -434,13 +458,7 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
         # KExpertsCPU's llamafile MoE splits rows in QK_K = 256 blocks on its multi-token path
         # (moe.cpp forward_many): a smaller size divides by zero there (SIGFPE)
         raise KtlegacyError("hidden and expert sizes must be multiples of 256 (llamafile's QK_K row blocks)")
-    if dest.exists() and any(dest.iterdir()):
-        if not force:
-            raise KtlegacyError(f"{dest} is not empty: pass --force to replace it, or another --dest")
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(dest, force) as tmp:
         tok = build_tokenizer(spec)
         bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
         tok.save(str(tmp / "tokenizer.json"))
@@ -469,12 +487,6 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
         (tmp / SPEC_NAME).write_text(json.dumps(
             {"spec": asdict(spec), "bos_token_id": bos_id, "eos_token_id": eos_id,
              "gguf": GGUF_NAME, "tensors": listing}, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
     return dest
 
 

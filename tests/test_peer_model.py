@@ -271,4 +271,4 @@ def test_refuses_busy_dest_and_bad_sizes(tmp_path, model_dir):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {busy} is not empty: pass force=True (--force) to replace it, or another dest"]
+        f"error: {busy} is not empty: pass --force to replace it, or another --dest"]
