@@ -192,7 +192,11 @@ cfg._attn_implementation = "eager"
 loader = GGUFLoader(str(model_dir))
 report["architecture"] = loader.gguf_file_meta["general.architecture"]
 ours = {t.name: t for t in gguf.GGUFReader(str(model_dir / "model.gguf")).tensors}
-with torch.device("meta"):
+from transformers.modeling_utils import no_init_weights
+# on the CPU, not on "meta": the rotary embeddings' non-persistent buffers (inv_freq) are not in the
+# state dict, and left on meta they gave NaN hidden states in some runs; no_init_weights skips the
+# random init of what load_state_dict replaces anyway
+with no_init_weights():
     model = DeepseekV2ForCausalLM(cfg)
 state, missing, same_as_gguf = {}, [], {}
 expert_re = re.compile(r"^(model\.layers\.(\d+)\.mlp)\.experts\.(\d+)\.(\w+)_proj\.weight$")
