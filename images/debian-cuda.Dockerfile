@@ -12,8 +12,11 @@ FROM ${ROOTFS_IMAGE} AS devel
 ARG APT_MIRROR=
 COPY images/scripts/lib.sh images/scripts/debian_cuda.sh /ktlegacy-base/
 RUN --mount=type=secret,id=ca_cert bash /ktlegacy-base/debian_cuda.sh devel && rm -rf /ktlegacy-base
+# g++-11: CUDA 11.8 supports host compilers below 12 (torch's extension builder checks it), and
+# bookworm's default g++ is 12; nvcc itself already uses g++-11 (Debian's nvcc.profile).
 ENV CUDA_HOME=/usr/local/cuda \
-    PATH=/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    PATH=/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    CC=gcc-11 CXX=g++-11 CUDAHOSTCXX=g++-11
 LABEL io.ktlegacy.base="debian-cuda-11.8-devel"
 
 FROM ${ROOTFS_IMAGE} AS runtime

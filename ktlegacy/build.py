@@ -168,7 +168,7 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
          repository: str = images.DEFAULT_REPOSITORY, dry_run: bool = False,
          cache_from: str | None = None, cache_to: str | None = None,
          debian_bases: bool = False, debian_base_repository: str = DEBIAN_BASE_REPOSITORY,
-         extra_build_flags: tuple = ()) -> list[Plan]:
+         ci_torch_cuda_mismatch: bool = False, extra_build_flags: tuple = ()) -> list[Plan]:
     """Validate every input and return the docker steps for each arch; runs nothing."""
     arches = arches_for(arch)
     get_ref(ref)
@@ -197,6 +197,9 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
                             "Triton its torch requires: change --torch-version instead")
     if offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
+    if ci_torch_cuda_mismatch and stages.index(target) > stages.index("kernels"):
+        raise KtlegacyError("a torch built for another CUDA major is for CI's compile check only: "
+                            "--target toolchain, source, compile or kernels")
     base_steps = []
     if debian_bases:
         if base_image or runtime_image:
@@ -236,6 +239,8 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
             args["APT_MIRROR"] = apt_mirror
         if triton_version:
             args["TRITON_VERSION"] = triton_version
+        if ci_torch_cuda_mismatch:
+            args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] = "1"
         if standin:
             args["KTLEGACY_EXTENSIONS"] = "skip"
             args["KTLEGACY_STANDIN"] = "true"

@@ -20,6 +20,11 @@ export APT_MIRROR="${APT_MIRROR:-http://deb.debian.org/debian}" APT_COMPONENTS="
 case "$kind" in
   devel)
     apt_install nvidia-cuda-toolkit nvidia-cuda-dev
+    # The static CUDA libraries (2.7 GB: cuBLASLt, cuFFT, cuSPARSE, NPP...) are never linked here:
+    # torch's extensions and ktransformers' CMake link the shared ones. nvcc's own defaults
+    # (libcudart_static, libculibos, libcudadevrt) stay.
+    dpkg -L nvidia-cuda-dev | grep -E '_static[^/]*\.a$' | grep -vE '/lib(cudart|culibos|cudadevrt)_static\.a$' \
+      | xargs -r rm -f
     # /usr/local/cuda as in NVIDIA's images: bin (the real nvcc, whose nvcc.profile points at
     # g++-11 and Debian's include/lib dirs), include, lib64.
     real=/usr/lib/nvidia-cuda-toolkit
