@@ -105,6 +105,10 @@ def build_env(arch: str, cpu: str, jobs: int, ptx: bool = False) -> dict:
         # upstream's bdist_wheel would otherwise try to download a prebuilt wheel from GitHub
         "KTRANSFORMERS_FORCE_BUILD": "TRUE",
     })
+    # The git refs' setup.py no longer picks Ninja itself (its `import ninja` is commented out) and
+    # CMake would fall back to make, which the toolchain does not install; 0.2.1.post1's picks
+    # Ninja anyway. The images' toolchain has ninja (apt and pip).
+    env.setdefault("CMAKE_GENERATOR", "Ninja")
     if shutil.which("ccache"):
         # cmake's launcher for cpuinfer_ext; the ccache masquerade dir for torch's ninja (c++)
         # and for nvcc's host compiler. CCACHE_DIR is the compile stage's cache mount.
