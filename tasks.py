@@ -172,6 +172,7 @@ def make_test_model(c, dest, preset=None, layers=None, seed=None, force=False):
     "offline": "with --wheelhouse: build with --network none",
     "cache-from": "BuildKit layer cache source, e.g. type=registry,ref=REG/cache:sm75",
     "cache-to": "BuildKit layer cache export (needs buildx), e.g. type=registry,ref=REG/cache:sm75,mode=max",
+    "debian-bases": "make the CUDA 11.8 devel/runtime bases from a Debian mirror (debootstrap + Debian's nvidia-cuda-toolkit 11.8; root) instead of pulling nvidia/cuda",
     "target": "Dockerfile stage to build (default runtime)",
     "max-jobs": "parallel compile jobs (default 4)",
     "standin": "tests only: a base without CUDA; nothing compiled, labelled io.ktlegacy.standin=true",
@@ -182,7 +183,7 @@ def make_test_model(c, dest, preset=None, layers=None, seed=None, force=False):
 def build(c, arch=None, ref=None, cpu_instruct=None, tag=None, base_image=None, runtime_image=None,
           torch_version=None, torch_index_url=None, pip_index_url=None, apt_mirror=None, ca_cert=None,
           wheelhouse=None, offline=False, target="runtime", max_jobs=None, standin=False, push=False,
-          cache_from=None, cache_to=None, dry_run=False):
+          cache_from=None, cache_to=None, debian_bases=False, dry_run=False):
     """Build the CUDA 11.8 ktransformers image for sm70, sm75 or both (images/Dockerfile)."""
     if not arch:
         raise KtlegacyError("--arch is required: sm70 (V100), sm75 (T4, RTX 2080 Ti) or all")
@@ -194,7 +195,7 @@ def build(c, arch=None, ref=None, cpu_instruct=None, tag=None, base_image=None, 
                  torch_index_url=torch_index_url, pip_index_url=pip_index_url, apt_mirror=apt_mirror,
                  ca_cert=ca_cert, wheelhouse=wheelhouse, offline=offline, target=target,
                  max_jobs=int(max_jobs) if max_jobs else None, standin=standin, push=push,
-                 cache_from=cache_from, cache_to=cache_to, dry_run=dry_run)
+                 cache_from=cache_from, cache_to=cache_to, debian_bases=debian_bases, dry_run=dry_run)
 
 
 @task(positional=[], auto_shortflags=False, help={

@@ -37,6 +37,10 @@ from .refs import DEFAULT_REF, REFS, UPSTREAM_GIT_URL, get_ref
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO_ROOT / "images" / "Dockerfile"
 WHEELHOUSE_DOCKERFILE = REPO_ROOT / "images" / "wheelhouse.Dockerfile"
+DEBIAN_DOCKERFILE = REPO_ROOT / "images" / "debian-cuda.Dockerfile"
+# --debian-bases: the CUDA 11.8 devel/runtime bases made from a Debian mirror (debootstrap, then
+# Debian bookworm's non-free nvidia-cuda-toolkit 11.8), tagged <repository>:11.8-devel / -runtime.
+DEBIAN_BASE_REPOSITORY = "ktlegacy-debian-cuda"
 
 DEFAULT_BASE_IMAGE = "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"
 DEFAULT_RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"
@@ -60,10 +64,13 @@ def dockerfile_stages(dockerfile: Path = DOCKERFILE) -> list[str]:
 
 @dataclass
 class Step:
-    """One docker invocation: argv, and whether it needs the BuildKit environment."""
+    """One docker invocation: argv, and whether it needs the BuildKit environment. A step with
+    ``call`` is not docker: ``argv`` is the equivalent command line (printed), ``call(client)``
+    runs it in-process."""
     argv: list[str]
     buildkit: bool = False
     what: str = ""
+    call: object = None
 
     def shell(self, prefix: str) -> str:
         return (prefix if self.buildkit else "") + shlex.join(self.argv)
@@ -159,7 +166,8 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
          triton_version: str | None = None,
          repository: str = images.DEFAULT_REPOSITORY, dry_run: bool = False,
          cache_from: str | None = None, cache_to: str | None = None,
-         extra_build_flags: tuple = ()) -> list[Plan]:
+         debian_bases: bool = False, debian_base_repository: str = DEBIAN_BASE_REPOSITORY,
+         ci_torch_cuda_mismatch: bool = False, extra_build_flags: tuple = ()) -> list[Plan]:
     """Validate every input and return the docker steps for each arch; runs nothing."""
     arches = arches_for(arch)
     get_ref(ref)
@@ -188,6 +196,16 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
                             "Triton its torch requires: change --torch-version instead")
     if offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
+    if ci_torch_cuda_mismatch and stages.index(target) > stages.index("kernels"):
+        raise KtlegacyError("a torch built for another CUDA major is for CI's compile check only: "
+                            "--target toolchain, source, compile or kernels")
+    base_steps = []
+    if debian_bases:
+        if base_image or runtime_image:
+            raise KtlegacyError("--debian-bases makes the base images itself: drop --base-image/--runtime-image")
+        if standin:
+            raise KtlegacyError("--debian-bases makes real CUDA 11.8 bases; --standin is the no-CUDA test base: pick one")
+        base_image, runtime_image, base_steps = debian_base_steps(apt_mirror, secret, debian_base_repository)
 
     commit = resolve_commit(ref, dry_run=dry_run)
     from . import __version__
@@ -220,6 +238,8 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
             args["APT_MIRROR"] = apt_mirror
         if triton_version:
             args["TRITON_VERSION"] = triton_version
+        if ci_torch_cuda_mismatch:
+            args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] = "1"
         if standin:
             args["KTLEGACY_EXTENSIONS"] = "skip"
             args["KTLEGACY_STANDIN"] = "true"
@@ -230,7 +250,7 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
             images.LABEL_VERSION: __version__, images.LABEL_REVISION: revision,
             LABEL_EXTENSIONS: "skip" if standin else "build", LABEL_STANDIN: "true" if standin else "false",
         }
-        steps = []
+        steps = list(base_steps) if a is arches[0] else []
         if wheelhouse is not None:
             wh_tag = _wheelhouse_tag(wheelhouse)
             args["WHEELHOUSE_IMAGE"] = wh_tag
@@ -258,8 +278,31 @@ def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = imag
     return plans
 
 
+def debian_base_steps(apt_mirror: str | None, secret: Path | None,
+                      repository: str = DEBIAN_BASE_REPOSITORY) -> tuple[str, str, list[Step]]:
+    """(devel tag, runtime tag, steps) for the CUDA 11.8 bases made from a Debian mirror: a
+    debootstrapped bookworm root file system, then images/debian-cuda.Dockerfile's two stages."""
+    from .standin import MIRROR, STANDIN_IMAGE, ensure_standin_image
+    devel, runtime = f"{repository}:11.8-devel", f"{repository}:11.8-runtime"
+    rootfs_argv = ["python", "-m", "ktlegacy", "debian-rootfs", "--tag", STANDIN_IMAGE, "--mirror", apt_mirror or MIRROR]
+    steps = [Step(rootfs_argv, what="Debian bookworm root file system (debootstrap)",
+                  call=lambda client: ensure_standin_image(client, STANDIN_IMAGE, apt_mirror))]
+    for stage, tag in (("devel", devel), ("runtime", runtime)):
+        argv = ["docker", "build", "--progress", "plain", "-f", str(DEBIAN_DOCKERFILE), "--target", stage,
+                "--build-arg", f"ROOTFS_IMAGE={STANDIN_IMAGE}"]
+        if apt_mirror:
+            argv += ["--build-arg", f"APT_MIRROR={apt_mirror}"]
+        if secret is not None:
+            argv += ["--secret", f"id={CA_SECRET_ID},src={secret}"]
+        argv += ["-t", tag, str(REPO_ROOT)]
+        steps.append(Step(argv, buildkit=True, what=f"Debian CUDA 11.8 {stage} base"))
+    return devel, runtime, steps
+
+
 def _client_argv(client, step: Step) -> list[str]:
     argv = list(step.argv)
+    if step.call is not None:
+        return argv
     if argv[:2] == ["docker", "build"] and client.buildx:
         return client.build_cmd(*argv[2:])
     return client.cmd(*argv[1:])
@@ -301,6 +344,9 @@ def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = 
         for step in p.steps:
             argv = _client_argv(client, step)
             out(f"$ {Step(argv, step.buildkit).shell(client.shell_prefix())}")
+            if step.call is not None:
+                step.call(client)
+                continue
             proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=client.build_env() if step.buildkit else None,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
             for line in proc.stdout:
@@ -397,6 +443,9 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="with --wheelhouse: build with --network none")
     p.add_argument("--cache-from", default=None, help="BuildKit cache source, e.g. type=registry,ref=REG/cache:sm75")
     p.add_argument("--cache-to", default=None, help="BuildKit cache export (needs buildx), e.g. type=registry,ref=REG/cache:sm75,mode=max")
+    p.add_argument("--debian-bases", action="store_true",
+                   help="make the CUDA 11.8 devel/runtime bases from a Debian mirror (debootstrap + Debian's "
+                        "nvidia-cuda-toolkit 11.8; needs root and debootstrap) instead of pulling nvidia/cuda")
     p.add_argument("--target", default="runtime", help="Dockerfile stage to build (default runtime)")
     p.add_argument("--max-jobs", type=int, default=None, help=f"parallel compile jobs (default {DEFAULT_MAX_JOBS})")
     p.add_argument("--standin", action="store_true",
@@ -414,7 +463,7 @@ def build_command(args) -> int:
           torch_index_url=args.torch_index_url, pip_index_url=args.pip_index_url, apt_mirror=args.apt_mirror,
           ca_cert=args.ca_cert, wheelhouse=args.wheelhouse, offline=args.offline, target=args.target,
           max_jobs=args.max_jobs, standin=args.standin, triton_version=args.triton_version, push=args.push,
-          cache_from=args.cache_from, cache_to=args.cache_to, dry_run=args.dry_run)
+          cache_from=args.cache_from, cache_to=args.cache_to, debian_bases=args.debian_bases, dry_run=args.dry_run)
     return 0
 
 

@@ -109,6 +109,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "ktlegacy.build",
     "ktlegacy.triton_check",
     "ktlegacy.testmodel",
+    "ktlegacy.standin",
 )
 
 

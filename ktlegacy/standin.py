@@ -1,9 +1,15 @@
-"""A stand-in base image for machines that cannot pull ``nvidia/cuda`` (CI, air-gapped tests).
+"""A Debian bookworm root file system as a base image, made without any registry.
 
-``debootstrap`` builds a minimal Debian bookworm root file system from Debian's own mirror and
-``docker import`` turns it into an image. It has no CUDA: it exercises every stage of the real
-Dockerfile that needs none (source + overlays, the flash-attn stub, runtime wiring, smoke tests).
+``debootstrap`` builds a minimal Debian bookworm root file system from a Debian mirror and
+``docker import`` turns it into an image. Two uses:
+
+* as is, the tests' no-CUDA stand-in for the CUDA bases: it exercises every stage of the real
+  Dockerfile that needs none (source + overlays, the flash-attn stub, runtime wiring, smoke tests);
+* as ``ROOTFS_IMAGE`` of images/debian-cuda.Dockerfile, which adds Debian's CUDA 11.8 toolkit
+  (``invoke build --debian-bases``: no Docker Hub, no NVIDIA registry; CI's real compile).
+
 The root file system tarball is cached so later runs only re-import it.
+``python -m ktlegacy debian-rootfs [--mirror URL] [--tag T]`` makes it from the command line.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ MIRROR = os.environ.get("KTLEGACY_DEBIAN_MIRROR", "http://deb.debian.org/debian"
 PACKAGES = ["ca-certificates", "python3", "python3-venv", "python3-pip", "git"]
 
 
-def rootfs_tarball(cache: Path = CACHE_DIR) -> Path:
+def rootfs_tarball(cache: Path = CACHE_DIR, mirror: str | None = None) -> Path:
+    mirror = mirror or MIRROR
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"standin-{SUITE}-{'-'.join(sorted(PACKAGES))}.tar"
@@ -39,7 +46,7 @@ def rootfs_tarball(cache: Path = CACHE_DIR) -> Path:
         root = Path(tempfile.mkdtemp(prefix="standin-root-", dir=cache))
         try:
             proc = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                                   SUITE, str(root), MIRROR], capture_output=True, text=True)
+                                   SUITE, str(root), mirror], capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
                 raise KtlegacyError(f"debootstrap {SUITE} failed: {tail}")
@@ -51,14 +58,14 @@ def rootfs_tarball(cache: Path = CACHE_DIR) -> Path:
     return tarball
 
 
-def ensure_standin_image(docker=None, tag: str = STANDIN_IMAGE) -> str:
+def ensure_standin_image(docker=None, tag: str = STANDIN_IMAGE, mirror: str | None = None) -> str:
     """Import the stand-in base as ``tag`` unless the daemon already has it; return the tag."""
     if docker is None:
         from .docker import daemon_client
         docker = daemon_client()
     if docker.inspect(tag) is not None:
         return tag
-    tarball = rootfs_tarball()
+    tarball = rootfs_tarball(mirror=mirror)
     with open(tarball, "rb") as fh:
         proc = docker.run("import", "--change", "CMD [\"/bin/bash\"]",
                           "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -66,3 +73,21 @@ def ensure_standin_image(docker=None, tag: str = STANDIN_IMAGE) -> str:
     if proc.returncode != 0:
         raise KtlegacyError(f"docker import of the stand-in base failed: {proc.stderr.decode(errors='replace').strip()[-200:]}")
     return tag
+
+
+def _rootfs_args(p) -> None:
+    p.add_argument("--tag", default=STANDIN_IMAGE, help=f"image tag (default {STANDIN_IMAGE})")
+    p.add_argument("--mirror", default=None, help=f"Debian mirror for debootstrap (default {MIRROR})")
+
+
+def _register() -> None:
+    from .cli import command
+
+    @command("debian-rootfs", "debootstrap a Debian bookworm root file system and docker import it (no registry)",
+             _rootfs_args)
+    def rootfs_command(args) -> int:
+        print(ensure_standin_image(None, args.tag, args.mirror))
+        return 0
+
+
+_register()

@@ -5,7 +5,8 @@ DIR must hold the pinned torch, the build tools (images/requirements/*.txt), ktr
 dependencies and, for an sdist ref, the ktransformers sdist itself. :func:`make_wheelhouse` fills
 one with this machine's pip (through whatever index and proxy it is configured for), for a base
 whose Python matches this one: the tests use it for the stand-in base (Debian bookworm,
-Python 3.11) with the CPU torch wheel of ``/opt/wheels``. Users behind a firewall can do the
+Python 3.11) with the suite's CPU torch (tests/torch_cpu.py: a local wheel cache, else
+PyTorch's CPU index). Users behind a firewall can do the
 same on a connected machine and carry the directory over.
 """
 
@@ -63,8 +64,8 @@ def wheelhouse_requirements(torch_version: str, ref_name: str = DEFAULT_REF, com
 
 
 def make_wheelhouse(dest: Path | None = None, *, torch_version: str, ref: str = DEFAULT_REF,
-                    find_links: tuple[str, ...] = (), python_version: str = "3.11",
-                    compile_tools: bool = False) -> Path:
+                    find_links: tuple[str, ...] = (), extra_index_urls: tuple[str, ...] = (),
+                    python_version: str = "3.11", compile_tools: bool = False) -> Path:
     """Fill (or reuse) a wheelhouse for a base with Python ``python_version``; return its path.
 
     The default ``dest`` is a cache directory named after the requirement set, so a second call
@@ -75,23 +76,26 @@ def make_wheelhouse(dest: Path | None = None, *, torch_version: str, ref: str = 
         raise KtlegacyError(f"this Python is {here} but the base image's is {python_version}: run with a "
                             f"Python {python_version} so pip picks wheels the image can install")
     reqs = wheelhouse_requirements(torch_version, ref, compile_tools)
-    key = hashlib.sha256("\n".join(reqs + list(find_links) + [python_version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join(reqs + list(find_links) + list(extra_index_urls) + [python_version]).encode()).hexdigest()[:16]
     dest = Path(dest) if dest else CACHE_DIR / f"wheelhouse-{key}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{dest.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test sessions fill it once
         if dest.is_dir() and (dest / ".complete").is_file():
             return dest
-        _fill(dest, reqs, find_links, torch_version, ref)
+        _fill(dest, reqs, find_links, extra_index_urls, torch_version, ref)
     return dest
 
 
-def _fill(dest: Path, reqs: list[str], find_links: tuple[str, ...], torch_version: str, ref: str) -> None:
+def _fill(dest: Path, reqs: list[str], find_links: tuple[str, ...], extra_index_urls: tuple[str, ...],
+          torch_version: str, ref: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".wheelhouse-", dir=dest.parent))
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", str(tmp)]
         for link in find_links:
             cmd += ["--find-links", link]
+        for url in extra_index_urls:
+            cmd += ["--extra-index-url", url]
         proc = subprocess.run(cmd + reqs, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

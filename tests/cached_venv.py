@@ -10,6 +10,7 @@ left half-built by an interrupted run is rebuilt.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
+import torch_cpu
+
 CACHE = Path(os.environ.get("KTLEGACY_CACHE", Path.home() / ".cache" / "ktlegacy"))
 VENVS = CACHE / "venvs"
 MARKER = ".ktlegacy-requirements"
 
 # A CPU torch for the venvs that import the patched tree (its ktlegacy_runtime imports torch).
-# The "+cpu" local version keeps pip from ever choosing PyPI's multi-GB CUDA build.
-TORCH_CPU = os.environ.get("KTLEGACY_TEST_TORCH_CPU", "torch==2.13.0+cpu")
+# The "+cpu" local version keeps pip from ever choosing PyPI's multi-GB CUDA build; where pip
+# finds it (a local wheel cache, else PyTorch's CPU index) is tests/torch_cpu.py's business.
+TORCH_CPU = os.environ.get("KTLEGACY_TEST_TORCH_CPU", torch_cpu.REQUIREMENT)
 
 
 def cached_venv(name: str, requirements: list[str]) -> Path:
@@ -38,8 +42,12 @@ def cached_venv(name: str, requirements: list[str]) -> Path:
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    extra = []
+    torch_pin = next((r for r in requirements if re.match(r"torch\s*==", r)), None)
+    if torch_pin:
+        extra = torch_cpu.pip_args(torch_pin.split("==", 1)[1].strip())
     proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           *requirements], capture_output=True, text=True, timeout=1800)
+                           *extra, *requirements], capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         shutil.rmtree(root, ignore_errors=True)

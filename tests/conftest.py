@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import torch_cpu
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -60,16 +62,17 @@ def standin_base(docker) -> str:
 
 # -- the stand-in image build (helper h3; also used by the compose and publish tests) -------------
 
-STANDIN_TORCH_VERSION = "2.13.0+cpu"   # the CPU wheel CI has in /opt/wheels
+STANDIN_TORCH_VERSION = torch_cpu.VERSION   # the suite's CPU torch (tests/torch_cpu.py)
 STANDIN_REPOSITORY = "h3-ktlegacy/ktransformers"
 
 
 @pytest.fixture(scope="session")
 def standin_wheelhouse(docker) -> Path:
-    """Every package the stand-in build installs (CPU torch from /opt/wheels, the build tools,
+    """Every package the stand-in build installs (the suite's CPU torch, the build tools,
     ktransformers' dependencies) plus the 0.2.1.post1 sdist: the build needs no network."""
     from ktlegacy.wheelhouse import make_wheelhouse
-    return make_wheelhouse(torch_version=STANDIN_TORCH_VERSION, find_links=("/opt/wheels",))
+    return make_wheelhouse(torch_version=STANDIN_TORCH_VERSION, find_links=torch_cpu.find_links(STANDIN_TORCH_VERSION),
+                           extra_index_urls=torch_cpu.index_urls(STANDIN_TORCH_VERSION))
 
 
 @pytest.fixture(scope="session")

@@ -182,3 +182,13 @@ def test_smoke_runner_protocol(tmp_path):
     only = subprocess.run([sys.executable, str(smoke / "run.py"), "--only", "check_a_pass", "check_b_skip"],
                           capture_output=True, text=True)
     assert only.returncode == 0 and "1 passed, 1 skipped, 0 failed" in only.stdout
+
+
+def test_cmake_uses_ninja_unless_told_otherwise(monkeypatch):
+    """The git refs' setup.py leaves CMake's generator to the environment (make is not in the
+    toolchain); an explicit CMAKE_GENERATOR is kept."""
+    monkeypatch.delenv("CMAKE_GENERATOR", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert compile_extensions.build_env("sm70", "AVX2", 2)["CMAKE_GENERATOR"] == "Ninja"
+    monkeypatch.setenv("CMAKE_GENERATOR", "Unix Makefiles")
+    assert compile_extensions.build_env("sm70", "AVX2", 2)["CMAKE_GENERATOR"] == "Unix Makefiles"

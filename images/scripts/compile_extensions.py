@@ -12,6 +12,12 @@ TORCH_CUDA_ARCH_LIST is set to exactly the requested arch. The built ``*.so`` la
 is then checked by ``check_cuda_arch.py`` (cuobjdump --list-elf): a CUDA extension without
 SASS for the arch, or without any device code, fails the build by name.
 
+``--allow-torch-cuda-major-mismatch`` is for CI only (tests/test_cuda118_compile.py): PyPI's torch
+2.5.1 is a CUDA 12.4 build and the +cu118 one is out of CI's reach, so CI compiles against 2.5.1's
+headers with nvcc 11.8 and tells torch's extension builder to compare nvcc with itself; the
+host-compiler bounds of CUDA 11.8 are still enforced. Such extensions never ship: the image build
+refuses the flag for any target after ``kernels`` (ktlegacy/build.py).
+
 ``--mode skip`` is for the no-CUDA stand-in base of the tests only: nothing is compiled and
 the JSON says so, so the image's labels and smoke tests can say so too.
 Uses only the standard library plus the torch/setuptools of the interpreter running it.
@@ -99,6 +105,10 @@ def build_env(arch: str, cpu: str, jobs: int, ptx: bool = False) -> dict:
         # upstream's bdist_wheel would otherwise try to download a prebuilt wheel from GitHub
         "KTRANSFORMERS_FORCE_BUILD": "TRUE",
     })
+    # The git refs' setup.py no longer picks Ninja itself (its `import ninja` is commented out) and
+    # CMake would fall back to make, which the toolchain does not install; 0.2.1.post1's picks
+    # Ninja anyway. The images' toolchain has ninja (apt and pip).
+    env.setdefault("CMAKE_GENERATOR", "Ninja")
     if shutil.which("ccache"):
         # cmake's launcher for cpuinfer_ext; the ccache masquerade dir for torch's ninja (c++)
         # and for nvcc's host compiler. CCACHE_DIR is the compile stage's cache mount.
@@ -110,7 +120,28 @@ def build_env(arch: str, cpu: str, jobs: int, ptx: bool = False) -> dict:
     return env
 
 
-def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool = False) -> dict:
+# Runs upstream's setup.py with torch's nvcc/torch CUDA-major comparison waived (CI only, see above).
+_MISMATCH_RUNNER = """
+import re, runpy, subprocess, sys, torch, torch.utils.cpp_extension as ext
+nvcc = re.search(r"release (\\d+[.]\\d+)", subprocess.run([sys.argv[1], "--version"], capture_output=True,
+                                                           text=True).stdout).group(1)
+print(f"compile: CI only: torch {torch.__version__} (CUDA {torch.version.cuda}) with nvcc {nvcc}: "
+      "the CUDA major-version check is waived, the host-compiler bounds are not", flush=True)
+_check = ext._check_cuda_version
+def _same_cuda(*a, **k):
+    real, torch.version.cuda = torch.version.cuda, nvcc
+    try:
+        return _check(*a, **k)
+    finally:
+        torch.version.cuda = real
+ext._check_cuda_version = _same_cuda
+sys.argv = ["setup.py"] + sys.argv[2:]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool = False,
+                 allow_mismatch: bool = False) -> dict:
     if not (src / "setup.py").is_file():
         raise BuildError(f"{src} has no setup.py: pass a (patched) ktransformers tree with --src")
     nvcc = find_nvcc()
@@ -119,6 +150,8 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool
     with tempfile.TemporaryDirectory(prefix="ktlegacy-ext-") as tmp:
         lib, temp = Path(tmp, "lib"), Path(tmp, "temp")
         cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", str(lib), "--build-temp", str(temp)]
+        if allow_mismatch:
+            cmd[1:2] = ["-c", _MISMATCH_RUNNER, nvcc]
         print(f"compile: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}, "
               f"CPU_INSTRUCT={cpu}, MAX_JOBS={jobs})", flush=True)
         proc = subprocess.run(cmd, cwd=src, env=env)
@@ -135,7 +168,10 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(so, dest)
             files.append({"file": rel.as_posix(), "sha256": _sha256(dest), "device_code": has_device_code(dest)})
-    return {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files}
+    record = {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files}
+    if allow_mismatch:
+        record["torch_cuda_major_mismatch_allowed"] = True
+    return record
 
 
 def check_arch(out: Path, record: dict, arch: str, ptx: bool = False) -> None:
@@ -161,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--ptx", action="store_true",
                    help="also embed the arch's PTX (e.g. 7.5+PTX) so a newer GPU can JIT it; for testing on "
                         "such GPUs, never for the images (they ship SASS for their one arch)")
+    p.add_argument("--allow-torch-cuda-major-mismatch", action="store_true",
+                   help="CI only: compile with an nvcc whose CUDA major differs from torch's (never shipped)")
     p.add_argument("--mode", choices=("build", "skip"), default="build",
                    help="skip: no-CUDA stand-in builds only; compiles nothing and records why")
     args = p.parse_args(argv)
@@ -176,7 +214,8 @@ def main(argv=None) -> int:
             record = {"mode": "skip", "reason": "stand-in build, no CUDA", "extensions": []}
             print("compile: skipped (stand-in build, no CUDA): no extension is compiled", flush=True)
         else:
-            record = compile_tree(args.src, args.out, arch, cpu, max(1, args.jobs), args.ptx)
+            record = compile_tree(args.src, args.out, arch, cpu, max(1, args.jobs), args.ptx,
+                                  args.allow_torch_cuda_major_mismatch)
             check_arch(args.out, record, arch, args.ptx)
         record.update({"arch": arch, "torch_cuda_arch_list": arch_list(arch, args.ptx), "cpu_instruct": cpu})
         (args.out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

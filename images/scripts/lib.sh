@@ -5,7 +5,8 @@
 #    one RUN that mounts it, and is never copied into a layer;
 #  * a wheelhouse mounted at /wheelhouse (the `wheelhouse` stage) makes pip work with
 #    `--no-index --find-links` and nothing else: no network at all;
-#  * PIP_INDEX_URL / TORCH_INDEX_URL / APT_MIRROR overrides reach every step.
+#  * PIP_INDEX_URL / TORCH_INDEX_URL / APT_MIRROR overrides reach every step (APT_COMPONENTS:
+#    the Debian components read from APT_MIRROR, default main; the CUDA toolkit is in non-free).
 # The same scripts run outside Docker (a GPU machine): nothing here assumes a container.
 
 set -euo pipefail
@@ -68,7 +69,7 @@ apt_install() {
       ubuntu) components="main universe"
               printf 'deb %s %s %s\ndeb %s %s-updates %s\n' "$APT_MIRROR" "$VERSION_CODENAME" "$components" \
                      "$APT_MIRROR" "$VERSION_CODENAME" "$components" >"$list" ;;
-      *)      printf 'deb %s %s main\n' "$APT_MIRROR" "$VERSION_CODENAME" >"$list" ;;
+      *)      printf 'deb %s %s %s\n' "$APT_MIRROR" "$VERSION_CODENAME" "${APT_COMPONENTS:-main}" >"$list" ;;
     esac
     opts+=(-o "Dir::Etc::SourceList=$list" -o "Dir::Etc::SourceParts=-")
   fi
