@@ -24,7 +24,7 @@ import yaml
 
 from ktlegacy.arch import get_arch
 from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
-from ktlegacy.refs import get_ref
+
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "triton-stages", "fp16",
