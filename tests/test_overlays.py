@@ -25,7 +25,6 @@ import yaml
 from ktlegacy.arch import get_arch
 from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
 
-
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "triton-stages", "fp16",
                  "cpu-experts-dtype", "portable-cpu", "server-api"]
