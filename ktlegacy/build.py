@@ -383,8 +383,9 @@ def _failure_hint(lines: list[str]) -> str:
     text = "".join(lines[-60:])
     if "load metadata for" in text and ("failed to do request" in text or "not found" in text
                                         or "pull access denied" in text or "no such host" in text):
-        return ("; the base image cannot be pulled from here: pull it through a mirror you can reach "
-                "and pass --base-image/--runtime-image (see docs/images.md)")
+        return ("; the base image cannot be pulled from here: pass --debian-bases (CUDA 11.8 bases made from a "
+                "Debian mirror), or pull it through a mirror you can reach and pass --base-image/--runtime-image "
+                "(see docs/images.md)")
     return ""
 
 
