@@ -148,7 +148,7 @@ def test_unpullable_base_image_says_how_to_fix_it():
     log = ["#3 [internal] load metadata for docker.io/nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04\n",
            '#3 ERROR: failed to do request: Head "https://registry-1.docker.io/v2/nvidia/cuda/manifests/x": '
            "dial tcp: lookup registry-1.docker.io: no such host\n"]
-    assert "--base-image" in _failure_hint(log)
+    assert "--base-image" in _failure_hint(log) and "--debian-bases" in _failure_hint(log)
     assert _failure_hint(["#20 6.4 error: Triton kernel k does not compile\n"]) == ""
 
 
