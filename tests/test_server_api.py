@@ -30,6 +30,7 @@ import pytest
 from cached_venv import TORCH_CPU, cached_venv
 from ktlegacy.arch import get_arch
 from ktlegacy.overlay import Drift, load_overlays, patch_tree
+from ktlegacy.refs import get_ref
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "tests" / "server_api_app.py"
@@ -75,8 +76,9 @@ def test_overlay_refuses_drift_and_leaves_the_tree(pristine_tree):
     target = pristine_tree / "ktransformers" / "server" / "main.py"
     target.write_text(target.read_text().replace("mount_app.include_router(router)", "mount_app.include_router(api)"))
     before = {p: p.read_bytes() for p in pristine_tree.rglob("*") if p.is_file()}
-    with pytest.raises(Drift) as exc:
-        patch_tree(pristine_tree, get_arch("sm75"), overlays=_server_api(), out=lambda line: None)
+    with pytest.raises(Drift) as exc:  # the set forced: content identity alone already refuses an edited tree
+        patch_tree(pristine_tree, get_arch("sm75"), ref=get_ref("0.2.1.post1"), overlays=_server_api(),
+                   out=lambda line: None)
     assert "overlay server-api: ktransformers/server/main.py: expected" in str(exc.value)
     assert "\n" not in str(exc.value)
     assert {p: p.read_bytes() for p in pristine_tree.rglob("*") if p.is_file()} == before
