@@ -316,31 +316,13 @@ def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: i
     dest = Path(dest)
     if layers < 2:
         raise KtlegacyError("layers must be at least 2 (one dense layer, then MoE layers)")
-    from .testmodel import BOS, EOS, CHAT_TEMPLATE, staged_dir
+    from .testmodel import BOS, EOS, staged_dir, write_hf_files
     plan = tensor_plan(spec)
     with staged_dir(dest, force) as tmp:
         tok_json, tokens, types, merges = padded_tokenizer(vocab)
         bos_id, eos_id = tokens.index(BOS), tokens.index(EOS)
         (tmp / "tokenizer.json").write_text(tok_json)
-        ts = spec.test_spec()
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-            "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": ts.max_position_embeddings,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
-        }, indent=2))
-        (tmp / "special_tokens_map.json").write_text(json.dumps(
-            {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(ts.config_dict(bos_id, eos_id), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False,
-        }, indent=2))
-        (tmp / "configuration_deepseek.py").write_text(
-            '"""Resolve the config class from the installed ktransformers (ktlegacy peer model)."""\n'
-            "from ktransformers.models.configuration_deepseek import DeepseekV2Config  # noqa: F401\n"
-        )
+        write_hf_files(tmp, spec.test_spec(), bos_id, eos_id)
         _write_gguf(tmp / GGUF_NAME, spec, plan, tokens, types, merges, bos_id, eos_id)
         mix: dict = {}
         for _name, shape, qtype, _ in plan:

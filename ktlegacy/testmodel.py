@@ -442,6 +442,33 @@ def staged_dir(dest: Path, force: bool):
     tmp.rename(dest)
 
 
+def write_hf_files(directory: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> None:
+    """What ``local_chat`` and the server read beside the GGUF: tokenizer config (with the chat
+    template), special tokens, config.json, generation config, and the AutoConfig shim."""
+    directory = Path(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+        "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": spec.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, indent=2))
+    (directory / "config.json").write_text(json.dumps(spec.config_dict(bos_id, eos_id), indent=2))
+    (directory / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
+        "do_sample": False,
+    }, indent=2))
+    module, cls = {"v2": ("configuration_deepseek", "DeepseekV2Config"),
+                   "v3": ("configuration_deepseek_v3", "DeepseekV3Config")}[spec.variant]
+    (directory / "configuration_deepseek.py").write_text(
+        '"""Resolve the config class from the installed ktransformers (ktlegacy test model)."""\n'
+        f"from ktransformers.models.{module} import {cls}  # noqa: F401\n"
+    )
+
+
 def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool = False) -> Path:
     """Write the synthetic checkpoint into ``dest`` (all files, or nothing on failure)."""
     spec = spec or TestModelSpec()
@@ -462,27 +489,7 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
         tok = build_tokenizer(spec)
         bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
         tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-            "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": spec.max_position_embeddings,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
-        }, indent=2))
-        (tmp / "special_tokens_map.json").write_text(json.dumps(
-            {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(spec.config_dict(bos_id, eos_id), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
-            "do_sample": False,
-        }, indent=2))
-        module, cls = {"v2": ("configuration_deepseek", "DeepseekV2Config"),
-                       "v3": ("configuration_deepseek_v3", "DeepseekV3Config")}[spec.variant]
-        (tmp / "configuration_deepseek.py").write_text(
-            '"""Resolve the config class from the installed ktransformers (ktlegacy test model)."""\n'
-            f"from ktransformers.models.{module} import {cls}  # noqa: F401\n"
-        )
+        write_hf_files(tmp, spec, bos_id, eos_id)
         listing = _write_gguf(tmp / GGUF_NAME, spec, bos_id, eos_id)
         (tmp / SPEC_NAME).write_text(json.dumps(
             {"spec": asdict(spec), "bos_token_id": bos_id, "eos_token_id": eos_id,
