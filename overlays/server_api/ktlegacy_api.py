@@ -54,7 +54,8 @@ log = logging.getLogger("uvicorn.error")
 MAX_WAITING = int(os.environ.get("KTLEGACY_MAX_QUEUE", "64"))
 STARTED = int(time.time())
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktlegacy-engine")
-_waiting = 0
+_waiting = 0                      # requests queued for the engine (changed on two threads: under the lock)
+_waiting_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------- errors
@@ -354,7 +355,8 @@ class Generation:
 
         def work():
             global _waiting
-            _waiting -= 1
+            with _waiting_lock:
+                _waiting -= 1
             if cancel.is_set():
                 put("end")
                 return
@@ -365,7 +367,8 @@ class Generation:
                 log.exception("ktlegacy api: generation failed")
                 put("error", exc)
 
-        _waiting += 1
+        with _waiting_lock:
+            _waiting += 1
         loop.run_in_executor(_EXECUTOR, work)
         try:
             while True:
