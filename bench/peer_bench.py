@@ -395,6 +395,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
     import torch
     from gpu_proof import EngineSession, _keep_kv_b
     model, config = results["_ktlegacy"]
+    torch.set_grad_enabled(False)  # as local_chat does at import: CUDA-graph capture needs it (resize_ in KExpertsCPU)
     os.environ["KTLEGACY_PREFILL"] = PREFILL_MODE[engine]
     restore = _keep_kv_b(model)
     gen = torch.Generator().manual_seed(0)
