@@ -7,6 +7,7 @@
 # that the machine lacks or has in another version (transformers 4.43.2, tokenizers 0.19.1,
 # huggingface_hub 0.x, gguf, colorlog), cpufeature's sdist (setup.py imports it) and the upstream
 # sdist (found through KTLEGACY_CACHE, hash-checked by fetch-source as usual).
+# KTLEGACY_PROOF_SKIP="prefill decode e2e" skips those phases of bench/gpu_proof.py (a short call).
 # Set KTLEGACY_PREBUILT=FILE (an ext-sm75-ptx.tar.gz an earlier run returned) to skip the compile;
 # the tree is still fetched, patched and packed, so Python-only overlay changes are picked up.
 # Git refs (the GPU machine has no network): the engine tree travels as a tarball, found as
@@ -44,11 +45,18 @@ finish() {
 py=python3
 unset TORCH_CUDA_ARCH_LIST  # the GPU image presets 9.0a; the build script sets the arch list itself
 say "installing carried wheels into $work/site"
+rm -rf "$work/site-ref"
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .whl/*.whl \
   >"$logs/pip-wheels.log" 2>&1 || { cat "$logs/pip-wheels.log"; finish 3; }
+if compgen -G ".whl/$ref/*.whl" >/dev/null; then  # bench/gpu_wheels-REF.txt: this ref's engine needs other versions
+  say "installing .whl/$ref/ over them ($(ls .whl/$ref/*.whl | xargs -n1 basename | cut -d- -f1,2 | tr '\n' ' '))"
+  rm -rf "$work/site-ref"  # its own directory, ahead on PYTHONPATH: pip --target leaves the old dist-info beside the new
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site-ref" .whl/"$ref"/*.whl \
+    >"$logs/pip-wheels-$ref.log" 2>&1 || { cat "$logs/pip-wheels-$ref.log"; finish 3; }
+fi
 $py -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$work/site" .whl/cpufeature-*.tar.gz \
   >"$logs/pip-cpufeature.log" 2>&1 || { cat "$logs/pip-cpufeature.log"; finish 3; }
-export PYTHONPATH="$work/kt:$work/site:$repo"
+export PYTHONPATH="$work/kt:$work/site-ref:$work/site:$repo"
 export KTLEGACY_CACHE="$repo/.whl"
 { nvidia-smi; $py -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -2; } \
   >"$logs/machine.txt" 2>&1
@@ -144,6 +152,7 @@ $py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
 say "gpu_proof (KTLEGACY_EMULATE_CC=7.5)"
 KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_proof.py --model "$work/model" \
   --ref "$ref" --build-record "$work/wheels/ktlegacy-extensions.json" --out "$OUT/gpu_h100_$ref.json" \
+  ${KTLEGACY_PROOF_SKIP:+--skip $KTLEGACY_PROOF_SKIP} \
   >"$logs/proof.log" 2>&1
 proof_rc=$?
 grep -E "^\[gpu_proof|^smoke|Error|error" "$logs/proof.log" | tail -60
