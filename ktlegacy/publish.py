@@ -196,8 +196,8 @@ def ci_build_args(ref: str, arch: str, cpu: str) -> dict:
     """The build args ``invoke build --arch A --cpu-instruct C --ref R`` passes (ktlegacy/build.py's
     plan): the workflow's push by digest rebuilds with them from the warm cache, then checks
     that the pushed image has the smoke-tested layers and labels."""
-    from .build import plan as build_plan
-    (build,) = build_plan(arch, ref=ref, cpu_instruct=cpu, dry_run=True)
+    from .build import BuildRequest, plan as build_plan
+    (build,) = build_plan(BuildRequest(arch, ref=ref, cpu_instruct=cpu, dry_run=True))
     return dict(build.build_args)
 
 
