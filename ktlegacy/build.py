@@ -1,7 +1,10 @@
 """``invoke build`` / ``python -m ktlegacy build``: the CUDA 11.8 images, one per arch.
 
-:func:`plan` turns the user's flags into the exact docker commands (checked inputs, build args,
-the BuildKit secret, the wheelhouse image); :func:`build` prints or runs them. All input errors
+:class:`BuildRequest` holds everything a build is asked for, once: its fields with help are the
+command's flags (``--arch``, ``--ref``, ...), made into one request from the parsed arguments, and
+:meth:`BuildRequest.build_args` maps it onto the Dockerfile's ARGs. :func:`plan` turns a request
+into the exact docker commands (checked inputs, build args, the BuildKit secret, the wheelhouse
+image); :func:`build` prints or runs them. All input errors
 are raised before anything runs, so a bad flag never leaves a half-built image behind:
 an arch other than sm70/sm75, an unknown ref, a missing CA bundle or wheelhouse, no Docker
 daemon, a daemon without BuildKit.
@@ -24,7 +27,7 @@ import shlex
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import images
@@ -82,6 +85,106 @@ class Plan:
     build_args: dict
     labels: dict             # label key -> value the image must carry
     steps: list[Step] = field(default_factory=list)
+
+
+def _flag(default, help: str, **argparse_options):
+    """A BuildRequest field that is also a flag of ``build`` (its help, and argparse options)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One build, as asked: the ``build`` command's flags (the fields with help, in --help order)
+    and the library's own knobs (the rest: tests and CI set them)."""
+    arch: str = field(metadata={"help": "sm70 (V100), sm75 (T4, RTX 2080 Ti) or all", "required": True})
+    ref: str = _flag(DEFAULT_REF, f"upstream ref: {', '.join(REFS)} (default {DEFAULT_REF})")
+    cpu_instruct: str = _flag(images.DEFAULT_CPU_INSTRUCT,
+                              "AVX2 (portable default), AVX512, FANCY or NATIVE (NATIVE: local builds only)")
+    tag: str | None = _flag(None, "image tag, one arch only (default: the tag scheme, e.g. "
+                                  f"{images.image_tag(DEFAULT_REF, get_arch('sm75'))})")
+    base_image: str | None = _flag(None, f"build base with nvcc (default {DEFAULT_BASE_IMAGE})")
+    runtime_image: str | None = _flag(None, f"runtime base (default {DEFAULT_RUNTIME_IMAGE})")
+    torch_version: str | None = _flag(None, f"torch pin (default {DEFAULT_TORCH_VERSION}: its Triton fits "
+                                            "sm70/sm75, see docs/torch-pin.md)")
+    torch_index_url: str | None = _flag(None, f"torch wheel index (default {DEFAULT_TORCH_INDEX_URL})")
+    pip_index_url: str | None = _flag(None, "PyPI mirror for everything else")
+    apt_mirror: str | None = _flag(None, "Ubuntu/Debian mirror for the base images' packages")
+    ca_cert: str | Path | None = _flag(None, "CA bundle of a TLS-intercepting proxy: a BuildKit secret, in no layer")
+    wheelhouse: str | Path | None = _flag(None, "directory of wheels (+ the ktransformers sdist): pip installs "
+                                                "only from it")
+    offline: bool = _flag(False, "with --wheelhouse: build with --network none")
+    cache_from: str | None = _flag(None, "BuildKit layer cache source, e.g. type=registry,ref=REG/cache:sm75")
+    cache_to: str | None = _flag(None, "BuildKit layer cache export (needs buildx), e.g. "
+                                       "type=registry,ref=REG/cache:sm75,mode=max")
+    debian_bases: bool = _flag(False, "make the CUDA 11.8 devel/runtime bases from a Debian mirror (debootstrap + "
+                                      "Debian's nvidia-cuda-toolkit 11.8; needs root and debootstrap) instead of "
+                                      "pulling nvidia/cuda")
+    target: str = _flag("runtime", "Dockerfile stage to build (default runtime)")
+    max_jobs: int | None = _flag(None, f"parallel compile jobs (default {DEFAULT_MAX_JOBS})", type=int)
+    standin: bool = _flag(False, "tests only: a base without CUDA; nothing compiled, labelled "
+                                 "io.ktlegacy.standin=true")
+    triton_version: str | None = _flag(None, "tests only, with --standin: install this Triton so the kernels "
+                                             "check runs")
+    push: bool = _flag(False, "docker push each tag after its build")
+    dry_run: bool = _flag(False, "print the exact docker commands and run nothing")
+    # not flags: where the tags go, and what tests and CI change
+    repository: str = images.DEFAULT_REPOSITORY
+    debian_base_repository: str = DEBIAN_BASE_REPOSITORY
+    ci_torch_cuda_mismatch: bool = False
+    extra_build_flags: tuple = ()
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        """The ``build`` command's flags: one per field with help."""
+        for f in fields(BuildRequest):
+            if "help" not in f.metadata:
+                continue
+            options = dict(f.metadata)
+            if isinstance(f.default, bool):
+                options["action"] = "store_true"
+            elif not options.get("required"):
+                options["default"] = f.default
+            p.add_argument("--" + f.name.replace("_", "-"), **options)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BuildRequest":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata})
+
+    def build_args(self, arch: Arch, *, commit: str, digest: str, revision: str,
+                   wheelhouse_image: str | None = None) -> dict:
+        """The Dockerfile's ARGs for one arch of this request: the one place they are named."""
+        from . import __version__
+        args = {
+            "BASE_IMAGE": self.base_image or DEFAULT_BASE_IMAGE,
+            # the stand-in base serves as its own runtime base unless told otherwise
+            "RUNTIME_IMAGE": self.runtime_image or (self.base_image if self.standin and self.base_image
+                                                    else DEFAULT_RUNTIME_IMAGE),
+            "TORCH_VERSION": self.torch_version or DEFAULT_TORCH_VERSION,
+            "TORCH_INDEX_URL": self.torch_index_url or DEFAULT_TORCH_INDEX_URL,
+            "KTRANSFORMERS_REF": self.ref,
+            "KTRANSFORMERS_COMMIT": commit,
+            "OVERLAY_DIGEST": digest,
+            "ARCH": arch.name,
+            "TORCH_CUDA_ARCH_LIST": arch.torch_cuda_arch_list,
+            "CPU_INSTRUCT": images.cpu_instruct(self.cpu_instruct),
+            "MAX_JOBS": str(self.max_jobs or DEFAULT_MAX_JOBS),
+            "KTLEGACY_VERSION": __version__,
+            "KTLEGACY_REVISION": revision,
+        }
+        if self.pip_index_url:
+            args["PIP_INDEX_URL"] = self.pip_index_url
+        if self.apt_mirror:
+            args["APT_MIRROR"] = self.apt_mirror
+        if self.triton_version:
+            args["TRITON_VERSION"] = self.triton_version
+        if self.ci_torch_cuda_mismatch:
+            args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] = "1"
+        if self.standin:
+            args["KTLEGACY_EXTENSIONS"] = "skip"
+            args["KTLEGACY_STANDIN"] = "true"
+        if wheelhouse_image:
+            args["WHEELHOUSE_IMAGE"] = wheelhouse_image
+        return args
 
 
 def overlay_digest(ref_name: str, arch: Arch) -> str:
@@ -156,122 +259,89 @@ def check_wheelhouse(wheelhouse: Path, ref_name: str) -> Path:
     return wheelhouse
 
 
-def plan(arch: str = "sm75", *, ref: str = DEFAULT_REF, cpu_instruct: str = images.DEFAULT_CPU_INSTRUCT,
-         tag: str | None = None, base_image: str | None = None, runtime_image: str | None = None,
-         torch_version: str | None = None, torch_index_url: str | None = None,
-         pip_index_url: str | None = None, apt_mirror: str | None = None, ca_cert: str | Path | None = None,
-         wheelhouse: str | Path | None = None, target: str = "runtime", push: bool = False,
-         standin: bool = False, offline: bool = False, max_jobs: int | None = None,
-         triton_version: str | None = None,
-         repository: str = images.DEFAULT_REPOSITORY, dry_run: bool = False,
-         cache_from: str | None = None, cache_to: str | None = None,
-         debian_bases: bool = False, debian_base_repository: str = DEBIAN_BASE_REPOSITORY,
-         ci_torch_cuda_mismatch: bool = False, extra_build_flags: tuple = ()) -> list[Plan]:
-    """Validate every input and return the docker steps for each arch; runs nothing."""
-    arches = arches_for(arch)
-    get_ref(ref)
-    cpu = images.cpu_instruct(cpu_instruct)
-    if cpu == "NATIVE" and push:
+def plan(request: BuildRequest) -> list[Plan]:
+    """Validate every input of ``request`` and return the docker steps for each arch; runs nothing."""
+    r = request
+    arches = arches_for(r.arch)
+    get_ref(r.ref)
+    cpu = images.cpu_instruct(r.cpu_instruct)
+    if cpu == "NATIVE" and r.push:
         raise KtlegacyError("CPU_INSTRUCT NATIVE bakes in this machine's CPU: build it for local use, "
                             "push AVX2/AVX512/FANCY images")
-    if tag and len(arches) > 1:
+    if r.tag and len(arches) > 1:
         raise KtlegacyError("--tag names one image; with --arch all the tags follow the scheme "
-                            f"({images.image_tag(ref, arches[0], cpu, repository)}, ...)")
+                            f"({images.image_tag(r.ref, arches[0], cpu, r.repository)}, ...)")
     stages = dockerfile_stages()
-    if target not in stages:
-        raise KtlegacyError(f"unknown --target {target!r}: stages are {', '.join(stages)}")
-    if push and target != "runtime":
+    if r.target not in stages:
+        raise KtlegacyError(f"unknown --target {r.target!r}: stages are {', '.join(stages)}")
+    if r.push and r.target != "runtime":
         raise KtlegacyError("only the runtime stage is pushed; drop --push or --target")
     secret = None
-    if ca_cert is not None:
-        secret = Path(ca_cert).resolve()
+    if r.ca_cert is not None:
+        secret = Path(r.ca_cert).resolve()
         if not secret.is_file() or secret.stat().st_size == 0:
-            raise KtlegacyError(f"--ca-cert {ca_cert}: no such file (or empty); pass your proxy's CA bundle, "
+            raise KtlegacyError(f"--ca-cert {r.ca_cert}: no such file (or empty); pass your proxy's CA bundle, "
                                 "e.g. /etc/ssl/certs/ca-certificates.crt")
-    if wheelhouse is not None:
-        wheelhouse = check_wheelhouse(Path(wheelhouse), ref)
-    if triton_version and not standin:
+    wheelhouse = None
+    if r.wheelhouse is not None:
+        wheelhouse = check_wheelhouse(Path(r.wheelhouse), r.ref)
+    if r.triton_version and not r.standin:
         raise KtlegacyError("--triton-version is for stand-in builds (CPU torch); a CUDA build gets the "
                             "Triton its torch requires: change --torch-version instead")
-    if offline and wheelhouse is None:
+    if r.offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
-    if ci_torch_cuda_mismatch and stages.index(target) > stages.index("kernels"):
+    if r.ci_torch_cuda_mismatch and stages.index(r.target) > stages.index("kernels"):
         raise KtlegacyError("a torch built for another CUDA major is for CI's compile check only: "
                             "--target toolchain, source, compile or kernels")
     base_steps = []
-    if debian_bases:
-        if base_image or runtime_image:
+    if r.debian_bases:
+        if r.base_image or r.runtime_image:
             raise KtlegacyError("--debian-bases makes the base images itself: drop --base-image/--runtime-image")
-        if standin:
+        if r.standin:
             raise KtlegacyError("--debian-bases makes real CUDA 11.8 bases; --standin is the no-CUDA test base: pick one")
-        base_image, runtime_image, base_steps = debian_base_steps(apt_mirror, secret, debian_base_repository)
+        devel, runtime, base_steps = debian_base_steps(r.apt_mirror, secret, r.debian_base_repository)
+        r = replace(r, base_image=devel, runtime_image=runtime)
 
-    commit = resolve_commit(ref, dry_run=dry_run)
+    commit = resolve_commit(r.ref, dry_run=r.dry_run)
     from . import __version__
     revision = _revision()
     plans = []
     for a in arches:
-        digest = overlay_digest(ref, a)
-        image = tag or images.image_tag(ref, a, cpu, repository) + ("-standin" if standin else "")
-        if target != "runtime" and not tag:
-            image += f"-{target}"
-        args = {
-            "BASE_IMAGE": base_image or DEFAULT_BASE_IMAGE,
-            # the stand-in base serves as its own runtime base unless told otherwise
-            "RUNTIME_IMAGE": runtime_image or (base_image if standin and base_image else DEFAULT_RUNTIME_IMAGE),
-            "TORCH_VERSION": torch_version or DEFAULT_TORCH_VERSION,
-            "TORCH_INDEX_URL": torch_index_url or DEFAULT_TORCH_INDEX_URL,
-            "KTRANSFORMERS_REF": ref,
-            "KTRANSFORMERS_COMMIT": commit,
-            "OVERLAY_DIGEST": digest,
-            "ARCH": a.name,
-            "TORCH_CUDA_ARCH_LIST": a.torch_cuda_arch_list,
-            "CPU_INSTRUCT": cpu,
-            "MAX_JOBS": str(max_jobs or DEFAULT_MAX_JOBS),
-            "KTLEGACY_VERSION": __version__,
-            "KTLEGACY_REVISION": revision,
-        }
-        if pip_index_url:
-            args["PIP_INDEX_URL"] = pip_index_url
-        if apt_mirror:
-            args["APT_MIRROR"] = apt_mirror
-        if triton_version:
-            args["TRITON_VERSION"] = triton_version
-        if ci_torch_cuda_mismatch:
-            args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] = "1"
-        if standin:
-            args["KTLEGACY_EXTENSIONS"] = "skip"
-            args["KTLEGACY_STANDIN"] = "true"
+        digest = overlay_digest(r.ref, a)
+        image = r.tag or images.image_tag(r.ref, a, cpu, r.repository) + ("-standin" if r.standin else "")
+        if r.target != "runtime" and not r.tag:
+            image += f"-{r.target}"
+        steps = list(base_steps) if a is arches[0] else []
+        wh_tag = None
+        if wheelhouse is not None:
+            wh_tag = _wheelhouse_tag(wheelhouse)
+            steps.append(Step(["docker", "build", "--progress", "plain", "-f", str(WHEELHOUSE_DOCKERFILE),
+                               "-t", wh_tag, str(wheelhouse)], buildkit=True, what="wheelhouse image"))
+        args = r.build_args(a, commit=commit, digest=digest, revision=revision, wheelhouse_image=wh_tag)
         labels = {
-            images.LABEL_REF: ref, images.LABEL_COMMIT: commit, images.LABEL_OVERLAY_DIGEST: digest,
+            images.LABEL_REF: r.ref, images.LABEL_COMMIT: commit, images.LABEL_OVERLAY_DIGEST: digest,
             images.LABEL_ARCH: a.name, images.LABEL_CUDA: images.CUDA_VERSION,
             images.LABEL_TORCH: args["TORCH_VERSION"], images.LABEL_CPU: cpu,
             images.LABEL_VERSION: __version__, images.LABEL_REVISION: revision,
-            LABEL_EXTENSIONS: "skip" if standin else "build", LABEL_STANDIN: "true" if standin else "false",
+            LABEL_EXTENSIONS: "skip" if r.standin else "build", LABEL_STANDIN: "true" if r.standin else "false",
         }
-        steps = list(base_steps) if a is arches[0] else []
-        if wheelhouse is not None:
-            wh_tag = _wheelhouse_tag(wheelhouse)
-            args["WHEELHOUSE_IMAGE"] = wh_tag
-            steps.append(Step(["docker", "build", "--progress", "plain", "-f", str(WHEELHOUSE_DOCKERFILE),
-                               "-t", wh_tag, str(wheelhouse)], buildkit=True, what="wheelhouse image"))
-        argv = ["docker", "build", "--progress", "plain", "-f", str(DOCKERFILE), "--target", target]
+        argv = ["docker", "build", "--progress", "plain", "-f", str(DOCKERFILE), "--target", r.target]
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]
         if secret is not None:
             argv += ["--secret", f"id={CA_SECRET_ID},src={secret}"]
-        if offline:
+        if r.offline:
             argv += ["--network", "none"]
         # BuildKit layer cache, e.g. type=registry,ref=REG/cache:sm75 (CI keeps the compile stage
         # there); --cache-to needs buildx, checked in build() once the client is known.
-        if cache_from:
-            argv += ["--cache-from", cache_from]
-        if cache_to:
-            argv += ["--cache-to", cache_to]
-        argv += list(extra_build_flags)
+        if r.cache_from:
+            argv += ["--cache-from", r.cache_from]
+        if r.cache_to:
+            argv += ["--cache-to", r.cache_to]
+        argv += list(r.extra_build_flags)
         argv += ["-t", image, str(REPO_ROOT)]
-        steps.append(Step(argv, buildkit=True, what=f"{a.name} {target}"))
-        if push:
+        steps.append(Step(argv, buildkit=True, what=f"{a.name} {r.target}"))
+        if r.push:
             steps.append(Step(["docker", "push", image], what="push"))
         plans.append(Plan(arch=a, tag=image, build_args=args, labels=labels, steps=steps))
     return plans
@@ -320,11 +390,11 @@ class BuildResult:
     logs: dict            # tag -> combined build output
 
 
-def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = True, **kwargs) -> BuildResult:
-    """Plan, then print (``dry_run``) or run every step; return the tags built and their logs."""
+def build(request: BuildRequest, *, out=print, echo: bool = True) -> BuildResult:
+    """Plan, then print (``request.dry_run``) or run every step; return the tags built and their logs."""
     from .docker import DockerClient, build_client, client as docker_client
-    plans = plan(arch, dry_run=dry_run, **kwargs)
-    if dry_run:
+    plans = plan(request)
+    if request.dry_run:
         try:
             client = build_client()   # the client that would build, found with or without a daemon
         except KtlegacyError as exc:
@@ -334,7 +404,7 @@ def build(arch: str = "sm75", *, dry_run: bool = False, out=print, echo: bool = 
             out(line)
         return BuildResult([p.tag for p in plans], {})
     client = docker_client()
-    if kwargs.get("cache_to") and not client.buildx:
+    if request.cache_to and not client.buildx:
         raise KtlegacyError(f"--cache-to exports the layer cache, which needs docker buildx; {client.path} has "
                             "BuildKit without buildx: install the buildx plugin or drop --cache-to")
     logs = {}
@@ -426,55 +496,23 @@ def smoke(arch: str = "sm75", *, image: str | None = None, ref: str = DEFAULT_RE
 
 # -- command line ---------------------------------------------------------------------------------
 
-def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, help="sm70 (V100), sm75 (T4, RTX 2080 Ti) or all")
-    p.add_argument("--ref", default=DEFAULT_REF, help=f"upstream ref: {', '.join(REFS)} (default {DEFAULT_REF})")
-    p.add_argument("--cpu-instruct", default=images.DEFAULT_CPU_INSTRUCT,
-                   help="AVX2 (portable default), AVX512, FANCY, NATIVE (local builds only)")
-    p.add_argument("--tag", default=None, help="image tag (one arch only; default: the ktlegacy tag scheme)")
-    p.add_argument("--base-image", default=None, help=f"build base (default {DEFAULT_BASE_IMAGE})")
-    p.add_argument("--runtime-image", default=None, help=f"runtime base (default {DEFAULT_RUNTIME_IMAGE})")
-    p.add_argument("--torch-version", default=None, help=f"torch pin (default {DEFAULT_TORCH_VERSION})")
-    p.add_argument("--torch-index-url", default=None, help=f"torch wheel index (default {DEFAULT_TORCH_INDEX_URL})")
-    p.add_argument("--pip-index-url", default=None, help="PyPI mirror for everything else")
-    p.add_argument("--apt-mirror", default=None, help="Ubuntu/Debian mirror for the base images' packages")
-    p.add_argument("--ca-cert", default=None, help="CA bundle for a TLS-intercepting proxy (a BuildKit secret)")
-    p.add_argument("--wheelhouse", default=None, help="directory of wheels (+ the ktransformers sdist): pip uses only it")
-    p.add_argument("--offline", action="store_true", help="with --wheelhouse: build with --network none")
-    p.add_argument("--cache-from", default=None, help="BuildKit cache source, e.g. type=registry,ref=REG/cache:sm75")
-    p.add_argument("--cache-to", default=None, help="BuildKit cache export (needs buildx), e.g. type=registry,ref=REG/cache:sm75,mode=max")
-    p.add_argument("--debian-bases", action="store_true",
-                   help="make the CUDA 11.8 devel/runtime bases from a Debian mirror (debootstrap + Debian's "
-                        "nvidia-cuda-toolkit 11.8; needs root and debootstrap) instead of pulling nvidia/cuda")
-    p.add_argument("--target", default="runtime", help="Dockerfile stage to build (default runtime)")
-    p.add_argument("--max-jobs", type=int, default=None, help=f"parallel compile jobs (default {DEFAULT_MAX_JOBS})")
-    p.add_argument("--standin", action="store_true",
-                   help="tests only: a base without CUDA; extensions not compiled, labels say io.ktlegacy.standin=true")
-    p.add_argument("--triton-version", default=None,
-                   help="tests only, with --standin: install this Triton so the kernels check runs")
-    p.add_argument("--push", action="store_true", help="docker push the tag after the build")
-    p.add_argument("--dry-run", action="store_true", help="print the exact docker commands, run nothing")
-
-
-@command("build", "build the sm70/sm75 CUDA 11.8 ktransformers images", _build_args)
+@command("build", "build the CUDA 11.8 ktransformers image for sm70, sm75 or both (images/Dockerfile)",
+         BuildRequest.add_arguments)
 def build_command(args) -> int:
-    build(args.arch, ref=args.ref, cpu_instruct=args.cpu_instruct, tag=args.tag, base_image=args.base_image,
-          runtime_image=args.runtime_image, torch_version=args.torch_version,
-          torch_index_url=args.torch_index_url, pip_index_url=args.pip_index_url, apt_mirror=args.apt_mirror,
-          ca_cert=args.ca_cert, wheelhouse=args.wheelhouse, offline=args.offline, target=args.target,
-          max_jobs=args.max_jobs, standin=args.standin, triton_version=args.triton_version, push=args.push,
-          cache_from=args.cache_from, cache_to=args.cache_to, debian_bases=args.debian_bases, dry_run=args.dry_run)
+    build(BuildRequest.from_args(args))
     return 0
 
 
 def _smoke_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, help="sm70 or sm75")
-    p.add_argument("--image", default=None, help="image to test (default: the tag scheme's for --arch)")
-    p.add_argument("--ref", default=DEFAULT_REF, help="ref of the default tag")
-    p.add_argument("--cpu-instruct", default=images.DEFAULT_CPU_INSTRUCT, help="CPU set of the default tag")
+    p.add_argument("--arch", required=True, help="sm70 or sm75: the arch the image must be labelled with")
+    p.add_argument("--image", default=None, help="image to test (default: the tag scheme's image for --arch)")
+    p.add_argument("--ref", default=DEFAULT_REF, help=f"upstream ref of the default tag (default {DEFAULT_REF})")
+    p.add_argument("--cpu-instruct", default=images.DEFAULT_CPU_INSTRUCT,
+                   help=f"CPU set of the default tag (default {images.DEFAULT_CPU_INSTRUCT})")
 
 
-@command("smoke", "run tests/smoke inside a built image (with the GPUs when the NVIDIA runtime is there)", _smoke_args)
+@command("smoke", "run tests/smoke inside a built image (--gpus all when Docker has the NVIDIA runtime)",
+         _smoke_args)
 def smoke_command(args) -> int:
     code = smoke(args.arch, image=args.image, ref=args.ref, cpu_instruct=args.cpu_instruct)
     if code:

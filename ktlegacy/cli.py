@@ -1,14 +1,19 @@
 """``python -m ktlegacy`` / ``ktlegacy``: the library's command line.
 
-The Invoke tasks in ``tasks.py`` call the same functions; this entry point exists so the
-image build (which has no Invoke) and the GPU machine run exactly the same code.
-Sub-commands register themselves in :data:`COMMANDS` (one module per concern adds its own).
+Every command's flags, help and validation are defined once, here: sub-commands register
+themselves in :data:`COMMANDS` (one module per concern adds its own) with an argparse
+``add_arguments``. The Invoke tasks in ``tasks.py`` are generated from these parsers
+(:func:`command_flags`) and run :func:`main`, so ``invoke X`` and ``python -m ktlegacy X`` accept
+the same flags and fail the same way: one ``error: ...`` line and a non-zero exit.
+The image build (which has no Invoke) and the GPU machine run exactly the same code.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,13 +32,13 @@ def command(name: str, help: str, add_arguments: Callable):
 
 
 def _patch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--src", required=True, type=Path, help="upstream tree (from fetch-source)")
+    p.add_argument("--src", required=True, type=Path, help="upstream tree to patch (from fetch-source)")
     p.add_argument("--arch", required=True, help="sm70 (V100) or sm75 (T4, RTX 2080 Ti)")
-    p.add_argument("--ref", default=None, help="force the overlay set of this ref (default: detected)")
-    p.add_argument("--check", action="store_true", help="say what would change, write nothing")
+    p.add_argument("--ref", default=None, help="force the overlay set of this ref (default: detected from the tree)")
+    p.add_argument("--check", action="store_true", help="say what would change without writing")
 
 
-@command("patch", "apply the overlays to an upstream tree (all or nothing, idempotent)", _patch_args)
+@command("patch", "apply the sm70/sm75 overlays to an upstream tree: all or nothing, idempotent", _patch_args)
 def patch(args) -> int:
     from .arch import get_arch
     from .overlay import patch_tree
@@ -69,16 +74,20 @@ def fingerprint_cmd(args) -> int:
 
 
 def _fetch_args(p: argparse.ArgumentParser) -> None:
-    from .refs import DEFAULT_REF, PYPI_SIMPLE_URL
-    p.add_argument("--ref", default=None, help=f"supported ref, or tag/commit with --git-url (default {DEFAULT_REF})")
-    p.add_argument("--dest", required=True, type=Path, help="directory to create")
-    p.add_argument("--git-url", default=None, help="clone this repository instead (with --ref TAG|COMMIT)")
-    p.add_argument("--local", default=None, type=Path, help="copy this local tree (a directory or a tar archive of one) instead")
-    p.add_argument("--index-url", default=PYPI_SIMPLE_URL, help="PyPI simple index for sdist refs")
+    from .refs import DEFAULT_REF, PYPI_SIMPLE_URL, REFS
+    p.add_argument("--ref", default=None, help=f"supported ref ({', '.join(REFS)}) or, with --git-url, "
+                                               f"any tag/commit (default {DEFAULT_REF})")
+    p.add_argument("--dest", required=True, type=Path, help="directory to create with the pristine tree")
+    p.add_argument("--git-url", default=None, help="clone this repository instead of the default origin of the ref")
+    p.add_argument("--local", default=None, type=Path,
+                   help="copy this local ktransformers tree (a directory or a tar archive of one) instead")
+    p.add_argument("--index-url", default=PYPI_SIMPLE_URL,
+                   help="PyPI simple index for the sdist (a mirror behind a firewall)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
 
 
-@command("fetch-source", "get a pristine upstream ktransformers tree (sdist, git or local)", _fetch_args)
+@command("fetch-source", "get a pristine upstream ktransformers tree (sdist hash-checked, git commit recorded)",
+         _fetch_args)
 def fetch(args) -> int:
     from .refs import DEFAULT_REF
     from .source import fetch_source
@@ -91,13 +100,64 @@ def fetch(args) -> int:
 
 
 
-def build_parser() -> argparse.ArgumentParser:
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other bad input: ``error: ...`` on
+    stderr, exit 2. A missing required flag is explained by its own help text."""
+
+    def error(self, message: str):
+        missing = re.match(r"the following arguments are required: ([^\s,]+)", message)
+        action = missing and next((a for a in self._actions if missing.group(1) in a.option_strings), None)
+        if action is not None:
+            message = f"{missing.group(1)} is required: {action.help}"
+        else:
+            message = f"{message} (see: {self.prog} --help)"
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser(prog: str = "ktlegacy") -> argparse.ArgumentParser:
+    """The whole command line; ``prog`` is what its messages call it (``invoke`` for the tasks)."""
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="ktlegacy", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, add_args, _run) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help, description=help))
+    parser.commands = sub.choices   # name -> that command's parser
     return parser
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of a command, as a front end (tasks.py) needs it."""
+    option: str      # "--cpu-instruct"
+    name: str        # "cpu_instruct": the option as a Python identifier
+    kind: str        # "value" (takes one), "switch" (store_true) or "list" (append: repeatable)
+    help: str
+    required: bool
+
+
+def command_flags(name: str) -> list[Flag]:
+    """The flags of command ``name``, read from its parser: every argument is a --flag."""
+    parser = build_parser().commands[name]
+    flags = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs:
+            raise TypeError(f"{name}: argument {action.dest!r} is not a --flag; commands take --flags only")
+        if isinstance(action, argparse._StoreTrueAction):
+            kind = "switch"
+        elif isinstance(action, argparse._AppendAction):
+            kind = "list"
+        elif type(action) is argparse._StoreAction and action.nargs is None:
+            kind = "value"
+        else:
+            raise TypeError(f"{name} {longs[0]}: {type(action).__name__} has no front-end translation")
+        help = action.help or ""
+        if "%(" in help:
+            help = help % dict(vars(action), prog=parser.prog)
+        flags.append(Flag(longs[0], longs[0][2:].replace("-", "_"), kind, help, bool(action.required)))
+    return flags
 
 
 # Modules that register sub-commands of their own with @command (build, doctor, publish...).
@@ -114,17 +174,15 @@ PLUGIN_MODULES: tuple[str, ...] = (
 
 
 def _load_plugins() -> None:
+    """Import every command module. Nothing is caught: a module that fails to import (moved,
+    renamed, a missing dependency) fails the command line loudly instead of dropping its commands."""
     import importlib
     for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+        importlib.import_module(mod)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "ktlegacy") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args) or 0

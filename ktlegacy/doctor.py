@@ -425,15 +425,21 @@ def doctor(profile: str | None = None, model_dir=None, gguf_dir=None, image=None
 
 
 def _doctor_args(p) -> None:
-    p.add_argument("--profile", default=None, help=f"check one profile ({', '.join(PROFILES)}); default: all")
-    p.add_argument("--model-dir", default=None, type=Path, help="model's Hugging Face dir (default: compose/.env)")
-    p.add_argument("--gguf-dir", default=None, type=Path, help="GGUF directory (default: compose/.env)")
+    p.add_argument("--profile", default=None,
+                   help=f"check one compose profile ({', '.join(PROFILES)}); default: every profile")
+    p.add_argument("--model-dir", default=None, type=Path,
+                   help="the model's Hugging Face directory (default: KTLEGACY_MODEL_DIR of compose/.env)")
+    p.add_argument("--gguf-dir", default=None, type=Path,
+                   help="the GGUF directory (default: KTLEGACY_GGUF_DIR of compose/.env)")
     p.add_argument("--image", default=None, help="check this image instead of the profile's tag")
-    p.add_argument("--rules", default=None, type=Path, help="rule file to estimate VRAM with (default: the image's)")
-    p.add_argument("--host-facts", default=None, type=Path, help="use facts recorded by tests/fixtures/hosts/record.sh")
+    p.add_argument("--rules", default=None, type=Path,
+                   help="rule file to estimate VRAM with (default: the profile's, read from the image)")
+    p.add_argument("--host-facts", default=None, type=Path,
+                   help="use host facts recorded by tests/fixtures/hosts/record.sh instead of probing")
 
 
-@command("doctor", "check that this host can serve a compose profile (one table; fixes for failures)", _doctor_args)
+@command("doctor", "check that this host can serve a compose profile: one table, a fix on each failing row",
+         _doctor_args)
 def doctor_command(args) -> int:
     facts = HostFacts.load(args.host_facts) if args.host_facts else None
     report = doctor(args.profile, args.model_dir, args.gguf_dir, args.image, args.rules, facts)

@@ -196,8 +196,8 @@ def ci_build_args(ref: str, arch: str, cpu: str) -> dict:
     """The build args ``invoke build --arch A --cpu-instruct C --ref R`` passes (ktlegacy/build.py's
     plan): the workflow's push by digest rebuilds with them from the warm cache, then checks
     that the pushed image has the smoke-tested layers and labels."""
-    from .build import plan as build_plan
-    (build,) = build_plan(arch, ref=ref, cpu_instruct=cpu, dry_run=True)
+    from .build import BuildRequest, plan as build_plan
+    (build,) = build_plan(BuildRequest(arch, ref=ref, cpu_instruct=cpu, dry_run=True))
     return dict(build.build_args)
 
 
@@ -289,18 +289,20 @@ def _publish_args(p) -> None:
                         "127.0.0.1:5000); the image is pushed as <registry>/ktransformers")
     p.add_argument("--arch", default="all", help="sm70, sm75 or all (default all)")
     p.add_argument("--cpu-instruct", action="append", default=None,
-                   help=f"CPU set(s) to publish ({', '.join(images.CPU_INSTRUCTS)}); repeat; default: every one built")
+                   help=f"CPU set to publish ({', '.join(images.CPU_INSTRUCTS)}); repeat for several; "
+                        "default: every one built")
     p.add_argument("--ref", default=None, help="only images of this ktransformers ref (default: every ref built)")
     p.add_argument("--sha", default=None,
                    help="commit the images were built from (default: their org.opencontainers.image.revision label)")
-    p.add_argument("--moving", action="store_true", help="also move latest-<arch>-<cpu> (release builds only)")
-    p.add_argument("--dry-run", action="store_true", help="check images and print the tags; push nothing")
+    p.add_argument("--moving", action="store_true",
+                   help="also move latest-<arch>-<cpu> (for release builds from version tags)")
+    p.add_argument("--dry-run", action="store_true", help="check the images' labels and print the tags; push nothing")
     p.add_argument("--allow-standin", action="store_true",
-                   help="also publish stand-in builds (no CUDA, io.ktlegacy.standin=true): for test registries")
+                   help="also publish stand-in builds (no CUDA, io.ktlegacy.standin=true), for test registries")
     p.add_argument("--allow-dirty", action="store_true",
                    help="also publish images built from uncommitted changes (revision label <sha>-dirty)")
     p.add_argument("--source-repository", default=images.DEFAULT_REPOSITORY,
-                   help=f"local repository the images are in (default {images.DEFAULT_REPOSITORY})")
+                   help=f"local repository holding the images (default {images.DEFAULT_REPOSITORY})")
     p.add_argument("--github-output", default=None,
                    help="CI: append the one checked image, its repository and tags to this file ($GITHUB_OUTPUT)")
 
@@ -308,7 +310,8 @@ def _publish_args(p) -> None:
 def _register() -> None:
     from .cli import command
 
-    @command("publish", "push built images to a registry: commit tag first, then the followed tags", _publish_args)
+    @command("publish", "docker push built images: commit tag first, then the followed tags "
+             "(login stays with `docker login`)", _publish_args)
     def run(args) -> int:
         publish(args.registry, arch=args.arch, cpus=args.cpu_instruct, ref=args.ref, sha=args.sha,
                 moving=args.moving, dry_run=args.dry_run, allow_standin=args.allow_standin,

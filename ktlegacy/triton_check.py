@@ -417,11 +417,11 @@ def run_check(tree: Path, arches: list[Arch], python: str | None = None,
 # -- command line --------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("--src", required=True, type=Path, help="patched ktransformers tree")
+    p.add_argument("--src", required=True, type=Path, help="patched ktransformers tree (from fetch-source + patch)")
     p.add_argument("--arch", required=True, help="sm70, sm75 or all")
     p.add_argument("--python", default=None,
-                   help="interpreter whose Triton compiles the kernels (default: this one)")
-    p.add_argument("--json", default=None, type=Path, help="also write the results here")
+                   help="interpreter whose Triton compiles the kernels (default: this one; e.g. the image's venv)")
+    p.add_argument("--json", default=None, type=Path, help="also write the results to this file")
 
 
 def main(args) -> int:
@@ -432,8 +432,8 @@ def main(args) -> int:
 
 def _register() -> None:
     from .cli import command
-    command("check-triton", "compile every Triton kernel of a patched tree for sm70/sm75 and "
-            "check its shared memory (no GPU needed)", add_arguments)(main)
+    command("check-triton", "compile every Triton kernel of a patched tree for sm70/sm75 (no GPU) and "
+            "check its shared memory", add_arguments)(main)
 
 
 _register()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .cli import command
 from .errors import KtlegacyError
-from .profiles import REPO_ROOT, get_profile
+from .profiles import PROFILES, REPO_ROOT, get_profile
 
 
 def up(profile: str, force: bool = False) -> None:
@@ -34,11 +34,11 @@ def up(profile: str, force: bool = False) -> None:
 
 
 def _up_args(p) -> None:
-    p.add_argument("--profile", required=True, help="v100, t4x4 or 2080ti-x2")
+    p.add_argument("--profile", required=True, help=f"compose profile to start: {', '.join(PROFILES)}")
     p.add_argument("--force", action="store_true", help="start even if a doctor check fails")
 
 
-@command("up", "run the doctor, then start a compose profile (refuses on a failing check)", _up_args)
+@command("up", "run the doctor, then `docker compose --profile P up -d` (refuses on a failing check)", _up_args)
 def up_command(args) -> int:
     up(args.profile, args.force)
     return 0

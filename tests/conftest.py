@@ -80,11 +80,12 @@ def standin_runtime_image(docker, standin_base, standin_wheelhouse) -> str:
     """Tag of images/Dockerfile's runtime stage built for sm75 on the no-CUDA stand-in base,
     offline (--network none) from the wheelhouse. Its extensions are not compiled and its
     labels say so (io.ktlegacy.standin=true); its build ran the in-container smoke."""
-    from ktlegacy.build import build
+    from ktlegacy.build import BuildRequest, build
     from ktlegacy.errors import KtlegacyError
     try:
-        result = build("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
-                       wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY,
+        result = build(BuildRequest("sm75", standin=True, base_image=standin_base,
+                                    torch_version=STANDIN_TORCH_VERSION, wheelhouse=standin_wheelhouse,
+                                    offline=True, repository=STANDIN_REPOSITORY),
                        echo=False, out=lambda line: None)
     except KtlegacyError as exc:
         log = getattr(exc, "log", "")

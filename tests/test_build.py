@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy import images
-from ktlegacy.build import DEFAULT_BASE_IMAGE, DEFAULT_RUNTIME_IMAGE, DEFAULT_TORCH_VERSION, plan
+from ktlegacy.build import DEFAULT_BASE_IMAGE, DEFAULT_RUNTIME_IMAGE, DEFAULT_TORCH_VERSION, BuildRequest, plan
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -121,8 +121,28 @@ def test_invoke_front_matches_the_cli():
         "error: --arch is required: sm70 (V100), sm75 (T4, RTX 2080 Ti) or all"
 
 
+def test_build_request_is_the_build_flags_and_its_args_are_dockerfile_args():
+    """The build command's flags are BuildRequest's fields with help, parsed into one request;
+    every build arg it maps to is an ARG of images/Dockerfile."""
+    from dataclasses import fields
+    from ktlegacy.arch import get_arch
+    from ktlegacy.cli import build_parser
+    parser = build_parser().commands["build"]
+    assert {f.name for f in fields(BuildRequest) if "help" in f.metadata} == \
+        {a.dest for a in parser._actions} - {"help"}
+    args = parser.parse_args(["--arch", "sm70", "--max-jobs", "3", "--offline", "--cache-to", "x", "--standin",
+                              "--triton-version", "3.1.0"])
+    assert BuildRequest.from_args(args) == BuildRequest("sm70", max_jobs=3, offline=True, cache_to="x",
+                                                        standin=True, triton_version="3.1.0")
+    every = BuildRequest("sm70", pip_index_url="p", apt_mirror="a", triton_version="t", standin=True,
+                         ci_torch_cuda_mismatch=True)
+    build_args = every.build_args(get_arch("sm70"), commit="c", digest="d", revision="r", wheelhouse_image="w")
+    declared = set(re.findall(r"^ARG (\w+)", (REPO / "images" / "Dockerfile").read_text(), re.M))
+    assert set(build_args) <= declared, set(build_args) - declared
+
+
 def test_plan_labels_cover_images_keys():
-    (p,) = plan("sm75", dry_run=True)
+    (p,) = plan(BuildRequest("sm75", dry_run=True))
     for key in (images.LABEL_REF, images.LABEL_COMMIT, images.LABEL_OVERLAY_DIGEST, images.LABEL_ARCH,
                 images.LABEL_CUDA, images.LABEL_TORCH, images.LABEL_CPU):
         assert p.labels[key], key
@@ -209,7 +229,7 @@ def test_daemon_without_buildkit(tmp_path, monkeypatch, docker):
     monkeypatch.setattr(kdocker, "_candidates", lambda: [str(fake)])
     try:
         with pytest.raises(KtlegacyError, match="cannot do BuildKit builds"):
-            build("sm75", tag="h3-bad/ktransformers:nobuildkit", out=lambda line: None)
+            build(BuildRequest("sm75", tag="h3-bad/ktransformers:nobuildkit"), out=lambda line: None)
     finally:
         kdocker.client.cache_clear()
     assert _no_image("h3-bad/ktransformers:nobuildkit")
@@ -223,7 +243,7 @@ def test_cache_export_without_buildx_is_refused(docker):
     from ktlegacy.build import build
     from ktlegacy.errors import KtlegacyError
     with pytest.raises(KtlegacyError, match="--cache-to .* needs docker buildx"):
-        build("sm75", tag="h3-bad/ktransformers:cacheto", cache_to="type=local,dest=/tmp/h3-cache",
+        build(BuildRequest("sm75", tag="h3-bad/ktransformers:cacheto", cache_to="type=local,dest=/tmp/h3-cache"),
               out=lambda line: None)
     assert _no_image("h3-bad/ktransformers:cacheto")
 
@@ -270,8 +290,9 @@ def test_smoke_without_the_image_names_the_build_command(docker):
 @pytest.mark.slow
 def test_standin_labels_match_the_build(standin_runtime_image, standin_base, standin_wheelhouse):
     from conftest import STANDIN_REPOSITORY, STANDIN_TORCH_VERSION
-    (expected,) = plan("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
-                       wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY)
+    (expected,) = plan(BuildRequest("sm75", standin=True, base_image=standin_base,
+                                    torch_version=STANDIN_TORCH_VERSION, wheelhouse=standin_wheelhouse,
+                                    offline=True, repository=STANDIN_REPOSITORY))
     config = _inspect(standin_runtime_image)["Config"]
     labels = config["Labels"]
     for key, value in expected.labels.items():
@@ -308,9 +329,9 @@ def test_runtime_is_non_root_without_compiler_or_source(standin_runtime_image):
 def _rebuild_standin(standin_base, standin_wheelhouse, **kwargs):
     from conftest import STANDIN_REPOSITORY, STANDIN_TORCH_VERSION
     from ktlegacy.build import build
-    return build("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
-                 wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY,
-                 echo=False, out=lambda line: None, **kwargs)
+    return build(BuildRequest("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                              wheelhouse=standin_wheelhouse, offline=True, repository=STANDIN_REPOSITORY, **kwargs),
+                 echo=False, out=lambda line: None)
 
 
 def build_steps(log: str) -> dict[str, str]:
@@ -386,9 +407,10 @@ def test_ca_bundle_is_in_no_layer_and_no_history(standin_base, standin_wheelhous
     # --no-cache: secrets are not part of the cache key, so a cached build would never mount it
     from conftest import STANDIN_TORCH_VERSION
     from ktlegacy.build import build
-    result = build("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
-                   wheelhouse=standin_wheelhouse, offline=True, repository=tag_repo, ca_cert=HOST_CA_BUNDLE,
-                   extra_build_flags=("--no-cache",), echo=False, out=lambda line: None)
+    result = build(BuildRequest("sm75", standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                                wheelhouse=standin_wheelhouse, offline=True, repository=tag_repo,
+                                ca_cert=HOST_CA_BUNDLE, extra_build_flags=("--no-cache",)),
+                   echo=False, out=lambda line: None)
     (tag,) = result.tags
     try:
         log = result.logs[tag]
@@ -433,8 +455,9 @@ def triton_wheelhouse(standin_wheelhouse) -> Path:
 def _kernels_stage(standin_base, wheelhouse, arch, triton, tag):
     from conftest import STANDIN_TORCH_VERSION
     from ktlegacy.build import build
-    return build(arch, standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
-                 triton_version=triton, wheelhouse=wheelhouse, offline=True, target="kernels", tag=tag,
+    return build(BuildRequest(arch, standin=True, base_image=standin_base, torch_version=STANDIN_TORCH_VERSION,
+                              triton_version=triton, wheelhouse=wheelhouse, offline=True, target="kernels",
+                              tag=tag),
                  echo=False, out=lambda line: None)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.build import DEBIAN_BASE_REPOSITORY, plan
+from ktlegacy.build import DEBIAN_BASE_REPOSITORY, BuildRequest, plan
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -82,12 +82,13 @@ def test_debian_bases_conflicts_are_one_line(args, expected):
 
 def test_ci_mismatch_is_for_check_targets_only():
     from ktlegacy.errors import KtlegacyError
-    (p,) = plan("sm70", target="compile", ci_torch_cuda_mismatch=True, dry_run=True)
+    (p,) = plan(BuildRequest("sm70", target="compile", ci_torch_cuda_mismatch=True, dry_run=True))
     assert p.build_args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] == "1"
-    assert "KTLEGACY_CI_TORCH_CUDA_MISMATCH" not in plan("sm70", target="compile", dry_run=True)[0].build_args
+    assert "KTLEGACY_CI_TORCH_CUDA_MISMATCH" not in plan(BuildRequest("sm70", target="compile",
+                                                                      dry_run=True))[0].build_args
     for target in ("wheels", "runtime"):
         with pytest.raises(KtlegacyError, match="CI's compile check only"):
-            plan("sm70", target=target, ci_torch_cuda_mismatch=True, dry_run=True)
+            plan(BuildRequest("sm70", target=target, ci_torch_cuda_mismatch=True, dry_run=True))
 
 
 # -- the real compile ------------------------------------------------------------------------------
@@ -102,17 +103,17 @@ def _docker(*args, check=True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def cuda118_compile_images(docker) -> dict:
     """arch -> tag of the `compile` stage built for it on the Debian CUDA 11.8 bases."""
-    from ktlegacy.build import build
+    from ktlegacy.build import BuildRequest, build
     from ktlegacy.errors import KtlegacyError
     tags = {}
     for arch in ARCHES:  # one at a time: 2 cores, and the second reuses the first's toolchain layer
         try:
-            result = build(arch, debian_bases=True, debian_base_repository=BASE_REPOSITORY,
-                           torch_version=CI_TORCH_VERSION, torch_index_url=CI_TORCH_INDEX_URL,
-                           ca_cert=HOST_CA_BUNDLE if HOST_CA_BUNDLE.is_file() else None, target="compile",
-                           repository=REPOSITORY, max_jobs=os.cpu_count() or 2, ci_torch_cuda_mismatch=True,
-                           echo=False,
-                           out=lambda line: None)
+            result = build(BuildRequest(arch, debian_bases=True, debian_base_repository=BASE_REPOSITORY,
+                                        torch_version=CI_TORCH_VERSION, torch_index_url=CI_TORCH_INDEX_URL,
+                                        ca_cert=HOST_CA_BUNDLE if HOST_CA_BUNDLE.is_file() else None,
+                                        target="compile", repository=REPOSITORY, max_jobs=os.cpu_count() or 2,
+                                        ci_torch_cuda_mismatch=True),
+                           echo=False, out=lambda line: None)
         except KtlegacyError as exc:
             log = getattr(exc, "log", "")
             pytest.fail(f"CUDA 11.8 compile build for {arch} failed: {exc}\n" + "\n".join(log.splitlines()[-80:]))
