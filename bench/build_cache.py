@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ktlegacy.standin import ensure_standin_image  # noqa: E402
-from ktlegacy.wheelhouse import make_wheelhouse  # noqa: E402
+from ktlegacy.testing.wheelhouse import make_wheelhouse  # noqa: E402
 
 TORCH = "2.13.0+cpu"
 REPOSITORY = "h3-bench/ktransformers"

@@ -108,7 +108,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "ktlegacy.up",
     "ktlegacy.build",
     "ktlegacy.triton_check",
-    "ktlegacy.testmodel",
+    "ktlegacy.testing.testmodel",
     "ktlegacy.standin",
 )
 
@@ -119,7 +119,9 @@ def _load_plugins() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
-            if exc.name != mod:
+            # a module (or its package) left out, as in the image stages that copy only what they
+            # run (images/Dockerfile): its commands are absent; a missing import inside it is a bug
+            if exc.name != mod and not mod.startswith(f"{exc.name}."):
                 raise
 
 
