@@ -5,11 +5,15 @@
 Measures, in a scratch copy of the build context (the checkout is never touched):
 1. a first build of the stand-in sm75 runtime image (warm or cold, whatever the daemon holds),
 2. a no-op rebuild: wall time and how many RUN/COPY steps were CACHED (all should be),
-3. a rebuild after a Python-only overlay change (an extra overlay that appends a comment to
+3. a rebuild after editing a library module the image does not run (a comment appended to
+   ``ktlegacy/doctor.py``): every stage copies only the modules it runs, so every step must be
+   CACHED here too (before, the source stage copied all of ``ktlegacy/``: the sdist was fetched
+   again and every stage after it re-ran),
+4. a rebuild after a Python-only overlay change (an extra overlay that appends a comment to
    ``ktransformers/local_chat.py``): wall time, which steps ran, and whether the compile stage's
    RUN (compile_extensions.py) was a cache hit -- the proof that such a change does not recompile
    the C++/CUDA extensions,
-4. image sizes: the runtime image vs the build stage (``--target compile``: toolchain + extensions).
+5. image sizes: the runtime image vs the build stage (``--target compile``: toolchain + extensions).
 
 On the stand-in the compile stage compiles nothing (no nvcc), but its cache key is the same as in
 a CUDA build: the C++ side of the patched tree, the compile script and the build args. Writes JSON
@@ -34,11 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ktlegacy.standin import ensure_standin_image  # noqa: E402
-from ktlegacy.wheelhouse import make_wheelhouse  # noqa: E402
+from ktlegacy.testing.wheelhouse import make_wheelhouse  # noqa: E402
 
 TORCH = "2.13.0+cpu"
 REPOSITORY = "h3-bench/ktransformers"
 CONTEXT_DIRS = ("ktlegacy", "overlays", "images", "tests/smoke")
+UNRUN_MODULE = "ktlegacy/doctor.py"   # the library module the case 3 edit goes to: no stage runs it
 
 PYTHON_ONLY_OVERLAY = '''"""bench only: a Python-only change (a comment appended to local_chat.py)."""
 from ktlegacy.overlay import ALL_REFS, Overlay
@@ -114,6 +119,10 @@ def main(argv=None) -> int:
         copy_context(context)
         results["first_build"] = build(context, base, wheelhouse)
         results["noop_rebuild"] = build(context, base, wheelhouse)
+        doctor = context / UNRUN_MODULE
+        doctor.write_text(doctor.read_text() + "# bench: an edit to a module no image stage runs\n")
+        results["unrun_module_rebuild"] = build(context, base, wheelhouse)
+        results["unrun_module_rebuild"]["edited"] = UNRUN_MODULE
         (context / "overlays" / "zz_bench_python_only.py").write_text(PYTHON_ONLY_OVERLAY)
         results["python_only_overlay_rebuild"] = build(context, base, wheelhouse)
         results["build_stage"] = build(context, base, wheelhouse, target="compile")
@@ -122,14 +131,16 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
-    n, o = results["noop_rebuild"], results["python_only_overlay_rebuild"]
+    n, u, o = results["noop_rebuild"], results["unrun_module_rebuild"], results["python_only_overlay_rebuild"]
     print(f"no-op rebuild: {n['wall_s']} s, {n['cached']}/{n['steps']} steps cached")
+    print(f"{UNRUN_MODULE} edited: {u['wall_s']} s, {u['cached']}/{u['steps']} steps cached"
+          + (f"; ran: {', '.join(u['ran'])}" if u["ran"] else ""))
     print(f"python-only overlay change: {o['wall_s']} s, {o['cached']}/{o['steps']} cached, compile stage "
           f"{'CACHED (no recompile)' if o['compile_stage_cached'] else 'RE-RUN'}; ran: {', '.join(o['ran'])}")
     s = results["sizes_bytes"]
     print(f"sizes: runtime {s['runtime'] / 1e9:.2f} GB, build stage (compile) {s['build_stage_compile'] / 1e9:.2f} GB")
     print(f"wrote {args.out}")
-    return 0 if (n["cached"] == n["steps"] and o["compile_stage_cached"]) else 1
+    return 0 if (n["cached"] == n["steps"] and u["cached"] == u["steps"] and o["compile_stage_cached"]) else 1
 
 
 if __name__ == "__main__":

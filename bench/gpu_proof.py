@@ -120,7 +120,7 @@ def model_classes(model_dir: Path):
 
 
 def load_reference(model_dir: Path, device: str):
-    from ktlegacy.testmodel import reference_state_dict
+    from ktlegacy.testing.testmodel import reference_state_dict
     config_cls, model_cls, _ = model_classes(model_dir)
     torch.set_default_dtype(torch.float32)
     cfg = config_cls.from_pretrained(str(model_dir))
@@ -320,7 +320,7 @@ def compare(ref_tokens, ref_logits, eng_tokens, eng_logits) -> dict:
 
 def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
     from transformers import AutoTokenizer
-    from ktlegacy.testmodel import EOS
+    from ktlegacy.testing.testmodel import EOS
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -339,7 +339,7 @@ def greedy_proof(model_dir: Path, steps: int, results: dict) -> dict:
     turn2_full = list(first_ids) + ref_out[first_name][0] + second_suffix
     ref_out["second_turn"] = reference_greedy(ref, turn2_full, steps, "cuda:0")
     # How often the layers, not the head's successor term, decided the reference token
-    # (see ktlegacy/testmodel.py): 1.0 means every token was the successor of the previous one.
+    # (see ktlegacy/testing/testmodel.py): 1.0 means every token was the successor of the previous one.
     succ = (ref.lm_head.weight @ ref.model.embed_tokens.weight.T).argmax(0).tolist()
     hits = total = 0
     for name, ids in convs + [("second_turn", turn2_full)]:

@@ -5,7 +5,7 @@
         [--threads N] [--runs 3] [--prefill 512 2048 8192] [--decode-ctx 1024 4096] \
         [--decode-tokens 32] [--engines llama_cpp ktlegacy ktlegacy_windows] [--deadline-s S]
 
-MODEL is ``ktlegacy.peer_model.make_lite_model``'s output (DeepSeek-V2-Lite's shapes and quant
+MODEL is ``ktlegacy.testing.peer_model.make_lite_model``'s output (DeepSeek-V2-Lite's shapes and quant
 mix, random weights). bench/peer_run.sh builds everything and runs this on the GPU machine.
 
 Engines, all with the routed experts on the CPU and everything else on the GPU:
@@ -512,7 +512,7 @@ def environment(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from ktlegacy.peer_model import GGUF_NAME, load_record
+    from ktlegacy.testing.peer_model import GGUF_NAME, load_record
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path, help="make_lite_model output directory")
     p.add_argument("--llama-bench", help="llama-bench binary (needed for the llama_cpp engine)")

@@ -13,7 +13,7 @@
 # PEER_PREPARE_ONLY=1 (build and generate, no benchmark), PEER_BENCH_ARGS="..." (extra arguments
 # for bench/peer_bench.py, e.g. "--decode-tokens 16" if a run does not fit).
 #
-# Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.peer_model,
+# Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.testing.peer_model,
 # ~9.4 GiB, never leaves the machine) | llama.cpp's llama-bench (bench/peer_build_llama.sh: PTX for
 # 7.5 only, flash attention on) | our patched ktransformers 0.2.1.post1, 7.5+PTX (bench/gpu_run.sh
 # with KTLEGACY_PROOF=install) -> bench/peer_bench.py (KTLEGACY_EMULATE_CC=7.5): triad,
@@ -56,7 +56,7 @@ else
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/gen-site" .whl/*.whl \
     >"$logs/pip-gen.log" 2>&1 || { cat "$logs/pip-gen.log"; finish 3; }
   say "model: generating in the background"
-  ( PYTHONPATH="$work/gen-site:$repo" $py -m ktlegacy.peer_model --dest "$model" --force >"$logs/model.log" 2>&1
+  ( PYTHONPATH="$work/gen-site:$repo" $py -m ktlegacy.testing.peer_model --dest "$model" --force >"$logs/model.log" 2>&1
     echo $? >"$work/model.rc" ) &
 fi
 

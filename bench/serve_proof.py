@@ -597,7 +597,7 @@ def main(argv=None) -> int:
 
     model_dir = args.work / "model-v3"
     from dataclasses import asdict
-    from ktlegacy.testmodel import SPEC_NAME, preset
+    from ktlegacy.testing.testmodel import SPEC_NAME, preset
     record = model_dir / SPEC_NAME
     if not record.is_file() or json.loads(record.read_text())["spec"] != json.loads(json.dumps(asdict(preset("v3")))):
         subprocess.run([sys.executable, "-m", "ktlegacy", "make-test-model", "--preset", "v3", "--dest",

@@ -9,6 +9,8 @@
   (``invoke build --debian-bases``: no Docker Hub, no NVIDIA registry; CI's real compile).
 
 The root file system tarball is cached so later runs only re-import it.
+It stays in the library, not in :mod:`ktlegacy.testing`: ``build --debian-bases`` runs it, and it
+needs nothing beyond the standard library and ``debootstrap``.
 ``python -m ktlegacy debian-rootfs [--mirror URL] [--tag T]`` makes it from the command line.
 """
 

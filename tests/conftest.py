@@ -70,7 +70,7 @@ STANDIN_REPOSITORY = "h3-ktlegacy/ktransformers"
 def standin_wheelhouse(docker) -> Path:
     """Every package the stand-in build installs (the suite's CPU torch, the build tools,
     ktransformers' dependencies) plus the 0.2.1.post1 sdist: the build needs no network."""
-    from ktlegacy.wheelhouse import make_wheelhouse
+    from ktlegacy.testing.wheelhouse import make_wheelhouse
     return make_wheelhouse(torch_version=STANDIN_TORCH_VERSION, find_links=torch_cpu.find_links(STANDIN_TORCH_VERSION),
                            extra_index_urls=torch_cpu.index_urls(STANDIN_TORCH_VERSION))
 

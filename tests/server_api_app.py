@@ -28,7 +28,7 @@ def make_model(model: Path) -> None:
     sys.path.insert(0, str(REPO))
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from ktlegacy.testmodel import BOS, CHAT_TEMPLATE, EOS, TestModelSpec, build_tokenizer
+    from ktlegacy.testing.testmodel import BOS, CHAT_TEMPLATE, EOS, TestModelSpec, build_tokenizer
     model.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(TestModelSpec())
     tok.save(str(model / "tokenizer.json"))

@@ -98,7 +98,7 @@ def test_ratios_bandwidth_fraction_and_targets():
 
 
 def test_bandwidth_limit_from_the_model_record():
-    from ktlegacy.peer_model import LiteSpec, decode_cpu_bytes, tensor_plan
+    from ktlegacy.testing.peer_model import LiteSpec, decode_cpu_bytes, tensor_plan
     per_token = decode_cpu_bytes(LiteSpec(), tensor_plan(LiteSpec()))["total"]
     # 26 MoE layers x 6 experts x 5,226,496 bytes + one Q8_0 embedding row
     assert per_token == 26 * 6 * 5_226_496 + 2176

@@ -1,4 +1,4 @@
-"""The DeepSeek-V2-Lite-shaped peer model (ktlegacy/peer_model.py) at a small size.
+"""The DeepSeek-V2-Lite-shaped peer model (ktlegacy/testing/peer_model.py) at a small size.
 
 Two layers (one dense, one MoE with all 64 routed experts of 1408) and a 1024-token vocabulary:
 every per-layer shape and quant type is the full model's. Checked with real readers:
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from ktlegacy.errors import KtlegacyError
-from ktlegacy.peer_model import (GGUF_NAME, LiteSpec, QK, _q4k_scales, decode_cpu_bytes, load_record,
+from ktlegacy.testing.peer_model import (GGUF_NAME, LiteSpec, QK, _q4k_scales, decode_cpu_bytes, load_record,
                                  make_lite_model, nbytes, quant_blocks, tensor_plan)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,7 +271,7 @@ def test_refuses_busy_dest_and_bad_sizes(tmp_path, model_dir):
     with pytest.raises(KtlegacyError, match="vocab must be at least"):
         make_lite_model(tmp_path / "small", layers=2, vocab=100)
     assert not (tmp_path / "small").exists() and not (tmp_path / "small.partial").exists()
-    proc = subprocess.run([sys.executable, "-m", "ktlegacy.peer_model", "--dest", str(busy), "--layers", "2"],
+    proc = subprocess.run([sys.executable, "-m", "ktlegacy.testing.peer_model", "--dest", str(busy), "--layers", "2"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

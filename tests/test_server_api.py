@@ -88,7 +88,7 @@ def test_overlay_refuses_drift_and_leaves_the_tree(pristine_tree):
 
 @pytest.fixture(scope="module")
 def api_python():
-    from ktlegacy.wheelhouse import ktransformers_requirements
+    from ktlegacy.testing.wheelhouse import ktransformers_requirements
     reqs = [r for r in ktransformers_requirements() if re.split(r"[\s<>=!~\[;]", r, 1)[0].lower() not in NOT_IMPORTED]
     runtime = (REPO / "images" / "requirements" / "runtime.txt").read_text().split("\n")
     reqs += [r.strip() for r in runtime if r.strip() and not r.startswith("#")]

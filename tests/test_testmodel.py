@@ -1,4 +1,4 @@
-"""The synthetic DeepSeek-V2 checkpoint (ktlegacy/testmodel.py) against upstream's own code.
+"""The synthetic DeepSeek-V2 checkpoint (ktlegacy/testing/testmodel.py) against upstream's own code.
 
 The GPU proof (bench/gpu_proof.py) only means something if ktransformers loads this file the
 way it loads a real DeepSeek GGUF and the reference model is upstream's modeling code. So the
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy.errors import KtlegacyError
-from ktlegacy.testmodel import GGUF_NAME, PRESETS, TestModelSpec, load_spec, make_test_model, preset
+from ktlegacy.testing.testmodel import GGUF_NAME, PRESETS, TestModelSpec, load_spec, make_test_model, preset
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = TestModelSpec(num_hidden_layers=3)  # one dense + two MoE layers: same shapes per layer
@@ -41,7 +41,7 @@ model_dir, sdist = Path(sys.argv[1]), Path(sys.argv[2])
 sys.modules["KTransformersOps"] = types.ModuleType("KTransformersOps")
 sys.path.insert(0, str(sdist))
 from ktransformers.util.custom_gguf import GGUFLoader, translate_name_to_gguf
-from ktlegacy.testmodel import reference_state_dict
+from ktlegacy.testing.testmodel import reference_state_dict
 arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
 if arch == "DeepseekV3ForCausalLM":
     from ktransformers.models.configuration_deepseek_v3 import DeepseekV3Config as Config

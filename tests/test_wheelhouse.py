@@ -1,9 +1,9 @@
-"""ktlegacy.wheelhouse: what an offline build's wheelhouse must hold (the cached sdist is real)."""
+"""ktlegacy.testing.wheelhouse: what an offline build's wheelhouse must hold (the cached sdist is real)."""
 
 import pytest
 
 from ktlegacy.errors import KtlegacyError
-from ktlegacy.wheelhouse import ktransformers_requirements, make_wheelhouse, wheelhouse_requirements
+from ktlegacy.testing.wheelhouse import ktransformers_requirements, make_wheelhouse, wheelhouse_requirements
 
 
 def test_requirements_come_from_the_sdist_and_pin_torch_once():

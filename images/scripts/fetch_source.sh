@@ -17,7 +17,7 @@ if have_wheelhouse; then
   done
 fi
 use_ca_secret
-args=(fetch-source --ref "$KTRANSFORMERS_REF" --dest "$dest")
+args=(--ref "$KTRANSFORMERS_REF" --dest "$dest")
 [ -n "${PIP_INDEX_URL:-}" ] && args+=(--index-url "$PIP_INDEX_URL")
-"$py" -m ktlegacy "${args[@]}"
+"$py" -m ktlegacy fetch-source "${args[@]}"
 rm -rf "$KTLEGACY_CACHE"

@@ -23,11 +23,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import KtlegacyError
-from .refs import DEFAULT_REF, get_ref
-from .source import CACHE_DIR, download_sdist
+from ..errors import KtlegacyError
+from ..refs import DEFAULT_REF, get_ref
+from ..source import CACHE_DIR, download_sdist
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO_ROOT / "images" / "requirements"
 
 

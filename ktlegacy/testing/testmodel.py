@@ -46,10 +46,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import KtlegacyError
+from ..errors import KtlegacyError
+from . import require
 
 GGUF_NAME = "model.gguf"
 SPEC_NAME = "ktlegacy-testmodel.json"
+# What writing a model imports (the testing extra): the BPE trainer, the weights, the GGUF writer.
+MODEL_MODULES = ("tokenizers", "numpy", "gguf")
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
@@ -485,6 +488,7 @@ def make_test_model(dest: Path, spec: TestModelSpec | None = None, force: bool =
         # KExpertsCPU's llamafile MoE splits rows in QK_K = 256 blocks on its multi-token path
         # (moe.cpp forward_many): a smaller size divides by zero there (SIGFPE)
         raise KtlegacyError("hidden and expert sizes must be multiples of 256 (llamafile's QK_K row blocks)")
+    require("make-test-model", *MODEL_MODULES)
     with staged_dir(dest, force) as tmp:
         tok = build_tokenizer(spec)
         bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
@@ -509,8 +513,10 @@ def reference_state_dict(model_dir: Path) -> dict:
     """The GGUF's tensors under the Hugging Face names DeepseekV2ForCausalLM uses (float32).
 
     Read with the ``gguf`` package (not ktransformers' loader), so the reference forward pass
-    shares no loading code with the engine under test.
+    shares no loading code with the engine under test. Needs torch besides the testing extra
+    (the test extra has it; the GPU machine has the engine's).
     """
+    require("reference_state_dict", "gguf", "numpy", "torch", extra="test")
     import gguf
     import numpy as np
     import torch
@@ -568,7 +574,7 @@ def _args(p) -> None:
                    help="v2: DeepSeek-V2-Lite layout, 6 layers; v3: DeepSeek-V3 layout (q LoRA, noaux_tc "
                         "router), 46 layers: every GPU of the 2- and 4-GPU V3 rule files gets layers; "
                         "v2-lite: DeepSeek-V2-Lite's real dimensions and quant mix (Q4_K experts, ~9.4 GiB, "
-                        "for bench/peer_run.sh; ktlegacy/peer_model.py)")
+                        "for bench/peer_run.sh; ktlegacy/testing/peer_model.py)")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers (dense first, rest MoE; default: the preset's); "
                         "27 matches V2-Lite's multi-GPU rule split")
@@ -577,10 +583,11 @@ def _args(p) -> None:
 
 
 def _register():
-    from .cli import command
+    from ..cli import command
 
     @command("make-test-model", "write a synthetic DeepSeek-V2/V3 GGUF checkpoint + config + tokenizer", _args)
     def run(args) -> int:
+        require("make-test-model", *MODEL_MODULES)  # before any work: one line naming the extra
         if args.preset == "v2-lite":
             from .peer_model import make_lite_model
             out = make_lite_model(args.dest, seed=args.seed, force=args.force,

@@ -14,11 +14,11 @@
   keys): the form ktransformers 0.2.1.post1 reads; llama.cpp loads it too (its "legacy" non-MLA
   path, which caches decompressed K/V per head).
 - the ``deepseek2`` metadata llama.cpp needs and a GPT-2-style BPE tokenizer in the GGUF
-  (``tokenizer.ggml.*``): ``ktlegacy.testmodel``'s trained byte-level BPE (512 tokens) padded
+  (``tokenizer.ggml.*``): ``ktlegacy.testing.testmodel``'s trained byte-level BPE (512 tokens) padded
   with unused tokens up to the vocabulary size, so token ids cover the embedding rows;
 - ``config.json``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
   ``configuration_deepseek.py``: the Hugging Face side ktransformers' loader reads, as
-  ``ktlegacy.testmodel`` writes them;
+  ``ktlegacy.testing.testmodel`` writes them;
 - ``ktlegacy-peer-model.json``: the shape, the quant mix, the tensor list and the bytes a decoded
   token reads from the CPU-side weights (what ``bench/peer_bench.py`` divides by the memory
   bandwidth).
@@ -38,7 +38,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import KtlegacyError
+from ..errors import KtlegacyError
 
 GGUF_NAME = "model.gguf"
 RECORD_NAME = "ktlegacy-peer-model.json"
@@ -316,7 +316,9 @@ def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: i
     dest = Path(dest)
     if layers < 2:
         raise KtlegacyError("layers must be at least 2 (one dense layer, then MoE layers)")
-    from .testmodel import BOS, EOS, staged_dir, write_hf_files
+    from . import require
+    from .testmodel import BOS, EOS, MODEL_MODULES, staged_dir, write_hf_files
+    require("make-test-model --preset v2-lite", *MODEL_MODULES)
     plan = tensor_plan(spec)
     with staged_dir(dest, force) as tmp:
         tok_json, tokens, types, merges = padded_tokenizer(vocab)
@@ -341,12 +343,12 @@ def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: i
 def load_record(model_dir: Path) -> dict:
     path = Path(model_dir) / RECORD_NAME
     if not path.is_file():
-        raise KtlegacyError(f"{model_dir} holds no {RECORD_NAME}: make it with ktlegacy.peer_model.make_lite_model")
+        raise KtlegacyError(f"{model_dir} holds no {RECORD_NAME}: make it with ktlegacy.testing.peer_model.make_lite_model")
     return json.loads(path.read_text())
 
 
 def main(argv=None) -> int:
-    """``python -m ktlegacy.peer_model --dest DIR [--layers N] [--vocab V] [--seed S] [--force]``
+    """``python -m ktlegacy.testing.peer_model --dest DIR [--layers N] [--vocab V] [--seed S] [--force]``
     (until ``invoke make-test-model --preset v2-lite`` calls make_lite_model)."""
     import argparse
     import sys
