@@ -173,21 +173,18 @@ PLUGIN_MODULES: tuple[str, ...] = (
 )
 
 
-OPTIONAL_PLUGIN_PACKAGE = "ktlegacy.testing"  # installed by the `testing` extra; absent in image stages
-
-
 def _load_plugins() -> None:
-    """Import every command module. Only the optional ``ktlegacy.testing`` package may be absent;
-    any other module that fails to import (moved, renamed, a missing dependency) fails the command
-    line loudly instead of dropping its commands."""
+    """Import every command module. A module whose own file is absent is skipped: the image stages
+    copy only the library files they run (images/Dockerfile), and ``ktlegacy.testing`` comes with an
+    extra. A module that is there but fails to import (a missing dependency, a broken import) fails
+    the command line loudly instead of dropping its commands; that every listed module exists in
+    the checkout is a test (tests/test_cli_tasks.py)."""
     import importlib
     for mod in PLUGIN_MODULES:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
-            # the optional test/bench package left out (the image stages copy only what they run,
-            # images/Dockerfile): its commands are absent. Anything else missing is a bug: raised.
-            if not (mod.startswith(f"{OPTIONAL_PLUGIN_PACKAGE}.") and exc.name in (OPTIONAL_PLUGIN_PACKAGE, mod)):
+            if not (exc.name == mod or mod.startswith(f"{exc.name}.")):
                 raise
 
 
