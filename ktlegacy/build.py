@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import images
+from . import facts, images
 from .arch import Arch, arches_for, get_arch
 from .cli import command
 from .errors import KtlegacyError
@@ -41,18 +41,16 @@ DEBIAN_DOCKERFILE = REPO_ROOT / "images" / "debian-cuda.Dockerfile"
 # Debian bookworm's non-free nvidia-cuda-toolkit 11.8), tagged <repository>:11.8-devel / -runtime.
 DEBIAN_BASE_REPOSITORY = "ktlegacy-debian-cuda"
 
-DEFAULT_BASE_IMAGE = "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"
-DEFAULT_RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"
-# Why 2.5.1: its Triton (3.1.0) compiles ktransformers' MLA decode kernel for sm70 and sm75 in
-# 52,224 B of shared memory; triton 3.2.0 (torch 2.6) aborts on sm70, 3.3.1 (torch 2.7) fails on
-# both (docs/torch-pin.md; the image's kernels stage re-checks it on every build).
-DEFAULT_TORCH_VERSION = "2.5.1+cu118"
-DEFAULT_TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu118"
+# The bases and the torch pin (why 2.5.1: ktlegacy/facts.py, docs/torch-pin.md).
+DEFAULT_BASE_IMAGE = facts.BASE_IMAGE
+DEFAULT_RUNTIME_IMAGE = facts.RUNTIME_IMAGE
+DEFAULT_TORCH_VERSION = facts.TORCH_VERSION
+DEFAULT_TORCH_INDEX_URL = facts.TORCH_INDEX_URL
 DEFAULT_MAX_JOBS = 4
 
-# Labels beyond ktlegacy/images.py's keys, for what only a build knows.
-LABEL_EXTENSIONS = "io.ktlegacy.extensions"   # "build" or "skip" (stand-in: nothing compiled)
-LABEL_STANDIN = "io.ktlegacy.standin"         # "true" only on the no-CUDA stand-in test build
+# Labels for what only a build knows (the keys: ktlegacy/facts.py).
+LABEL_EXTENSIONS = facts.LABEL_EXTENSIONS     # "build" or "skip" (stand-in: nothing compiled)
+LABEL_STANDIN = facts.LABEL_STANDIN           # "true" only on the no-CUDA stand-in test build
 
 CA_SECRET_ID = "ca_cert"
 

@@ -242,10 +242,10 @@ def _interesting_stderr(stderr: str) -> str:
 
 
 def _install_pin() -> str:
-    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/build.py."""
-    from .build import DEFAULT_TORCH_INDEX_URL, DEFAULT_TORCH_VERSION
-    return (f"install the image's torch pin, pip install torch=={DEFAULT_TORCH_VERSION} --index-url "
-            f"{DEFAULT_TORCH_INDEX_URL} (it brings the Triton it requires; docs/torch-pin.md)")
+    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/facts.py."""
+    from .facts import TORCH_INDEX_URL, TORCH_VERSION
+    return (f"install the image's torch pin, pip install torch=={TORCH_VERSION} --index-url "
+            f"{TORCH_INDEX_URL} (it brings the Triton it requires; docs/torch-pin.md)")
 
 
 def triton_version(python: str) -> str:
