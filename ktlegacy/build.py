@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from . import images
+from . import facts, images
 from .arch import Arch, arches_for, get_arch
 from .cli import command
 from .errors import KtlegacyError
@@ -44,18 +44,16 @@ DEBIAN_DOCKERFILE = REPO_ROOT / "images" / "debian-cuda.Dockerfile"
 # Debian bookworm's non-free nvidia-cuda-toolkit 11.8), tagged <repository>:11.8-devel / -runtime.
 DEBIAN_BASE_REPOSITORY = "ktlegacy-debian-cuda"
 
-DEFAULT_BASE_IMAGE = "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"
-DEFAULT_RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"
-# Why 2.5.1: its Triton (3.1.0) compiles ktransformers' MLA decode kernel for sm70 and sm75 in
-# 52,224 B of shared memory; triton 3.2.0 (torch 2.6) aborts on sm70, 3.3.1 (torch 2.7) fails on
-# both (docs/torch-pin.md; the image's kernels stage re-checks it on every build).
-DEFAULT_TORCH_VERSION = "2.5.1+cu118"
-DEFAULT_TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu118"
+# The bases and the torch pin (why 2.5.1: ktlegacy/facts.py, docs/torch-pin.md).
+DEFAULT_BASE_IMAGE = facts.BASE_IMAGE
+DEFAULT_RUNTIME_IMAGE = facts.RUNTIME_IMAGE
+DEFAULT_TORCH_VERSION = facts.TORCH_VERSION
+DEFAULT_TORCH_INDEX_URL = facts.TORCH_INDEX_URL
 DEFAULT_MAX_JOBS = 4
 
-# Labels beyond ktlegacy/images.py's keys, for what only a build knows.
-LABEL_EXTENSIONS = "io.ktlegacy.extensions"   # "build" or "skip" (stand-in: nothing compiled)
-LABEL_STANDIN = "io.ktlegacy.standin"         # "true" only on the no-CUDA stand-in test build
+# Labels for what only a build knows (the keys: ktlegacy/facts.py).
+LABEL_EXTENSIONS = facts.LABEL_EXTENSIONS     # "build" or "skip" (stand-in: nothing compiled)
+LABEL_STANDIN = facts.LABEL_STANDIN           # "true" only on the no-CUDA stand-in test build
 
 CA_SECRET_ID = "ca_cert"
 
@@ -122,7 +120,7 @@ class BuildRequest:
     target: str = _flag("runtime", "Dockerfile stage to build (default runtime)")
     max_jobs: int | None = _flag(None, f"parallel compile jobs (default {DEFAULT_MAX_JOBS})", type=int)
     standin: bool = _flag(False, "tests only: a base without CUDA; nothing compiled, labelled "
-                                 "io.ktlegacy.standin=true")
+                                 f"{facts.LABEL_STANDIN}=true")
     triton_version: str | None = _flag(None, "tests only, with --standin: install this Triton so the kernels "
                                              "check runs")
     push: bool = _flag(False, "docker push each tag after its build")
@@ -220,7 +218,7 @@ def resolve_commit(ref_name: str, dry_run: bool = False) -> str:
     if dry_run:
         return ""
     raise KtlegacyError(f"cannot resolve {ref.name} at {UPSTREAM_GIT_URL} ({err}); the build fetches it "
-                        "from there too: check the network, or build the sdist ref 0.2.1.post1")
+                        f"from there too: check the network, or build the sdist ref {DEFAULT_REF}")
 
 
 def _revision() -> str:
@@ -230,7 +228,7 @@ def _revision() -> str:
             return ""
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "ktlegacy", "overlays", "images",
                                 "tests/smoke"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        return rev.stdout.strip() + ("-dirty" if dirty else "")
+        return rev.stdout.strip() + (facts.DIRTY_SUFFIX if dirty else "")
     except OSError:
         return ""
 
@@ -308,7 +306,7 @@ def plan(request: BuildRequest) -> list[Plan]:
     plans = []
     for a in arches:
         digest = overlay_digest(r.ref, a)
-        image = r.tag or images.image_tag(r.ref, a, cpu, r.repository) + ("-standin" if r.standin else "")
+        image = r.tag or images.image_tag(r.ref, a, cpu, r.repository) + (facts.STANDIN_SUFFIX if r.standin else "")
         if r.target != "runtime" and not r.tag:
             image += f"-{r.target}"
         steps = list(base_steps) if a is arches[0] else []

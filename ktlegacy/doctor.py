@@ -19,6 +19,7 @@ from pathlib import Path
 from .arch import ARCHES
 from .cli import command
 from .errors import KtlegacyError
+from .facts import CPU_FLAGS  # the Linux CPU flags each CPU_INSTRUCT build compiles for; the smoke's copy agrees
 from .hostfacts import Gpu, HostFacts
 from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF, parse_tag
 from .profiles import COMPOSE_DIR, PROFILES, REPO_ROOT, ServiceSpec, get_profile, resolve
@@ -27,13 +28,8 @@ from .vram import GPU_RUNTIME_MIB, GgufModel, Estimate, estimate, load_rules, re
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
 GIB = 1024 ** 3
 
-# Linux CPU flags each CPU_INSTRUCT build compiles for (upstream setup.py's CMake options:
-# AVX2 = AVX + AVX2 + FMA + F16C; AVX512 adds AVX512F/BW; FANCY adds VL, DQ and VNNI).
-CPU_FLAGS = {
-    "AVX2": ("avx", "avx2", "fma", "f16c"),
-    "AVX512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
-    "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
-}
+# what the least demanding image (AVX2) needs, as "AVX + AVX2 + FMA + F16C"
+_LEAST_CPU = " + ".join(flag.upper() for flag in min(CPU_FLAGS.values(), key=len))
 # Which failure explains best why a profile cannot run here: the hardware first, then setup.
 VERDICT_ORDER = ["GPUs", "GPU arch vs image", "NVIDIA container runtime", "CPU vs image", "RAM vs GGUF",
                  "VRAM per GPU", "image", "model dir", "GGUF", "port"]
@@ -106,7 +102,7 @@ def row_cpu_host(facts: HostFacts) -> Row:
     have = [name for name, flags in CPU_FLAGS.items() if set(flags) <= facts.cpu_flags]
     return Row("CPU", OK if have else FAIL,
                f"{facts.cpu_model or 'unknown CPU'}; image CPU sets it can run: {', '.join(have) or 'none'}",
-               "" if have else "ktransformers' CPU experts need at least AVX2 + FMA + F16C")
+               "" if have else f"ktransformers' CPU experts need at least {_LEAST_CPU}")
 
 
 def row_ram_host(facts: HostFacts) -> Row:
@@ -206,7 +202,7 @@ def row_cpu(spec: ServiceSpec, facts: HostFacts, labels: dict | None) -> Row:
         can = [n.lower() for n, flags in CPU_FLAGS.items() if set(flags) <= facts.cpu_flags]
         return Row("CPU vs image", FAIL, f"CPU ({facts.cpu_model or '?'}) lacks {', '.join(lacking)}, needed by the "
                    f"image's {cpu} build", f"use an image built for {can[-1]} (KTLEGACY_CPU={can[-1]})" if can
-                   else "this CPU cannot run ktransformers' CPU kernels (needs AVX2 + FMA + F16C)")
+                   else f"this CPU cannot run ktransformers' CPU kernels (needs {_LEAST_CPU})")
     return Row("CPU vs image", OK, f"CPU has every flag of the image's {cpu} build ({', '.join(need)})")
 
 

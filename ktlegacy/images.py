@@ -1,9 +1,11 @@
 """One naming scheme for images, shared by build, compose, doctor and publish.
 
-Tag: ``<repository>:<ref>-cu118-<arch>-<cpu>`` e.g. ``ktlegacy/ktransformers:0.2.1.post1-cu118-sm75-avx2``;
-publishing adds the same tag with ``-g<short sha>`` and, from version tags only, a moving
-``latest-<arch>-<cpu>``. Labels: OCI standard keys plus ``io.ktlegacy.*`` for what users need
-to match an image to their hardware.
+Tag: ``<repository>:<ref>-<CUDA_TAG>-<arch>-<cpu>``, the CPU set in lower case (for the default
+ref, sm75 and AVX2: ``ktlegacy/ktransformers:0.2.1.post1-cu118-sm75-avx2``); stand-in test builds
+add ``-standin``. Publishing adds the same tag with ``-g<short sha>`` (:func:`commit_tag`) and,
+from version tags only, a moving ``latest-<arch>-<cpu>`` (:func:`moving_tag`). Labels: OCI
+standard keys plus ``io.ktlegacy.*`` for what users need to match an image to their hardware.
+The pieces (CUDA_TAG, suffixes, label keys, CPU sets) are in :mod:`ktlegacy.facts`.
 """
 
 from __future__ import annotations
@@ -13,28 +15,11 @@ from dataclasses import dataclass
 
 from .arch import Arch
 from .errors import KtlegacyError
-
-DEFAULT_REPOSITORY = "ktlegacy/ktransformers"
-CUDA_VERSION = "11.8"
-CUDA_TAG = "cu118"
-CPU_INSTRUCTS = ("AVX2", "AVX512", "FANCY", "NATIVE")
-DEFAULT_CPU_INSTRUCT = "AVX2"
-
-# label keys (values are set by the Dockerfile from build args)
-LABEL_REF = "io.ktlegacy.ktransformers.ref"
-LABEL_COMMIT = "io.ktlegacy.ktransformers.commit"
-LABEL_OVERLAY_DIGEST = "io.ktlegacy.overlay-digest"
-LABEL_ARCH = "io.ktlegacy.arch"
-LABEL_CUDA = "io.ktlegacy.cuda"
-LABEL_TORCH = "io.ktlegacy.torch"
-LABEL_CPU = "io.ktlegacy.cpu-instruct"
-LABEL_VERSION = "org.opencontainers.image.version"
-LABEL_REVISION = "org.opencontainers.image.revision"
-LABEL_SOURCE = "org.opencontainers.image.source"
-LABEL_STANDIN = "io.ktlegacy.standin"       # "true" only on the no-CUDA stand-in test build
-
-STANDIN_SUFFIX = "-standin"   # tag suffix of stand-in (no CUDA) test builds: never passes for a CUDA image
-DIRTY_SUFFIX = "-dirty"       # revision label (and commit tag) of a build from uncommitted changes
+# the pieces of the scheme and the label keys, re-exported (their one place is ktlegacy/facts.py)
+from .facts import (COMMIT_TAG_MARK, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION, DEFAULT_CPU_INSTRUCT,  # noqa: F401
+                    DEFAULT_REPOSITORY, DIRTY_SUFFIX, LABEL_ARCH, LABEL_COMMIT, LABEL_CPU, LABEL_CUDA,
+                    LABEL_EXTENSIONS, LABEL_OVERLAY_DIGEST, LABEL_REF, LABEL_REVISION, LABEL_SOURCE,
+                    LABEL_STANDIN, LABEL_TORCH, LABEL_VERSION, MOVING_TAG_PREFIX, STANDIN_SUFFIX)
 
 
 def cpu_instruct(name: str) -> str:
@@ -53,9 +38,19 @@ def tag_suffix(ref: str, arch: Arch, cpu: str = DEFAULT_CPU_INSTRUCT) -> str:
     return f"{ref}-{CUDA_TAG}-{arch.name}-{cpu_instruct(cpu).lower()}"
 
 
+def commit_tag(tag: str, short_sha: str) -> str:
+    """The tag that names the commit an image was built from: ``<tag>-g<sha7>``."""
+    return f"{tag}{COMMIT_TAG_MARK}{short_sha}"
+
+
+def moving_tag(arch: Arch, cpu: str, variant: str = "") -> str:
+    """The tag version tags move: ``latest-<arch>-<cpu>`` (plus ``-standin`` on stand-in builds)."""
+    return f"{MOVING_TAG_PREFIX}-{arch.name}-{cpu_instruct(cpu).lower()}{variant}"
+
+
 @dataclass(frozen=True)
 class TagParts:
-    """What a tag of the scheme says: ``<ref>-cu118-<arch>-<cpu>[-standin]``."""
+    """What a tag of the scheme says: ``<ref>-<CUDA_TAG>-<arch>-<cpu>[-standin]``."""
     ref: str
     arch: str          # e.g. "sm75" (not checked against ktlegacy.arch: callers decide)
     cpu: str           # upper case, one of CPU_INSTRUCTS

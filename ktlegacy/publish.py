@@ -2,16 +2,16 @@
 
 What is ours is the checking and the order; the transfer (compression, retries, credentials
 from ``docker login``) is dockerd's. For every local image under the tag scheme of
-:mod:`ktlegacy.images` (``<repository>:<ref>-cu118-<arch>-<cpu>``), filtered by
+:mod:`ktlegacy.images` (``<repository>:<ref>-<CUDA_TAG>-<arch>-<cpu>``), filtered by
 ``--arch/--cpu-instruct/--ref``:
 
 1. check its labels say what its tag says (arch, ref, CPU set, CUDA, overlay digest, revision,
    stand-in) - for every selected image before anything is pushed;
-2. store every image in the registry under its commit tag ``<ref>-cu118-<arch>-<cpu>-g<sha7>``
+2. store every image in the registry under its commit tag ``<ref>-<CUDA_TAG>-<arch>-<cpu>-g<sha7>``
    (one build of one ktlegacy commit: a name no one follows as "the newest"), and note the
    manifest digest the registry stored. ``docker push`` cannot push without a tag; this is its
    push by digest. A failure here has moved no tag anyone follows;
-3. only then move the followed tags (``<ref>-cu118-<arch>-<cpu>``, with ``--moving``
+3. only then move the followed tags (``<ref>-<CUDA_TAG>-<arch>-<cpu>``, with ``--moving``
    ``latest-<arch>-<cpu>``) of every image: each a manifest PUT of blobs already there, checked
    to land on the digest of step 2.
 
@@ -80,9 +80,9 @@ def short_sha(sha: str) -> str:
 def publish_tags(image: LocalImage, sha: str, moving: bool) -> list[str]:
     """The tags one image gets in the registry (images.py's scheme): the commit tag first."""
     suffix = images.tag_suffix(image.ref, image.arch, image.cpu) + image.variant
-    tags = [f"{suffix}-g{short_sha(sha)}", suffix]
+    tags = [images.commit_tag(suffix, short_sha(sha)), suffix]
     if moving:
-        tags.append(f"latest-{image.arch.name}-{image.cpu.lower()}{image.variant}")
+        tags.append(images.moving_tag(image.arch, image.cpu, image.variant))
     return tags
 
 
@@ -298,7 +298,7 @@ def _publish_args(p) -> None:
                    help="also move latest-<arch>-<cpu> (for release builds from version tags)")
     p.add_argument("--dry-run", action="store_true", help="check the images' labels and print the tags; push nothing")
     p.add_argument("--allow-standin", action="store_true",
-                   help="also publish stand-in builds (no CUDA, io.ktlegacy.standin=true), for test registries")
+                   help=f"also publish stand-in builds (no CUDA, {images.LABEL_STANDIN}=true): for test registries")
     p.add_argument("--allow-dirty", action="store_true",
                    help="also publish images built from uncommitted changes (revision label <sha>-dirty)")
     p.add_argument("--source-repository", default=images.DEFAULT_REPOSITORY,

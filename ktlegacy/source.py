@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import KtlegacyError
-from .refs import PYPI_SIMPLE_URL, REFS, UPSTREAM_GIT_URL, Ref, get_ref
+from .refs import DEFAULT_REF, PYPI_SIMPLE_URL, REFS, UPSTREAM_GIT_URL, Ref, get_ref
 
 RECORD_NAME = "ktlegacy-source.json"
 CACHE_DIR = Path(os.environ.get("KTLEGACY_CACHE", Path.home() / ".cache" / "ktlegacy"))
@@ -120,7 +120,7 @@ def _git(*args: str, cwd: Path | None = None) -> str:
     try:
         proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
-        raise KtlegacyError("git is not installed; install it or fetch the sdist ref 0.2.1.post1") from None
+        raise KtlegacyError(f"git is not installed; install it or fetch the sdist ref {DEFAULT_REF}") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise KtlegacyError(f"git {' '.join(args[:2])} failed: {last}")

@@ -242,13 +242,13 @@ def _interesting_stderr(stderr: str) -> str:
 
 
 def _install_pin() -> str:
-    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/build.py."""
+    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/facts.py."""
     try:
-        from .build import DEFAULT_TORCH_INDEX_URL, DEFAULT_TORCH_VERSION
+        from .facts import TORCH_INDEX_URL, TORCH_VERSION
     except ModuleNotFoundError:  # the image's kernels stage copies only the check (images/Dockerfile)
         return "the toolchain stage installs the torch pin, which brings its Triton (docs/torch-pin.md)"
-    return (f"install the image's torch pin, pip install torch=={DEFAULT_TORCH_VERSION} --index-url "
-            f"{DEFAULT_TORCH_INDEX_URL} (it brings the Triton it requires; docs/torch-pin.md)")
+    return (f"install the image's torch pin, pip install torch=={TORCH_VERSION} --index-url "
+            f"{TORCH_INDEX_URL} (it brings the Triton it requires; docs/torch-pin.md)")
 
 
 def triton_version(python: str) -> str:

@@ -14,14 +14,17 @@ overlay makes its flag follow them too.
 
 import re
 
+from ktlegacy.facts import CPU_FLAGS, CPU_INSTRUCTS
 from ktlegacy.overlay import ALL_REFS, Overlay
 
 SETUP = "setup.py"
 CHOICE = '    CPU_INSTRUCT = os.getenv("CPU_INSTRUCT", "NATIVE")\n'
+_VALUES = tuple(reversed(CPU_INSTRUCTS))   # in upstream's order: NATIVE, FANCY, AVX512, AVX2
+_QUOTED = ", ".join(f'"{value}"' for value in _VALUES)
 CHECKED_CHOICE = (
     '    CPU_INSTRUCT = os.getenv("CPU_INSTRUCT", "NATIVE").strip().upper()\n'
-    '    if CPU_INSTRUCT not in ("NATIVE", "FANCY", "AVX512", "AVX2"):  # ktlegacy: no silent -march=native\n'
-    '        raise ValueError("CPU_INSTRUCT=%r: use one of NATIVE, FANCY, AVX512, AVX2" % CPU_INSTRUCT)\n')
+    f'    if CPU_INSTRUCT not in ({_QUOTED}):  # ktlegacy: no silent -march=native\n'
+    f'        raise ValueError("CPU_INSTRUCT=%r: use one of {", ".join(_VALUES)}" % CPU_INSTRUCT)\n')
 
 EXT_CMAKE = "csrc/ktransformers_ext/CMakeLists.txt"
 PROBE = ("    execute_process(\n"
@@ -48,15 +51,22 @@ def _deeper(block: str) -> str:
 
 BALANCE_ROOT = "csrc/balance_serve/CMakeLists.txt"
 BALANCE_PROJECT = r"^project\(balance_serve\b.*\)$"
+
+
+def march(instruct: str) -> str:
+    """The gcc flags of an instruction set's code: -m + each CPU flag of ktlegacy/facts.py without "_"."""
+    return " ".join("-m" + flag.replace("_", "") for flag in CPU_FLAGS[instruct])
+
+
 MARCH_VAR = (
     "# ktlegacy: -march=native only for a NATIVE build; otherwise the instruction set setup.py\n"
     "# asked for (it passes the same LLAMA_* options to every extension).\n"
     "if (NOT DEFINED LLAMA_NATIVE OR LLAMA_NATIVE)\n"
     "    set(KTLEGACY_MARCH \"-march=native\")\n"
     "elseif (LLAMA_AVX512)\n"
-    "    set(KTLEGACY_MARCH \"-mavx -mavx2 -mfma -mf16c -mavx512f -mavx512bw\")\n"
+    f"    set(KTLEGACY_MARCH \"{march('AVX512')}\")\n"
     "else()\n"
-    "    set(KTLEGACY_MARCH \"-mavx -mavx2 -mfma -mf16c\")\n"
+    f"    set(KTLEGACY_MARCH \"{march('AVX2')}\")\n"
     "endif()")
 # An active (uncommented) `set(CMAKE_CXX_FLAGS "... -march=native ...")`.
 NATIVE_FLAGS = r'^([ \t]*set\(CMAKE_CXX_FLAGS "[^"\n]*?)-march=native([^"\n]*"\))'

@@ -252,12 +252,3 @@ def test_bad_usage_exits_2(tmp_path):
                            str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not an executable file" in proc.stderr
 
-
-def test_arch_table_matches_ktlegacy():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import check_cuda_arch
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    from ktlegacy.arch import ARCHES
-    assert {k: (a.cuobjdump_name, a.torch_cuda_arch_list) for k, a in ARCHES.items()} == check_cuda_arch.ARCHES

@@ -29,16 +29,17 @@ from pathlib import Path
 
 import pytest
 
+from ktlegacy import facts
 from ktlegacy.build import DEBIAN_BASE_REPOSITORY, BuildRequest, plan
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
-CI_TORCH_VERSION = "2.5.1"            # PyPI's: CUDA 12.4 (see the module docstring)
+CI_TORCH_VERSION = facts.TORCH_VERSION.split("+")[0]   # the pin's release from PyPI: CUDA 12.4 (docstring)
 CI_TORCH_INDEX_URL = "https://pypi.org/simple"
 BASE_REPOSITORY = "h11-ktlegacy-debian-cuda"
 REPOSITORY = "h11-ktlegacy/ktransformers"
-ARCHES = {"sm70": "sm_70", "sm75": "sm_75"}
+ARCHES = {name: arch.cuobjdump_name for name, arch in facts.ARCHES.items()}   # arch -> its cubins' name
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -64,7 +65,8 @@ def test_debian_bases_dry_run_shows_the_whole_route():
         assert "images/Dockerfile" in line and f"TORCH_CUDA_ARCH_LIST={arch}" in line
         assert f"BASE_IMAGE={DEBIAN_BASE_REPOSITORY}:11.8-devel" in line
         assert f"RUNTIME_IMAGE={DEBIAN_BASE_REPOSITORY}:11.8-runtime" in line
-        assert "TORCH_VERSION=2.5.1+cu118" in line and "TORCH_INDEX_URL=https://mirror.example/whl/cu118" in line
+        assert f"TORCH_VERSION={facts.TORCH_VERSION}" in line
+        assert "TORCH_INDEX_URL=https://mirror.example/whl/cu118" in line
         assert "PIP_INDEX_URL=https://mirror.example/pypi/simple" in line and "id=ca_cert" in line
         assert "nvidia/cuda" not in line
 

@@ -14,6 +14,7 @@ import pytest
 from ggufmodel import write_model
 from ktlegacy.doctor import FAIL, OK, check_profile, doctor
 from ktlegacy.errors import KtlegacyError
+from ktlegacy.facts import CPU_FLAGS, DEFAULT_CPU_INSTRUCT
 from ktlegacy.hostfacts import HostFacts
 from ktlegacy.images import LABEL_ARCH, LABEL_CPU, LABEL_REF
 from ktlegacy.profiles import PROFILES, spec_defaults
@@ -69,7 +70,7 @@ def test_recorded_hosts_parse(host, count, name, cc, vram):
     assert len(facts.gpus) == count
     assert {(g.name, g.cc, g.vram_mib) for g in facts.gpus} == {(name, cc, vram)}
     assert [g.index for g in facts.gpus] == list(range(count))
-    assert {"avx", "avx2", "fma", "f16c"} <= facts.cpu_flags
+    assert set(CPU_FLAGS[DEFAULT_CPU_INSTRUCT]) <= facts.cpu_flags   # each runs the default image
     assert facts.numa_mem_kib and all(kib > 100 * 1024 * 1024 for kib in facts.numa_mem_kib.values())
     assert facts.nvidia_runtime
 

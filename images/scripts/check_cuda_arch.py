@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # arch name -> (cubin name as cuobjdump prints it, TORCH_CUDA_ARCH_LIST value).
-# Kept here (not imported from ktlegacy.arch) so the script runs without ktlegacy installed;
-# tests/test_check_cuda_arch.py checks the two tables agree.
+# Kept here (not imported from ktlegacy) so the script runs without ktlegacy installed: a copy
+# of ktlegacy/facts.py's ARCHES that tests/test_facts.py checks.
 ARCHES = {
     "sm70": ("sm_70", "7.0"),
     "sm75": ("sm_75", "7.5"),

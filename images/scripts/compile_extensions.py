@@ -38,9 +38,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT)
+# arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT), and
+# the CPU sets. Kept here (the compile stage has no ktlegacy): copies of ktlegacy/facts.py's
+# ARCHES, CPU_INSTRUCTS and DEFAULT_CPU_INSTRUCT that tests/test_facts.py checks.
 ARCH_LISTS = {"sm70": "7.0", "sm75": "7.5"}
 CPU_INSTRUCTS = ("AVX2", "AVX512", "FANCY", "NATIVE")
+DEFAULT_CPU_INSTRUCT = "AVX2"
 RECORD = "ktlegacy-extensions.json"
 
 
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, type=Path, help="patched ktransformers tree (or its C++ side)")
     p.add_argument("--out", required=True, type=Path, help="directory for the built .so files and the record")
     p.add_argument("--arch", required=True, help="sm70 (V100) or sm75 (T4, RTX 2080 Ti)")
-    p.add_argument("--cpu-instruct", default="AVX2", help="AVX2 (portable), AVX512, FANCY or NATIVE")
+    p.add_argument("--cpu-instruct", default=DEFAULT_CPU_INSTRUCT, help="AVX2 (portable), AVX512, FANCY or NATIVE")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
     p.add_argument("--ptx", action="store_true",
                    help="also embed the arch's PTX (e.g. 7.5+PTX) so a newer GPU can JIT it; for testing on "

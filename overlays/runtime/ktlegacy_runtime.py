@@ -20,7 +20,8 @@ import os
 
 import torch
 
-# The --arch given to `ktlegacy patch` (substituted when the overlay writes this file).
+# The --arch given to `ktlegacy patch` (substituted when the overlay writes this file). The tree
+# has no ktlegacy: _ARCH_CC copies ktlegacy/facts.py's ARCHES (tests/test_facts.py checks it).
 BUILD_ARCH = "@KTLEGACY_BUILD_ARCH@"
 _ARCH_CC = {"sm70": (7, 0), "sm75": (7, 5)}
 BUILD_CC = _ARCH_CC.get(BUILD_ARCH, (7, 5))

@@ -26,7 +26,7 @@ for i in range(torch.cuda.device_count()):
         name = torch.cuda.get_device_name(i)
         fail(f"GPU {i} is {name} (compute capability {cc[0]}.{cc[1]}) but this build targets {arch} "
              f"({want[0]}.{want[1]}): its kernels hold no code for this GPU; use the "
-             + ("sm70" if tuple(cc) == (7, 0) else "sm75" if tuple(cc) == (7, 5) else "upstream ktransformers")
+             + next((name for name, arch_cc in ARCH_CC.items() if arch_cc == tuple(cc)), "upstream ktransformers")
              + " image")
 names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 

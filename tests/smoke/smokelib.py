@@ -14,6 +14,8 @@ SKIP = 77
 # The runtime image copies the build's records here (images/Dockerfile); outside an image,
 # KTLEGACY_MANIFEST_DIR may point at a directory holding them.
 MANIFEST_DIR = Path(os.environ.get("KTLEGACY_MANIFEST_DIR", "/ktlegacy"))
+# The smoke runs inside the image, without ktlegacy: ARCH_CC and CPU_FLAGS below are copies of
+# ktlegacy/facts.py's ARCHES and CPU_FLAGS, which tests/test_facts.py checks.
 ARCH_CC = {"sm70": (7, 0), "sm75": (7, 5)}
 
 
@@ -53,11 +55,12 @@ def expected_extensions() -> list[str]:
     return ["KTransformersOps", "cpuinfer_ext"]
 
 
-# /proc/cpuinfo flags each CPU_INSTRUCT build of cpuinfer_ext executes (its CMake flags).
+# /proc/cpuinfo flags each CPU_INSTRUCT build of cpuinfer_ext executes (its CMake flags); the
+# doctor checks hosts with the same table.
 CPU_FLAGS = {
-    "AVX2": ("avx2", "fma", "f16c"),
-    "AVX512": ("avx2", "fma", "f16c", "avx512f", "avx512bw"),
-    "FANCY": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+    "AVX2": ("avx", "avx2", "fma", "f16c"),
+    "AVX512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
+    "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
 }
 
 

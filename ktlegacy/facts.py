@@ -1,0 +1,149 @@
+"""The facts ktlegacy is built on, in one table.
+
+The torch/Triton pin, the CUDA base images and toolkit version, the GPU arches, the upstream refs
+and the default one, the CPU instruction sets and the CPU flags each needs, the pieces of the
+image tag scheme and the label names. ``ktlegacy.arch``, ``ktlegacy.refs``, ``ktlegacy.images``,
+``ktlegacy.build``, ``ktlegacy.doctor`` and the overlays import them from here (their public names
+stay: they are re-exported).
+
+Some places cannot import this module: the Dockerfiles' ARG defaults and LABEL keys,
+compose/compose.yaml and compose/.env.example, .github/workflows/publish.yml, the scripts that
+run in the image's build stages (images/scripts/compile_extensions.py and check_cuda_arch.py),
+the smoke tests that run inside the image (tests/smoke/smokelib.py) and the module the overlays
+write into the patched tree (overlays/runtime/ktlegacy_runtime.py). They keep a copy, and
+tests/test_facts.py checks each copy against this table and fails when one of these values
+turns up anywhere else (docs/architecture.md, "Where each fact lives").
+
+Standard library only and no ktlegacy import, so any script can load this file by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- CUDA, torch, Triton -------------------------------------------------------------------------
+
+CUDA_VERSION = "11.8"     # the CUDA toolkit of the images (nvcc, the runtime; the label io.ktlegacy.cuda)
+CUDA_TAG = "cu118"        # how torch wheels and our image tags spell it
+BASE_IMAGE = "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"       # build stages: nvcc
+RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"  # the image users run: no compiler
+# Why 2.5.1: its Triton (3.1.0) compiles ktransformers' MLA decode kernel for sm70 and sm75 in
+# 52,224 B of shared memory; triton 3.2.0 (torch 2.6) aborts on sm70, 3.3.1 (torch 2.7) fails on
+# both (docs/torch-pin.md; the image's kernels stage re-checks it on every build).
+TORCH_VERSION = "2.5.1+cu118"
+TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu118"
+TRITON_VERSION = "3.1.0"  # the Triton TORCH_VERSION requires (its wheel's Requires-Dist)
+
+
+# --- GPU arches ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arch:
+    name: str                  # "sm70"
+    compute_capability: tuple  # (7, 0)
+    torch_cuda_arch_list: str  # what TORCH_CUDA_ARCH_LIST gets for a build of this arch
+    cuobjdump_name: str        # how cuobjdump --list-elf names its cubins ("sm_70")
+    shared_mem_per_block: int  # opt-in maximum dynamic shared memory per block, bytes
+    gpus: str                  # the cards users have
+
+    @property
+    def cc_string(self) -> str:
+        return "%d.%d" % self.compute_capability
+
+
+# Shared memory: Volta lets a block opt in to 96 KiB, Turing to 64 KiB
+# (CUDA C Programming Guide, "Compute Capabilities", table "Technical Specifications").
+ARCHES = {
+    "sm70": Arch("sm70", (7, 0), "7.0", "sm_70", 96 * 1024, "Tesla V100, Titan V"),
+    "sm75": Arch("sm75", (7, 5), "7.5", "sm_75", 64 * 1024, "Tesla T4, RTX 2080 Ti, Quadro RTX"),
+}
+
+
+# --- upstream refs -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ref:
+    name: str         # what users pass to --ref
+    version: str      # ktransformers.__version__ as that tree spells it (read at the tag, see below)
+    kind: str         # "sdist" (PyPI) or "git"
+    sha256: str = ""  # sdist only: the file's hash, verified on every download
+    filename: str = ""  # sdist only: the file name on the simple index
+    commit: str = ""  # git only: the commit the tag names (fetch-source refuses another one)
+    # git only: where the legacy engine lives in the repository at that tag ("" = the top).
+    # From v0.4.2 on upstream keeps it under archive/, and its third_party/ there lacks the
+    # llama.cpp and pybind11 submodules, which stay at the top: fetch-source puts them back.
+    subdir: str = ""
+    submodules: tuple = ()  # git only, with subdir: top-level submodules the engine builds from
+
+
+REFS = {
+    "0.2.1.post1": Ref(
+        "0.2.1.post1", "0.2.1.post1", "sdist",
+        sha256="079ee36fbefe1280455f6cb2d9afaf840a9fed350acecdcf94f03b113aa94199",
+        filename="ktransformers-0.2.1.post1.tar.gz",
+    ),
+    # Upstream did not bump __version__ in step with its tags: the v0.3.1 tree says "0.3", the
+    # v0.3.2 tree "0.3.1", v0.4.1 "0.3.2", and every tag from v0.4.2 to v0.7.0 "0.4.1" (read
+    # with `git show <tag>:ktransformers/__init__.py`). So the version names no ref: a tree's
+    # ref comes from its content (ktlegacy/fingerprints.json, see ktlegacy.fingerprint).
+    "v0.2.4post1": Ref("v0.2.4post1", "0.2.4post1", "git", commit="6617549de0d1f40b0e9254105be7dcc11bf97de5"),
+    "v0.3.1": Ref("v0.3.1", "0.3", "git", commit="32f3d7befb906ddc2563e43dda1ad04703272f49"),
+    "v0.3.2": Ref("v0.3.2", "0.3.1", "git", commit="495ae374780bff7aeb4c5742b8a6a13ec1eca221"),
+    "v0.4.1": Ref("v0.4.1", "0.3.2", "git", commit="e40ba6dfae17ab24212ddcc6ab4b32594258f04d"),
+    # The newest legacy engine: archive/ of v0.7.0 (2026-08); its balance_serve submodules
+    # (spdlog, xxHash, prometheus-cpp, PhotonLibOS) are gone, so it builds without balance_serve.
+    "v0.7.0": Ref("v0.7.0", "0.4.1", "git", commit="e80614fc2d2c3990bd1abe895d5014fc14733fde",
+                  subdir="archive", submodules=("third_party/llama.cpp", "third_party/pybind11")),
+}
+
+DEFAULT_REF = "0.2.1.post1"   # the sdist: the one ref CI can fetch (PyPI is reachable, GitHub is not)
+
+
+# --- CPU instruction sets ------------------------------------------------------------------------
+
+# Upstream setup.py's CPU_INSTRUCT values. AVX2 runs on every x86 server that hosts a V100/T4.
+CPU_INSTRUCTS = ("AVX2", "AVX512", "FANCY", "NATIVE")
+DEFAULT_CPU_INSTRUCT = "AVX2"
+# The /proc/cpuinfo flags of the code each build compiles (upstream's CMake options: AVX2 = LLAMA_AVX,
+# _AVX2, _FMA, _F16C; AVX512 adds _AVX512 = AVX512F/BW; FANCY adds DQ, VL and VNNI), in the order of
+# the gcc -m flags they come from (-m + the flag without "_": -mavx512vnni). NATIVE: whatever the
+# build host had, so no table. The doctor checks a host with it, the smoke a container's CPU
+# (tests/smoke/smokelib.py's copy), and tests/test_portable_cpu.py checks it against the -m flags
+# CMake really generates for each set.
+CPU_FLAGS = {
+    "AVX2": ("avx", "avx2", "fma", "f16c"),
+    "AVX512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
+    "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+}
+
+
+# --- image tags ----------------------------------------------------------------------------------
+
+# <repository>:<ref>-<CUDA_TAG>-<arch>-<cpu>[-standin] (ktlegacy.images builds and parses it);
+# publishing adds <that>-g<sha7> and, from version tags, latest-<arch>-<cpu>.
+DEFAULT_REPOSITORY = "ktlegacy/ktransformers"
+STANDIN_SUFFIX = "-standin"   # tag suffix of stand-in (no CUDA) test builds: never passes for a CUDA image
+DIRTY_SUFFIX = "-dirty"       # revision label (and commit tag) of a build from uncommitted changes
+COMMIT_TAG_MARK = "-g"        # <tag>-g<sha7>: the tag that names the commit an image was built from
+MOVING_TAG_PREFIX = "latest"  # latest-<arch>-<cpu>: moved by version tags only
+
+
+# --- labels --------------------------------------------------------------------------------------
+
+# Set by images/Dockerfile from build args (ktlegacy.build computes the values, `publish` checks them).
+LABEL_REF = "io.ktlegacy.ktransformers.ref"
+LABEL_COMMIT = "io.ktlegacy.ktransformers.commit"
+LABEL_OVERLAY_DIGEST = "io.ktlegacy.overlay-digest"
+LABEL_ARCH = "io.ktlegacy.arch"
+LABEL_CUDA = "io.ktlegacy.cuda"
+LABEL_TORCH = "io.ktlegacy.torch"
+LABEL_CPU = "io.ktlegacy.cpu-instruct"
+LABEL_EXTENSIONS = "io.ktlegacy.extensions"   # "build" or "skip" (stand-in: nothing compiled)
+LABEL_STANDIN = "io.ktlegacy.standin"         # "true" only on the no-CUDA stand-in test build
+LABEL_VERSION = "org.opencontainers.image.version"
+LABEL_REVISION = "org.opencontainers.image.revision"
+LABEL_SOURCE = "org.opencontainers.image.source"
+IMAGE_LABELS = (LABEL_REF, LABEL_COMMIT, LABEL_OVERLAY_DIGEST, LABEL_ARCH, LABEL_CUDA, LABEL_TORCH, LABEL_CPU,
+                LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
+# On the CUDA bases made from a Debian mirror (images/debian-cuda.Dockerfile): which one it is.
+LABEL_BASE = "io.ktlegacy.base"

@@ -1,0 +1,319 @@
+"""ktlegacy/facts.py is the one table; every copy agrees with it, and no other copy exists.
+
+Three kinds of test:
+
+* the table agrees with itself (a CUDA bump that misses the torch pin or the base images fails);
+* each copy kept where ktlegacy cannot be imported (the Dockerfiles, compose, the workflow, the
+  scripts of the image's build stages, the in-image smoke, the module written into the patched
+  tree) says what the table says;
+* a scan of the repository finds each pinned value, each arch or CPU-flag table, each label name
+  and each tag suffix only in the table, in those checked copies, or in the places listed in
+  ``ALLOWED`` with the reason. docs/, bench/ (experiments that compare versions) and recorded
+  fixtures are not scanned; neither are the tests, which check behaviour against the table.
+
+The default ref cannot be scanned for (ref names are everywhere overlays decide per ref); its
+copies (Dockerfile, compose, .env.example, workflow) are checked below.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ktlegacy import facts
+from ktlegacy.facts import (ARCHES, BASE_IMAGE, CPU_FLAGS, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION,
+                            DEFAULT_CPU_INSTRUCT, DEFAULT_REF, DEFAULT_REPOSITORY, REFS, RUNTIME_IMAGE,
+                            TORCH_INDEX_URL, TORCH_VERSION)
+from ktlegacy.images import image_tag, parse_tag
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "images" / "Dockerfile"
+
+
+def module_value(path: Path, name: str):
+    """The literal a script assigns to ``name`` at module level (read, not imported: these scripts
+    run in the image and some import torch)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path.relative_to(REPO)} assigns no {name}")
+
+
+# --- the table agrees with itself -----------------------------------------------------------------
+
+def test_cuda_torch_and_bases_name_the_same_cuda():
+    assert CUDA_TAG == "cu" + CUDA_VERSION.replace(".", "")
+    assert TORCH_VERSION.endswith("+" + CUDA_TAG) and TORCH_INDEX_URL.endswith("/" + CUDA_TAG)
+    for image, flavour in ((BASE_IMAGE, "-devel-"), (RUNTIME_IMAGE, "-runtime-")):
+        assert image.startswith(f"nvidia/cuda:{CUDA_VERSION}.") and flavour in image, image
+    assert BASE_IMAGE.replace("-devel-", "-runtime-") == RUNTIME_IMAGE   # same release, same OS
+
+
+def test_arch_rows_agree_with_their_name():
+    for name, arch in ARCHES.items():
+        major, minor = arch.compute_capability
+        assert name == arch.name == f"sm{major}{minor}"
+        assert arch.torch_cuda_arch_list == arch.cc_string == f"{major}.{minor}"
+        assert arch.cuobjdump_name == f"sm_{major}{minor}"
+        assert arch.compute_capability < (8, 0)   # ktlegacy is for pre-Ampere cards only
+
+
+def test_cpu_sets_and_labels_are_consistent():
+    """(The ref table's own consistency: tests/test_source.py.)"""
+    assert DEFAULT_CPU_INSTRUCT in CPU_INSTRUCTS
+    assert set(CPU_FLAGS) == set(CPU_INSTRUCTS) - {"NATIVE"}
+    # each set runs the code of the one before it, plus more
+    sets = [CPU_FLAGS[name] for name in CPU_INSTRUCTS if name in CPU_FLAGS]
+    for smaller, larger in zip(sets, sets[1:]):
+        assert larger[:len(smaller)] == smaller and len(larger) > len(smaller)
+    labels = [v for k, v in vars(facts).items() if k.startswith("LABEL_")]
+    assert len(set(labels)) == len(labels)
+    assert set(labels) == set(facts.IMAGE_LABELS) | {facts.LABEL_BASE}
+
+
+# --- the copies ------------------------------------------------------------------------------------
+
+def _dockerfile_args(path: Path) -> dict[str, set]:
+    args: dict[str, set] = {}
+    for m in re.finditer(r"^ARG (\w+)=(.*)$", path.read_text(), flags=re.M):
+        args.setdefault(m[1], set()).add(m[2].strip())
+    return args
+
+
+def test_dockerfile_arg_defaults_are_the_table():
+    args = _dockerfile_args(DOCKERFILE)
+    assert args["BASE_IMAGE"] == {BASE_IMAGE} and args["RUNTIME_IMAGE"] == {RUNTIME_IMAGE}
+    assert args["TORCH_VERSION"] == {TORCH_VERSION} and args["TORCH_INDEX_URL"] == {TORCH_INDEX_URL}
+    assert args["KTRANSFORMERS_REF"] == {DEFAULT_REF}
+    assert args["CPU_INSTRUCT"] == {DEFAULT_CPU_INSTRUCT}
+    (arch,) = args["ARCH"]                         # one default arch in every stage
+    assert args["TORCH_CUDA_ARCH_LIST"] == {ARCHES[arch].torch_cuda_arch_list}
+
+
+def test_dockerfile_header_states_the_table():
+    lines = DOCKERFILE.read_text().splitlines()
+    comment = lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    header = dict(m.groups() for line in comment if (m := re.match(r"^#   ([A-Z_]+)\s+(.*)$", line)))
+    for name, value in (("BASE_IMAGE", BASE_IMAGE), ("RUNTIME_IMAGE", RUNTIME_IMAGE),
+                        ("TORCH_VERSION", TORCH_VERSION), ("TORCH_INDEX_URL", TORCH_INDEX_URL),
+                        ("KTRANSFORMERS_REF", DEFAULT_REF)):
+        assert header[name].split()[-1] == value, (name, header[name])
+    assert header["ARCH"] == " | ".join(ARCHES)
+    assert header["TORCH_CUDA_ARCH_LIST"].startswith(
+        ", ".join(f"{a.torch_cuda_arch_list} for {n}" for n, a in ARCHES.items()) + " ")
+    assert re.findall(r"\b[A-Z0-9]{4,}\b", header["CPU_INSTRUCT"])[:len(CPU_INSTRUCTS)] == list(CPU_INSTRUCTS)
+    assert header["CPU_INSTRUCT"].startswith(f"{DEFAULT_CPU_INSTRUCT} (portable default)")
+
+
+def test_dockerfile_labels_are_the_table():
+    """The runtime stage's LABEL keys are the label names of the table, and the CUDA it claims
+    (label and KTLEGACY_IMAGE_CUDA, both literal there) is the table's."""
+    text = DOCKERFILE.read_text()
+    (block,) = re.findall(r"^LABEL ((?:.*\\\n)*.*)$", text, flags=re.M)
+    labels = dict(re.findall(r'([\w.-]+)="([^"]*)"', block))
+    assert set(facts.IMAGE_LABELS) <= set(labels)
+    assert {k for k in labels if k.startswith("io.ktlegacy.")} == {k for k in facts.IMAGE_LABELS
+                                                                    if k.startswith("io.ktlegacy.")}
+    assert labels[facts.LABEL_CUDA] == CUDA_VERSION
+    assert re.findall(r"^\s+KTLEGACY_IMAGE_CUDA=(\S+) \\$", text, flags=re.M) == [CUDA_VERSION]
+
+
+def test_debian_bases_label_and_cuda():
+    text = (REPO / "images" / "debian-cuda.Dockerfile").read_text()
+    labels = re.findall(r'^LABEL ([\w.-]+)="([^"]*)"$', text, flags=re.M)
+    assert labels == [(facts.LABEL_BASE, f"debian-cuda-{CUDA_VERSION}-devel"),
+                      (facts.LABEL_BASE, f"debian-cuda-{CUDA_VERSION}-runtime")]
+
+
+def _expand(template: str) -> str:
+    """compose's ${VAR:-default} with no variable set (nested defaults too)."""
+    while True:
+        expanded = re.sub(r"\$\{\w+:-([^${}]*)\}", r"\1", template)
+        if expanded == template:
+            return expanded
+        template = expanded
+
+
+def test_compose_image_defaults_are_the_tag_scheme():
+    """Without docker: each service's image, with no variable set, is image_tag of the default ref
+    and CPU set for its arch (tests/test_compose.py checks the same through `docker compose config`)."""
+    text = (REPO / "compose" / "compose.yaml").read_text()
+    images = [_expand(m) for m in re.findall(r'^\s+image: "(.*)"$', text, flags=re.M)]
+    services = yaml.safe_load(text)["services"]
+    assert len(images) == len(services) >= 2
+    for image in images:
+        parts = parse_tag(image)
+        assert parts and parts.arch in ARCHES, image
+        assert image == image_tag(DEFAULT_REF, ARCHES[parts.arch], DEFAULT_CPU_INSTRUCT, DEFAULT_REPOSITORY)
+
+
+def test_env_example_states_the_defaults():
+    text = (REPO / "compose" / ".env.example").read_text()
+    values = dict(re.findall(r"^(KTLEGACY_\w+)=(.*)$", text, flags=re.M))
+    assert values["KTLEGACY_REF"] == DEFAULT_REF
+    assert values["KTLEGACY_REPOSITORY"] == DEFAULT_REPOSITORY
+    assert values["KTLEGACY_CPU"] == DEFAULT_CPU_INSTRUCT.lower()
+    (choices,) = re.findall(r"^# CPU instruction set of the image, lower case: (.*)$", text, flags=re.M)
+    assert choices.split(" | ") == [c.lower() for c in CPU_INSTRUCTS]
+    (scheme,) = re.findall(r"<repo>:<ref>-(\w+)-<(\S+?)>-<cpu>", text)
+    assert scheme == (CUDA_TAG, "|".join(ARCHES))
+
+
+def test_workflow_refs_and_matrix_are_the_table():
+    wf = yaml.safe_load((REPO / ".github" / "workflows" / "publish.yml").read_text())
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
+    ref = on["workflow_dispatch"]["inputs"]["ref"]
+    assert ref["default"] == DEFAULT_REF and ref["options"][0] == DEFAULT_REF
+    assert set(ref["options"]) <= set(REFS)
+    (job,) = wf["jobs"].values()
+    assert job["env"]["KT_REF"] == f"${{{{ inputs.ref || '{DEFAULT_REF}' }}}}"
+    assert set(job["strategy"]["matrix"]["arch"]) <= set(ARCHES)
+    assert set(job["strategy"]["matrix"]["cpu"]) <= set(CPU_INSTRUCTS) - {"NATIVE"}
+
+
+def test_build_stage_scripts_copy_the_table():
+    compile_py = REPO / "images" / "scripts" / "compile_extensions.py"
+    assert module_value(compile_py, "ARCH_LISTS") == {n: a.torch_cuda_arch_list for n, a in ARCHES.items()}
+    assert module_value(compile_py, "CPU_INSTRUCTS") == CPU_INSTRUCTS
+    assert module_value(compile_py, "DEFAULT_CPU_INSTRUCT") == DEFAULT_CPU_INSTRUCT
+    check_py = REPO / "images" / "scripts" / "check_cuda_arch.py"
+    assert module_value(check_py, "ARCHES") == {n: (a.cuobjdump_name, a.torch_cuda_arch_list)
+                                               for n, a in ARCHES.items()}
+
+
+def test_smoke_and_runtime_copy_the_table():
+    """The doctor and the in-image smoke agree on CPU flags: the smoke's table is the doctor's."""
+    smokelib = REPO / "tests" / "smoke" / "smokelib.py"
+    assert module_value(smokelib, "CPU_FLAGS") == CPU_FLAGS
+    assert module_value(smokelib, "ARCH_CC") == {n: a.compute_capability for n, a in ARCHES.items()}
+    runtime = REPO / "overlays" / "runtime" / "ktlegacy_runtime.py"
+    assert module_value(runtime, "_ARCH_CC") == {n: a.compute_capability for n, a in ARCHES.items()}
+
+
+# --- nothing else holds a copy ---------------------------------------------------------------------
+
+def _needles() -> dict[str, re.Pattern]:
+    arch_keys = "|".join(ARCHES)
+    return {
+        "torch pin": re.compile(re.escape(TORCH_VERSION)),
+        "torch index": re.compile(re.escape(TORCH_INDEX_URL)),
+        "Triton of the pin": re.compile(r"(?<![\d.])" + re.escape(facts.TRITON_VERSION) + r"(?![\d.])"),
+        "CUDA base image": re.compile(r"nvidia/cuda:\S"),
+        "CUDA tag in an image tag": re.compile(re.escape(f"-{CUDA_TAG}-")),
+        # a table keyed by arch name ("sm70": ...), or an arch list given literally
+        "arch table": re.compile(rf"""["']({arch_keys})["']\s*:|TORCH_CUDA_ARCH_LIST=\d"""),
+        "CPU flag table": re.compile(r"""["'](f16c|avx512bw|avx512_vnni)["']"""),
+        "CPU set table": re.compile(r"""["']FANCY["']"""),
+        "label name": re.compile(r"io\.ktlegacy\.[a-z]"),
+        "tag suffix": re.compile("|".join(re.escape(f'"{s}') for s in (facts.STANDIN_SUFFIX, facts.DIRTY_SUFFIX))
+                                 + "|" + "|".join(re.escape(f"'{s}") for s in (facts.STANDIN_SUFFIX,
+                                                                                facts.DIRTY_SUFFIX))),
+        "tag regex": re.compile(r"sm\[0-9\]|sm\\d"),
+    }
+
+
+# Where a needle may appear besides ktlegacy/facts.py: {needle: {path: why}}. A checked copy names
+# the test that checks it.
+CHECKED = "a copy checked by tests/test_facts.py"
+PROSE = "prose: says which value and why, changes with the table by hand (like docs/)"
+ALLOWED = {
+    "torch pin": {
+        "images/Dockerfile": CHECKED,
+    },
+    "torch index": {
+        "images/Dockerfile": CHECKED,
+    },
+    "Triton of the pin": {
+        "images/Dockerfile": PROSE + " (the header's why-2.5.1 paragraph)",
+        "overlays/runtime/ktlegacy_runtime.py": PROSE + " (the stage count measured with that Triton)",
+    },
+    "CUDA base image": {
+        "images/Dockerfile": CHECKED,
+    },
+    "CUDA tag in an image tag": {
+        "compose/compose.yaml": CHECKED,
+        "compose/.env.example": CHECKED,
+        "ktlegacy/images.py": "the tag scheme's module: its docstring's example",
+        ".github/workflows/publish.yml": PROSE + " (the tag list in the header comment)",
+    },
+    "arch table": {
+        "images/Dockerfile": CHECKED,
+        "images/scripts/compile_extensions.py": CHECKED,
+        "images/scripts/check_cuda_arch.py": CHECKED + " (its docstring's example error line too)",
+        "tests/smoke/smokelib.py": CHECKED,
+        "overlays/runtime/ktlegacy_runtime.py": CHECKED,
+    },
+    "CPU flag table": {
+        "tests/smoke/smokelib.py": CHECKED,
+    },
+    "CPU set table": {
+        "images/scripts/compile_extensions.py": CHECKED,
+        "tests/smoke/smokelib.py": CHECKED + " (CPU_FLAGS' keys)",
+    },
+    "label name": {
+        "images/Dockerfile": CHECKED,
+        "images/debian-cuda.Dockerfile": CHECKED,
+    },
+    "tag suffix": {},
+    "tag regex": {
+        "ktlegacy/images.py": "parse_tag, the one parser of the tag scheme",
+    },
+}
+NOT_SCANNED = ("docs/", "bench/", "tests/fixtures/", "README.md")
+
+
+def _scanned_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    files = []
+    for rel in filter(None, listed):
+        if rel.startswith(NOT_SCANNED) or rel == "ktlegacy/facts.py" or rel.endswith(".json"):
+            continue
+        if rel.startswith("tests/") and not rel.startswith("tests/smoke/"):
+            continue
+        if (REPO / rel).is_file():
+            files.append(Path(rel))
+    return files
+
+
+def test_no_copy_of_a_fact_outside_the_table():
+    needles = _needles()
+    assert set(ALLOWED) == set(needles)
+    found: dict[str, set] = {name: set() for name in needles}
+    for rel in _scanned_files():
+        try:
+            text = (REPO / rel).read_text()
+        except UnicodeDecodeError:
+            continue
+        for name, pattern in needles.items():
+            if pattern.search(text):
+                found[name].add(rel.as_posix())
+    stray = {f"{name}: {path}" for name, paths in found.items() for path in paths - set(ALLOWED[name])}
+    assert not stray, ("a fact of ktlegacy/facts.py copied outside it (import it, or keep a copy that "
+                       f"tests/test_facts.py checks and list it in ALLOWED): {sorted(stray)}")
+    stale = {f"{name}: {path}" for name, paths in ALLOWED.items() for path in set(paths) - found[name]}
+    assert not stale, f"ALLOWED lists places that no longer hold the value: {sorted(stale)}"
+
+
+@pytest.mark.parametrize("name, text", [
+    ("torch pin", f'pip install torch=={TORCH_VERSION}'),
+    ("arch table", 'ARCHS = {"sm75": (7, 5)}'),
+    ("CPU flag table", 'NEED = ("avx2", "fma", "f16c")'),
+    ("label name", 'labels["io.ktlegacy.arch"]'),
+    ("tag suffix", 'tag + "-standin"'),
+    ("Triton of the pin", f"triton=={facts.TRITON_VERSION}"),
+])
+def test_the_scan_sees_a_copy(name, text):
+    """The scan's patterns match the copies they are meant to catch."""
+    assert _needles()[name].search(text)
+
+
+def test_the_scan_leaves_other_versions_alone():
+    needles = _needles()
+    assert not needles["Triton of the pin"].search("triton 3.1.01, 13.1.0")
+    assert not needles["arch table"].search('profile "sm75" image')
