@@ -25,6 +25,25 @@ def _missing(what: str):
     pytest.fail(what + " (run tests/run, which sets it up, or KTLEGACY_ALLOW_SKIP=1 to skip)")
 
 
+TAG_TREES_ENV = "KTLEGACY_TAG_TREES"
+
+
+def exported_tag_tree(tag: str, dest_root: Path) -> tuple[Path, Path]:
+    """(pristine export, private copy free to patch) of git tag ``tag`` from KTLEGACY_TAG_TREES=DIR
+    (``DIR/<tag>``: the tag's top, or its archive/ from v0.4.2 on, exported with git archive). CI
+    cannot reach GitHub: without the variable, or without the export, the test skips and says so."""
+    root = os.environ.get(TAG_TREES_ENV)
+    if not root:
+        pytest.skip(f"{TAG_TREES_ENV} is not set: export the tags with git archive into DIR/<tag> to run "
+                    "(CI cannot reach GitHub)")
+    src = Path(root) / tag
+    if not (src / "ktransformers" / "__init__.py").is_file():
+        pytest.skip(f"{src} holds no exported ktransformers tree")
+    dest = Path(dest_root) / tag
+    shutil.copytree(src, dest, symlinks=True)
+    return src, dest
+
+
 @pytest.fixture(scope="session")
 def sdist_tree(tmp_path_factory) -> Path:
     """A pristine 0.2.1.post1 tree, fetched once per session. Do not modify: copy it."""

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cached_venv import TORCH_CPU, cached_venv
+from conftest import exported_tag_tree
 from ktlegacy.overlay import Drift, PatchContext, StagedTree, load_overlays
 from ktlegacy.refs import REFS
 from ktlegacy.arch import get_arch
@@ -31,7 +32,6 @@ from ktlegacy.facts import TRITON_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 TAGS = ("v0.4.1", "v0.7.0")
-TREES_ENV = "KTLEGACY_TAG_TREES"
 CACHE = "ktransformers/models/custom_cache.py"
 RULES = "ktransformers/optimize/optimize_rules/DeepSeek-V2-Lite-Chat.yaml"
 
@@ -92,15 +92,7 @@ def ref_python() -> Path:
 @pytest.fixture(params=TAGS)
 def tag_tree(request, tmp_path) -> tuple[str, Path]:
     tag = request.param
-    root = os.environ.get(TREES_ENV)
-    if not root:
-        pytest.skip(f"{TREES_ENV} is not set: export the tags with git archive into DIR/<tag> to run "
-                    "(CI cannot reach GitHub)")
-    src = Path(root) / tag
-    if not (src / CACHE).is_file():
-        pytest.skip(f"{src} holds no exported ktransformers tree")
-    dest = tmp_path / tag
-    shutil.copytree(src, dest, symlinks=True)
+    _, dest = exported_tag_tree(tag, tmp_path)
     return tag, dest
 
 

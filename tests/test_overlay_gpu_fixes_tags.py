@@ -11,15 +11,14 @@ prefill, which ignores it; and KLinearCPUInfer gets the model dtype there too.
 from __future__ import annotations
 
 import ast
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import exported_tag_tree
 from ktlegacy.overlay import Drift, StagedTree, load_overlays
 from ktlegacy.refs import REFS
 
@@ -28,7 +27,6 @@ ATTENTION = "ktransformers/operators/attention.py"
 EXPERTS = "ktransformers/operators/experts.py"
 LINEAR = "ktransformers/operators/linear.py"
 TAGS = ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")  # v0.7.0: its archive/ exported as DIR/v0.7.0
-TREES_ENV = "KTLEGACY_TAG_TREES"
 
 
 def _overlay(name):
@@ -94,18 +92,10 @@ def test_cpu_linear_gets_the_model_dtype_on_the_sdist(pristine_tree):
 def tag_tree(request, tmp_path) -> tuple[str, Path]:
     """A private copy of DIR/<tag> (pristine git-archive export), free to patch."""
     tag = request.param
-    root = os.environ.get(TREES_ENV)
-    if not root:
-        pytest.skip(f"{TREES_ENV} is not set: export the tags with git archive into DIR/<tag> to run "
-                    "(CI cannot reach GitHub)")
-    src = Path(root) / tag
-    if not (src / "ktransformers" / "__init__.py").is_file():
-        pytest.skip(f"{src} holds no exported ktransformers tree")
+    src, dest = exported_tag_tree(tag, tmp_path)
     version = re.search(r"""__version__\s*=\s*["']([^"']+)["']""",
                         (src / "ktransformers" / "__init__.py").read_text()).group(1)
     assert version == REFS[tag].version, f"{src} says __version__ {version!r}, not {tag}'s {REFS[tag].version!r}"
-    dest = tmp_path / tag
-    shutil.copytree(src, dest, symlinks=True)
     return tag, dest
 
 
