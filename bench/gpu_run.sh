@@ -9,7 +9,8 @@
 # sdist (found through KTLEGACY_CACHE, hash-checked by fetch-source as usual).
 # KTLEGACY_PROOF_SKIP="prefill decode e2e" skips those phases of bench/gpu_proof.py (a short call).
 # Set KTLEGACY_PREBUILT=FILE (an ext-sm75-ptx.tar.gz an earlier run returned) to skip the compile;
-# the tree is still fetched, patched and packed, so Python-only overlay changes are picked up.
+# the tree is still fetched, patched and packed, so Python-only overlay changes are picked up; extensions
+# compiled from other C++ sources (the record's source_digest) are refused: compile again then.
 # Git refs (the GPU machine has no network): the engine tree travels as a tarball, found as
 # KTLEGACY_SOURCE=FILE or .whl/ktransformers-REF-engine.tar.xz, and is fetched with
 # fetch-source --ref REF --local FILE (patch still recognises it by content). For v0.7.0 that is
@@ -97,6 +98,8 @@ if [ -z "${KTLEGACY_PREBUILT:-}" ]; then
 else
   say "reusing extensions built by an earlier run: $KTLEGACY_PREBUILT"
   rm -rf "$work/ext" && tar -C "$work" -xzf "$KTLEGACY_PREBUILT" || finish 5
+  # only if compiled from this patched tree's C++ (a C++ overlay change since would be silently missing)
+  $py images/scripts/compile_extensions.py --src "$work/src" --out "$work/ext" --arch sm75 --check-prebuilt || finish 5
 fi
 
 say "arch check: sm75 with PTX must pass, sm70-only must fail"

@@ -52,6 +52,34 @@ def test_skip_mode_records_why_and_compiles_nothing(tmp_path):
     assert sorted(p.name for p in ext.iterdir()) == ["ktlegacy-extensions.json"]
 
 
+def test_prebuilt_extensions_are_reused_only_for_the_same_cpp_sources(patched_tree, tmp_path):
+    """gpu_run.sh's KTLEGACY_PREBUILT: compile_extensions.py --check-prebuilt accepts extensions whose
+    record names the tree's C++ sources, and refuses in one line after a C++ edit (an overlay), or a
+    record from before the digest existed; a Python-only edit does not matter."""
+    tree = tmp_path / "tree"
+    shutil.copytree(patched_tree, tree)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    record = {"mode": "build", "extensions": [], "source_digest": compile_extensions.source_digest(tree)}
+    (ext / "ktlegacy-extensions.json").write_text(json.dumps(record))
+
+    def check():
+        return run("compile_extensions.py", "--src", tree, "--out", ext, "--arch", "sm75", "--check-prebuilt")
+
+    assert check().returncode == 0
+    (tree / "ktransformers" / "local_chat.py").write_text("# a Python-only change\n")
+    assert check().returncode == 0
+    moe = tree / "ktransformers/ktransformers_ext/operators/llamafile/moe.cpp"
+    moe.write_text(moe.read_text().replace("(config_.intermediate_size + stride - 1) / stride", "config_.intermediate_size / stride"))
+    refused = check()
+    assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "compiled from other C++ sources" in refused.stderr and "compile again" in refused.stderr
+    del record["source_digest"]
+    (ext / "ktlegacy-extensions.json").write_text(json.dumps(record))
+    old = check()
+    assert old.returncode == 1 and "records no source digest" in old.stderr
+
+
 @pytest.mark.parametrize("args, env, expected", [
     (["--arch", "sm86"], {}, "sm80+: the upstream images"),
     (["--arch", "sm75", "--cpu-instruct", "SSE2"], {}, "unknown CPU instruction set"),

@@ -90,6 +90,37 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+SOURCE_SUFFIXES = (".c", ".cc", ".cpp", ".cxx", ".h", ".hh", ".hpp", ".cu", ".cuh", ".cmake", ".txt", ".in")
+
+
+def source_digest(src: Path) -> str:
+    """sha256 over the paths and contents of what the compile reads from the tree: setup.py and every
+    C/C++/CUDA/CMake file (an overlay that edits C++ changes it; a Python-only overlay does not)."""
+    h = hashlib.sha256()
+    files = [p for p in Path(src).rglob("*") if p.is_file() and not p.is_symlink()
+             and (p.suffix in SOURCE_SUFFIXES and (p.suffix != ".txt" or p.name == "CMakeLists.txt")
+                  or p.relative_to(src).as_posix() == "setup.py")
+             and not {".git", "build", "__pycache__"} & set(p.relative_to(src).parts)]
+    for path in sorted(files, key=lambda p: p.relative_to(src).as_posix()):
+        h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def check_prebuilt(src: Path, out: Path) -> None:
+    """Extensions compiled earlier (``out``'s record) may be reused for ``src`` only if they were
+    compiled from the same C++ sources: a C++ overlay change since then would be silently missing."""
+    path = out / RECORD
+    if not path.is_file():
+        raise BuildError(f"{out} holds no {RECORD}: not a compile_extensions.py output; compile instead")
+    recorded = json.loads(path.read_text()).get("source_digest")
+    if recorded is None:
+        raise BuildError(f"{path} records no source digest (compiled before it was recorded): "
+                         "compile again instead of reusing these extensions")
+    if recorded != source_digest(src):
+        raise BuildError(f"the extensions in {out} were compiled from other C++ sources than {src} "
+                         "(an overlay changed the C++ since): compile again instead of reusing them")
+
+
 def arch_list(arch: str, ptx: bool = False) -> str:
     return ARCH_LISTS[arch] + ("+PTX" if ptx else "")
 
@@ -171,7 +202,7 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(so, dest)
             files.append({"file": rel.as_posix(), "sha256": _sha256(dest), "device_code": has_device_code(dest)})
-    record = {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files}
+    record = {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files, "source_digest": source_digest(src)}
     if allow_mismatch:
         record["torch_cuda_major_mismatch_allowed"] = True
     return record
@@ -204,7 +235,17 @@ def main(argv=None) -> int:
                    help="CI only: compile with an nvcc whose CUDA major differs from torch's (never shipped)")
     p.add_argument("--mode", choices=("build", "skip"), default="build",
                    help="skip: no-CUDA stand-in builds only; compiles nothing and records why")
+    p.add_argument("--check-prebuilt", action="store_true",
+                   help="compile nothing: check that the extensions already in --out were compiled from --src's C++ sources")
     args = p.parse_args(argv)
+    if args.check_prebuilt:
+        try:
+            check_prebuilt(args.src, args.out)
+        except BuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"compile: the extensions in {args.out} were compiled from these sources; reusing them")
+        return 0
     try:
         arch = args.arch.strip().lower()
         if arch not in ARCH_LISTS:
