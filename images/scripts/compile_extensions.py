@@ -178,6 +178,7 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool
                  allow_mismatch: bool = False) -> dict:
     if not (src / "setup.py").is_file():
         raise BuildError(f"{src} has no setup.py: pass a (patched) ktransformers tree with --src")
+    sources = source_digest(src)  # before the build writes anything into the tree
     nvcc = find_nvcc()
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
     env = build_env(arch, cpu, jobs, ptx)
@@ -202,7 +203,7 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(so, dest)
             files.append({"file": rel.as_posix(), "sha256": _sha256(dest), "device_code": has_device_code(dest)})
-    record = {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files, "source_digest": source_digest(src)}
+    record = {"mode": "build", "nvcc": " ".join(nvcc_version), "extensions": files, "source_digest": sources}
     if allow_mismatch:
         record["torch_cuda_major_mismatch_allowed"] = True
     return record
