@@ -15,7 +15,13 @@ Engines, all with the routed experts on the CPU and everything else on the GPU:
   DeepSeek-V2-Lite-Chat.yaml, its ``StaticCache``), SDPA prefill; decode is timed eager and
   through upstream's ``CUDAGraphRunner`` as local_chat's ``prefill_and_generate`` uses it (its
   default): the CUDA-graph number is the headline, the eager one is kept beside it; the CPU
-  experts get ``cpu_infer = --threads``;
+  experts get ``cpu_infer = --threads - 2`` (``--cpu-infer``): the pool's workers spin, and the
+  engine's CUDA-callback thread (which waits for them in decode) and its Python thread need the
+  other two of the ``--threads`` cores every engine gets. Prompts of at least
+  ``KTLEGACY_GPU_PREFILL_MIN_TOKENS`` tokens (default 1024, the product's) run the routed experts
+  on the GPU (overlay 68); beside the headline, ``experts_path`` times the other path at one
+  length each (CPU experts at 2048, GPU experts at 512) and ``gpu_prefill_check`` compares the
+  two paths' logits after the same 1024-token prompt;
 - ``ktlegacy_windows``: the same loaded model with ``KTLEGACY_PREFILL=windows`` (upstream's
   ``forward_windows`` prefill);
 - ``llama_cpp``: ``llama-bench -ngl 99 -ot exps=CPU -fa 1 -t THREADS`` (its defaults otherwise:
@@ -285,8 +291,8 @@ def set_cpu_infer(threads: int) -> None:
     Config().cpu_infer = threads
 
 
-def load_ktlegacy(model_dir: Path, threads: int):
-    set_cpu_infer(threads)
+def load_ktlegacy(model_dir: Path, cpu_infer: int):
+    set_cpu_infer(cpu_infer)
     import torch
     from gpu_proof import load_engine
     torch.cuda.synchronize()
@@ -328,6 +334,53 @@ class CpuExpertWait:
     def __exit__(self, *exc):
         for name, original in self.saved.items():
             setattr(self.cls, name, original)
+
+
+GPU_PREFILL_ENV = "KTLEGACY_GPU_PREFILL_MIN_TOKENS"
+
+
+class ExpertsPath:
+    """Which path each MoE layer's prompt call took: counts the calls of the runtime's
+    ``experts_prefill_on_gpu`` (overlay 68's hook in KExpertsCPU.forward) that ran on the GPU
+    and those that went on to the CPU backend. ``min_tokens``: the threshold during the block
+    (None: leave the environment as it is)."""
+
+    def __init__(self, min_tokens: int | None = None):
+        self.min_tokens, self.gpu, self.cpu = min_tokens, 0, 0
+
+    def __enter__(self):
+        from ktransformers import ktlegacy_runtime
+        self.module, self.original = ktlegacy_runtime, ktlegacy_runtime.experts_prefill_on_gpu
+        self.saved_env = os.environ.get(GPU_PREFILL_ENV)
+        if self.min_tokens is not None:
+            os.environ[GPU_PREFILL_ENV] = str(self.min_tokens)
+
+        def counted(*a, **kw):
+            out = self.original(*a, **kw)
+            if out is None:
+                self.cpu += 1
+            else:
+                self.gpu += 1
+            return out
+        ktlegacy_runtime.experts_prefill_on_gpu = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.module.experts_prefill_on_gpu = self.original
+        if self.saved_env is None:
+            os.environ.pop(GPU_PREFILL_ENV, None)
+        else:
+            os.environ[GPU_PREFILL_ENV] = self.saved_env
+
+
+def logits_agreement(a, b) -> dict:
+    """How close two logit vectors are: relative L2 difference, cosine, same argmax, top-5 overlap."""
+    import torch
+    a, b = a.double().flatten(), b.double().flatten()
+    top = lambda t: set(torch.topk(t, 5).indices.tolist())
+    return {"relative_l2": ((a - b).norm() / b.norm()).item(),
+            "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item(),
+            "same_argmax": int(a.argmax()) == int(b.argmax()), "top5_overlap": len(top(a) & top(b))}
 
 
 def profile_decode(sess, tok: int, steps: int = 8, rows: int = 15) -> dict:
@@ -419,25 +472,64 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
     for _ in range(8):
         tok = int(sess.decode(tok).argmax())
     done(sess)
+    if engine == "ktlegacy":  # the GPU experts path too (its dequant kernels JIT from PTX on first use)
+        sess = session(512 + 16)
+        with ExpertsPath(1):
+            sess.prefill(ids[:512])
+        done(sess)
 
-    for n in args.prefill:
-        rates, experts_s = [], []
+    def prefill_point(n: int, min_tokens: int | None = None) -> dict | None:
+        """``--runs`` prefills of ``n`` tokens: tok/s, the time in KExpertsCPU.forward (the routed
+        experts, on whichever path) and how many MoE layers ran them on the GPU / the CPU."""
+        rates, experts_s, paths = [], [], set()
         for _ in range(args.runs):
             if time.monotonic() > deadline:
                 out["skipped"].append(f"prefill {n}: deadline")
                 break
             sess = session(n + 8)
-            with CpuExpertWait() as timer:
+            with ExpertsPath(min_tokens) as path, CpuExpertWait() as timer:
                 t0 = time.perf_counter()
                 sess.prefill(ids[:n])
                 dt = time.perf_counter() - t0
             done(sess)
             rates.append(n / dt)
             experts_s.append(timer.seconds)
-        if rates:
-            out["prefill"][str(n)] = dict(summarize(rates), cpu_experts_wait_s=experts_s)
-            log(f"{engine} prefill {n}: {out['prefill'][str(n)]['median']:.1f} tok/s "
-                f"({[round(r, 1) for r in rates]}); CPU experts {[round(s, 2) for s in experts_s]} s")
+            paths.add((path.gpu, path.cpu))
+        if not rates:
+            return None
+        (gpu, cpu), = paths if len(paths) == 1 else [(None, None)]
+        return dict(summarize(rates), cpu_experts_wait_s=experts_s, moe_layers_experts_on_gpu=gpu,
+                    moe_layers_experts_on_cpu=cpu)
+
+    for n in args.prefill:
+        point = prefill_point(n)
+        if point:
+            out["prefill"][str(n)] = point
+            log(f"{engine} prefill {n}: {point['median']:.1f} tok/s ({[round(r, 1) for r in point['runs']]}); "
+                f"experts {[round(s, 2) for s in point['cpu_experts_wait_s']]} s, MoE layers on GPU/CPU "
+                f"{point['moe_layers_experts_on_gpu']}/{point['moe_layers_experts_on_cpu']}")
+
+    if engine == "ktlegacy":
+        # the other experts path beside the default one, one length each, and the two paths' logits
+        out["experts_path"] = {}
+        for label, n, min_tokens in (("cpu", 2048, 0), ("gpu", 512, 1)):
+            if n in args.prefill and time.monotonic() < deadline:
+                point = prefill_point(n, min_tokens)
+                if point:
+                    out["experts_path"].setdefault(label, {})[str(n)] = point
+                    log(f"{engine} prefill {n}, experts forced on the {label.upper()}: {point['median']:.1f} tok/s")
+        if time.monotonic() < deadline:
+            logits = {}
+            for label, min_tokens in (("cpu", 0), ("gpu", 1)):
+                sess = session(1024 + 8)
+                with ExpertsPath(min_tokens) as path:
+                    logits[label] = sess.prefill(ids[:1024]).cpu()
+                done(sess)
+                logits[label + "_layers"] = (path.gpu, path.cpu)
+            out["gpu_prefill_check"] = dict(logits_agreement(logits["gpu"], logits["cpu"]), prompt_tokens=1024,
+                                            moe_layers_gpu_cpu={"gpu_path": logits["gpu_layers"],
+                                                                "cpu_path": logits["cpu_layers"]})
+            log(f"{engine} GPU vs CPU experts, logits after 1024 tokens: {out['gpu_prefill_check']}")
 
     for ctx in args.decode_ctx:
         if time.monotonic() > deadline:
@@ -518,6 +610,9 @@ def main(argv=None) -> int:
     p.add_argument("--llama-bench", help="llama-bench binary (needed for the llama_cpp engine)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: physical cores)")
+    p.add_argument("--cpu-infer", type=int, default=None,
+                   help="ktlegacy's CPU-expert pool (default: threads - 2, as compose/.env.example advises: its "
+                        "CUDA-callback thread and the Python thread take the other two)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--decode-ctx", type=int, nargs="+", default=[1024, 4096])
@@ -535,6 +630,7 @@ def main(argv=None) -> int:
     if "llama_cpp" in args.engines and not (args.llama_bench and Path(args.llama_bench).is_file()):
         p.error("--llama-bench BIN is required for the llama_cpp engine (bench/peer_run.sh builds it)")
     args.threads = args.threads or physical_cores()
+    args.cpu_infer = args.cpu_infer or max(1, args.threads - 2)
     start = time.monotonic()
     deadline = start + args.deadline_s if args.deadline_s else float("inf")
     global PARTIAL_OUT
@@ -542,7 +638,7 @@ def main(argv=None) -> int:
     PARTIAL_OUT = args.out.with_name(args.out.stem + ".partial.json")
     gguf = args.model / GGUF_NAME
     results: dict = {
-        "command": shlex.join(sys.argv), "threads": args.threads, "runs": args.runs,
+        "command": shlex.join(sys.argv), "threads": args.threads, "ktlegacy_cpu_infer": args.cpu_infer, "runs": args.runs,
         "model": {k: record[k] for k in ("spec", "quant_mix", "file_bytes", "decode_cpu_bytes_per_token")},
         "points": {"prefill": args.prefill, "decode_ctx": args.decode_ctx, "decode_tokens": args.decode_tokens},
     }
@@ -556,7 +652,7 @@ def main(argv=None) -> int:
     kt = [e for e in args.engines if e != "llama_cpp"]
     if kt:
         def load():
-            model, config, info = load_ktlegacy(args.model, args.threads)
+            model, config, info = load_ktlegacy(args.model, args.cpu_infer)
             results["_ktlegacy"] = (model, config)
             return info
         phase(results, "ktlegacy_engine", load)

@@ -147,3 +147,10 @@ IMAGE_LABELS = (LABEL_REF, LABEL_COMMIT, LABEL_OVERLAY_DIGEST, LABEL_ARCH, LABEL
                 LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
 # On the CUDA bases made from a Debian mirror (images/debian-cuda.Dockerfile): which one it is.
 LABEL_BASE = "io.ktlegacy.base"
+
+# --- run-time defaults of the patched engine -------------------------------------------------------
+# Prompts of at least this many tokens run the CPU-resident routed experts on the GPU (overlay 68,
+# ktlegacy_runtime.experts_prefill_on_gpu; 0: never), with at most this many MiB of dequantised
+# expert weights on the GPU at a time. Copied by the runtime module and compose (tests/test_facts.py).
+GPU_PREFILL_MIN_TOKENS = 1024
+GPU_PREFILL_MIB = 1024

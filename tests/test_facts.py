@@ -195,6 +195,18 @@ def test_smoke_and_runtime_copy_the_table():
     assert module_value(runtime, "_ARCH_CC") == {n: a.compute_capability for n, a in ARCHES.items()}
 
 
+def test_gpu_prefill_defaults_are_the_table():
+    """The runtime module, compose's server environment and .env.example state the table's defaults."""
+    runtime = REPO / "overlays" / "runtime" / "ktlegacy_runtime.py"
+    env = yaml.safe_load((REPO / "compose" / "compose.yaml").read_text())["x-server-env"]
+    example = dict(re.findall(r"^(KTLEGACY_\w+)=(.*)$", (REPO / "compose" / ".env.example").read_text(), flags=re.M))
+    for name in ("GPU_PREFILL_MIN_TOKENS", "GPU_PREFILL_MIB"):
+        value = getattr(facts, name)
+        assert module_value(runtime, name) == value, name
+        assert env[f"KTLEGACY_{name}"] == f"${{KTLEGACY_{name}:-{value}}}", name
+        assert example[f"KTLEGACY_{name}"] == str(value), name
+
+
 # --- nothing else holds a copy ---------------------------------------------------------------------
 
 def _needles() -> dict[str, re.Pattern]:

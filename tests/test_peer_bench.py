@@ -258,3 +258,13 @@ def test_cpu_expert_wait_times_and_restores(monkeypatch):
         with peer_bench.CpuExpertWait():
             1 / 0
     assert {n: KExpertsCPU.__dict__[n] for n in originals} == originals
+
+
+def test_logits_agreement():
+    import torch
+    from peer_bench import logits_agreement
+    a = torch.tensor([0.0, 1.0, 5.0, 2.0, 3.0, 4.0, -1.0])
+    same = logits_agreement(a, a.clone())
+    assert same == {"relative_l2": 0.0, "cosine": pytest.approx(1.0), "same_argmax": True, "top5_overlap": 5}
+    other = logits_agreement(torch.tensor([5.0, 1.0, 0.0, 2.0, 3.0, 4.0, -1.0]), a)
+    assert other["same_argmax"] is False and other["top5_overlap"] == 4 and other["relative_l2"] > 0.5

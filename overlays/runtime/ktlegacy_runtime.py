@@ -180,3 +180,234 @@ def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     if fully_masked is not None:
         out = out.masked_fill(fully_masked.view(1, 1, q_len, 1), 0)
     return out.transpose(1, 2).contiguous().to(out_dtype)
+
+
+# ---------------------------------------------------------------- routed experts of long prompts on the GPU
+# The CPU experts (KExpertsCPU) compute a prompt's routed experts on the CPU: for every MoE layer
+# the whole prompt goes through llamafile GEMMs, which is nearly all of a prefill's time. For a long
+# prompt it is cheaper to send the layer's quantised expert weights to the GPU once (they stay where
+# they are: the GGUF's mmap on the host) and compute there: the copy costs the layer's expert bytes
+# over PCIe, the CPU path costs tokens x top_k expert GEMMs. Prompts of at least
+# KTLEGACY_GPU_PREFILL_MIN_TOKENS tokens take the GPU path (0: never); the dequantised weights of
+# at most KTLEGACY_GPU_PREFILL_MIB MiB of experts are on the GPU at a time. Decode (one token) and
+# shorter prompts stay on the CPU. On any CUDA out-of-memory the call falls back to the CPU path.
+GPU_PREFILL_MIN_TOKENS_ENV = "KTLEGACY_GPU_PREFILL_MIN_TOKENS"
+GPU_PREFILL_MIB_ENV = "KTLEGACY_GPU_PREFILL_MIB"
+GPU_PREFILL_MIN_TOKENS = 1024
+GPU_PREFILL_MIB = 1024
+
+# ggml type id -> (name, values per block, bytes per block): the types GGUF experts come in.
+GGML_BLOCKS = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 6: ("Q5_0", 32, 22), 8: ("Q8_0", 32, 34),
+               10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+               14: ("Q6_K", 256, 210), 23: ("IQ4_XS", 256, 136), 30: ("BF16", 1, 2)}
+
+_gpu_prefill_notes: set = set()
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}={text!r}: expected a whole number >= 0")
+    return value
+
+
+def gpu_prefill_min_tokens() -> int:
+    """Prompt length from which the routed experts run on the GPU (0: never)."""
+    return _env_int(GPU_PREFILL_MIN_TOKENS_ENV, GPU_PREFILL_MIN_TOKENS)
+
+
+def _note_once(key: str, text: str) -> None:
+    if key not in _gpu_prefill_notes:
+        _gpu_prefill_notes.add(key)
+        import sys
+        print(f"ktlegacy: {text}", file=sys.stderr, flush=True)
+
+
+def _f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The little-endian fp16 at byte ``start`` of every block, as float32 (n_blocks, 1)."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _dequant_q4_0(b: torch.Tensor) -> torch.Tensor:
+    d, qs = _f16_column(b, 0), b[:, 2:18]
+    q = torch.cat([qs & 0xF, qs >> 4], dim=1).float() - 8
+    return d * q
+
+
+def _dequant_q5_0(b: torch.Tensor) -> torch.Tensor:
+    d, qs = _f16_column(b, 0), b[:, 6:22]
+    qh = b[:, 2:6].long()
+    qh = qh[:, 0] | qh[:, 1] << 8 | qh[:, 2] << 16 | qh[:, 3] << 24
+    high = (qh.unsqueeze(1) >> torch.arange(32, device=b.device)) & 1
+    q = torch.cat([qs & 0xF, qs >> 4], dim=1).long() | high << 4
+    return d * (q - 16).float()
+
+
+def _dequant_q8_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16_column(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
+
+
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's get_scale_min_k4 over the 12 packed bytes of a Q4_K/Q5_K block: (scales, mins), (n, 8)."""
+    q = packed.long()
+    sc = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | (q[:, 0:4] >> 6) << 4], dim=1)
+    mn = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | (q[:, 4:8] >> 6) << 4], dim=1)
+    return sc.float(), mn.float()
+
+
+def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
+    d, dmin = _f16_column(b, 0), _f16_column(b, 2)
+    sc, mn = _k_scales(b[:, 4:16])
+    qs = b[:, 16:144].view(-1, 4, 32)
+    q = torch.stack([qs & 0xF, qs >> 4], dim=2).view(-1, 8, 32).float()
+    return ((d * sc).unsqueeze(-1) * q - (dmin * mn).unsqueeze(-1)).view(-1, 256)
+
+
+def _dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
+    d, dmin = _f16_column(b, 0), _f16_column(b, 2)
+    sc, mn = _k_scales(b[:, 4:16])
+    qh, qs = b[:, 16:48], b[:, 48:176].view(-1, 4, 32)
+    high = (qh.unsqueeze(1) >> torch.arange(8, device=b.device, dtype=torch.uint8).view(1, 8, 1)) & 1
+    q = torch.stack([qs & 0xF, qs >> 4], dim=2).view(-1, 8, 32) | high << 4
+    return ((d * sc).unsqueeze(-1) * q.float() - (dmin * mn).unsqueeze(-1)).view(-1, 256)
+
+
+def _dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
+    ql, qh = b[:, 0:128].view(-1, 2, 64), b[:, 128:192].view(-1, 2, 32)
+    sc = b[:, 192:208].contiguous().view(torch.int8).float().view(-1, 2, 4, 2, 1)
+    d = _f16_column(b, 208).view(-1, 1, 1, 1, 1)
+    lo, hi = ql[:, :, :32], ql[:, :, 32:]
+    q = torch.stack([lo & 0xF, hi & 0xF, lo >> 4, hi >> 4], dim=2)
+    h = torch.stack([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], dim=2)
+    q = (q | h << 4).float().view(-1, 2, 4, 2, 16) - 32
+    return (d * sc * q).view(-1, 256)
+
+
+def _dequant_float(name: str):
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
+    return lambda b: b.contiguous().view(dtype).float()
+
+
+# Dequantisers in torch (any device). On CUDA the K-quants and Q8_0 use upstream's kernels
+# (KTransformersOps, one pass each), Q4_0/Q5_0 these (upstream has no GPU kernel for them).
+TORCH_DEQUANT = {"Q4_0": _dequant_q4_0, "Q5_0": _dequant_q5_0, "Q8_0": _dequant_q8_0, "Q4_K": _dequant_q4_k,
+                 "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k,
+                 **{n: _dequant_float(n) for n in ("F32", "F16", "BF16")}}
+UPSTREAM_GPU_DEQUANT = ("Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+
+
+def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, upstream: bool = True) -> torch.Tensor:
+    """The values of ``raw`` (uint8 numpy or tensor: whole ggml blocks of ``ggml_type``) as a flat
+    ``dtype`` tensor on ``device``. ``upstream``: on CUDA, use upstream's kernels where it has one."""
+    if ggml_type not in GGML_BLOCKS:
+        raise NotImplementedError(f"ggml type {ggml_type}")
+    name, _, block_bytes = GGML_BLOCKS[ggml_type]
+    device = torch.device(device)
+    if upstream and device.type == "cuda" and name in UPSTREAM_GPU_DEQUANT:
+        import numpy as np
+        from ktransformers.util.custom_gguf import GGML_DEQUANTIZE_GPU
+        return GGML_DEQUANTIZE_GPU[name](np.asarray(raw), device).view(-1).to(dtype)
+    if name not in TORCH_DEQUANT:
+        raise NotImplementedError(f"{name} without upstream's GPU kernels")
+    data = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
+    blocks = data.to(device, non_blocking=False).view(-1, block_bytes)
+    return TORCH_DEQUANT[name](blocks).view(-1).to(dtype)
+
+
+def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, tensors: dict,
+                   n_experts: int, intermediate: int, budget_bytes: int, dequant=dequantize) -> torch.Tensor:
+    """One MoE layer's routed experts on ``x``'s device: sum over k of weights[t, k] * down(silu(gate(x))
+    * up(x)) of expert expert_ids[t, k], as KExpertsCPU's backend computes it.
+
+    ``tensors``: {"gate"|"up"|"down": (raw uint8 bytes of all experts, ggml type)} in GGUF order
+    (gate/up: experts x intermediate x hidden; down: experts x hidden x intermediate). Experts go to
+    the device in runs of consecutive ones whose dequantised projection fits ``budget_bytes``;
+    runs no token routes to are skipped. Returns (tokens, hidden) in ``x``'s dtype."""
+    tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    device, dtype = x.device, x.dtype
+    flat = expert_ids.reshape(-1).to(device=device, dtype=torch.long)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k
+    weight_of = weights.reshape(-1).to(device=device, dtype=torch.float32)[order]
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    out = torch.zeros((tokens, hidden), dtype=torch.float32, device=device)
+    per_expert = intermediate * hidden * (3 * dtype.itemsize + 4)  # three projections + one fp32 transient
+    run = max(1, budget_bytes // per_expert)
+    raw = {name: (t[0].reshape(-1), t[1]) for name, t in tensors.items()}
+    for first in range(0, n_experts, run):
+        last = min(n_experts, first + run)
+        if starts[last] == starts[first]:
+            continue
+        w = {}
+        for name, (data, ggml_type) in raw.items():
+            per = data.shape[0] // n_experts
+            w[name] = dequant(data[first * per:last * per], ggml_type, device, dtype)
+        gate = w["gate"].view(last - first, intermediate, hidden)
+        up = w["up"].view(last - first, intermediate, hidden)
+        down = w["down"].view(last - first, hidden, intermediate)
+        for e in range(first, last):
+            lo, hi = starts[e], starts[e + 1]
+            if lo == hi:
+                continue
+            rows = token_of[lo:hi]
+            xe = x.index_select(0, rows)
+            h = torch.nn.functional.silu(xe @ gate[e - first].T) * (xe @ up[e - first].T)
+            y = h @ down[e - first].T
+            out.index_add_(0, rows, y.float() * weight_of[lo:hi].unsqueeze(1))
+        del w, gate, up, down
+    return out.to(dtype)
+
+
+def experts_prefill_on_gpu(experts, input_tensor: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                           bsz_tensor: torch.Tensor | None = None):
+    """KExpertsCPU.forward's prompt path on the GPU (see above), or None to run it on the CPU:
+    the prompt is shorter than KTLEGACY_GPU_PREFILL_MIN_TOKENS, the output device is not a GPU,
+    a weight type has no GPU dequantiser, or the GPU ran out of memory (then the CPU path runs).
+    ``bsz_tensor`` (v0.2.4post1+): the number of real rows; the rows after it are padding and
+    get zeros (the CPU backend leaves them unwritten)."""
+    minimum = gpu_prefill_min_tokens()
+    device = torch.device(object.__getattribute__(experts, "out_device"))
+    if minimum == 0 or input_tensor.size(0) < minimum or device.type != "cuda":
+        return None
+    rows = input_tensor.size(0) if bsz_tensor is None else int(bsz_tensor.reshape(-1)[0])
+    if rows < minimum:
+        return None
+    types = {n: getattr(experts, f"{n}_type") for n in ("gate", "up", "down")}
+    missing = sorted({GGML_BLOCKS.get(t, (f"type {t}",))[0] for t in types.values()
+                      if t not in GGML_BLOCKS or (GGML_BLOCKS[t][0] not in TORCH_DEQUANT
+                                                  and GGML_BLOCKS[t][0] not in UPSTREAM_GPU_DEQUANT)})
+    if missing:
+        _note_once("types", f"routed experts in {', '.join(missing)} have no GPU dequantiser: prompts run them on the CPU")
+        return None
+    if isinstance(experts.gate, list) or getattr(experts.gate, "ndim", 1) != 1:
+        _note_once("layout", "routed experts stored per expert (not one GGUF tensor): prompts run them on the CPU")
+        return None
+    budget = _env_int(GPU_PREFILL_MIB_ENV, GPU_PREFILL_MIB) * 2**20
+    _note_once("on", f"prompts of >= {minimum} tokens run the routed experts on {device} "
+                     f"({GPU_PREFILL_MIB_ENV}={budget >> 20} MiB at a time; {GPU_PREFILL_MIN_TOKENS_ENV}=0 turns this off)")
+    config = experts.config
+    dtype = input_tensor.dtype if input_tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+    try:
+        with torch.cuda.device(device):
+            x = input_tensor[:rows].to(device=device, dtype=dtype).contiguous()
+            out = routed_experts(x, expert_ids[:rows], weights[:rows],
+                                 {n: (getattr(experts, n), types[n]) for n in ("gate", "up", "down")},
+                                 experts.n_routed_experts, config.moe_intermediate_size, budget)
+            if rows < input_tensor.size(0):
+                out = torch.cat([out, out.new_zeros((input_tensor.size(0) - rows, out.size(1)))])
+            return out
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        _note_once("oom", f"the GPU had no room for {budget >> 20} MiB of experts: this prompt runs them on the CPU "
+                          f"(set {GPU_PREFILL_MIB_ENV} lower)")
+        return None

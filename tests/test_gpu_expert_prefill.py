@@ -1,0 +1,237 @@
+"""gpu-expert-prefill (overlay 68): long prompts' routed experts on the GPU, weights streamed from the GGUF.
+
+On this CPU machine, with the runtime module as the overlays write it into the real sdist:
+
+* every torch dequantiser equals gguf-py's (llama.cpp's Python reference) on the same blocks:
+  Q4_0/Q5_0/Q8_0 blocks from gguf-py's quantiser, K-quant blocks of random bytes with sane scales;
+* ``routed_experts`` (run here on the CPU device) equals an fp32 reference of the MoE layer for the
+  benchmark model's quant mix (Q4_K gate/up, Q5_0 down at intermediate 1408), whatever the memory
+  budget (one expert at a time or all at once), and leaves unrouted experts alone;
+* ``experts_prefill_on_gpu`` says no (None: the CPU path runs) below the threshold, with the
+  threshold 0, on a CPU output device, and for weight types it has no GPU dequantiser for; a bad
+  threshold is one clear error;
+* the overlay hooks the prompt branch of KExpertsCPU.forward only, re-applies as a no-op, and
+  refuses drift leaving the tree untouched.
+
+tests/test_moe_partial_block.py checks the same function against the real C++ backend
+(cpuinfer_ext built from the sdist); the GPU run (bench/peer_run.sh) checks it on CUDA with
+upstream's dequant kernels, against the CPU backend, and times it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ktlegacy.arch import get_arch
+from ktlegacy.overlay import patch_tree
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERTS = "ktransformers/operators/experts.py"
+
+
+@pytest.fixture(scope="module")
+def patched(sdist_tree, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("gpu-prefill") / "tree"
+    shutil.copytree(sdist_tree, dest, symlinks=True)
+    patch_tree(dest, get_arch("sm75"), out=lambda line: None)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def rt(patched):
+    spec = importlib.util.spec_from_file_location("ktlegacy_runtime_gpu_prefill", patched / "ktransformers" / "ktlegacy_runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "KTLEGACY_GPU_PREFILL_MIB", "KTLEGACY_EMULATE_CC"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------- dequantisers
+
+def _k_blocks(rng, n: int, block_bytes: int, halves: dict[int, float]) -> np.ndarray:
+    """Random bytes, with the fp16 fields at the given byte offsets set to sane values."""
+    raw = np.frombuffer(rng.bytes(n * block_bytes), dtype=np.uint8).reshape(n, block_bytes).copy()
+    for offset, scale in halves.items():
+        raw[:, offset:offset + 2] = (rng.uniform(0.5, 1.5, (n, 1)) * scale).astype("<f2").view(np.uint8)
+    return raw
+
+
+def _blocks(rng, name: str, n: int) -> np.ndarray:
+    from gguf.quants import quantize
+    from gguf import GGMLQuantizationType as T
+    values = rng.standard_normal((n, 256)).astype(np.float32)
+    if name in ("Q4_0", "Q5_0", "Q8_0"):
+        return quantize(values, T[name])
+    if name == "F32":
+        return values.view(np.uint8)
+    if name in ("F16", "BF16"):
+        return quantize(values, T[name]).view(np.uint8) if name == "BF16" else values.astype("<f2").view(np.uint8)
+    layout = {"Q4_K": (144, {0: 1e-2, 2: 1e-2}), "Q5_K": (176, {0: 1e-2, 2: 1e-2}), "Q6_K": (210, {208: 1e-2})}
+    block_bytes, halves = layout[name]
+    return _k_blocks(rng, n, block_bytes, halves)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"])
+def test_torch_dequantisers_match_gguf_py(rt, name):
+    from gguf.quants import dequantize as reference
+    from gguf import GGMLQuantizationType as T
+    raw = np.ascontiguousarray(_blocks(np.random.default_rng(7), name, 64))
+    want = reference(raw, T[name]).reshape(-1).astype(np.float32)
+    ggml_type = next(t for t, (n, _, _) in rt.GGML_BLOCKS.items() if n == name)
+    got = rt.dequantize(raw, ggml_type, "cpu", torch.float32).numpy()
+    assert got.shape == want.shape
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_block_table_is_ggmls():
+    import gguf
+    spec = importlib.util.spec_from_file_location("rt_table", REPO / "overlays" / "runtime" / "ktlegacy_runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for ggml_type, (name, per_block, block_bytes) in module.GGML_BLOCKS.items():
+        qtype = gguf.GGMLQuantizationType[name]
+        assert int(qtype) == ggml_type, name
+        assert gguf.GGML_QUANT_SIZES[qtype] == (per_block, block_bytes), name
+
+
+# ---------------------------------------------------------------- the MoE layer
+
+def _layer(seed=0, experts=8, hidden=256, inter=1408, tokens=40, top_k=2, unrouted=(3,)):
+    from ktlegacy.testing.peer_model import quant_blocks
+    rng = np.random.default_rng(seed)
+    gate = quant_blocks(rng, (experts, inter, hidden), "Q4_K", hidden ** -0.5)
+    up = quant_blocks(rng, (experts, inter, hidden), "Q4_K", hidden ** -0.5)
+    down = quant_blocks(rng, (experts, hidden, inter), "Q5_0", 2 * inter ** -0.5)
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(experts) if e not in unrouted])
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:top_k]] for _ in range(tokens)])
+    weights = torch.rand((tokens, top_k), generator=g)
+    x = torch.randn((tokens, hidden), generator=g)
+    tensors = {"gate": (gate.reshape(-1), 12), "up": (up.reshape(-1), 12), "down": (down.reshape(-1), 6)}
+    return x, ids, weights, tensors, dict(experts=experts, hidden=hidden, inter=inter)
+
+
+def _reference(x, ids, weights, tensors, shape):
+    from gguf.quants import dequantize
+    from gguf import GGMLQuantizationType as T
+    e, h, i = shape["experts"], shape["hidden"], shape["inter"]
+    gate = torch.from_numpy(dequantize(tensors["gate"][0], T.Q4_K).reshape(e, i, h).copy())
+    up = torch.from_numpy(dequantize(tensors["up"][0], T.Q4_K).reshape(e, i, h).copy())
+    down = torch.from_numpy(dequantize(tensors["down"][0], T.Q5_0).reshape(e, h, i).copy())
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            ex = int(ids[t, k])
+            hid = torch.nn.functional.silu(gate[ex].double() @ x[t].double()) * (up[ex].double() @ x[t].double())
+            out[t] += float(weights[t, k]) * (down[ex].double() @ hid)
+    return out
+
+
+def test_routed_experts_match_the_fp32_reference_at_any_budget(rt):
+    x, ids, weights, tensors, shape = _layer()
+    want = _reference(x, ids, weights, tensors, shape)
+    per_expert = shape["inter"] * shape["hidden"] * (3 * 4 + 4)
+    seen = []
+
+    def counting(raw, ggml_type, device, dtype):
+        seen.append(len(raw))
+        return rt.dequantize(raw, ggml_type, device, dtype)
+
+    results = {}
+    for label, budget in (("one expert at a time", 1), ("three at a time", 3 * per_expert), ("all", 1 << 40)):
+        seen.clear()
+        got = rt.routed_experts(x, ids, weights, tensors, shape["experts"], shape["inter"], budget, dequant=counting)
+        results[label] = got
+        err = ((got.double() - want).abs().mean() / want.abs().mean()).item()
+        assert err < 1e-5, (label, err)
+        if label == "one expert at a time":  # expert 3 has no token: its weights never move
+            per = len(tensors["gate"][0]) // shape["experts"]
+            assert len(seen) == 3 * (shape["experts"] - 1) and set(seen) <= {per, len(tensors["down"][0]) // 8}
+    assert torch.equal(results["all"], results["three at a time"]) or \
+        torch.allclose(results["all"], results["three at a time"], rtol=1e-5, atol=1e-6)
+
+
+def test_routed_experts_keep_the_activation_dtype(rt):
+    x, ids, weights, tensors, shape = _layer(tokens=12)
+    got = rt.routed_experts(x.half(), ids, weights, tensors, shape["experts"], shape["inter"], 1 << 30)
+    assert got.dtype == torch.float16 and got.shape == x.shape
+    want = _reference(x.half().float(), ids, weights, tensors, shape)
+    assert ((got.double() - want).abs().mean() / want.abs().mean()).item() < 5e-3
+
+
+# ---------------------------------------------------------------- when the GPU path runs
+
+def _experts(tensors, shape, out_device="cuda:0", gate_type=12):
+    return SimpleNamespace(out_device=out_device, gate=tensors["gate"][0], up=tensors["up"][0], down=tensors["down"][0],
+                           gate_type=gate_type, up_type=12, down_type=6, n_routed_experts=shape["experts"],
+                           config=SimpleNamespace(moe_intermediate_size=shape["inter"]))
+
+
+def test_short_prompts_cpu_devices_and_zero_stay_on_the_cpu(rt, monkeypatch):
+    x, ids, weights, tensors, shape = _layer(tokens=16)
+    assert rt.gpu_prefill_min_tokens() == rt.GPU_PREFILL_MIN_TOKENS == 1024
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape), x, ids, weights) is None  # 16 < 1024
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "8")
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape, out_device="cpu"), x, ids, weights) is None
+    # padded batch (v0.2.4post1+): 16 rows, 4 real
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape), x, ids, weights, torch.tensor([4])) is None
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "0")
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape), x, ids, weights) is None
+
+
+def test_a_bad_threshold_is_one_clear_error(rt, monkeypatch):
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "lots")
+    with pytest.raises(ValueError, match=r"KTLEGACY_GPU_PREFILL_MIN_TOKENS='lots': expected a whole number >= 0"):
+        rt.gpu_prefill_min_tokens()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal before any CUDA call on a machine without one")
+def test_a_type_without_a_gpu_dequantiser_stays_on_the_cpu(rt, monkeypatch, capsys):
+    x, ids, weights, tensors, shape = _layer(tokens=16)
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "8")
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape, gate_type=3), x, ids, weights) is None  # Q4_1
+    assert "routed experts in type 3 have no GPU dequantiser" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the overlay
+
+def test_the_hook_is_in_the_prompt_branch_only(patched):
+    text = (patched / EXPERTS).read_text()
+    assert text.count("ktlegacy_runtime.experts_prefill_on_gpu(") == 1
+    forward = text.split("class KExpertsCPU(KExpertsBase):", 1)[1].split("    def forward(", 1)[1].split("    def unload", 1)[0]
+    capture, prompt = forward.split("        else:\n", 1)
+    assert "experts_prefill_on_gpu" not in capture and "is_current_stream_capturing()" in capture
+    assert prompt.lstrip().startswith("on_gpu = ktlegacy_runtime.experts_prefill_on_gpu(self, input_tensor, expert_ids, weights)")
+    assert prompt.index("return on_gpu") < prompt.index("input_tensor = input_tensor.contiguous().cpu()")
+    assert "from ktransformers import ktlegacy_runtime  # ktlegacy" in text
+    compile(text, EXPERTS, "exec")
+
+
+def test_reapply_is_a_no_op_and_drift_is_refused(patched, pristine_tree):
+    again = subprocess.run([sys.executable, "-m", "ktlegacy", "patch", "--src", str(patched), "--arch", "sm75"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "gpu-expert-prefill: already applied, nothing to change" in again.stdout
+    path = pristine_tree / EXPERTS
+    path.write_text(path.read_text().replace("input_tensor = input_tensor.contiguous().cpu()",
+                                             "input_tensor = input_tensor.cpu()"))
+    before = {p: p.read_bytes() for p in pristine_tree.rglob("*.py")}
+    refused = subprocess.run([sys.executable, "-m", "ktlegacy", "patch", "--src", str(pristine_tree), "--arch", "sm75",
+                              "--ref", "0.2.1.post1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "overlay gpu-expert-prefill: ktransformers/operators/experts.py: expected 1 occurrence(s)" in refused.stderr
+    assert {p: p.read_bytes() for p in pristine_tree.rglob("*.py")} == before
