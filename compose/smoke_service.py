@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 PORT = 10002
 MOUNTS = ("/models/hf", "/models/gguf")
 ENV_KEYS = ("KTLEGACY_PROFILE", "PYTORCH_CUDA_ALLOC_CONF", "KTLEGACY_CPU_INFER", "KTLEGACY_MAX_NEW_TOKENS",
-            "KTLEGACY_CACHE_LENS", "KTLEGACY_MODEL_NAME", "HOME")
+            "KTLEGACY_CACHE_LENS", "KTLEGACY_MODEL_NAME", "KTLEGACY_GPU_PREFILL_MIN_TOKENS", "KTLEGACY_GPU_PREFILL_MIB",
+            "HOME")
 
 
 def mount_report(path: str) -> dict:

@@ -251,7 +251,7 @@ def smoke_env(tmp_path, real_runtime_image):
     port = free_port()
     env = clean_env(KTLEGACY_SMOKE_IMAGE=tag, KTLEGACY_MODEL_DIR=str(tmp_path / "hf"),
                     KTLEGACY_GGUF_DIR=str(tmp_path / "gguf"), KTLEGACY_SMOKE_PORT=str(port),
-                    KTLEGACY_CPU_INFER="7", KTLEGACY_SMOKE_START_PERIOD="5m")
+                    KTLEGACY_CPU_INFER="7", KTLEGACY_GPU_PREFILL_MIN_TOKENS="2048", KTLEGACY_SMOKE_START_PERIOD="5m")
     return env, port
 
 
@@ -280,6 +280,8 @@ def test_smoke_profile_up_healthy_end_to_end(docker, smoke_env):
         assert report["state_dir_writable"] is True
         # environment: .env choices and the fixed settings
         assert report["environment"]["KTLEGACY_CPU_INFER"] == "7"
+        assert report["environment"]["KTLEGACY_GPU_PREFILL_MIN_TOKENS"] == "2048"  # set, passed through
+        assert report["environment"]["KTLEGACY_GPU_PREFILL_MIB"] == "1024"         # the default
         assert report["environment"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
         assert report["environment"]["KTLEGACY_PROFILE"] == "smoke"
     finally:

@@ -111,9 +111,16 @@ def test_tag_cpu_experts_get_the_model_dtype_and_kv_reuse_is_upstreams(tag_tree)
     # attention.py is edited by the sdpa overlay only; its prefills still slice the cache to kv_seq_len
     attention = (tree / ATTENTION).read_text()
     assert "kv reuse" not in attention and attention != attention_before
+    assert "prefill-kv-length: changed ktransformers/operators/attention.py: " in first.stdout
+    fix = ("            kv_seq_len += past_key_value.get_usable_length(kv_seq_len, self.layer_idx)\n"
+           "            if q_len > 1 and cache_position is not None:  # ktlegacy: the cached positions, not a counter\n"
+           "                kv_seq_len = int(cache_position[-1]) + 1\n")
     for fn in ("forward_linux_triton", "forward_linux_flashinfer"):
         body = _method(attention, fn)
         assert "k_pe = k_pe[:, :kv_seq_len]" in body and "ktlegacy_runtime.sdpa_prefill(" in body
+        # the prompt's key count is the cache positions, set before the cache is read and sliced
+        assert body.count(fix) == 1 and body.index(fix) < body.index("k_pe = k_pe[:, :kv_seq_len]"), fn
+    assert attention.count("kv_seq_len = int(cache_position[-1]) + 1") == 2  # not in forward_chunck / forward_xpu
 
     experts = (tree / EXPERTS).read_text()
     load = _method(experts, "load", cls="KExpertsCPU")
@@ -123,6 +130,9 @@ def test_tag_cpu_experts_get_the_model_dtype_and_kv_reuse_is_upstreams(tag_tree)
     assert outputs and not [line for line in outputs if "torch.bfloat16" in line], outputs
     assert "{torch.float32: 0, torch.float16: 1}.get(" in load
     assert "30, # TODO" not in load and "hidden_type = 30 # bf16" not in load
+    forward = _method(experts, "forward", cls="KExpertsCPU")
+    hook = ("on_gpu = ktlegacy_runtime.experts_prefill_on_gpu(self, input_tensor, expert_ids, weights, bsz_tensor)")
+    assert forward.count(hook) == 1 and forward.index(hook) < forward.index("bsz_tensor = bsz_tensor.contiguous().cpu()")
     if tag != "v0.2.4post1":  # v0.3.x and later: AMX backends
         guard = load.index('if self.backend != "llamafile" and model_dtype != torch.bfloat16:')
         assert guard < load.index('if self.backend == "llamafile":') < load.index('elif self.backend == "AMXBF16":')
@@ -134,6 +144,7 @@ def test_tag_cpu_experts_get_the_model_dtype_and_kv_reuse_is_upstreams(tag_tree)
     second = _run_patch(tree, tag)
     assert second.returncode == 0, second.stderr
     assert "sdpa-kv-reuse: already applied" in second.stdout and "cpu-experts-dtype: already applied" in second.stdout
+    assert "prefill-kv-length: already applied" in second.stdout and "gpu-expert-prefill: already applied" in second.stdout
     assert "changed 0 files" in second.stdout
     assert _files(tree) == state
 
@@ -143,6 +154,11 @@ def test_tag_cpu_experts_get_the_model_dtype_and_kv_reuse_is_upstreams(tag_tree)
     (ATTENTION, "            k_pe = k_pe[:, :kv_seq_len]\n", "            k_pe = k_pe[:, :q_len]\n", "sdpa-kv-reuse"),
     (EXPERTS, "dtype=torch.bfloat16) for i in range(len(cuda_graphs))]",
      "dtype=torch.float16) for i in range(len(cuda_graphs))]", "cpu-experts-dtype"),
+    # the prefills no longer start their key count from q_len
+    (ATTENTION, "        kv_seq_len = q_len\n        if past_key_value is not None:\n",
+     "        kv_seq_len = int(q_len)\n        if past_key_value is not None:\n", "prefill-kv-length"),
+    (EXPERTS, "            input_tensor = input_tensor.contiguous().cpu()\n",
+     "            input_tensor = input_tensor.cpu()\n", "gpu-expert-prefill"),
 ])
 def test_tag_drift_is_refused_and_the_tree_untouched(tag_tree, rel, old, new, overlay):
     tag, tree = tag_tree

@@ -28,7 +28,7 @@ from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "triton-stages", "fp16",
                  "cpu-experts-dtype", "moe-partial-block", "gpu-expert-prefill", "portable-cpu", "server-api"]
-NOT_FOR_SDIST = ["loopback-listeners", "serve-backend-guard", "optional-sched-ext", "cache-device-key"]  # later refs only
+NOT_FOR_SDIST = ["prefill-kv-length", "loopback-listeners", "serve-backend-guard", "optional-sched-ext", "cache-device-key"]  # later refs only
 SM80_OPS = {"KLinearMarlin", "KExpertsMarlin", "VLinearMarlin", "KLinearFP8"}
 RULES = "ktransformers/optimize/optimize_rules"
 
