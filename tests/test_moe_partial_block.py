@@ -221,6 +221,7 @@ def test_gpu_prompt_path_matches_the_cpu_backend(patched_ext):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("gpu prompt path vs cpuinfer_ext:", json.dumps(got))
     assert got["ours_dtype"] == "torch.float16", got
     assert got["backend_vs_fp32"] < 3e-2, got  # the backend's own activation quantisation
     assert got["ours_vs_backend"] < 3e-2, got
