@@ -20,7 +20,7 @@ Same prompt branch at every supported ref (0.2.1.post1 :219; from v0.2.4post1 it
 
 from ktlegacy.overlay import Overlay
 
-CANDIDATES = ("ktransformers/operators/experts.py", "archive/ktransformers/operators/experts.py")
+EXPERTS = "ktransformers/operators/experts.py"  # v0.7.0 too: fetch-source lays its archive/ out at the root
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"
 BRANCH = "        else:\n            input_tensor = input_tensor.contiguous().cpu()\n"
 HOOK = ("        else:\n"
@@ -38,10 +38,7 @@ class GpuExpertPrefillOverlay(Overlay):
     refs = ("0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
 
     def apply(self, tree, ctx):
-        found = [p for p in CANDIDATES if tree.exists(p)]
-        if len(found) != 1:
-            raise tree.drift(" or ".join(CANDIDATES), "exactly one operators/experts.py")
-        rel = found[0]
+        rel = EXPERTS
         text = tree.read(rel)
         if "class KExpertsCPU(KExpertsBase):" not in text:
             raise tree.drift(rel, "class KExpertsCPU(KExpertsBase)")
