@@ -128,7 +128,7 @@ def doctor_estimate(model_dir: Path, rules_path: Path, cache_lens: int) -> dict:
     from ktlegacy import vram
     est = vram.estimate(vram.read_gguf(model_dir), vram.load_rules(rules_path.read_text()), cache_lens)
     return {d: {"weights_mib": round(est.weights_mib.get(d, 0.0), 1), "kv_cache_mib": round(est.kv_mib.get(d, 0.0), 1),
-                "prefill_activations_mib": round(est.prefill_mib.get(d, 0.0), 1),
+                "prefill_activations_mib": round(est.prefill_peak_mib(d), 1),
                 "runtime_mib": vram.GPU_RUNTIME_MIB, "total_mib": round(est.need_mib(d), 1)}
             for d in est.gpu_devices}
 

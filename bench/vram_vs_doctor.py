@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         "device": proof.get("device"),
         "rule_file": args.rules.name,
         "cache_tokens": measured["cache_tokens"],
-        "estimate_mib": {"weights": weights_mib, "kv_cache": kv_mib, "prefill": est.prefill_mib.get(device, 0.0),
+        "estimate_mib": {"weights": weights_mib, "kv_cache": kv_mib, "prefill": est.prefill_peak_mib(device),
                          "runtime": vram.GPU_RUNTIME_MIB,
                          "total": est.need_mib(device)},
         "measured_mib": {"weights_and_buffers": measured["weights_and_buffers_bytes"] / MIB,

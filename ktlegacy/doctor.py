@@ -20,6 +20,7 @@ from .arch import ARCHES
 from .cli import command
 from .errors import KtlegacyError
 from .facts import CPU_FLAGS  # the Linux CPU flags each CPU_INSTRUCT build compiles for; the smoke's copy agrees
+from .facts import GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
 from .hostfacts import Gpu, HostFacts
 from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF, parse_tag
 from .profiles import COMPOSE_DIR, PROFILES, REPO_ROOT, ServiceSpec, get_profile, resolve
@@ -242,6 +243,17 @@ def row_ram(model: GgufModel | None, facts: HostFacts) -> Row:
     return Row("RAM vs GGUF", OK, f"GGUF {_gib(model.total_bytes)} fits in node{node} ({_gib(kib * 1024)})")
 
 
+def _env_count(env: dict, name: str, default: int) -> int:
+    """A whole number >= 0 from the service's environment (compose/.env), or the default."""
+    text = str(env.get(name) or "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise KtlegacyError(f"{name}={text!r} in the service environment: expected a whole number >= 0 "
+                            "(fix it in compose/.env)")
+    return int(text)
+
+
 def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None, rules_note: str,
              gpus: list[Gpu]) -> tuple[Row, Estimate | None]:
     if model is None:
@@ -249,7 +261,9 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
     if rules_text is None:
         return Row("VRAM per GPU", WARN, f"cannot read rule file {spec.rules}: {rules_note}",
                    "pass --rules FILE, or build/pull the image so its rule file can be read"), None
-    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens)
+    min_tokens = _env_count(spec.environment, "KTLEGACY_GPU_PREFILL_MIN_TOKENS", GPU_PREFILL_MIN_TOKENS)
+    budget = _env_count(spec.environment, "KTLEGACY_GPU_PREFILL_MIB", GPU_PREFILL_MIB)
+    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens, min_tokens, budget)
     devs = est.gpu_devices
     parts = []
     for dev in devs:
@@ -259,7 +273,9 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         parts.append(f"{dev} {need / 1024:.1f}" + (f"/{have.vram_mib / 1024:.1f} GiB" if have else " GiB"))
     detail = (f"{spec.rules} ({rules_note}), cache_lens {spec.cache_lens}: " + "; ".join(parts)
               + f" (fp16 weights + KV cache + a {spec.cache_lens}-token prefill's activations"
-              f" + {GPU_RUNTIME_MIB} MiB runtime each)")
+              + (f" or its routed experts on the GPU ({budget} MiB + hidden states), the larger,"
+                 if est.experts_prefill_mib else "")
+              + f" + {GPU_RUNTIME_MIB} MiB runtime each)")
     if est.unplaced:
         detail += f"; {len(est.unplaced)} unknown tensor(s) counted on cuda:0"
     if not gpus:

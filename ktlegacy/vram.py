@@ -18,6 +18,13 @@ Model of the estimate (stated, not measured; the doctor prints it):
   prompt in fp16: queries and keys, the ``kv_b`` output, values and the attention output
   (MLA: ``2 * H(nope+rope) + H(nope+v) + 2 * H*v`` per token, from the tensors' shapes).
   DeepSeek-V3 at 8192 tokens: 1.75 GiB. Not yet measured (the GPU runs so far used short prompts).
+* **routed experts of a long prompt on the GPU** (overlay 68, ``KTLEGACY_GPU_PREFILL_MIN_TOKENS``
+  / ``_MIB``, defaults in ``ktlegacy/facts.py``): when a ``cache_lens``-token prompt reaches the
+  threshold, each GPU whose MoE layers run it holds up to ``KTLEGACY_GPU_PREFILL_MIB`` of
+  dequantised expert weights plus the prompt's hidden states (fp16 in, fp32 sum: 6 bytes per
+  token and hidden unit). This happens after the layer's attention, whose intermediates the
+  allocator can reuse, so the estimate counts the larger of the two, not both. 0 tokens: not
+  counted. DeepSeek-V3 at 8192 tokens: 1.33 GiB, below its 1.75 GiB of attention.
 * **runtime**: :data:`GPU_RUNTIME_MIB` per GPU for the CUDA context, cuBLAS workspaces, the CUDA
   graph pool and allocator slack of the running server: measured 844-953 MiB above weights + KV
   cache per GPU on H200s (CUDA 13, torch 2.11, 1 and 2 GPUs, the server with CUDA graphs,
@@ -34,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from .errors import KtlegacyError
+from .facts import GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
 
 GPU_RUNTIME_MIB = 1024
 FP16_BYTES = 2
@@ -208,13 +216,18 @@ class Estimate:
     weights_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of fp16 weights
     kv_mib: dict[str, float] = field(default_factory=dict)        # device -> MiB of KV cache
     prefill_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of prefill activations
+    experts_prefill_mib: dict[str, float] = field(default_factory=dict)  # device -> MiB of the GPU experts path
     cpu_bytes: int = 0                                            # bytes that stay in host RAM
     unplaced: list[str] = field(default_factory=list)             # tensor names we could not map
     devices_in_rules: set[str] = field(default_factory=set)
 
+    def prefill_peak_mib(self, device: str) -> float:
+        """A long prompt's transient memory: the attention's or the GPU experts path's, the larger."""
+        return max(self.prefill_mib.get(device, 0.0), self.experts_prefill_mib.get(device, 0.0))
+
     def need_mib(self, device: str) -> float:
         return (self.weights_mib.get(device, 0.0) + self.kv_mib.get(device, 0.0)
-                + self.prefill_mib.get(device, 0.0) + GPU_RUNTIME_MIB)
+                + self.prefill_peak_mib(device) + GPU_RUNTIME_MIB)
 
     @property
     def gpu_devices(self) -> list[str]:
@@ -222,7 +235,8 @@ class Estimate:
         return sorted((d for d in devs if d.startswith("cuda")), key=lambda d: int(d.split(":")[1]))
 
 
-def estimate(model: GgufModel, rules: list[dict], cache_lens: int) -> Estimate:
+def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_min_tokens: int = GPU_PREFILL_MIN_TOKENS,
+             gpu_prefill_mib: int = GPU_PREFILL_MIB) -> Estimate:
     est = Estimate(devices_in_rules=rule_devices(rules))
     names = [t.name for t in model.tensors]
     moe_layers = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.ffn_\w+_exps\.", n))}
@@ -247,6 +261,9 @@ def estimate(model: GgufModel, rules: list[dict], cache_lens: int) -> Estimate:
             est.kv_mib[device] = est.kv_mib.get(device, 0.0) + cache_lens * per_token / MIB
             act = cache_lens * _prefill_elements_per_token(model, layer) * FP16_BYTES / MIB
             est.prefill_mib[device] = max(est.prefill_mib.get(device, 0.0), act)
+            if layer in moe_layers and 0 < gpu_prefill_min_tokens <= cache_lens:
+                hidden = int(model.meta("embedding_length", 0) or 0)
+                est.experts_prefill_mib[device] = gpu_prefill_mib + cache_lens * hidden * 6 / MIB
     return est
 
 

@@ -218,8 +218,17 @@ def test_vram_short_and_rule_file_for_more_gpus(model_dirs, sdist_tree):
     facts = with_image(facts_of("2080ti-x2"), spec)
     facts.gpus = [dataclasses.replace(g, vram_mib=900) for g in facts.gpus]
     row = failing(check_profile(spec, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
-    # the tiny GGUF: the 1024 MiB runtime term alone is more than these 900 MiB cards
-    assert "cuda:0 needs ~1.0 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 0.9 GiB" in row.detail
+    # the tiny GGUF: the 1024 MiB runtime term alone is more than these 900 MiB cards; an 8192-token prompt's
+    # routed experts on the GPU (KTLEGACY_GPU_PREFILL_MIB, 1024 by default) count on top
+    assert "cuda:0 needs ~2.0 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 0.9 GiB" in row.detail
+    # without the GPU experts path (compose/.env: KTLEGACY_GPU_PREFILL_MIN_TOKENS=0) that term is gone
+    off = dataclasses.replace(spec, environment={"KTLEGACY_GPU_PREFILL_MIN_TOKENS": "0"})
+    row = failing(check_profile(off, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
+    assert "cuda:0 needs ~1.0 GiB under DeepSeek-V3-Chat-multi-gpu.yaml" in row.detail
+    bad = dataclasses.replace(spec, environment={"KTLEGACY_GPU_PREFILL_MIB": "lots"})
+    with pytest.raises(KtlegacyError, match=r"^KTLEGACY_GPU_PREFILL_MIB='lots' in the service environment: expected a "
+                                            r"whole number >= 0 \(fix it in compose/.env\)$"):
+        check_profile(bad, facts, rules_file=sdist_tree / RULES_DIR / spec.rules)
     spec = spec_for("2080ti-x2", model_dirs, port=10050, rules="DeepSeek-V3-Chat-multi-gpu-4.yaml")
     row = failing(check_profile(spec, with_image(facts_of("2080ti-x2"), spec),
                                 rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")

@@ -162,3 +162,25 @@ def test_deepseek_v3_on_the_profiles_cards(sdist_tree):
     assert all(11264 < two.need_mib(d) < 22528 for d in ("cuda:0", "cuda:1"))
     four = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml"), 8192)
     assert all(four.need_mib(f"cuda:{i}") < 15360 for i in range(4))   # Tesla T4
+
+
+def test_gpu_experts_prefill_term(model, sdist_tree):
+    """Overlay 68's transient (KTLEGACY_GPU_PREFILL_MIB of expert weights + the prompt's hidden states,
+    fp16 in and fp32 out) counts when cache_lens reaches the threshold, as the larger of it and the
+    attention's intermediates, on every GPU whose layers have routed experts."""
+    four = rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml")
+    below = estimate(model, four, CACHE_LENS)                     # 1000 < 1024: a prompt that long never takes it
+    assert below.experts_prefill_mib == {}
+    at = estimate(model, four, 1024)
+    term = 1024 + 1024 * DIMS["hidden"] * 6 / MIB
+    assert at.experts_prefill_mib == {d: pytest.approx(term) for d in ("cuda:0", "cuda:1", "cuda:2", "cuda:3")}
+    for d in at.gpu_devices:
+        assert at.prefill_peak_mib(d) == max(at.prefill_mib[d], term)
+        assert at.need_mib(d) == pytest.approx(at.weights_mib[d] + at.kv_mib[d] + max(at.prefill_mib[d], term)
+                                               + GPU_RUNTIME_MIB)
+    assert estimate(model, four, 1024, gpu_prefill_min_tokens=0).experts_prefill_mib == {}
+    assert estimate(model, four, 1024, gpu_prefill_mib=256).experts_prefill_mib["cuda:0"] == pytest.approx(term - 768)
+    # DeepSeek-V3 at 8192 tokens: 1024 MiB + 8192 x 7168 x 6 B = 1360 MiB, under its 1.75 GiB of attention
+    v3 = estimate(deepseek_v3_model(), four, 8192)
+    assert v3.experts_prefill_mib["cuda:3"] == pytest.approx(1024 + 8192 * 7168 * 6 / MIB)
+    assert all(v3.prefill_peak_mib(d) == v3.prefill_mib[d] for d in v3.gpu_devices)
