@@ -268,3 +268,15 @@ def test_logits_agreement():
     assert same == {"relative_l2": 0.0, "cosine": pytest.approx(1.0), "same_argmax": True, "top5_overlap": 5}
     other = logits_agreement(torch.tensor([5.0, 1.0, 0.0, 2.0, 3.0, 4.0, -1.0]), a)
     assert other["same_argmax"] is False and other["top5_overlap"] == 4 and other["relative_l2"] > 0.5
+
+
+def test_gpu_prefill_path_bench_refuses_without_a_gpu():
+    """bench/gpu_prefill_path.py needs CUDA: without it, one line and exit 2, nothing written."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = REPO / "build" / "gpu_prefill_path_should_not_exist.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_prefill_path.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("error: needs a CUDA GPU")
+    assert not out.exists()
