@@ -7,7 +7,7 @@ with ``use_silu``, ``forward`` with a batch-size tensor), e.g. the C++ side conf
 (see docs/compatibility.md, "v0.7.0"). Needs no GPU. Runs one small llamafile MoE (8 experts,
 top-2, hidden 256, F16 weights) on fp16 activations twice: told ``hidden_type`` F16 (what the
 cpu-experts-dtype overlay passes when the model runs in fp16, below sm80) and BF16 (upstream's
-hard-coded 30), and compares each with an fp32 reference. Prints one line per type and writes
+hard-coded 30), and compares each with the float64 reference of ``ktlegacy.testing.moe_reference``. Prints one line per type and writes
 the JSON if asked.
 """
 
@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+from pathlib import Path
 
 import torch
 
 import cpuinfer_ext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ktlegacy.testing.moe_reference import moe_reference  # noqa: E402
 
 
 def run() -> dict:
@@ -31,12 +36,7 @@ def run() -> dict:
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).contiguous()
     weights = torch.rand((tokens, top_k), dtype=torch.float32).contiguous()
     x = (torch.randn((tokens, hidden), dtype=torch.float16) / 100).contiguous()
-    ref = torch.zeros((tokens, hidden), dtype=torch.float32)
-    for t in range(tokens):
-        for k in range(top_k):
-            e = ids[t, k]
-            h = torch.nn.functional.silu(x[t].float() @ gate[e].float().T) * (x[t].float() @ up[e].float().T)
-            ref[t] += weights[t, k] * (h @ down[e].float().T)
+    ref = moe_reference(x, ids, weights, gate, up, down)
     cpu = cpuinfer_ext.CPUInfer(2)
     results = {}
     for hidden_type, name in ((1, "F16"), (30, "BF16")):
@@ -48,9 +48,9 @@ def run() -> dict:
         cpu.submit(moe.forward(tokens, top_k, ids.data_ptr(), weights.data_ptr(), x.data_ptr(), out.data_ptr(),
                                bsz.data_ptr()))
         cpu.sync()
-        err = ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
+        err = ((out.double() - ref).abs().mean() / ref.abs().mean()).item()
         results[name] = err
-        print(f"hidden_type {name} ({hidden_type}), fp16 activations: mean relative error {err:.3g} vs fp32")
+        print(f"hidden_type {name} ({hidden_type}), fp16 activations: mean relative error {err:.3g} vs float64")
     return {"relative_error": results, "shape": {"experts": experts, "top_k": top_k, "hidden": hidden,
                                                  "intermediate": inter, "tokens": tokens},
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}

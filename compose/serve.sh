@@ -13,6 +13,14 @@ mkdir -p "$state/logs" 2>/dev/null || fail "state dir $state is not writable by 
 [ -f /models/hf/config.json ] || fail "no config.json in /models/hf: set KTLEGACY_MODEL_DIR in compose/.env to the model's Hugging Face config/tokenizer directory"
 ls /models/gguf/*.gguf >/dev/null 2>&1 || fail "no *.gguf in /models/gguf: set KTLEGACY_GGUF_DIR in compose/.env to the directory holding the GGUF file(s)"
 
+# read by the patched engine on every long prompt (ktlegacy_runtime): refuse a bad value here, not mid-request
+for knob in KTLEGACY_GPU_PREFILL_MIN_TOKENS KTLEGACY_GPU_PREFILL_MIB; do
+  eval "value=\${$knob:-}"
+  case "$value" in
+    ''|*[!0-9]*) [ -z "$value" ] || fail "$knob='$value' is not a whole number >= 0: fix it in compose/.env" ;;
+  esac
+done
+
 rules="${KTLEGACY_RULES:?KTLEGACY_RULES is empty: name a rule file (compose/.env)}"
 case "$rules" in
   /*) ;;  # an absolute path: a rule file the user mounted
@@ -50,7 +58,7 @@ if command -v ktransformers >/dev/null 2>&1; then
 else
   set -- python3 -m ktransformers.server.main
 fi
-echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer ${KTLEGACY_CPU_INFER}, max_new_tokens ${KTLEGACY_MAX_NEW_TOKENS}, cache_lens ${KTLEGACY_CACHE_LENS}" >&2
+echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer ${KTLEGACY_CPU_INFER}, max_new_tokens ${KTLEGACY_MAX_NEW_TOKENS}, cache_lens ${KTLEGACY_CACHE_LENS}, GPU experts from ${KTLEGACY_GPU_PREFILL_MIN_TOKENS:-(the default)} prompt tokens" >&2
 # KTLEGACY_SERVER_ARGS is split on spaces on purpose: extra upstream flags from .env
 # shellcheck disable=SC2086
 exec "$@" \

@@ -256,13 +256,13 @@ def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_m
         else:
             est.cpu_bytes += t.n_bytes
     per_token = _kv_bytes_per_token_per_layer(model)
+    hidden = int(model.meta("embedding_length", 0) or 0)
     for layer, device in attn_device.items():
         if device.startswith("cuda"):
             est.kv_mib[device] = est.kv_mib.get(device, 0.0) + cache_lens * per_token / MIB
             act = cache_lens * _prefill_elements_per_token(model, layer) * FP16_BYTES / MIB
             est.prefill_mib[device] = max(est.prefill_mib.get(device, 0.0), act)
             if layer in moe_layers and 0 < gpu_prefill_min_tokens <= cache_lens:
-                hidden = int(model.meta("embedding_length", 0) or 0)
                 est.experts_prefill_mib[device] = gpu_prefill_mib + cache_lens * hidden * 6 / MIB
     return est
 

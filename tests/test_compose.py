@@ -141,7 +141,7 @@ echo FAKE-SERVER-STARTED
 SITE = "/opt/ktlegacy/venv/lib/python3.11/site-packages/ktransformers"
 
 
-def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_config=True, extra_rules=None):
+def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_config=True, extra_rules=None, env=()):
     """serve.sh in the stand-in runtime image (real patched ktransformers package, real rule files),
     as the image's non-root user, with compose's mounts and environment."""
     (tmp_path / "bin").mkdir()
@@ -164,6 +164,7 @@ def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_confi
            "-e", f"KTLEGACY_RULES={rules}", "-e", "KTLEGACY_CPU_INFER=12", "-e", "KTLEGACY_MAX_NEW_TOKENS=300",
            "-e", "KTLEGACY_CACHE_LENS=4096", "-e", "KTLEGACY_SERVER_ARGS=--web True",
            "-e", "HOME=/var/lib/ktlegacy", "-e", "KTLEGACY_STATE_DIR=/var/lib/ktlegacy",
+           *[a for kv in env for a in ("-e", kv)],
            "--entrypoint", "/bin/sh", image, "-c",
            "/bin/sh /opt/ktlegacy-compose/serve.sh && cat /var/lib/ktlegacy/argv && echo --- && "
            "cat /var/lib/ktlegacy/.ktransformers/config.yaml"]
@@ -199,12 +200,14 @@ def test_serve_sh_starts_the_server_with_the_patched_rule_file(docker, real_runt
     ("marlin", "/opt/rules/Mine.yaml still uses Marlin/FP8 ops"),
     ("no-config", "no config.json in /models/hf"),
     ("no-rules", "optimize_rules/Nope.yaml does not exist"),
+    ("bad-gpu-prefill", "KTLEGACY_GPU_PREFILL_MIN_TOKENS='1k' is not a whole number >= 0: fix it in compose/.env"),
 ])
 def test_serve_sh_refuses_in_one_line(docker, real_runtime_image, tmp_path, case, expected):
     kwargs = {"marlin": dict(rules="/opt/rules/Mine.yaml", extra_rules=(
                   "- match: {name: x}\n  replace: {kwargs: {generate_op: KLinearMarlin}}\n")),
               "no-config": dict(with_config=False),
-              "no-rules": dict(rules="Nope.yaml")}[case]
+              "no-rules": dict(rules="Nope.yaml"),
+              "bad-gpu-prefill": dict(env=("KTLEGACY_GPU_PREFILL_MIN_TOKENS=1k",))}[case]
     proc = run_serve(docker, real_runtime_image, tmp_path, **kwargs)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ktlegacy serve: error:")]

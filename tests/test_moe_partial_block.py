@@ -2,7 +2,7 @@
 
 Builds the real ``cpuinfer_ext`` (ktransformers' C++ MoE backend: llamafile GEMMs, ggml) from the
 0.2.1.post1 sdist on this CPU machine, once unpatched and once patched, and runs one MoE layer
-(8 experts, top-2, F16 weights, fp16 activations) through it against an fp32 torch reference:
+(8 experts, top-2, F16 weights, fp16 activations) through it against a float64 torch reference (ktlegacy.testing.moe_reference):
 32 tokens take ``forward_many`` (the prefill path), 4 tokens ``forward_one`` (decode).
 The extension includes ``cuda_runtime.h`` and links libcudart (for ``submit_with_cuda_stream``):
 both come from NVIDIA's PyPI wheels (``nvidia-cuda-runtime-cu12``, the CRT headers of
@@ -27,6 +27,7 @@ from ktlegacy.arch import get_arch
 from ktlegacy.overlay import load_overlays, patch_tree
 from test_portable_cpu import EXT, cmake_cpu_args
 
+REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KTLEGACY_CACHE", Path.home() / ".cache" / "ktlegacy"))
 CUDA_WHEELS = ("nvidia-cuda-runtime-cu12==12.4.127", "nvidia-cuda-nvcc-cu12==12.4.131")
 
@@ -34,6 +35,7 @@ CUDA_WHEELS = ("nvidia-cuda-runtime-cu12==12.4.127", "nvidia-cuda-nvcc-cu12==12.
 PROBE = r"""
 import json, sys, torch
 import cpuinfer_ext
+from ktlegacy.testing.moe_reference import moe_reference
 
 def run(inter, tokens, experts=8, top_k=2, hidden=256):
     torch.manual_seed(inter * 1000 + tokens)
@@ -43,12 +45,7 @@ def run(inter, tokens, experts=8, top_k=2, hidden=256):
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).long().contiguous()
     weights = torch.rand((tokens, top_k), dtype=torch.float32).contiguous()
     x = torch.randn((tokens, hidden)).half().contiguous()
-    ref = torch.zeros((tokens, hidden), dtype=torch.float32)
-    for t in range(tokens):
-        for k in range(top_k):
-            e = ids[t, k]
-            h = torch.nn.functional.silu(x[t].float() @ gate[e].float().T) * (x[t].float() @ up[e].float().T)
-            ref[t] += weights[t, k] * (h @ down[e].float().T)
+    ref = moe_reference(x, ids, weights, gate, up, down)
     cpu = cpuinfer_ext.CPUInfer(2)
     F16 = 1  # ggml_type
     # stride 64 (forward_one's blocks), group_min_len 10 (more tokens: forward_many), group_max_len 1024
@@ -58,7 +55,7 @@ def run(inter, tokens, experts=8, top_k=2, hidden=256):
     out = torch.zeros((tokens, hidden), dtype=torch.float16).contiguous()
     cpu.submit(moe.forward(tokens, top_k, ids.data_ptr(), weights.data_ptr(), x.data_ptr(), out.data_ptr()))
     cpu.sync()
-    return ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
+    return ((out.double() - ref).abs().mean() / ref.abs().mean()).item()
 
 cases = [(int(i), int(t)) for i, t in (c.split("x") for c in sys.argv[1:])]
 print(json.dumps({f"{i}x{t}": run(i, t) for i, t in cases}))
@@ -75,6 +72,7 @@ import cpuinfer_ext
 from gguf.quants import dequantize
 from gguf import GGMLQuantizationType as T
 from ktlegacy.testing.peer_model import quant_blocks
+from ktlegacy.testing.moe_reference import moe_reference
 
 spec = importlib.util.spec_from_file_location("rt", sys.argv[1])
 rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
@@ -102,12 +100,7 @@ ours = rt.routed_experts(x, ids, weights, tensors, experts, inter, 1 << 30)
 g = torch.from_numpy(dequantize(gate.reshape(-1), T.Q4_K).reshape(experts, inter, hidden).copy())
 u = torch.from_numpy(dequantize(up.reshape(-1), T.Q4_K).reshape(experts, inter, hidden).copy())
 d = torch.from_numpy(dequantize(down.reshape(-1), T.Q5_0).reshape(experts, hidden, inter).copy())
-ref = torch.zeros((tokens, hidden), dtype=torch.float64)
-for t in range(tokens):
-    for k in range(top_k):
-        e = ids[t, k]
-        h = torch.nn.functional.silu(g[e].double() @ x[t].double()) * (u[e].double() @ x[t].double())
-        ref[t] += weights[t, k].item() * (d[e].double() @ h)
+ref = moe_reference(x, ids, weights, g, u, d)
 rel = lambda a, b: ((a.double() - b.double()).abs().mean() / b.double().abs().mean()).item()
 print(json.dumps({"ours_vs_backend": rel(ours, backend), "backend_vs_fp32": rel(backend, ref),
                   "ours_vs_fp32": rel(ours, ref), "ours_dtype": str(ours.dtype)}))
@@ -162,7 +155,7 @@ def _build(tree: Path, build: Path, cuda_home: Path) -> Path:
 
 
 def _probe(build: Path, cudart: Path) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(build), LD_LIBRARY_PATH=str(cudart))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(build), str(REPO)]), LD_LIBRARY_PATH=str(cudart))
     proc = subprocess.run([sys.executable, "-c", PROBE, *CASES], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -215,8 +208,7 @@ def test_gpu_prompt_path_matches_the_cpu_backend(patched_ext):
     experts at intermediate 1408: the backend quantises activations (Q8_K / Q8_0) and ours does
     not, so both are compared with fp32 as well; ours is the closer one."""
     tree, build, cudart = patched_ext
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(build), str(Path(__file__).resolve().parent.parent)]),
-               LD_LIBRARY_PATH=str(cudart))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(build), str(REPO)]), LD_LIBRARY_PATH=str(cudart))
     proc = subprocess.run([sys.executable, "-c", QPROBE, str(tree / "ktransformers" / "ktlegacy_runtime.py")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
