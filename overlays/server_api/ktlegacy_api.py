@@ -61,7 +61,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Optional, Union
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
@@ -70,7 +70,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -1397,6 +1397,22 @@ def _text_of(events: list) -> str:
 _STRICT = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
+def _number(value):
+    if isinstance(value, (bool, str)):
+        raise ValueError("expected a number")
+    return value
+
+
+def _whole(value):
+    if isinstance(value, (bool, str, float)):
+        raise ValueError("expected a whole number")
+    return value
+
+
+Num = Annotated[float, BeforeValidator(_number)]    # JSON numbers only (no true, no "0.5")
+Whole = Annotated[int, BeforeValidator(_whole)]     # JSON integers only (no 2.0, no 1e308)
+
+
 class OAIMessage(BaseModel):
     model_config = _STRICT
     role: Any
@@ -1418,19 +1434,19 @@ class OAISampling(BaseModel):
     model: str
     stream: bool = False
     stream_options: Optional[dict] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[Whole] = Field(None, ge=1)
+    max_completion_tokens: Optional[Whole] = Field(None, ge=1)
+    temperature: Optional[Num] = Field(None, ge=0, le=2)
+    top_p: Optional[Num] = Field(None, ge=0, le=1)
+    top_k: Optional[Whole] = Field(None, ge=0)
     stop: Optional[Union[str, list[str]]] = None
-    n: Optional[int] = None
-    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10)
+    n: Optional[Whole] = None
+    seed: Optional[Whole] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    frequency_penalty: Optional[Num] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[Num] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[Num] = Field(None, ge=0.01, le=10)
     logprobs: Optional[Union[bool, int]] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[Whole] = None
     logit_bias: Optional[dict] = None
     response_format: Optional[Any] = None
     modalities: Optional[list] = None
@@ -1476,7 +1492,7 @@ class OAICompletionRequest(OAISampling):
     prompt: Union[str, list[str]]
     echo: Optional[bool] = None
     suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    best_of: Optional[Whole] = None
 
 
 router = APIRouter()
@@ -1681,15 +1697,15 @@ class OllamaMessage(BaseModel):
 
 class OllamaOptions(BaseModel):
     model_config = _STRICT  # num_ctx, num_thread, ...: the server's own settings win
-    num_predict: Optional[int] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    num_predict: Optional[Whole] = None
+    temperature: Optional[Num] = Field(None, ge=0, le=2)
+    top_p: Optional[Num] = Field(None, ge=0, le=1)
+    top_k: Optional[Whole] = Field(None, ge=0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    repeat_penalty: Optional[float] = Field(None, ge=0.01, le=10)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    seed: Optional[Whole] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    repeat_penalty: Optional[Num] = Field(None, ge=0.01, le=10)
+    frequency_penalty: Optional[Num] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[Num] = Field(None, ge=-2, le=2)
 
     def sampling(self) -> SamplingParams:
         n = self.num_predict
