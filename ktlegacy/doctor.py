@@ -33,7 +33,8 @@ GIB = 1024 ** 3
 _LEAST_CPU = " + ".join(flag.upper() for flag in min(CPU_FLAGS.values(), key=len))
 # Which failure explains best why a profile cannot run here: the hardware first, then setup.
 VERDICT_ORDER = ["GPUs", "GPU arch vs image", "NVIDIA container runtime", "CPU vs image", "RAM vs GGUF",
-                 "VRAM per GPU", "image", "model dir", "GGUF", "port"]
+                 "VRAM per GPU", "image", "model dir", "GGUF", "port", "API key"]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 RUNTIME_FIX = ("install the NVIDIA Container Toolkit (nvidia-container-toolkit), run "
                "`nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
 
@@ -301,10 +302,39 @@ def row_port(spec: ServiceSpec, facts: HostFacts) -> Row:
         return Row("port", FAIL, f"{where} is already in use",
                    "set KTLEGACY_PORT in compose/.env to a free port, or stop what listens there "
                    "(`docker compose --profile P down` if it is ktlegacy)")
-    if spec.bind not in ("127.0.0.1", "::1", "localhost"):
-        return Row("port", WARN, f"{where} is reachable from the network and the server has no authentication",
-                   "keep KTLEGACY_BIND=127.0.0.1 unless a proxy in front of it authenticates")
+    if spec.bind not in LOOPBACK:
+        return Row("port", OK, f"{where} free (reachable from the network: see the API key row)")
     return Row("port", OK, f"{where} free (loopback only)")
+
+
+def api_keys_configured(spec: ServiceSpec) -> tuple[int, str]:
+    """(keys found, why none) from the service's KTLEGACY_API_KEY and its key-file secret. The
+    server checks each key's form when it starts; here a key is any non-comment word."""
+    keys = [k for k in str(spec.environment.get("KTLEGACY_API_KEY") or "").replace(",", " ").split() if k]
+    path = spec.api_key_file
+    if path is not None and str(path) != "/dev/null":
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            return len(keys), f"KTLEGACY_API_KEY_FILE {path} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        keys += [k for line in lines if line.strip() and not line.strip().startswith("#")
+                 for k in line.replace(",", " ").split()]
+    return len(keys), ""
+
+
+def row_api_key(spec: ServiceSpec) -> Row:
+    """A port published beyond loopback needs an API key: the server answers anyone who reaches it."""
+    count, problem = api_keys_configured(spec)
+    if problem:
+        return Row("API key", FAIL, problem, "fix KTLEGACY_API_KEY_FILE in compose/.env (a file of keys, one per line)")
+    if count:
+        return Row("API key", OK, f"{count} key(s): every route but /health needs Authorization: Bearer <key>")
+    if spec.bind in LOOPBACK:
+        return Row("API key", OK, f"none; the API is published on {spec.bind} only")
+    return Row("API key", FAIL, f"KTLEGACY_BIND={spec.bind} publishes the API to the network without an API key: "
+               "anyone who reaches the port can use the model",
+               "set KTLEGACY_API_KEY (or KTLEGACY_API_KEY_FILE) in compose/.env, or KTLEGACY_BIND=127.0.0.1; "
+               "`invoke up --force` starts it anyway")
 
 
 # --- rule files --------------------------------------------------------------------------------
@@ -363,6 +393,7 @@ def check_profile(spec: ServiceSpec, facts: HostFacts, docker=None,
     rules_text, rules_note = (None, "") if model is None else read_rules(spec, labels, docker, rules_file)
     rows.append(row_vram(spec, model, rules_text, rules_note, gpus)[0])
     rows.append(row_port(spec, facts))
+    rows.append(row_api_key(spec))
     return Report(rows)
 
 

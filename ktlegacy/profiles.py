@@ -68,6 +68,7 @@ class ServiceSpec:
     cache_lens: int
     environment: dict = field(default_factory=dict, hash=False, compare=False)
     source: str = "compose"   # "compose" (resolved by docker compose) or "defaults"
+    api_key_file: Path | None = None  # the host file of the secret ktlegacy_api_key (KTLEGACY_API_KEY_FILE)
 
     def with_overrides(self, model_dir=None, gguf_dir=None, image=None) -> "ServiceSpec":
         return replace(self,
@@ -98,7 +99,13 @@ def spec_from_config(profile: Profile, config: dict) -> ServiceSpec:
         model_dir=mounts["/models/hf"], gguf_dir=mounts["/models/gguf"],
         bind=port.get("host_ip") or "0.0.0.0", port=int(port["published"]),
         cache_lens=int(env.get("KTLEGACY_CACHE_LENS") or DEFAULT_CACHE_LENS),
-        environment=dict(env), source="compose")
+        environment=dict(env), source="compose",
+        api_key_file=_secret_file(config, "ktlegacy_api_key"))
+
+
+def _secret_file(config: dict, name: str) -> Path | None:
+    source = ((config.get("secrets") or {}).get(name) or {}).get("file")
+    return Path(source) if source else None
 
 
 def spec_defaults(profile: Profile) -> ServiceSpec:

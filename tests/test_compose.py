@@ -64,8 +64,12 @@ def test_gpu_profile_resolves(docker, project, name):
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert env["KTLEGACY_RULES"] == profile.rules and env["KTLEGACY_PROFILE"] == name
     assert env["KTLEGACY_CPU_INFER"] == "10" and env["KTLEGACY_MAX_NEW_TOKENS"] == "2000"
-    # the server has no authentication: loopback only
+    # loopback only by default; keys from the environment or the secret ktlegacy_api_key (none by default)
     (port,) = s["ports"]
+    assert env["KTLEGACY_API_KEY"] == "" and env["KTLEGACY_API_KEY_FILE"] == "/run/secrets/ktlegacy_api_key"
+    assert s["secrets"] == [{"source": "ktlegacy_api_key", "target": "/run/secrets/ktlegacy_api_key"}]
+    assert cfg["secrets"]["ktlegacy_api_key"]["file"] == "/dev/null"
+    assert env["KTLEGACY_CORS_ORIGINS"] == ""
     assert port["host_ip"] == "127.0.0.1" and port["target"] == CONTAINER_PORT and port["published"] == "10002"
     binds = {v["target"]: v for v in s["volumes"] if v["type"] == "bind"}
     for target in ("/models/hf", "/models/gguf", "/opt/ktlegacy-compose/serve.sh"):
@@ -73,7 +77,7 @@ def test_gpu_profile_resolves(docker, project, name):
     assert binds["/models/hf"]["source"] == str(project / "models" / "hf")
     assert s["entrypoint"] == ["/bin/sh", "/opt/ktlegacy-compose/serve.sh"]
     hc = s["healthcheck"]
-    assert hc["test"][0] == "CMD" and "http://127.0.0.1:10002/v1/models" in hc["test"][-1]
+    assert hc["test"][0] == "CMD" and "http://127.0.0.1:10002/health" in hc["test"][-1]
     assert hc["retries"] >= 1 and hc["start_period"] == "1h0m0s"
     assert s["restart"] == "unless-stopped"
     assert int(s["shm_size"]) >= 8 * 1024 ** 3
@@ -86,16 +90,23 @@ def test_gpu_profile_resolves(docker, project, name):
 
 
 def test_env_choices_reach_the_service(docker, project):
-    s = config(docker, project, "t4x4", KTLEGACY_BIND="0.0.0.0", KTLEGACY_PORT="12345", KTLEGACY_REF="v0.3.2",
+    cfg = config(docker, project, "t4x4", KTLEGACY_BIND="0.0.0.0", KTLEGACY_PORT="12345", KTLEGACY_REF="v0.3.2",
                KTLEGACY_CPU="avx512", KTLEGACY_GPU_0="GPU-0f6e1a52", KTLEGACY_GPU_3="7",
                KTLEGACY_CPU_INFER="30", KTLEGACY_MAX_NEW_TOKENS="512",
-               KTLEGACY_RULES="DeepSeek-V3-Chat-multi-gpu-8.yaml")["services"]["t4x4"]
+               KTLEGACY_RULES="DeepSeek-V3-Chat-multi-gpu-8.yaml", KTLEGACY_API_KEY="k1-0123456789",
+               KTLEGACY_API_KEY_FILE="./keys", KTLEGACY_CORS_ORIGINS="https://chat.example",
+               KTLEGACY_MAX_BODY_BYTES="1048576")
+    assert cfg["secrets"]["ktlegacy_api_key"]["file"] == str(project / "compose" / "keys")
+    s = cfg["services"]["t4x4"]
     assert s["image"] == image_tag("v0.3.2", get_arch("sm75"), "AVX512")
     assert s["ports"][0]["host_ip"] == "0.0.0.0" and s["ports"][0]["published"] == "12345"
     assert s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["GPU-0f6e1a52", "1", "2", "7"]
     assert s["environment"]["KTLEGACY_CPU_INFER"] == "30"
     assert s["environment"]["KTLEGACY_MAX_NEW_TOKENS"] == "512"
     assert s["environment"]["KTLEGACY_RULES"] == "DeepSeek-V3-Chat-multi-gpu-8.yaml"
+    assert s["environment"]["KTLEGACY_API_KEY"] == "k1-0123456789"
+    assert s["environment"]["KTLEGACY_CORS_ORIGINS"] == "https://chat.example"
+    assert s["environment"]["KTLEGACY_MAX_BODY_BYTES"] == "1048576"
 
 
 def test_env_example_documents_the_defaults(docker, project):

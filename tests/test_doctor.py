@@ -85,7 +85,8 @@ def test_profile_passes_on_its_host(host, profile, model_dirs, sdist_tree):
     by = rows(report)
     assert report.failed == [], report.table()
     assert [r.check for r in report.rows] == ["GPUs", "NVIDIA container runtime", "image", "GPU arch vs image",
-                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "VRAM per GPU", "port"]
+                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "VRAM per GPU", "port",
+                                              "API key"]
     assert by["VRAM per GPU"].detail.count("cuda:") == PROFILES[profile].gpus
     assert "127.0.0.1:10050 free" in by["port"].detail
 
@@ -366,3 +367,45 @@ def test_old_driver_fallback_in_record_sh_and_live_probe(tmp_path, monkeypatch):
     live, why = probe_gpus()
     assert recorded == live and why == ""
     assert [(g.name, g.cc, g.vram_mib) for g in live] == [("Tesla V100-PCIE-16GB", (7, 0), 16160)]
+
+
+# --- the API key (issue 25) ----------------------------------------------------------------------
+
+def _api_key_row(model_dirs, **changes):
+    spec = spec_for("t4x4", model_dirs, **changes)
+    facts = with_image(facts_of("t4-x4"), spec)
+    return rows(check_profile(spec, facts))["API key"]
+
+
+def test_a_network_bind_without_an_api_key_fails(model_dirs, tmp_path):
+    assert _api_key_row(model_dirs).status == OK   # 127.0.0.1: no key needed
+    row = _api_key_row(model_dirs, bind="0.0.0.0")
+    assert row.status == FAIL and "KTLEGACY_BIND=0.0.0.0 publishes the API to the network without an API key" in \
+        row.detail and "KTLEGACY_API_KEY" in row.fix and "--force" in row.fix
+    assert_one_line(row)
+    assert _api_key_row(model_dirs, bind="0.0.0.0", api_key_file=Path("/dev/null")).status == FAIL
+    empty = tmp_path / "empty"
+    empty.write_text("# no key yet\n\n")
+    assert _api_key_row(model_dirs, bind="192.0.2.7", api_key_file=empty).status == FAIL
+    row = _api_key_row(model_dirs, bind="0.0.0.0", environment={"KTLEGACY_API_KEY": "k1-0123456789, k2-9876543210"})
+    assert row.status == OK and row.detail.startswith("2 key(s)")
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\nfile-key-0123456789\n")
+    assert _api_key_row(model_dirs, bind="0.0.0.0", api_key_file=keys).status == OK
+    row = _api_key_row(model_dirs, bind="0.0.0.0", api_key_file=tmp_path / "missing")
+    assert row.status == FAIL and "cannot be read" in row.detail
+
+
+def test_up_refuses_a_network_bind_without_a_key(model_dirs, monkeypatch):
+    """`invoke up` runs the doctor: the API key row alone stops it before compose (unless --force)."""
+    import ktlegacy.doctor
+    import ktlegacy.docker
+    from ktlegacy.up import up
+    spec = spec_for("t4x4", model_dirs, bind="0.0.0.0")
+    report = check_profile(spec, with_image(facts_of("t4-x4"), spec))
+    assert [r.check for r in report.failed] == ["API key"]
+    monkeypatch.setattr(ktlegacy.doctor, "doctor", lambda profile: report)
+    monkeypatch.setattr(ktlegacy.docker, "daemon_client", lambda: pytest.fail("compose must not start"))
+    with pytest.raises(KtlegacyError, match=r"not starting profile t4x4: 1 doctor check\(s\) failed, first API key: "
+                                            r"KTLEGACY_BIND=0\.0\.0\.0 publishes the API"):
+        up("t4x4")
