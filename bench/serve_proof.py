@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Serve for real (issue 10): the DeepSeek-V3 rule files on 1 and 2 GPUs, through the server users start.
 
-    KTLEGACY_EMULATE_CC=7.5 python bench/serve_proof.py --work DIR --out results.json [--gpus 1 2]
+    KTLEGACY_EMULATE_CC=7.5 python bench/serve_proof.py --work DIR --out results.json [--gpus 1 2] [--api-key KEY]
 
 Runs on a CUDA machine with the patched ktransformers installed (bench/gpu_run.sh does the build
 and calls this with KTLEGACY_PROOF=serve). For each GPU count N (1: the ``v100`` profile's
@@ -20,7 +20,10 @@ and calls this with KTLEGACY_PROOF=serve). For each GPU count N (1: the ``v100``
    ``--cache_lens``, a client that hangs up mid-stream), each followed by a normal request that
    must still match, and 1/4/8 concurrent requests (streamed and not) with time to first token
    and tokens/s. The server process's peak memory per GPU (NVML) is compared with
-   ``invoke doctor``'s estimate for that rule file (ktlegacy.vram).
+   ``invoke doctor``'s estimate for that rule file (ktlegacy.vram). With ``--api-key`` the server
+   gets ``KTLEGACY_API_KEY`` and every client call sends it (the openai client's ``api_key``, the
+   ollama client's ``Authorization`` header); the proof also records that a call without it gets
+   401 and that ``/health`` showed the load progress (503 ``loading``) before it answered 200.
 
 Every phase records its error instead of aborting the rest; the JSON is rewritten after each.
 """
@@ -278,7 +281,7 @@ def run_engine(work: Path, model_dir: Path, n: int, rules: str, steps: int, env:
 # ---------------------------------------------------------------- the server
 
 class Server:
-    def __init__(self, work: Path, model_dir: Path, n: int, env: dict):
+    def __init__(self, work: Path, model_dir: Path, n: int, env: dict, api_key: str | None = None):
         self.n = n
         self.profile = PROFILES[n]
         self.env_profile = compose_env(self.profile)
@@ -288,6 +291,14 @@ class Server:
                 Path(link).unlink()
             Path(link).symlink_to(model_dir)
         self.env = {**env, **self.env_profile, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))}
+        # compose mounts the secret ktlegacy_api_key there (its default source: /dev/null, no key)
+        if self.env.get("KTLEGACY_API_KEY_FILE", "").startswith("/run/secrets/"):
+            self.env["KTLEGACY_API_KEY_FILE"] = "/dev/null"
+        self.key = api_key
+        self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if api_key:
+            self.env["KTLEGACY_API_KEY"] = api_key
+        self.health_seen: list = []
         Path(self.env["KTLEGACY_STATE_DIR"]).mkdir(parents=True, exist_ok=True)
         self.log_path = work / f"server-{n}.log"
         self.base = f"http://127.0.0.1:{PORT}"
@@ -306,12 +317,15 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve.sh exited {self.proc.returncode}: {self.tail()}")
             try:
-                if httpx.get(self.base + "/v1/models", timeout=2).status_code == 200:
+                r = httpx.get(self.base + "/health", timeout=2)  # 503 + progress while loading, no key needed
+                if not self.health_seen or self.health_seen[-1][1] != r.json():
+                    self.health_seen.append((r.status_code, r.json()))
+                if r.status_code == 200:
                     return time.monotonic() - t0
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
-        raise RuntimeError(f"the server did not answer /v1/models within {timeout} s: {self.tail()}")
+        raise RuntimeError(f"the server did not answer /health with 200 within {timeout} s: {self.tail()}")
 
     def tail(self, n: int = 15) -> str:
         return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -346,8 +360,8 @@ def client_checks(srv: Server, name: str, expect: dict, prompt_ids: dict) -> tup
     """Every call of item 3 with the real client packages: name -> "ok" or the error."""
     import ollama
     import openai
-    oa = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=300)
-    ol = ollama.Client(host=srv.base, timeout=300)
+    oa = openai.OpenAI(base_url=srv.base + "/v1", api_key=srv.key or "none", max_retries=0, timeout=300)
+    ol = ollama.Client(host=srv.base, timeout=300, headers=srv.auth)
     results, match = {}, True
 
     def check(label, fn):
@@ -452,7 +466,7 @@ def client_checks(srv: Server, name: str, expect: dict, prompt_ids: dict) -> tup
 def greedy_ok(srv: Server, name: str, expect: dict) -> bool:
     import httpx
     p = PROMPTS[0]
-    r = httpx.post(srv.base + "/v1/chat/completions", timeout=300, json={
+    r = httpx.post(srv.base + "/v1/chat/completions", timeout=300, headers=srv.auth, json={
         "model": name, "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": MAX_TOKENS})
     return r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expect[p]["text"]
 
@@ -464,14 +478,18 @@ def bad_inputs(srv: Server, name: str, expect: dict, cache_lens: int) -> dict:
     long_prompt = "the quick brown fox " * (cache_lens // 2 + 100)
     cases = {
         "malformed_json": lambda: httpx.post(url, content='{"model": "x", "messages": [',
-                                             headers={"content-type": "application/json"}, timeout=60),
+                                             headers={"content-type": "application/json", **srv.auth}, timeout=60),
         "unknown_model": lambda: httpx.post(url, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
-                                            timeout=60),
+                                            headers=srv.auth, timeout=60),
         "prompt_longer_than_cache_lens": lambda: httpx.post(url, json={"model": name, "messages": [
-            {"role": "user", "content": long_prompt}]}, timeout=120),
+            {"role": "user", "content": long_prompt}]}, headers=srv.auth, timeout=120),
         "ollama_unknown_model": lambda: httpx.post(srv.base + "/api/chat", json={
-            "model": "llama3", "messages": [{"role": "user", "content": "hi"}]}, timeout=60),
+            "model": "llama3", "messages": [{"role": "user", "content": "hi"}]}, headers=srv.auth, timeout=60),
     }
+    if srv.key:  # with a key set, nothing but /health answers without it
+        cases["no_api_key_openai"] = lambda: httpx.post(url, json={"model": name, "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=60)
+        cases["no_api_key_ollama"] = lambda: httpx.get(srv.base + "/api/tags", timeout=60)
     for case, call in cases.items():
         try:
             r = call()
@@ -485,7 +503,7 @@ def bad_inputs(srv: Server, name: str, expect: dict, cache_lens: int) -> dict:
     # a client that hangs up after the first token: the server logs the cancellation and goes on
     before = srv.log_path.read_text(errors="replace").count("finish cancelled")
     try:
-        with httpx.stream("POST", url, timeout=120, json={
+        with httpx.stream("POST", url, timeout=120, headers=srv.auth, json={
                 "model": name, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 1000,
                 "temperature": 0.7, "stream": True}) as r:
             for line in r.iter_lines():
@@ -506,7 +524,7 @@ def bad_inputs(srv: Server, name: str, expect: dict, cache_lens: int) -> dict:
 
 def concurrency(srv: Server, name: str, expect: dict, levels=(1, 4, 8)) -> dict:
     import openai
-    oa = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=600)
+    oa = openai.OpenAI(base_url=srv.base + "/v1", api_key=srv.key or "none", max_retries=0, timeout=600)
     out = {}
     for level in levels:
         def one(i):
@@ -567,6 +585,8 @@ def main(argv=None) -> int:
                    help="GPU counts to prove: 1 (v100 profile), 2 (2080ti-x2), 4 (t4x4)")
     p.add_argument("--steps", type=int, default=32, help="greedy steps per prompt (>= 32)")
     p.add_argument("--skip", nargs="*", default=[], help="phases to skip: serve concurrency")
+    p.add_argument("--api-key", default=os.environ.get("KTLEGACY_PROOF_API_KEY"),
+                   help="serve with KTLEGACY_API_KEY=KEY and send it on every call (default: $KTLEGACY_PROOF_API_KEY)")
     args = p.parse_args(argv)
     import torch
     if torch.cuda.device_count() < max(args.gpus):
@@ -626,11 +646,11 @@ def main(argv=None) -> int:
         if not eng or "serve" in args.skip:
             continue
         expect = expected_answers(eng, tok)
-        srv = Server(args.work, model_dir, n, env)
+        srv = Server(args.work, model_dir, n, env, api_key=args.api_key)
         srv.tok = tok
         name = srv.env_profile["KTLEGACY_MODEL_NAME"]
         results.setdefault("server", {})[key] = {"profile": srv.profile, "rules": rules,
-                                                 "environment": srv.env_profile}
+                                                 "environment": srv.env_profile, "api_key": bool(args.api_key)}
         try:
             load_s = phase(f"server_start_{key}", srv.start)
             results["server"][key]["load_s"] = load_s
@@ -644,6 +664,7 @@ def main(argv=None) -> int:
         finally:
             results["per_gpu_peak_mib"][key] = srv.stop()
             results["server"][key]["log_tail"] = srv.tail(40)
+            results["server"][key]["health_seen"] = srv.health_seen[:3] + srv.health_seen[-2:]
             if results["doctor_estimate_mib"].get(key):
                 results.setdefault("memory_vs_doctor", {})[key] = memory_vs_estimate(
                     results["doctor_estimate_mib"][key], results["per_gpu_peak_mib"][key])
