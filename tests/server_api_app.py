@@ -23,8 +23,8 @@ tokenizer as special tokens. The reference recomputes the whole sequence at each
 (no cache), sharing no code with the server's cached decode.
 
 ``--script FILE`` (tests only) forces what the model answers: a JSON list of
-``{"when": TEXT, "reply": TEXT}`` or ``{"when": TEXT, "reply_ids": [...]}``; the first rule whose
-``when`` occurs in the decoded prompt (special tokens included) replaces each sampled token by the
+``{"when": TEXT, "reply": TEXT}`` or ``{"when": TEXT, "reply_ids": [...]}`` (``when`` may be a list
+of texts that must all occur); the first rule whose ``when`` occurs in the decoded prompt (special tokens included) replaces each sampled token by the
 reply's next token, then the end-of-sequence token. The model still runs its prefill and decode
 steps; only the choice of token is forced. This is how the tool-call parser is fed the exact
 bytes a DeepSeek model writes, which a random model never would.
@@ -62,7 +62,7 @@ def make_model(model: Path, template: str = "default") -> None:
         "add_bos_token": True, "chat_template": chat_template, "clean_up_tokenization_spaces": False}))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32768,
                       bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS),
                       tie_word_embeddings=False)
     net = LlamaForCausalLM(cfg)
@@ -106,7 +106,8 @@ def force_replies(ktlegacy_api, rules: list[dict]) -> None:
 
     def scripted(self, ids, sampler, cancel):
         prompt = self.tokenizer.decode(ids, skip_special_tokens=False)
-        rule = next((r for r in rules if r["when"] in prompt), None)
+        rule = next((r for r in rules if all(w in prompt for w in (
+            r["when"] if isinstance(r["when"], list) else [r["when"]]))), None)
         if rule is None:
             yield from generate(self, ids, sampler, cancel)
             return

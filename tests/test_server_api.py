@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -28,21 +26,19 @@ import httpx
 import pytest
 
 import hostile_cases
-from cached_venv import TORCH_CPU, cached_venv
+import server_harness
 from ktlegacy.arch import get_arch
 from ktlegacy.overlay import Drift, load_overlays, patch_tree
 from ktlegacy.refs import get_ref
 
 REPO = Path(__file__).resolve().parent.parent
-APP = REPO / "tests" / "server_api_app.py"
+APP = server_harness.APP
 NAME = "ktlegacy-test"
 CACHE_LENS = 256
 MAX_NEW = 200
 TOKEN_DELAY = 0.02  # s per decode step (see server_api_app.py)
 LOAD_DELAY = 0.1    # s per GGUF tensor at start-up: /health shows the load progress for ~2 s
 KEYS = ("test-key-0123456789", "second-key-9876543210")
-# ktransformers 0.2.1.post1's requirements that its server API path does not import
-NOT_IMPORTED = {"torch", "langchain", "blessed", "build", "fire", "ninja", "wheel", "setuptools"}
 
 
 # ---------------------------------------------------------------- the overlay
@@ -103,66 +99,23 @@ def test_overlay_refuses_drift_and_leaves_the_tree(pristine_tree):
 
 @pytest.fixture(scope="module")
 def api_python():
-    from ktlegacy.testing.wheelhouse import ktransformers_requirements
-    reqs = [r for r in ktransformers_requirements() if re.split(r"[\s<>=!~\[;]", r, 1)[0].lower() not in NOT_IMPORTED]
-    runtime = (REPO / "images" / "requirements" / "runtime.txt").read_text().split("\n")
-    reqs += [r.strip() for r in runtime if r.strip() and not r.startswith("#")]
-    return cached_venv("server-api-0.2.1.post1", [TORCH_CPU, *reqs, "pyyaml", "jinja2", "gguf", "tokenizers"])
+    return server_harness.api_python()
 
 
 @pytest.fixture(scope="module")
 def served(api_python, sdist_tree, tmp_path_factory):
     """A patched tree and the two test models (the test chat template; DeepSeek-V3's, with tools)."""
-    root = tmp_path_factory.mktemp("server-api")
-    tree = root / "tree"
-    shutil.copytree(sdist_tree, tree, symlinks=True)
-    patch_tree(tree, get_arch("sm75"), out=lambda line: None)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(root / "home"), "PYTHONPATH": str(REPO)}
-    models = {}
-    for template in ("default", "deepseek-v3"):
-        models[template] = root / f"model-{template}"
-        subprocess.run([str(api_python), str(APP), "make-model", "--model", str(models[template]), "--template",
-                        template], check=True, env=env, capture_output=True, timeout=600)
-    return {"root": root, "tree": tree, "env": env, "models": models, "python": api_python}
+    return server_harness.prepare(tmp_path_factory.mktemp("server-api"), api_python, sdist_tree)
 
 
 def _start(served, label: str, model: Path, settings: dict, *args: str) -> dict:
-    """Start tests/server_api_app.py; poll /health while the model loads (every 0.1 s, recorded)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = served["root"] / f"server-{label}.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen([str(served["python"]), str(APP), "serve", "--tree", str(served["tree"]), "--model",
-                             str(model), "--port", str(port), "--name", NAME, *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**served["env"], **settings})
-    base = f"http://127.0.0.1:{port}"
-    seen = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
-        try:
-            r = httpx.get(base + "/health", timeout=2)
-            seen.append((r.status_code, r.json()))
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy within 300 s")
-    return {"base": base, "log": log_path, "proc": proc, "logf": log, "health_seen": seen, "port": port}
-
-
-def _stop(server: dict) -> None:
-    server["proc"].terminate()
     try:
-        server["proc"].wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server["proc"].kill()
-    server["logf"].close()
+        return server_harness.start(served, label, model, settings, *args, name=NAME)
+    except server_harness.HarnessError as exc:
+        pytest.fail(str(exc))
+
+
+_stop = server_harness.stop
 
 
 @pytest.fixture(scope="module")

@@ -267,6 +267,7 @@ def _error_response(path: str, status: int, message: str, code: str, param: str 
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    _note_error(request, exc.message)
     return _error_response(request.url.path, exc.status, exc.message, exc.code, exc.param, exc.headers)
 
 
@@ -281,7 +282,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     else:
         message = f"{where or 'body'}: {str(first.get('msg', 'invalid value'))[:200]}"
         code = "invalid_value"
+    _note_error(request, message)
     return _error_response(request.url.path, 400, message, code, where or None)
+
+
+def _note_error(request: Request, message: str) -> None:
+    rec = request.scope.get("state", {}).get("ktlegacy")
+    if rec is not None:
+        rec.error = message
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -292,6 +300,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         detail = f"{request.method} is not allowed on {request.url.path[:100]}"
     elif exc.status_code == 400 and "parsing the body" in detail:
         detail = "the request body is not valid JSON (it could not be parsed)"
+    _note_error(request, detail)
     return _error_response(request.url.path, exc.status_code, detail, "invalid_request_error",
                            headers=getattr(exc, "headers", None))
 
@@ -322,12 +331,16 @@ class _RequestRecord:
         self.t0 = time.monotonic()
         self.status = None
         self.started = False
+        self.error = None
         self.model = None
         self.gen = None
         self.prompt_text = None
 
 
-def _json_error(status: int, path: str, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+def _json_error(status: int, path: str, message: str, code: str, headers: dict | None = None,
+                rec: Optional["_RequestRecord"] = None) -> JSONResponse:
+    if rec is not None:
+        rec.error = message
     return _error_response(path, status, message, code, None, headers)
 
 
@@ -375,7 +388,7 @@ class _Guard:
                 if not allowed:
                     await _json_error(403, path, f"cross-origin request from {_short(origin)} refused: this server "
                                       "answers web pages only from the origins in KTLEGACY_CORS_ORIGINS",
-                                      "origin_not_allowed")(scope, receive, send_wrapped)
+                                      "origin_not_allowed", rec=rec)(scope, receive, send_wrapped)
                     return
                 cors = "*" if "*" in s.cors_origins else origin
                 if preflight:
@@ -395,11 +408,11 @@ class _Guard:
                 else:
                     why = None
                 if why:
-                    await _json_error(401, path, why, "invalid_api_key",
-                                      {"www-authenticate": "Bearer"})(scope, receive, send_wrapped)
+                    await _json_error(401, path, why, "invalid_api_key", {"www-authenticate": "Bearer"},
+                                      rec=rec)(scope, receive, send_wrapped)
                     return
             if method in ("POST", "PUT", "PATCH", "DELETE"):
-                refused, receive = await self._read_body(scope, receive, headers, s, path)
+                refused, receive = await self._read_body(scope, receive, headers, s, path, rec)
                 if refused is not None:
                     await refused(scope, receive, send_wrapped)
                     return
@@ -411,21 +424,22 @@ class _Guard:
             log.exception("ktlegacy api: %s %s failed", method, path)
             if rec.started:
                 raise
-            await _json_error(500, path, f"internal error: {type(exc).__name__}",
-                              "internal_error")(scope, receive, send_wrapped)
+            await _json_error(500, path, f"internal error: {type(exc).__name__}", "internal_error",
+                              rec=rec)(scope, receive, send_wrapped)
         finally:
             _request_done(rec)
 
-    async def _read_body(self, scope, receive, headers, s: Settings, path: str):
+    async def _read_body(self, scope, receive, headers, s: Settings, path: str, rec: "_RequestRecord"):
         limit = s.max_body_bytes
         length = headers.get("content-length")
         if length is not None:
             if not length.strip().isdigit():
-                return _json_error(400, path, "Content-Length is not a number", "invalid_request_error"), receive
+                return _json_error(400, path, "Content-Length is not a number", "invalid_request_error",
+                                   rec=rec), receive
             if int(length) > limit:
                 return _json_error(413, path, f"the request body is {int(length)} bytes; this server takes at most "
                                    f"{limit} (KTLEGACY_MAX_BODY_BYTES)", "request_too_large",
-                                   {"connection": "close"}), receive
+                                   {"connection": "close"}, rec=rec), receive
         chunks, size = [], 0
         deadline = time.monotonic() + s.body_timeout_s
         while True:
@@ -434,14 +448,16 @@ class _Guard:
                 message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
             except asyncio.TimeoutError:
                 return _json_error(408, path, f"the request body did not arrive within {s.body_timeout_s:g} s "
-                                   "(KTLEGACY_BODY_TIMEOUT_S)", "request_timeout", {"connection": "close"}), receive
+                                   "(KTLEGACY_BODY_TIMEOUT_S)", "request_timeout", {"connection": "close"},
+                                   rec=rec), receive
             if message["type"] == "http.disconnect":
                 return None, None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 return _json_error(413, path, f"the request body is over {limit} bytes, the most this server takes "
-                                   "(KTLEGACY_MAX_BODY_BYTES)", "request_too_large", {"connection": "close"}), receive
+                                   "(KTLEGACY_MAX_BODY_BYTES)", "request_too_large", {"connection": "close"},
+                                   rec=rec), receive
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -451,7 +467,7 @@ class _Guard:
                 body.decode("utf-8")
             except UnicodeDecodeError as exc:
                 return _json_error(400, path, f"the request body is not valid UTF-8 (byte {exc.start})",
-                                   "invalid_json"), receive
+                                   "invalid_json", rec=rec), receive
             raw = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"content-type"]
             scope["headers"] = raw + [(b"content-type", b"application/json")]
         sent = False
@@ -479,6 +495,8 @@ def _request_done(rec: _RequestRecord) -> None:
         fields += [f"prompt_tokens={gen.prompt_tokens}", f"completion_tokens={gen.completion_tokens}",
                    f"ttft_s={ttft:.3f}" if ttft is not None else "ttft_s=-", f"finish={gen.finish_reason}"]
     fields.append(f"duration_s={duration:.3f}")
+    if rec.error:
+        fields.append(f"error={json.dumps(rec.error[:200], ensure_ascii=False)}")
     if rec.prompt_text is not None and settings().log_prompts:
         fields.append(f"prompt={json.dumps(rec.prompt_text[-2000:], ensure_ascii=False)}")
     log.info("ktlegacy request %s", " ".join(fields))
@@ -759,6 +777,7 @@ class Engine:
             ids = self.prompt_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                             **kwargs)
         except Exception as exc:  # jinja's TemplateError: e.g. roles that must alternate
+            log.info("ktlegacy api: the chat template refused a request", exc_info=True)
             raise ApiError(400, f"messages: the model's chat template refused them: {str(exc)[:200]}",
                            "invalid_value", "messages") from exc
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
