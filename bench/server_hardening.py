@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -94,31 +93,12 @@ def hostile(server: dict, want: str) -> dict:
 
 
 def event_loop_probe(server: dict, limit: int) -> dict:
-    """The slowest /health while maximum-size bodies (one huge message; 100k small ones) are handled."""
-    auth = {"Authorization": f"Bearer {KEY}"}
-    bodies = [json.dumps({"model": hostile_cases.NAME, "messages": [{"role": "user", "content": "a" * (limit - 200)}]}),
-              json.dumps({"model": hostile_cases.NAME,
-                          "messages": [{"role": "user", "content": "x"}] * ((limit - 100) // 34)})]
-    statuses, done = [], threading.Event()
-
-    def send():
-        for body in bodies * 3:
-            statuses.append(httpx.post(server["base"] + "/v1/chat/completions", content=body, headers=auth,
-                                       timeout=120).status_code)
-        done.set()
-    worker = threading.Thread(target=send)
-    worker.start()
-    times = []
-    while not done.is_set():
-        t0 = time.monotonic()
-        httpx.get(server["base"] + "/health", timeout=60)
-        times.append(time.monotonic() - t0)
-        time.sleep(0.01)
-    worker.join()
+    """The slowest /health while maximum-size bodies are handled (tests/hostile_cases.py), and the
+    status of a body one byte over the limit."""
+    probe = hostile_cases.event_loop_probe(server["base"], KEY, hostile_cases.maximum_size_bodies(limit))
     over = httpx.post(server["base"] + "/v1/chat/completions", content=b"x" * (limit + 1),
-                      headers={**auth, "content-type": "application/json"}, timeout=60)
-    return {"body_bytes": [len(b) for b in bodies], "statuses": statuses, "health_probes": len(times),
-            "event_loop_probe_max_s": round(max(times), 4), "body_limit_status": over.status_code}
+                      headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"}, timeout=60)
+    return {**probe, "event_loop_probe_max_s": probe["max_s"], "body_limit_status": over.status_code}
 
 
 def guards(server: dict) -> dict:

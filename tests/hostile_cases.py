@@ -15,6 +15,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -333,3 +334,48 @@ def slow_body(base: str, key: str | None, path: str, send: bytes, declared: int,
             return None, time.monotonic() - t0
     line = data.split(b"\r\n", 1)[0].decode(errors="replace")
     return line, time.monotonic() - t0
+
+
+def maximum_size_bodies(limit: int) -> dict:
+    """Bodies of at most ``limit`` bytes that cost the most to read, parse and refuse: one huge
+    message, as many tiny messages as fit, the most messages allowed (1024) of 4 KB each, a huge
+    stop list."""
+    bodies = {
+        "one_huge_message": {"model": NAME, "messages": [{"role": "user", "content": "a" * (limit - 200)}]},
+        "tiny_messages": {"model": NAME, "messages": [{"role": "user", "content": "x"}] * ((limit - 100) // 34)},
+        "1024_messages_of_4k": {"model": NAME, "messages": [{"role": "user", "content": "x" * 4000}] * 1024},
+        "huge_stop_list": {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                           "stop": ["a"] * ((limit - 100) // 5)},
+    }
+    out = {name: json.dumps(body).encode() for name, body in bodies.items()}
+    assert all(len(b) <= limit for b in out.values())
+    return out
+
+
+def event_loop_probe(base: str, key: str | None, bodies: dict, path: str = "/v1/chat/completions") -> dict:
+    """Each body sent by curl (another process: this one's GIL does not slow the probe) while this
+    process polls /health: the slowest /health answer, and what each body got."""
+    import subprocess
+    import tempfile
+    out: dict = {"bodies": {}, "health_probes": 0, "max_s": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, body in bodies.items():
+            f = Path(tmp) / name
+            f.write_bytes(body)
+            cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
+                   "--data-binary", f"@{f}", "--max-time", "120", base + path]
+            if key:
+                cmd[1:1] = ["-H", f"Authorization: Bearer {key}"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            worst = 0.0
+            with httpx.Client(timeout=60) as client:
+                while proc.poll() is None:
+                    t0 = time.monotonic()
+                    client.get(base + "/health")
+                    worst = max(worst, time.monotonic() - t0)
+                    out["health_probes"] += 1
+                    time.sleep(0.005)
+            out["bodies"][name] = {"bytes": len(body), "status": int(proc.stdout.read() or 0),
+                                   "health_max_s": round(worst, 4)}
+            out["max_s"] = max(out["max_s"], round(worst, 4))
+    return out

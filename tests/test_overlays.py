@@ -190,6 +190,8 @@ def test_only_expected_files_change(sdist_tree, patched):
         "ktransformers/server/api/__init__.py",
         "ktransformers/server/api/openai/__init__.py",
         "ktransformers/server/main.py",
+        "ktransformers/server/args.py",                        # server-api: type=bool flags
+        "ktransformers/util/custom_gguf.py",                   # server-api: load progress
         "ktransformers/server/backend/interfaces/transformers.py",
         "setup.py",
     ])

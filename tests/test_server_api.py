@@ -424,30 +424,13 @@ def test_metrics_and_the_request_log(live, expected):
 
 
 def test_health_answers_while_a_maximum_size_request_is_handled(live, expected):
-    """The event loop stays free: /health answers while 4 MiB bodies are read, parsed and refused."""
-    limit = 4 * 1024 * 1024
-    text = "a" * (limit - 200)
-    bodies = [json.dumps({"model": NAME, "messages": [{"role": "user", "content": text}]}),
-              json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x"}] * ((limit - 100) // 34)})]
-    assert all(len(b) <= limit for b in bodies)
-    answers, stop = [], threading.Event()
-
-    def send():
-        for body in bodies * 2:
-            answers.append(httpx.post(live["base"] + "/v1/chat/completions", content=body, headers=live["auth"],
-                                      timeout=120).status_code)
-        stop.set()
-    worker = threading.Thread(target=send)
-    worker.start()
-    slowest = 0.0
-    while not stop.is_set():
-        t0 = time.monotonic()
-        assert httpx.get(live["base"] + "/health", timeout=30).status_code == 200
-        slowest = max(slowest, time.monotonic() - t0)
-        time.sleep(0.02)
-    worker.join()
-    assert answers == [400] * 4
-    assert slowest < 2.0, f"/health took {slowest:.2f} s while a maximum-size request was handled"
+    """The event loop stays free: /health answers while 4 MiB bodies are read, parsed and refused.
+    (The speed target lives in bench/server_hardening.py; this bound only says it is not blocked.)"""
+    probe = hostile_cases.event_loop_probe(live["base"], live["key"],
+                                           hostile_cases.maximum_size_bodies(4 * 1024 * 1024))
+    assert {name: b["status"] for name, b in probe["bodies"].items()} == dict.fromkeys(probe["bodies"], 400)
+    assert probe["health_probes"] >= len(probe["bodies"])
+    assert probe["max_s"] < 2.0, probe
     assert _ok_after(live, expected)
 
 
