@@ -24,6 +24,7 @@ from .facts import GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
 from .hostfacts import Gpu, HostFacts
 from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF, parse_tag
 from .profiles import COMPOSE_DIR, PROFILES, REPO_ROOT, ServiceSpec, get_profile, resolve
+from . import gpu_linear
 from .vram import GPU_RUNTIME_MIB, GgufModel, Estimate, estimate, load_rules, read_gguf
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
@@ -263,7 +264,8 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
                    "pass --rules FILE, or build/pull the image so its rule file can be read"), None
     min_tokens = _env_count(spec.environment, "KTLEGACY_GPU_PREFILL_MIN_TOKENS", GPU_PREFILL_MIN_TOKENS)
     budget = _env_count(spec.environment, "KTLEGACY_GPU_PREFILL_MIB", GPU_PREFILL_MIB)
-    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens, min_tokens, budget)
+    linear = gpu_linear.mode(spec.environment)
+    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens, min_tokens, budget, linear)
     devs = est.gpu_devices
     parts = []
     for dev in devs:
@@ -271,8 +273,10 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         k = int(dev.split(":")[1])
         have = gpus[k] if k < len(gpus) else None
         parts.append(f"{dev} {need / 1024:.1f}" + (f"/{have.vram_mib / 1024:.1f} GiB" if have else " GiB"))
+    weights = ("GPU weights as GGUF blocks (KTLEGACY_GPU_LINEAR=quant) + their prefill scratch" if linear == "quant"
+               else "GPU weights as fp16 (KTLEGACY_GPU_LINEAR=fp16)")
     detail = (f"{spec.rules} ({rules_note}), cache_lens {spec.cache_lens}: " + "; ".join(parts)
-              + f" (fp16 weights + KV cache + a {spec.cache_lens}-token prefill's activations"
+              + f" ({weights} + KV cache + a {spec.cache_lens}-token prefill's activations"
               + (f" or its routed experts on the GPU ({budget} MiB + hidden states), the larger,"
                  if est.experts_prefill_mib else "")
               + f" + {GPU_RUNTIME_MIB} MiB runtime each)")
@@ -290,8 +294,9 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         dev, g = short[0]
         return Row("VRAM per GPU", FAIL, f"{dev} needs ~{est.need_mib(dev) / 1024:.1f} GiB under {spec.rules}, "
                    f"GPU {g.index} ({g.name}) has {g.vram_mib / 1024:.1f} GiB; " + "; ".join(parts),
-                   "spread the layers over more GPUs (another rule file / profile), use a smaller model, "
-                   "or lower KTLEGACY_CACHE_LENS"), est
+                   ("spread the layers over more GPUs (another rule file / profile), use a smaller model, "
+                    "or lower KTLEGACY_CACHE_LENS") + ("" if linear == "quant" else
+                                                      "; KTLEGACY_GPU_LINEAR=quant keeps the weights quantized")), est
     return Row("VRAM per GPU", OK, detail), est
 
 

@@ -154,3 +154,13 @@ LABEL_BASE = "io.ktlegacy.base"
 # expert weights on the GPU at a time. Copied by the runtime module and compose (tests/test_facts.py).
 GPU_PREFILL_MIN_TOKENS = 1024
 GPU_PREFILL_MIB = 1024
+
+# GPU linear layers below sm80 (overlay gguf-linear, KLinearGGUF): "quant" computes from the GGUF
+# blocks kept on the GPU, "fp16" dequantizes them at load (upstream's KLinearTorch). Inputs of at
+# most MATVEC_MAX_ROWS rows (decode) run the fused dequant-matvec; more rows (prefill) dequantize
+# into one reused fp16 scratch buffer per GPU of at most SCRATCH_MIB, then multiply with cuBLAS.
+# The overlay writes these into the operator; the doctor counts the scratch.
+GPU_LINEAR_MODES = ("quant", "fp16")
+GPU_LINEAR = "quant"
+GPU_LINEAR_MATVEC_MAX_ROWS = 4
+GPU_LINEAR_SCRATCH_MIB = 256
