@@ -1,7 +1,7 @@
 // ktlegacy: linear layers computed from GGUF weight blocks kept on the GPU (sm_70 and up).
 //
 // Two operations for ktransformers' KLinearGGUF operator (ktlegacy_gguf_linear.py):
-//   matvec(w, type, n, k, x, y)            y[r] = W x[r] for a few rows r (decode): each warp reads one
+//   matvec(w, type, n, k, x, y)            y[r] = W x[r] for 1-4 rows r (decode): each warp reads one
 //                                          weight row's blocks once, decodes them in registers and
 //                                          accumulates in fp32; bandwidth-bound, no scratch
 //   dequantize(w, type, n, k, row0, rows, out)   rows row0..row0+rows-1 of W into `out` (fp16 or
@@ -19,7 +19,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 8;         // matvec handles up to this many input rows
+constexpr int kMaxRows = 4;         // matvec handles up to this many input rows (facts.GPU_LINEAR_MATVEC_MAX_ROWS)
 constexpr int kWarpsPerBlock = 4;   // matvec: one weight row per warp
 constexpr int kDequantThreads = 256;
 
@@ -47,8 +47,6 @@ __device__ __forceinline__ void store4(float* p, const float* f) {
   *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
 }
 
-__device__ __forceinline__ float to_float(half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ void store1(half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 
@@ -119,7 +117,7 @@ void launch_matvec(const uint8_t* w, const scalar_t* x, scalar_t* y, int n, int 
   const dim3 grid((n + kWarpsPerBlock - 1) / kWarpsPerBlock), block(32 * kWarpsPerBlock);
   switch (rows) {
 #define KTL_ROWS(R) case R: matvec_kernel<T, R, scalar_t><<<grid, block, 0, stream>>>(w, x, y, n, k); break;
-    KTL_ROWS(1) KTL_ROWS(2) KTL_ROWS(3) KTL_ROWS(4) KTL_ROWS(5) KTL_ROWS(6) KTL_ROWS(7) KTL_ROWS(8)
+    KTL_ROWS(1) KTL_ROWS(2) KTL_ROWS(3) KTL_ROWS(4)
 #undef KTL_ROWS
     default: TORCH_CHECK(false, "ktlegacy_gguf_ops.matvec: ", rows, " rows (at most ", kMaxRows, ")");
   }
@@ -210,12 +208,17 @@ std::vector<int64_t> supported_types() {
   return out;
 }
 
+std::vector<int64_t> block_layout(int64_t type) {
+  return {ktl::values_per_block((int)type), ktl::bytes_per_block((int)type)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ktlegacy: linear layers from GGUF blocks on the GPU (sm_70+)";
-  m.def("matvec", &matvec, "y = x @ W.T for 1-8 rows of x, W as GGUF blocks", py::arg("w"), py::arg("type"),
+  m.def("matvec", &matvec, "y = x @ W.T for 1-4 rows of x, W as GGUF blocks", py::arg("w"), py::arg("type"),
         py::arg("n"), py::arg("k"), py::arg("x"), py::arg("y"));
   m.def("dequantize", &dequantize, "rows row0..row0+rows of W (GGUF blocks) into out", py::arg("w"),
         py::arg("type"), py::arg("n"), py::arg("k"), py::arg("row0"), py::arg("rows"), py::arg("out"));
   m.def("supported_types", &supported_types, "ggml type ids this build decodes");
+  m.def("block_layout", &block_layout, "(values, bytes) per block of a ggml type; (0, 0) if not decoded", py::arg("type"));
   m.attr("max_rows") = kMaxRows;
 }

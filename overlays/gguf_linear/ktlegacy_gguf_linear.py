@@ -15,9 +15,10 @@ KLinearGGUF keeps the blocks (no requantization, no fp16 copy) and computes from
   every layer (at most ``SCRATCH_MIB``; larger weights such as DeepSeek-V3's lm_head go through it
   in row slices), then cuBLAS multiplies.
 
-Types: Q4_0, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS. Any other type (F16, BF16, F32
-tensors, other quants), a weight handed in by the caller, a loader without GGUF blocks
-(safetensors), or ``KTLEGACY_GPU_LINEAR=fp16`` take KLinearTorch's path unchanged.
+Types: those the kernels decode (``ktlegacy_gguf_ops.supported_types()``: Q4_0, Q5_0, Q8_0,
+Q2_K-Q6_K, IQ4_XS). Any other type (F16, BF16, F32 tensors, other quants), a weight handed in by
+the caller, a loader without GGUF blocks (safetensors), or ``KTLEGACY_GPU_LINEAR=fp16`` take
+KLinearTorch's path unchanged.
 The forward allocates only through torch's caching allocator and never synchronises, so CUDA-graph
 capture keeps working.
 """
@@ -36,11 +37,6 @@ GPU_LINEAR_MODES = ("quant", "fp16")
 DEFAULT_MODE = "@KTLEGACY_GPU_LINEAR_DEFAULT@"
 MATVEC_MAX_ROWS = int("@KTLEGACY_GPU_LINEAR_MATVEC_MAX_ROWS@")
 SCRATCH_MIB = int("@KTLEGACY_GPU_LINEAR_SCRATCH_MIB@")
-
-# ggml type id -> (name, values per block, bytes per block) of the types the kernels decode
-GGML_TYPES = {2: ("Q4_0", 32, 18), 6: ("Q5_0", 32, 22), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84),
-              11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
-              23: ("IQ4_XS", 256, 136)}
 
 _ops = None
 _scratch: dict = {}  # device -> fp16 tensor, grown to the largest slice a prefill needed
@@ -96,15 +92,17 @@ class KLinearGGUF(KLinearTorch):
         self.ggml_type = None
 
     def _blocks(self):
-        """(raw uint8 bytes, ggml type) of this layer's weight, or None where the blocks cannot be used."""
+        """(raw uint8 bytes, ggml type, values per block, bytes per block) of this layer's weight, or
+        None where the blocks cannot be used (the kernels say which types they decode)."""
         loader, name = self.gguf_loader, self.key + ".weight"
         info = getattr(loader, "tensor_info", {}).get(name)
         if info is None or not hasattr(loader, "get_mmap_tensor"):
             return None  # a safetensors loader, or a fused/renamed tensor: KLinearTorch's loader knows it
         ggml_type = int(info["ggml_type"])
-        if ggml_type not in GGML_TYPES:
+        per_block, block_bytes = ops().block_layout(ggml_type)
+        if not per_block:
             return None
-        return loader.get_mmap_tensor(name), ggml_type
+        return loader.get_mmap_tensor(name), ggml_type, per_block, block_bytes
 
     def load(self, w=None, device=None):
         if getattr(self, "loaded", False):
@@ -118,10 +116,9 @@ class KLinearGGUF(KLinearTorch):
             self.qweight = None
             return super().load(w, device)
         import numpy as np
-        raw, ggml_type = found
-        name, qk, block_bytes = GGML_TYPES[ggml_type]
+        raw, ggml_type, qk, block_bytes = found
         if self.in_features % qk or len(raw) != self.out_features * self.in_features // qk * block_bytes:
-            raise ValueError(f"ktlegacy: {self.key}.weight: {len(raw)} bytes of {name} are not a "
+            raise ValueError(f"ktlegacy: {self.key}.weight: {len(raw)} bytes of ggml type {ggml_type} are not a "
                              f"{self.out_features} x {self.in_features} weight")
         self.qweight = torch.from_numpy(np.ascontiguousarray(raw)).to(device)
         self.ggml_type = ggml_type
@@ -129,7 +126,9 @@ class KLinearGGUF(KLinearTorch):
         self.has_bias = self.key + ".bias" in getattr(self.gguf_loader, "tensor_file_map", {})
         if self.has_bias:
             self.bias = self.gguf_loader.load_gguf_tensor(self.key + ".bias", device=str(device)).to(self.dtype)
-        ops()  # fail at load, not in the first request, if the kernels are missing
+        if ops().max_rows < MATVEC_MAX_ROWS:  # fail at load, not in the first request, if the kernels do not fit
+            raise RuntimeError(f"ktlegacy_gguf_ops handles {ops().max_rows} rows per matvec, KLinearGGUF sends "
+                               f"up to {MATVEC_MAX_ROWS}: the extension and the operator come from different builds")
         _note("on", f"{GPU_LINEAR_ENV}=quant: GPU linears compute from their GGUF blocks ({GPU_LINEAR_ENV}=fp16 "
                     "dequantizes them at load instead)")
         if hasattr(self, "loaded"):
