@@ -320,6 +320,13 @@ def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_di
         assert vram.status == OK, report.table()
         assert "Only-In-Image.yaml (from the image)" in vram.detail
         assert "cuda:1" in vram.detail and "cuda:0" not in vram.detail
+        assert by["rule file"].status == OK and "Only-In-Image.yaml (from the image): no sm80+ op" in by["rule file"].detail
+        # a rule file the image does not have: one FAIL row (serve.sh would refuse it), not upstream's copy
+        spec = dataclasses.replace(spec, rules="DeepSeek-V3-Chat-multi-gpu-4.yaml")
+        row = failing(check_profile(spec, facts, docker=docker), "rule file")
+        assert row.detail == f"DeepSeek-V3-Chat-multi-gpu-4.yaml: {tag} has no rule file DeepSeek-V3-Chat-multi-gpu-4.yaml " \
+                             "in its optimize_rules directory"
+        assert "KTLEGACY_RULES" in row.fix
     finally:
         subprocess.run([docker.path, "rmi", tag], capture_output=True)
 
