@@ -17,14 +17,12 @@ import copy
 import re
 
 from . import facts
-from .errors import KtlegacyError
 
 GPU_LINEAR_ENV = "KTLEGACY_GPU_LINEAR"
 GPU_LINEAR_OP = "KLinearGGUF"
 LINEAR_CLASS = "ktransformers.operators.linear.KTransformersLinear"
 LINEAR_CLASSES = ("torch.nn.Linear", "torch.nn.modules.linear.Linear")   # what lm_head is
-# Ops that need sm80+: none may be left in a patched rule file.
-SM80_ONLY = ("KLinearMarlin", "VLinearMarlin", "KLinearFP8", "KExpertsMarlin")
+SM80_ONLY = facts.SM80_ONLY_OPS   # ops that need sm80+: none may be left in a patched rule file
 # op -> the op the patched rules name instead (KExpertsTorch is in every supported ref).
 PATCHED_OP = {
     "KLinearMarlin": GPU_LINEAR_OP,
@@ -36,17 +34,6 @@ PATCHED_OP = {
 # GGUF types KLinearGGUF's kernels decode (overlays/gguf_linear/ktlegacy_gguf.cuh)
 DECODED_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
 OP_KEYS = ("generate_op", "prefill_op")
-
-
-def mode(env: dict | None = None, where: str = "the service environment") -> str:
-    """``quant`` or ``fp16`` from ``KTLEGACY_GPU_LINEAR`` in ``env`` (default: facts.GPU_LINEAR)."""
-    text = str((env or {}).get(GPU_LINEAR_ENV) or "").strip()
-    if not text:
-        return facts.GPU_LINEAR
-    if text.lower() not in facts.GPU_LINEAR_MODES:
-        raise KtlegacyError(f"{GPU_LINEAR_ENV}={text!r} in {where}: use one of {', '.join(facts.GPU_LINEAR_MODES)} "
-                            "(quant keeps the GPU weights as GGUF blocks; fix it in compose/.env)")
-    return text.lower()
 
 
 def lm_head_devices(rules: list) -> tuple[str, str] | None:

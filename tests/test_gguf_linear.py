@@ -212,17 +212,20 @@ def test_scratch_is_one_buffer_per_device_grown_not_reallocated(operator):
 
 
 def test_mode_setting(operator, monkeypatch):
+    """The operator reads KTLEGACY_GPU_LINEAR at load; the doctor and serve.sh refuse a bad value
+    first, by the settings table (ktlegacy.serving), in one line."""
     monkeypatch.delenv("KTLEGACY_GPU_LINEAR", raising=False)
     assert operator.gpu_linear_mode() == facts.GPU_LINEAR == "quant"
-    monkeypatch.setenv("KTLEGACY_GPU_LINEAR", " FP16 ")
+    monkeypatch.setenv("KTLEGACY_GPU_LINEAR", "fp16")
     assert operator.gpu_linear_mode() == "fp16"
     monkeypatch.setenv("KTLEGACY_GPU_LINEAR", "int4")
     with pytest.raises(ValueError, match=r"KTLEGACY_GPU_LINEAR='int4': use one of quant, fp16"):
         operator.gpu_linear_mode()
     from ktlegacy.errors import KtlegacyError
-    assert gpu_linear.mode({"KTLEGACY_GPU_LINEAR": "fp16"}) == "fp16" and gpu_linear.mode({}) == "quant"
-    with pytest.raises(KtlegacyError, match=r"KTLEGACY_GPU_LINEAR='int4' in the service environment: use one of"):
-        gpu_linear.mode({"KTLEGACY_GPU_LINEAR": "int4"})
+    from ktlegacy.profiles import setting
+    assert setting({}, "KTLEGACY_GPU_LINEAR") == "quant" and setting({"KTLEGACY_GPU_LINEAR": "fp16"}, "KTLEGACY_GPU_LINEAR") == "fp16"
+    with pytest.raises(KtlegacyError, match=r"KTLEGACY_GPU_LINEAR='int4' is not one of quant \| fp16"):
+        setting({"KTLEGACY_GPU_LINEAR": "int4"}, "KTLEGACY_GPU_LINEAR")
 
 
 # ---------------------------------------------------------------- the overlays on the sdist

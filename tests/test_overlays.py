@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from ktlegacy.arch import get_arch
+from ktlegacy.facts import SM80_ONLY_OPS
 from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ OVERLAY_NAMES = ["runtime", "gguf-linear", "torch-linear-rules", "eager", "sdpa"
                  "triton-stages", "fp16", "cpu-experts-dtype", "moe-partial-block", "gpu-expert-prefill", "portable-cpu",
                  "server-api"]
 NOT_FOR_SDIST = ["prefill-kv-length", "loopback-listeners", "serve-backend-guard", "optional-sched-ext", "cache-device-key"]  # later refs only
-SM80_OPS = {"KLinearMarlin", "KExpertsMarlin", "VLinearMarlin", "KLinearFP8"}
+SM80_OPS = set(SM80_ONLY_OPS)   # the ops overlay 20 rewrites and ktlegacy.serving refuses
 RULES = "ktransformers/optimize/optimize_rules"
 
 
