@@ -158,6 +158,14 @@ for mode in $proof; do  # KTLEGACY_PROOF may name several, run in order: "linear
       rc=$?
       grep -E "^\[gpu_linear|Error|error" "$logs/linear.log" | tail -40
       say "gpu_linear exit $rc" ;;
+    linear-model)
+      say "gpu_linear_model: memory at DeepSeek-V3's dims and speed, KTLEGACY_GPU_LINEAR quant vs fp16"
+      # shellcheck disable=SC2086
+      KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_linear_model.py --work "$work/linear-model" \
+        --out "$OUT/gpu_linear_model.json" ${KTLEGACY_LINEAR_MODEL_ARGS:-} >"$logs/linear-model.log" 2>&1
+      rc=$?
+      grep -E "^\[gpu_linear_model|^\[peer_bench|Error|error" "$logs/linear-model.log" | tail -60
+      say "gpu_linear_model exit $rc" ;;
     engine)
       say "make-test-model"
       $py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
@@ -170,7 +178,7 @@ for mode in $proof; do  # KTLEGACY_PROOF may name several, run in order: "linear
       grep -E "^\[gpu_proof|^smoke|Error|error" "$logs/proof.log" | tail -60
       say "gpu_proof exit $rc" ;;
     *)
-      echo "KTLEGACY_PROOF=$proof: unknown proof '$mode' (engine, serve, linear, install)"; rc=2 ;;
+      echo "KTLEGACY_PROOF=$proof: unknown proof '$mode' (engine, serve, linear, linear-model, install)"; rc=2 ;;
   esac
   [ "$rc" = 0 ] || rc_all=$rc
 done
