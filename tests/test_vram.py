@@ -125,33 +125,8 @@ def test_bad_rule_file_is_one_line():
 def deepseek_v3_model(ftype: str | None = None):
     """``ftype``: None (every tensor F16, as before quantized GPU weights), or a llama.cpp file type
     (Q4_K_M, Q2_K) whose tensor types ktlegacy.testing.ggml_quant.llama_cpp_type assigns."""
-    import numpy as np
-    from ktlegacy.testing.ggml_quant import llama_cpp_type, type_bytes
-    from ktlegacy.vram import GgufModel, Tensor
-    h, vocab = 7168, 129280
-
-    def Tensor(name, n, _bytes, _T=Tensor):  # noqa: N802 - the tensor info, typed by the file type
-        qtype = llama_cpp_type(name, 61, ftype) if ftype else "F16"
-        return _T(name, n, type_bytes(qtype, n), qtype)
-
-    def shapes(layer):
-        s = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q_a": (1536, h), "attn_q_a_norm": (1536,),
-             "attn_q_b": (128 * 192, 1536), "attn_kv_a_mqa": (512 + 64, h), "attn_kv_a_norm": (512,),
-             "attn_kv_b": (128 * 256, 512), "attn_output": (h, 128 * 128)}
-        if layer < 3:
-            s.update(ffn_gate=(18432, h), ffn_up=(18432, h), ffn_down=(h, 18432))
-        else:
-            s.update(ffn_gate_inp=(256, h), exp_probs_b=(256,), ffn_gate_exps=(256, 2048, h),
-                     ffn_up_exps=(256, 2048, h), ffn_down_exps=(256, h, 2048),
-                     ffn_gate_shexp=(2048, h), ffn_up_shexp=(2048, h), ffn_down_shexp=(h, 2048))
-        return s
-    tensors = [Tensor("token_embd.weight", vocab * h, 0), Tensor("output_norm.weight", h, 0),
-               Tensor("output.weight", vocab * h, 0)]
-    for layer in range(61):
-        tensors += [Tensor(f"blk.{layer}.{k}.weight", int(np.prod(v)), 0) for k, v in shapes(layer).items()]
-    meta = {"general.architecture": "deepseek2", "deepseek2.attention.kv_lora_rank": 512,
-            "deepseek2.rope.dimension_count": 64, "deepseek2.embedding_length": h}
-    return GgufModel([], tensors, meta, 0)
+    from ktlegacy.testing.peer_model import V3_FULL, gguf_infos
+    return gguf_infos(V3_FULL, ftype)
 
 
 V100_32GB, RTX_2080TI, T4 = 32510, 11264, 15360   # MiB each card reports

@@ -35,7 +35,7 @@ in 0.6 s.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import KtlegacyError
@@ -103,6 +103,28 @@ V3_DIMS = LiteSpec(
     num_experts_per_tok=4, n_shared_experts=1, q_lora_rank=1536, n_group=4, topk_group=2,
     routed_scaling_factor=2.5,
 )
+
+
+# DeepSeek-V3/R1 whole (671B parameters): 61 layers, 3 dense, 256 routed experts top-8 in 8 groups
+V3_FULL = replace(V3_DIMS, num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256,
+                  num_experts_per_tok=8, n_group=8, topk_group=4)
+
+
+def gguf_infos(spec: LiteSpec, ftype: str | None = None):
+    """A ``ktlegacy.vram.GgufModel`` of ``spec``'s tensors (names, sizes, types) without a file: each
+    tensor in the type llama.cpp's ``ftype`` (Q4_K_M, Q2_K; ``ktlegacy.testing.ggml_quant.llama_cpp_type``)
+    gives it, or in F16 with ``ftype`` None. What the doctor estimates for a real GGUF of that size."""
+    import math
+    from ..vram import GgufModel, Tensor
+    from .ggml_quant import llama_cpp_type, type_bytes
+    tensors = []
+    for name, shape, _, _ in tensor_plan(spec):
+        n = math.prod(shape)
+        qtype = llama_cpp_type(name, spec.num_hidden_layers, ftype) if ftype else "F16"
+        tensors.append(Tensor(name, n, type_bytes(qtype, n), qtype))
+    meta = {"general.architecture": "deepseek2", "deepseek2.attention.kv_lora_rank": spec.kv_lora_rank,
+            "deepseek2.rope.dimension_count": spec.qk_rope_head_dim, "deepseek2.embedding_length": spec.hidden_size}
+    return GgufModel([], tensors, meta, sum(t.n_bytes for t in tensors))
 
 
 # GPU-side matrix types by role: V2-Lite's benchmark model keeps Q8_0 (as it was measured against
