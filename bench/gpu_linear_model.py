@@ -147,7 +147,7 @@ def speed(args, model_dir: Path, name: str) -> dict:
         dest = Path(args.work) / f"peer-{name}-{mode}.json"
         env = dict(os.environ, KTLEGACY_GPU_LINEAR=mode)
         cmd = [sys.executable, str(REPO / "bench" / "peer_bench.py"), "--model", str(model_dir), "--out", str(dest),
-               "--engines", "ktlegacy", "--rules", RULES[name], "--runs", "3",
+               "--engines", "ktlegacy", "--rules", RULES[name], "--runs", "3", "--skip-extras",
                "--prefill", *map(str, args.prefill), "--decode-ctx", *map(str, args.decode_ctx),
                "--decode-tokens", str(args.decode_tokens)]
         t0 = time.monotonic()

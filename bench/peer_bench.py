@@ -510,7 +510,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                 f"experts {[round(s, 2) for s in point['cpu_experts_wait_s']]} s, MoE layers on GPU/CPU "
                 f"{point['moe_layers_experts_on_gpu']}/{point['moe_layers_experts_on_cpu']}")
 
-    if engine == "ktlegacy":
+    if engine == "ktlegacy" and not args.skip_extras:
         # the other experts path beside the default one, one length each, and the two paths' logits
         out["experts_path"] = {}
         for label, n, min_tokens in (("cpu", 2048, 0), ("gpu", 512, 1)):
@@ -542,7 +542,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
         def eager_step(t):
             return int(sess.decode(t).argmax())
         eager, tok = decode_windows(sess, eager_step, tok, args, deadline)
-        if engine == "ktlegacy" and "decode_profile" not in out and time.monotonic() < deadline:
+        if engine == "ktlegacy" and not args.skip_extras and "decode_profile" not in out and time.monotonic() < deadline:
             try:  # where an eager decode step goes (not part of the timed runs)
                 out["decode_profile"] = dict(profile_decode(sess, tok), context=sess.pos)
             except Exception as exc:
@@ -621,6 +621,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--triad-mib", type=int, default=1024, help="MiB per triad array (3 arrays)")
     p.add_argument("--deadline-s", type=float, default=None, help="stop starting runs after this many seconds")
+    p.add_argument("--skip-extras", action="store_true",
+                   help="time only the default paths: no forced experts path, no GPU-vs-CPU logits check, no decode profile")
     p.add_argument("--rules", default=None, help="ktlegacy's rule file (default: gpu_proof's DeepSeek-V2-Lite-Chat.yaml)")
     args = p.parse_args(argv)
     if args.runs < 3:

@@ -12,7 +12,8 @@ blocks, more than one V100 or two 11 GB cards hold. This overlay adds our own op
   the dequantize-into-scratch kernel (prefill) for Q4_0, Q5_0, Q8_0, Q2_K-Q6_K and IQ4_XS, built by
   ``setup.py`` as the extension ``ktlegacy_gguf_ops`` next to KTransformersOps (the image's compile
   stage compiles it with the arch's TORCH_CUDA_ARCH_LIST; the arch check covers it);
-* ``linear.py``'s ``LINEAR_MAP`` gains ``"KLinearGGUF"``, which the rule overlay
+* ``linear.py``'s ``LINEAR_MAP`` gains ``"KLinearGGUF"`` (linear.py imports the operator module
+  right after the map, and the module registers itself there), which the rule overlay
   (``torch-linear-rules``) then names where the rules had Marlin, FP8 or KLinearTorch.
 
 The CUDA sources sit beside upstream's ``custom_gguf/dequant.cu``: ``ktransformers/ktransformers_ext/cuda``
@@ -45,10 +46,10 @@ PLACEHOLDERS = {
 # (the sdist's inline CUDAExtension, the git refs' `ops_module`); the XPU/NPU lists have none
 CPUINFER_ENTRY = re.compile(r'^(?P<indent>[ \t]+)CMakeExtension\("cpuinfer_ext"[^\n]*\),\n'
                             r"(?=(?P=indent)(?:ops_module,|CUDAExtension\('KTransformersOps'))", re.M)
-MAP_ANCHOR = "LINEAR_MAP = {\n"
-MAP_EDIT = (f"from ktransformers.operators.ktlegacy_gguf_linear import {GPU_LINEAR_OP}  # ktlegacy: GGUF blocks on the GPU\n"
-            "LINEAR_MAP = {\n"
-            f'    "{GPU_LINEAR_OP}": {GPU_LINEAR_OP},  # ktlegacy\n')
+# LINEAR_MAP gains the op by importing the operator module right after the map: the module
+# registers itself (so importing either module first works: no import cycle can leave it out)
+MAP_BLOCK = re.compile(r"^LINEAR_MAP = \{\n(?:[ \t]+[^\n]*\n)*\}\n", re.M)
+REGISTER_LINE = f"import ktransformers.operators.ktlegacy_gguf_linear  # ktlegacy: registers {GPU_LINEAR_OP} in LINEAR_MAP\n"
 
 
 class GgufLinearOverlay(Overlay):
@@ -92,9 +93,14 @@ class GgufLinearOverlay(Overlay):
         linear = tree.read(LINEAR)
         if not re.search(r"^class KLinearTorch\(KLinearBase\):", linear, re.M):
             raise tree.drift(LINEAR, "class KLinearTorch(KLinearBase) (KLinearGGUF's base)")
-        if f"class {GPU_LINEAR_OP}(" not in text:
-            raise RuntimeError(f"{OPERATOR_SOURCE} does not define {GPU_LINEAR_OP}")
-        tree.replace(LINEAR, MAP_ANCHOR, MAP_EDIT, what=f'LINEAR_MAP: + "{GPU_LINEAR_OP}"')
+        if f"class {GPU_LINEAR_OP}(" not in text or f"LINEAR_MAP[{GPU_LINEAR_OP}.__name__]" not in text:
+            raise RuntimeError(f"{OPERATOR_SOURCE} does not define and register {GPU_LINEAR_OP}")
+        if REGISTER_LINE not in linear:
+            found = list(MAP_BLOCK.finditer(linear))
+            if len(found) != 1:
+                raise tree.drift(LINEAR, f"one LINEAR_MAP = {{...}} block, found {len(found)}")
+            end = found[0].end()
+            tree.write(LINEAR, linear[:end] + REGISTER_LINE + linear[end:], f'LINEAR_MAP: + "{GPU_LINEAR_OP}" (imported after the map)')
 
 
 OVERLAY = GgufLinearOverlay()

@@ -41,7 +41,7 @@ PY_FILES = {  # file -> whether the ref must have such a default there
     "ktransformers/operators/experts.py": False,
 }
 REGISTRIES = {  # the ops we name must exist in the tree's op maps
-    "ktransformers/operators/linear.py": rf'"{GPU_LINEAR_OP}"\s*:\s*{GPU_LINEAR_OP}\b',
+    "ktransformers/operators/linear.py": r"^import ktransformers\.operators\.ktlegacy_gguf_linear\b",  # registers the op
     "ktransformers/operators/experts.py": r'"KExpertsTorch"\s*:\s*KExpertsTorch\b',
 }
 
@@ -97,7 +97,7 @@ class TorchLinearRulesOverlay(Overlay):
 
     def apply(self, tree, ctx):
         for rel, anchor in REGISTRIES.items():
-            if not re.search(anchor, tree.read(rel)):
+            if not re.search(anchor, tree.read(rel), re.M):
                 raise tree.drift(rel, f"the op map entry /{anchor}/")
         rules = sorted({rel for pattern in RULES_GLOBS for rel in tree.glob(pattern)})
         if not rules:

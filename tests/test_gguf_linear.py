@@ -126,6 +126,7 @@ def operator(host, tmp_path_factory):
         def forward(self, x, *args, **kwargs):
             raise AssertionError("the fp16 path ran where the GGUF path should")
     linear.KLinearTorch = KLinearTorch
+    linear.LINEAR_MAP = {}
     saved = {k: sys.modules.get(k) for k in ("ktransformers", "ktransformers.operators", "ktransformers.operators.linear")}
     sys.modules.update({"ktransformers": types.ModuleType("ktransformers"),
                         "ktransformers.operators": types.ModuleType("ktransformers.operators"),
@@ -136,6 +137,7 @@ def operator(host, tmp_path_factory):
         spec = importlib.util.spec_from_file_location("ktlegacy_gguf_linear_cpu", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
+        assert linear.LINEAR_MAP == {"KLinearGGUF": mod.KLinearGGUF}   # the module registers itself
     finally:
         for k, v in saved.items():
             if v is None:
@@ -253,8 +255,8 @@ def test_overlay_writes_the_operator_the_kernels_and_the_extension(patched):
     assert setup.count("ktlegacy_gguf_ops") == 1
     compile(setup, "setup.py", "exec")
     linear = (patched / "ktransformers/operators/linear.py").read_text()
-    assert re.search(r'^from ktransformers\.operators\.ktlegacy_gguf_linear import KLinearGGUF .*\nLINEAR_MAP = \{\n'
-                     r'    "KLinearGGUF": KLinearGGUF,', linear, re.M)
+    assert re.search(r'^LINEAR_MAP = \{\n(?:    .*\n)+\}\nimport ktransformers\.operators\.ktlegacy_gguf_linear  # ktlegacy',
+                     linear, re.M)
     assert 'generate_op: str| None = "KLinearGGUF"' in linear and 'prefill_op: str| None = "KLinearGGUF"' in linear
 
 

@@ -30,6 +30,7 @@ import sys
 
 import torch
 
+from ktransformers.operators import linear as _linear
 from ktransformers.operators.linear import KLinearTorch
 
 GPU_LINEAR_ENV = "KTLEGACY_GPU_LINEAR"
@@ -168,3 +169,8 @@ class KLinearGGUF(KLinearTorch):
         if self.has_bias:
             y = y + self.bias
         return y.view(*lead, n).to(dtype=dtype, device=out_device)
+
+
+# Registered here, not by linear.py's map literal: linear.py imports this module right after its
+# LINEAR_MAP, and whichever of the two is imported first, the op is in the map once both are loaded.
+_linear.LINEAR_MAP[KLinearGGUF.__name__] = KLinearGGUF
