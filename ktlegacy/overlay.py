@@ -324,7 +324,17 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
     if os.path.lexists(src / safefs.INCOMPLETE_NAME):
         raise KtlegacyError(f"{src} is an incomplete tree ({safefs.INCOMPLETE_NAME}: fetch-source was interrupted "
                             "while filling or removing it); fetch a tree again: invoke fetch-source --dest DIR")
-    safefs.recover(src, JOURNAL_NAME, out)  # a killed commit is finished (or undone) before anything else
+    lock = safefs.lock_tree(src)
+    try:
+        safefs.recover(src, JOURNAL_NAME, out)  # a killed commit is finished (or undone) before anything else
+        return _patch_locked(src, arch, ref, check, overlays, out)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _patch_locked(src: Path, arch: Arch, ref: Ref | None, check: bool,
+                  overlays: list[tuple[Overlay, Path]] | None, out: Callable[[str], None]) -> PatchResult:
     if ref is None:
         ref = detect_ref(src)
     elif read_manifest(src) is None:

@@ -201,7 +201,13 @@ def sha256_of(path: Path) -> str | None:
     return h.hexdigest()
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable; a no-op where it cannot be opened."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -212,7 +218,7 @@ def fsync_dir(path: Path) -> None:
 def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Create ``path`` (it must not exist, and is never a symlink followed), write, fsync."""
     step("create")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -256,6 +262,23 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 # -- the journaled commit ------------------------------------------------------------------------
 
+def lock_tree(root: Path, what: str = "ktlegacy patch") -> int | None:
+    """Hold an exclusive lock on the tree's root directory until the process ends (or the
+    returned descriptor is closed): a second run would otherwise take a commit still in
+    progress for a killed one. Refuses in one line when another run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise KtlegacyError(f"another {what} is running on {root}; wait for it to finish") from None
+    return fd
+
+
 class _Stuck(Exception):
     """A journal that cannot be finished in this direction."""
 
@@ -277,7 +300,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             raise
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
         try:
             with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                 shutil.copyfileobj(fin, fout)

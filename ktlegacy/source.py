@@ -15,6 +15,7 @@ fetch-source for the same ``dest`` removes what a killed one left.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -130,11 +131,11 @@ def _extract_sdist(archive: Path, into: Path) -> None:
             if parts[-1] == safefs.INCOMPLETE_NAME:
                 raise KtlegacyError(f"{archive}: member {member.name!r} has the name of ktlegacy's own marker")
             safefs.step("extract")
-            changes = {"name": member.name[len(prefix):]}
+            stripped = copy.copy(member)  # (TarInfo.replace came with the filters)
+            stripped.name = member.name[len(prefix):]
             if member.islnk() and member.linkname.startswith(prefix):
-                changes["linkname"] = member.linkname[len(prefix):]
-            member = member.replace(**changes, deep=False)
-            return tarfile.data_filter(member, path) if filtered else member
+                stripped.linkname = member.linkname[len(prefix):]
+            return tarfile.data_filter(stripped, path) if filtered else stripped
 
         if hasattr(tarfile, "data_filter"):
             tar.extractall(into, filter=strip)

@@ -161,6 +161,10 @@ def test_a_kill_at_every_rename_is_finished_by_the_next_patch(sdist_tree, clean,
     for n in range(1, renames + 1):
         want = "removed .ktlegacy-patch-journal.json.tmp" if n == 1 else "undid" if n == 2 else "finished"
         assert want in said[f"rename:{n}"], (n, said[f"rename:{n}"])
+    # killed before the last rename: every file is patched but the manifest is not there yet
+    tree = copy_tree(sdist_tree, tmp_path / "tree")
+    assert patch(tree, kill_at=f"rename:{renames}").returncode == KILLED
+    assert not (tree / MANIFEST_NAME).exists() and (tree / JOURNAL_NAME).is_file()
     # one more than the renames counted: the hook saw every rename, and the run completes
     tree = copy_tree(sdist_tree, tmp_path / "tree")
     done = patch(tree, kill_at=f"rename:{renames + 1}")
@@ -423,3 +427,19 @@ def test_a_journal_naming_a_path_outside_the_tree_is_refused(tree, tmp_path, pat
     line = one_error_line(patch(tree))
     assert f"{path!r} is not a path inside the tree" in line or "is a symlink" in line, line
     assert tree_state(tree) == before and (tmp_path / "outside.py").read_text() == "outside\n"
+
+
+def test_a_second_patch_is_refused_while_one_runs(tree, pristine_state):
+    """A run holds the tree's lock from before it reads a journal to after its commit: a second
+    run (which would otherwise take the first one's commit in progress for a killed one) is
+    refused in one line."""
+    import fcntl
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        line = one_error_line(patch(tree))
+        assert line == f"error: another ktlegacy patch is running on {tree}; wait for it to finish", line
+    finally:
+        os.close(fd)
+    assert tree_state(tree) == pristine_state
+    assert patch(tree).returncode == 0

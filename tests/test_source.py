@@ -251,3 +251,19 @@ def test_a_symlinked_dest_is_refused_in_one_line(tmp_path):
         assert f"--dest {tmp_path / 'link'} is a symlink (to {target})" in proc.stderr
     assert [p.name for p in target.iterdir()] == ["keep"] and (target / "keep").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
+
+
+def test_extraction_without_tarfile_filters_gives_the_same_tree(sdist_state, tmp_path, monkeypatch):
+    """Python before 3.11.4 (Debian bookworm's 3.11.2, the image build's stand-in base) has no
+    extraction filters and no TarInfo.replace: the same checks by hand give the same tree."""
+    import tarfile
+    from ktlegacy.source import CACHE_DIR
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.delattr(tarfile.TarInfo, "replace")
+    fetch_source(tmp_path / "t", "0.2.1.post1", local=CACHE_DIR / REFS["0.2.1.post1"].filename)
+    state = _state(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "ktlegacy-source.json").read_bytes())["origin"] == "local"
+    state.pop("ktlegacy-source.json")
+    # the same files and contents (modes are the archive's: the "data" filter also drops group write)
+    assert {k: v[0] for k, v in state.items()} == {k: v[0] for k, v in sdist_state.items() if k != "ktlegacy-source.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
