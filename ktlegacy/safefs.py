@@ -376,7 +376,11 @@ def commit(root: Path, files: list[tuple[str, bytes]], journal_name: str) -> Non
             undone = _undo_or_say(root, journal, body, replaced=done)
             raise KtlegacyError(f"cannot replace {entry['path']}: {reason(exc)}; {undone}") from None
         done += 1
-    _finish(root, journal, body)
+    try:
+        _finish(root, journal, body)
+    except OSError as exc:
+        raise KtlegacyError(f"every file was written, but removing the backups failed ({reason(exc)}); "
+                            f"the next patch finishes it from {journal}") from None
 
 
 def remove_quietly(path: Path) -> None:
@@ -484,7 +488,10 @@ def recover(root: Path, journal_name: str, out: Callable[[str], None]) -> bool:
     leftover = _journal_tmp(journal)
     killed_early = os.path.lexists(leftover)
     if killed_early:  # a journal killed while being written; the old one (if any) stands
-        os.unlink(leftover)
+        try:
+            os.unlink(leftover)
+        except OSError as exc:
+            raise KtlegacyError(f"cannot remove {leftover}, left by a killed patch: {reason(exc)}") from None
     body = read_json(journal, "patch journal")
     if body is None:
         if killed_early:
