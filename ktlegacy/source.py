@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -112,7 +113,8 @@ def _mark_incomplete(tree: Path) -> None:
 
 def _extract_sdist(archive: Path, into: Path) -> None:
     """Unpack ``archive`` (one top-level directory) as ``into``, which holds the incomplete
-    marker while it fills. Links, devices, absolute and '..' members are refused."""
+    marker while it fills. Absolute and '..' members are refused, and so is what the "data"
+    extraction filter refuses (where Python has no filters: every link and device)."""
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         top = {m.name.split("/", 1)[0] for m in members}
@@ -188,8 +190,9 @@ def _remove_leftovers(parent: Path, name: str) -> None:
             continue  # still running
         except ProcessLookupError:
             pass
-        except (OSError, ValueError):
-            pass  # no owner recorded: it died before writing it
+        except (OSError, ValueError):  # no owner recorded: died before writing it, or just starting
+            if time.time() - work.stat().st_mtime < 60:
+                continue
         _discard_work(work)
 
 
@@ -293,6 +296,9 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
                             "(fetch-source --ref v0.7.0 does that)")
                 raise KtlegacyError(f"{given} is not a ktransformers source tree (no ktransformers/__init__.py){hint}")
             if local != tree:
+                if os.path.lexists(local / safefs.INCOMPLETE_NAME):
+                    raise KtlegacyError(f"{given} is an incomplete tree ({safefs.INCOMPLETE_NAME}: a fetch-source was "
+                                        "interrupted while filling it); copy a whole tree")
                 _mark_incomplete(tree)
                 shutil.copytree(local, tree, symlinks=True, dirs_exist_ok=True,
                                 ignore=lambda d, names: [safefs.INCOMPLETE_NAME] if Path(d) == local else [])

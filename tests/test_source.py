@@ -54,6 +54,11 @@ def test_local_copy(sdist_tree, tmp_path):
     record = fetch_source(tmp_path / "copy", local=sdist_tree)
     assert record["origin"] == "local"
     assert (tmp_path / "copy/ktransformers/__init__.py").is_file()
+    assert not (tmp_path / "copy/ktlegacy-fetch-incomplete").exists()
+    (tmp_path / "copy/ktlegacy-fetch-incomplete").write_text("a killed fetch\n")  # a half tree is not copied whole
+    with pytest.raises(KtlegacyError, match="is an incomplete tree"):
+        fetch_source(tmp_path / "copy2", local=tmp_path / "copy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
 def test_local_git_clone_records_commit(sdist_tree, tmp_path):
@@ -70,6 +75,7 @@ def test_local_git_clone_records_commit(sdist_tree, tmp_path):
     record = fetch_source(tmp_path / "clone", "v0.3.1", git_url=f"file://{repo}")
     assert record == {"ref": "v0.3.1", "origin": "git", "url": f"file://{repo}", "commit": head}
     assert json.loads((tmp_path / "clone/ktlegacy-source.json").read_text())["commit"] == head
+    assert not (tmp_path / "clone/ktlegacy-fetch-incomplete").exists()  # marked while cloning, whole now
 
 
 def test_unreachable_upstream_git_names_the_mirror_and_local_options(tmp_path):
