@@ -101,7 +101,10 @@ def clean(sdist_tree, tmp_path_factory) -> dict:
 def _changes(before: dict, after: dict) -> dict:
     files = sorted(r for r in after if before.get(r) != after[r])
     assert set(before) <= set(after)  # a patch removes nothing
-    return {"state": after, "files": files, "new": [r for r in files if r not in before]}
+    new = [r for r in files if r not in before]
+    regular = [r for r in files if after[r][0] != "dir"]   # new directories are made, not renamed
+    return {"state": after, "files": files, "new": new, "regular": regular,
+            "new_regular": [r for r in regular if r in new]}
 
 
 # ---------------------------------------------------------------- killed: the next run finishes it
@@ -153,7 +156,7 @@ def test_a_kill_at_every_rename_is_finished_by_the_next_patch(sdist_tree, clean,
     """The commit's renames: the journal (staging), the journal (staged: the commit point), then
     one per file, the manifest last. Killed before the first two, the next run undoes the staging
     and patches; killed after, it rolls the commit forward."""
-    n_files = len(clean["files"])
+    n_files = len(clean["regular"])
     assert MANIFEST_NAME in clean["files"] and n_files > 20
     renames = n_files + 2
     said = _kill_at_each(sdist_tree, tmp_path, clean, [f"rename:{n}" for n in range(1, renames + 1)])
@@ -176,7 +179,7 @@ def test_a_kill_while_staging_or_cleaning_up_is_finished_by_the_next_patch(sdist
     """Staged copies and backups (hard links of the pristine files) are created before the
     commit point, backups removed after it: first, middle and last of each, and one past the
     last (the run completes: the hook counted them all)."""
-    n, existing = len(clean["files"]), len(clean["files"]) - len(clean["new"])
+    n, existing = len(clean["regular"]), len(clean["regular"]) - len(clean["new_regular"])
     creates = 2 + n + existing       # the journal twice, a staged copy per file, a backup per existing file
     unlinks = existing + 1           # the backups, then the journal
     points = [f"{kind}:{k}" for kind, total in (("create", creates), ("unlink", unlinks))
@@ -250,7 +253,7 @@ def test_the_hook_sits_before_every_rename_the_process_makes(sdist_tree, clean, 
         pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0, proc.stderr
     calls = [ln for ln in log.read_text().splitlines() if "rename" in ln]
-    assert len(calls) == len(clean["files"]) + 2, calls
+    assert len(calls) == len(clean["regular"]) + 2, calls
     assert calls[-1].count(MANIFEST_NAME) == 2  # the manifest, which says "patched", is the last rename
 
 
