@@ -27,7 +27,8 @@
 # h6-logs.tar.gz (logs, arch-check JSON, cuobjdump listings, host record).
 set -uo pipefail
 ref="${1:-0.2.1.post1}"
-proof="${KTLEGACY_PROOF:-engine}"  # engine: bench/gpu_proof.py (V2, 1 GPU); serve: bench/serve_proof.py (V3, 1+2 GPUs); install: stop after the install
+proof="${KTLEGACY_PROOF:-engine}"  # engine: bench/gpu_proof.py (V2, 1 GPU); serve: bench/serve_proof.py (V3, 1+2 GPUs);
+# linear: bench/gpu_linear.py (KLinearGGUF's kernels); several, space-separated, run in order; install: stop after the install
 # never NVLink multicast on the shared GPU hosts (the device's KINDS.md); every child inherits these
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 : "${OUT:?set OUT to the results directory}"
@@ -135,30 +136,51 @@ if [ "$proof" = install ]; then  # bench/peer_run.sh: the install is all it need
 fi
 
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-left=$(( ${KTLEGACY_DEADLINE_S:-575} - ($(date +%s) - t0) ))  # stay inside the caller's time limit
-if [ "$proof" = serve ]; then
-  say "serve_proof (KTLEGACY_EMULATE_CC=7.5, GPUs: ${KTLEGACY_SERVE_GPUS:-1 2})"
-  # shellcheck disable=SC2086
-  KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/serve_proof.py --work "$work/serve" \
-    --out "$OUT/serve_proof_$ref.json" --gpus ${KTLEGACY_SERVE_GPUS:-1 2} --skip ${KTLEGACY_SERVE_SKIP:-} \
-    >"$logs/serve.log" 2>&1
-  rc=$?
-  grep -E "^\[serve_proof|Error|error" "$logs/serve.log" | tail -80
-  cp "$work"/serve/server-*.log "$logs/" 2>/dev/null
-  say "serve_proof exit $rc"
-  finish "$rc"
-fi
+rc_all=0
+for mode in $proof; do  # KTLEGACY_PROOF may name several, run in order: "linear engine"
+  left=$(( ${KTLEGACY_DEADLINE_S:-575} - ($(date +%s) - t0) ))  # stay inside the caller's time limit
+  case "$mode" in
+    serve)
+      say "serve_proof (KTLEGACY_EMULATE_CC=7.5, GPUs: ${KTLEGACY_SERVE_GPUS:-1 2})"
+      # shellcheck disable=SC2086
+      KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/serve_proof.py --work "$work/serve" \
+        --out "$OUT/serve_proof_$ref.json" --gpus ${KTLEGACY_SERVE_GPUS:-1 2} --skip ${KTLEGACY_SERVE_SKIP:-} \
+        >"$logs/serve.log" 2>&1
+      rc=$?
+      grep -E "^\[serve_proof|Error|error" "$logs/serve.log" | tail -80
+      cp "$work"/serve/server-*.log "$logs/" 2>/dev/null
+      say "serve_proof exit $rc" ;;
+    linear)
+      say "gpu_linear: KLinearGGUF's kernels at DeepSeek-V3's shapes (KTLEGACY_EMULATE_CC=7.5)"
+      # shellcheck disable=SC2086
+      KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_linear.py --out "$OUT/gpu_linear_kernels.json" \
+        ${KTLEGACY_LINEAR_ARGS:-} >"$logs/linear.log" 2>&1
+      rc=$?
+      grep -E "^\[gpu_linear|Error|error" "$logs/linear.log" | tail -40
+      say "gpu_linear exit $rc" ;;
+    linear-model)
+      say "gpu_linear_model: memory at DeepSeek-V3's dims and speed, KTLEGACY_GPU_LINEAR quant vs fp16"
+      # shellcheck disable=SC2086
+      KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_linear_model.py --work "$work/linear-model" \
+        --out "$OUT/gpu_linear_model.json" ${KTLEGACY_LINEAR_MODEL_ARGS:-} >"$logs/linear-model.log" 2>&1
+      rc=$?
+      grep -E "^\[gpu_linear_model|^\[peer_bench|Error|error" "$logs/linear-model.log" | tail -60
+      say "gpu_linear_model exit $rc" ;;
+    engine)
+      say "make-test-model"
+      $py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
+      say "gpu_proof (KTLEGACY_EMULATE_CC=7.5)"
+      KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_proof.py --model "$work/model" \
+        --ref "$ref" --build-record "$work/wheels/ktlegacy-extensions.json" --out "$OUT/gpu_h100_$ref.json" \
+        ${KTLEGACY_PROOF_SKIP:+--skip $KTLEGACY_PROOF_SKIP} \
+        >"$logs/proof.log" 2>&1
+      rc=$?
+      grep -E "^\[gpu_proof|^smoke|Error|error" "$logs/proof.log" | tail -60
+      say "gpu_proof exit $rc" ;;
+    *)
+      echo "KTLEGACY_PROOF=$proof: unknown proof '$mode' (engine, serve, linear, linear-model, install)"; rc=2 ;;
+  esac
+  [ "$rc" = 0 ] || rc_all=$rc
+done
 
-say "make-test-model"
-$py -m ktlegacy make-test-model --dest "$work/model" --force || finish 7
-
-say "gpu_proof (KTLEGACY_EMULATE_CC=7.5)"
-KTLEGACY_EMULATE_CC=7.5 timeout "$left" $py bench/gpu_proof.py --model "$work/model" \
-  --ref "$ref" --build-record "$work/wheels/ktlegacy-extensions.json" --out "$OUT/gpu_h100_$ref.json" \
-  ${KTLEGACY_PROOF_SKIP:+--skip $KTLEGACY_PROOF_SKIP} \
-  >"$logs/proof.log" 2>&1
-proof_rc=$?
-grep -E "^\[gpu_proof|^smoke|Error|error" "$logs/proof.log" | tail -60
-say "gpu_proof exit $proof_rc"
-
-finish "$proof_rc"
+finish "$rc_all"

@@ -291,16 +291,17 @@ def set_cpu_infer(threads: int) -> None:
     Config().cpu_infer = threads
 
 
-def load_ktlegacy(model_dir: Path, cpu_infer: int):
+def load_ktlegacy(model_dir: Path, cpu_infer: int, rules: str | None = None):
     set_cpu_infer(cpu_infer)
     import torch
-    from gpu_proof import load_engine
+    from gpu_proof import RULE_FILE, load_engine
     torch.cuda.synchronize()
     t0 = time.monotonic()
-    model, config, dtype, rules = load_engine(model_dir)
+    model, config, dtype, rules = load_engine(model_dir, rules or RULE_FILE)
     torch.cuda.synchronize()
     from ktransformers.server.config.config import Config
     info = {"load_s": time.monotonic() - t0, "dtype": str(dtype), "rule_file": str(rules),
+            "gpu_linear": os.environ.get("KTLEGACY_GPU_LINEAR", "(default)"),
             "cpu_infer": Config().cpu_infer,
             "gpu_memory_allocated_bytes": torch.cuda.memory_allocated(),
             "linear_ops": sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}),
@@ -509,7 +510,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                 f"experts {[round(s, 2) for s in point['cpu_experts_wait_s']]} s, MoE layers on GPU/CPU "
                 f"{point['moe_layers_experts_on_gpu']}/{point['moe_layers_experts_on_cpu']}")
 
-    if engine == "ktlegacy":
+    if engine == "ktlegacy" and not args.skip_extras:
         # the other experts path beside the default one, one length each, and the two paths' logits
         out["experts_path"] = {}
         for label, n, min_tokens in (("cpu", 2048, 0), ("gpu", 512, 1)):
@@ -541,7 +542,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
         def eager_step(t):
             return int(sess.decode(t).argmax())
         eager, tok = decode_windows(sess, eager_step, tok, args, deadline)
-        if engine == "ktlegacy" and "decode_profile" not in out and time.monotonic() < deadline:
+        if engine == "ktlegacy" and not args.skip_extras and "decode_profile" not in out and time.monotonic() < deadline:
             try:  # where an eager decode step goes (not part of the timed runs)
                 out["decode_profile"] = dict(profile_decode(sess, tok), context=sess.pos)
             except Exception as exc:
@@ -620,6 +621,9 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--triad-mib", type=int, default=1024, help="MiB per triad array (3 arrays)")
     p.add_argument("--deadline-s", type=float, default=None, help="stop starting runs after this many seconds")
+    p.add_argument("--skip-extras", action="store_true",
+                   help="time only the default paths: no forced experts path, no GPU-vs-CPU logits check, no decode profile")
+    p.add_argument("--rules", default=None, help="ktlegacy's rule file (default: gpu_proof's DeepSeek-V2-Lite-Chat.yaml)")
     args = p.parse_args(argv)
     if args.runs < 3:
         p.error("--runs must be at least 3 (median with a spread)")
@@ -652,7 +656,7 @@ def main(argv=None) -> int:
     kt = [e for e in args.engines if e != "llama_cpp"]
     if kt:
         def load():
-            model, config, info = load_ktlegacy(args.model, args.cpu_infer)
+            model, config, info = load_ktlegacy(args.model, args.cpu_infer, args.rules)
             results["_ktlegacy"] = (model, config)
             return info
         phase(results, "ktlegacy_engine", load)

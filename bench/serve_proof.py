@@ -25,6 +25,15 @@ and calls this with KTLEGACY_PROOF=serve). For each GPU count N (1: the ``v100``
    ollama client's ``Authorization`` header); the proof also records that a call without it gets
    401 and that ``/health`` showed the load progress (503 ``loading``) before it answered 200.
 
+**Fewer cards than the rule file's GPUs** (``--gpus 4`` on a 1- or 2-GPU machine): upstream turns
+each ``generate_device``/``prefill_device``/``transfer_map`` string into a torch device, so
+``cuda:3`` must exist, and CUDA_VISIBLE_DEVICES cannot list one card twice. So the proof serves a
+copy of the profile's rule file with every ``cuda:N`` folded onto ``cuda:(N mod cards)``
+(:func:`fold_rules`; recorded under ``folded``): the same ops, the same layer split and the same
+``transfer_map`` boundaries, where consecutive blocks alternate between the cards (on one card every
+transfer is a same-device no-op). What it cannot show is four distinct CUDA devices in one process;
+tests/test_serve_start.py keeps serve.sh's start with each profile's unfolded file as the CPU guard.
+
 Every phase records its error instead of aborting the rest; the JSON is rewritten after each.
 """
 
@@ -79,6 +88,29 @@ def compose_env(profile: str) -> dict:
                 return new
             value = new
     return {k: interp(str(v)) for k, v in env.items()}
+
+
+def fold_rules(src: Path, dest: Path, cards: int) -> dict:
+    """Write ``src`` with every ``cuda:N`` (N >= ``cards``) replaced by ``cuda:(N mod cards)`` to
+    ``dest``; return {old: new} for the strings changed. Only whole device strings change."""
+    import yaml
+    changed = {}
+
+    def fold(node):
+        if isinstance(node, dict):
+            return {k: fold(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fold(v) for v in node]
+        m = re.fullmatch(r"cuda:(\d+)", node) if isinstance(node, str) else None
+        if m and int(m[1]) >= cards:
+            changed[node] = f"cuda:{int(m[1]) % cards}"
+            return changed[node]
+        return node
+    folded = fold(yaml.safe_load(src.read_text()))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(f"# {src.name} with its devices folded onto {cards} card(s) by bench/serve_proof.py: "
+                    f"{changed}\n" + yaml.safe_dump(folded, sort_keys=False))
+    return dict(sorted(changed.items()))
 
 
 # ---------------------------------------------------------------- GPU memory
@@ -281,16 +313,21 @@ def run_engine(work: Path, model_dir: Path, n: int, rules: str, steps: int, env:
 # ---------------------------------------------------------------- the server
 
 class Server:
-    def __init__(self, work: Path, model_dir: Path, n: int, env: dict, api_key: str | None = None):
-        self.n = n
+    def __init__(self, work: Path, model_dir: Path, n: int, env: dict, cards: int | None = None,
+                 rules: str | None = None, api_key: str | None = None):
+        """The profile of ``n`` GPUs on ``cards`` visible cards (default ``n``); ``rules``: a rule
+        file (absolute path) instead of the profile's; ``api_key``: KTLEGACY_API_KEY, sent on every call."""
+        self.n = cards or n
         self.profile = PROFILES[n]
         self.env_profile = compose_env(self.profile)
+        if rules:
+            self.env_profile["KTLEGACY_RULES"] = rules
         for link in ("/models/hf", "/models/gguf"):   # the compose mounts, as links
             Path(link).parent.mkdir(parents=True, exist_ok=True)
             if Path(link).is_symlink() or Path(link).exists():
                 Path(link).unlink()
             Path(link).symlink_to(model_dir)
-        self.env = {**env, **self.env_profile, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))}
+        self.env = {**env, **self.env_profile, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(self.n)))}
         # compose mounts the secret ktlegacy_api_key there (its default source: /dev/null, no key)
         if self.env.get("KTLEGACY_API_KEY_FILE", "").startswith("/run/secrets/"):
             self.env["KTLEGACY_API_KEY_FILE"] = "/dev/null"
@@ -582,24 +619,28 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, type=Path, help="scratch directory (model, logs)")
     p.add_argument("--out", required=True, type=Path, help="results JSON")
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], choices=sorted(PROFILES),
-                   help="GPU counts to prove: 1 (v100 profile), 2 (2080ti-x2), 4 (t4x4)")
+                   help="GPU counts to prove: 1 (v100 profile), 2 (2080ti-x2), 4 (t4x4); on fewer cards the "
+                        "rule file's devices are folded onto them (see the module's doc)")
     p.add_argument("--steps", type=int, default=32, help="greedy steps per prompt (>= 32)")
     p.add_argument("--skip", nargs="*", default=[], help="phases to skip: serve concurrency")
     p.add_argument("--api-key", default=os.environ.get("KTLEGACY_PROOF_API_KEY"),
                    help="serve with KTLEGACY_API_KEY=KEY and send it on every call (default: $KTLEGACY_PROOF_API_KEY)")
     args = p.parse_args(argv)
     import torch
-    if torch.cuda.device_count() < max(args.gpus):
+    cards = torch.cuda.device_count()
+    if cards == 0:
         n = max(args.gpus)
-        print(f"error: --gpus {n} proves the {PROFILES[n]} profile's rule file on {n} GPUs, but "
-              f"{torch.cuda.device_count()} are visible: run it on a machine with {n} GPUs", file=sys.stderr)
+        print(f"error: --gpus {n} proves the {PROFILES[n]} profile's rule file on {n} GPUs, but no CUDA GPU is "
+              f"visible: run it on a machine with 1 to {n} GPUs (fewer than {n}: the rule file's devices are "
+              "folded onto them)", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0),
                      "emulated_cc": os.environ.get("KTLEGACY_EMULATE_CC"),
                      "arch_list": os.environ.get("KTLEGACY_ARCH_LIST", ""),
                      "serve_token_match": {}, "engine_token_match_v3": {}, "clients": {}, "bad_inputs": {},
-                     "concurrency": {}, "per_gpu_peak_mib": {}, "doctor_estimate_mib": {}, "errors": {}}
+                     "concurrency": {}, "per_gpu_peak_mib": {}, "doctor_estimate_mib": {}, "folded": {},
+                     "errors": {}}
 
     def save():
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -638,18 +679,26 @@ def main(argv=None) -> int:
         profile_env = compose_env(PROFILES[n])
         rules = profile_env["KTLEGACY_RULES"]
         cache_lens = int(profile_env["KTLEGACY_CACHE_LENS"])
+        used = min(n, cards)
+        rules_path = rules_dir / rules
+        if used < n:   # the rule file's GPUs folded onto the cards there are
+            rules_path = args.work / f"folded-{used}" / rules
+            results["folded"][key] = {"cards": used, "rule_file": str(rules_path),
+                                      "devices": fold_rules(rules_dir / rules, rules_path, used)}
+            log(f"{rules} on {used} card(s): {results['folded'][key]['devices']}")
         results["doctor_estimate_mib"][key] = phase(f"doctor_{key}",
-                                                    lambda: doctor_estimate(model_dir, rules_dir / rules, cache_lens))
-        eng = phase(f"engine_{key}", lambda: run_engine(args.work, model_dir, n, rules, args.steps, env))
+                                                    lambda: doctor_estimate(model_dir, rules_path, cache_lens))
+        eng = phase(f"engine_{key}", lambda: run_engine(args.work, model_dir, used, str(rules_path), args.steps, env))
         results.setdefault("engine", {})[key] = eng
         results["engine_token_match_v3"][key] = bool(eng and eng["pass"])
         if not eng or "serve" in args.skip:
             continue
         expect = expected_answers(eng, tok)
-        srv = Server(args.work, model_dir, n, env, api_key=args.api_key)
+        srv = Server(args.work, model_dir, n, env, cards=used, rules=str(rules_path) if used < n else None,
+                     api_key=args.api_key)
         srv.tok = tok
         name = srv.env_profile["KTLEGACY_MODEL_NAME"]
-        results.setdefault("server", {})[key] = {"profile": srv.profile, "rules": rules,
+        results.setdefault("server", {})[key] = {"profile": srv.profile, "rules": srv.env_profile["KTLEGACY_RULES"],
                                                  "environment": srv.env_profile, "api_key": bool(args.api_key)}
         try:
             load_s = phase(f"server_start_{key}", srv.start)

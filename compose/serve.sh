@@ -3,23 +3,29 @@
 # server on the patched rule file named by KTLEGACY_RULES, with the model mounted at /models.
 # Each refusal is one line naming what is wrong and how to fix it; the real preflight is
 # `invoke doctor` on the host - this only catches what can only be seen inside the container.
+# The settings and rule-file checks are ktlegacy/serving.py (the doctor's own), which compose
+# mounts beside facts.py at ../ktlegacy/ relative to this file, as in the repository.
 set -eu
 
 fail() { echo "ktlegacy serve: error: $*" >&2; exit 2; }
 
+lib="$(dirname "$0")/../ktlegacy/serving.py"
+[ -f "$lib" ] || fail "$lib is missing: compose mounts it beside serve.sh (compose/compose.yaml); run serve.sh from a ktlegacy checkout"
+models="${KTLEGACY_MODELS_MOUNT:-/models}"   # where compose mounts the model (tests point it elsewhere)
+
 state="${KTLEGACY_STATE_DIR:-/var/lib/ktlegacy}"
 mkdir -p "$state/logs" 2>/dev/null || fail "state dir $state is not writable by uid $(id -u): mount a writable tmpfs or volume there"
 
-[ -f /models/hf/config.json ] || fail "no config.json in /models/hf: set KTLEGACY_MODEL_DIR in compose/.env to the model's Hugging Face config/tokenizer directory"
-ls /models/gguf/*.gguf >/dev/null 2>&1 || fail "no *.gguf in /models/gguf: set KTLEGACY_GGUF_DIR in compose/.env to the directory holding the GGUF file(s)"
+[ -f "$models/hf/config.json" ] || fail "no config.json in $models/hf: set KTLEGACY_MODEL_DIR in compose/.env to the model's Hugging Face config/tokenizer directory"
+ls "$models"/gguf/*.gguf >/dev/null 2>&1 || fail "no *.gguf in $models/gguf: set KTLEGACY_GGUF_DIR in compose/.env to the directory holding the GGUF file(s)"
 
-# read by the patched engine on every long prompt (ktlegacy_runtime): refuse a bad value here, not mid-request
-for knob in KTLEGACY_GPU_PREFILL_MIN_TOKENS KTLEGACY_GPU_PREFILL_MIB; do
-  eval "value=\${$knob:-}"
-  case "$value" in
-    ''|*[!0-9]*) [ -z "$value" ] || fail "$knob='$value' is not a whole number >= 0: fix it in compose/.env" ;;
-  esac
-done
+# Every KTLEGACY_* setting with a type or range (ktlegacy/facts.py SETTINGS), including those the
+# patched engine reads on every long prompt: refused here in one line, not mid-request. On success
+# it prints shell assignments of the server's settings (defaults filled in) and
+# `set -- <KTLEGACY_SERVER_ARGS>`: split like a shell line, never glob-expanded, without any flag
+# this script sets.
+checked=$(python3 "$lib" settings) || exit 2
+eval "$checked"
 
 rules="${KTLEGACY_RULES:?KTLEGACY_RULES is empty: name a rule file (compose/.env)}"
 case "$rules" in
@@ -31,10 +37,9 @@ case "$rules" in
     ;;
 esac
 [ -f "$rules" ] || fail "rule file $rules does not exist: set KTLEGACY_RULES to a file of the image's optimize_rules directory or an absolute path"
-# sm70/sm75 have no Marlin or FP8 kernels; the image's overlays rewrote them to Torch ops
-if grep -Eq 'KLinearMarlin|KExpertsMarlin|VLinearMarlin|KLinearFP8' "$rules"; then
-  fail "rule file $rules still uses Marlin/FP8 ops (sm80+ only): use the patched rule files of a ktlegacy image"
-fi
+# sm70/sm75 have no Marlin or FP8 kernels; the image's overlays rewrote them to Torch ops. The
+# rules are read as YAML: a commented-out Marlin line is no op.
+python3 "$lib" rules "$rules" || exit 2
 
 # Upstream's server builds its logger at import time from ~/.ktransformers/config.yaml (a copy of
 # the package's configs/config.yaml), before any --log_dir is parsed, and logs into the package
@@ -53,21 +58,20 @@ with open(os.path.join(home, "config.yaml"), "w", encoding="utf-8") as f:
     yaml.safe_dump(cfg, f)
 PY
 
+# "$@" holds KTLEGACY_SERVER_ARGS; the server command goes in front, our flags after them (argparse
+# keeps the last value, so none of them can be overridden even by an abbreviation serving.py missed)
 if command -v ktransformers >/dev/null 2>&1; then
-  set -- ktransformers
+  set -- ktransformers "$@"
 else
-  set -- python3 -m ktransformers.server.main
+  set -- python3 -m ktransformers.server.main "$@"
 fi
-echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer ${KTLEGACY_CPU_INFER}, max_new_tokens ${KTLEGACY_MAX_NEW_TOKENS}, cache_lens ${KTLEGACY_CACHE_LENS}, GPU experts from ${KTLEGACY_GPU_PREFILL_MIN_TOKENS:-(the default)} prompt tokens" >&2
-# KTLEGACY_SERVER_ARGS is split on spaces on purpose: extra upstream flags from .env
-# shellcheck disable=SC2086
+echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer $KTLEGACY_CPU_INFER, max_new_tokens $KTLEGACY_MAX_NEW_TOKENS, cache_lens $KTLEGACY_CACHE_LENS, GPU experts from ${KTLEGACY_GPU_PREFILL_MIN_TOKENS:-(the default)} prompt tokens" >&2
 exec "$@" \
   --host 0.0.0.0 --port 10002 \
-  --model_path /models/hf --gguf_path /models/gguf \
+  --model_path "$models/hf" --gguf_path "$models/gguf" \
   --optimize_config_path "$rules" \
-  --model_name "${KTLEGACY_MODEL_NAME:-ktransformers}" \
-  --cpu_infer "${KTLEGACY_CPU_INFER}" \
-  --max_new_tokens "${KTLEGACY_MAX_NEW_TOKENS}" \
-  --cache_lens "${KTLEGACY_CACHE_LENS}" \
-  --log_dir "$state/logs" --db_host "$state" \
-  ${KTLEGACY_SERVER_ARGS:-}
+  --model_name "$KTLEGACY_MODEL_NAME" \
+  --cpu_infer "$KTLEGACY_CPU_INFER" \
+  --max_new_tokens "$KTLEGACY_MAX_NEW_TOKENS" \
+  --cache_lens "$KTLEGACY_CACHE_LENS" \
+  --log_dir "$state/logs" --db_host "$state"

@@ -8,6 +8,10 @@ against hosts recorded in ``tests/fixtures/hosts``:
 * :class:`~ktlegacy.profiles.ServiceSpec` - what ``docker compose --profile P`` resolves to
   (image, GPU ids, rule file, model dirs, port);
 * the model: the GGUF header (:mod:`ktlegacy.vram`) and the profile's rule file.
+
+Before any of them, the settings of compose/.env are checked with :mod:`ktlegacy.serving`, the
+same code serve.sh runs in the container; a bad value, or compose refusing the file, is a row of
+its own and the profile's checks wait until it is fixed (they would judge other values).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from .arch import ARCHES
 from .cli import command
 from .errors import KtlegacyError
 from .facts import CPU_FLAGS  # the Linux CPU flags each CPU_INSTRUCT build compiles for; the smoke's copy agrees
-from .facts import GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
 from .hostfacts import Gpu, HostFacts
 from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF, parse_tag
-from .profiles import COMPOSE_DIR, PROFILES, REPO_ROOT, ServiceSpec, get_profile, resolve
+from .profiles import (COMPOSE_DIR, PROFILES, REPO_ROOT, ComposeRejected, ServiceSpec, compose_config,
+                       get_profile, read_settings, setting, spec_defaults, spec_from_config)
+from .serving import RuleFileError, check_rules, validate
 from .vram import GPU_RUNTIME_MIB, GgufModel, Estimate, estimate, load_rules, read_gguf
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
@@ -33,7 +38,8 @@ GIB = 1024 ** 3
 _LEAST_CPU = " + ".join(flag.upper() for flag in min(CPU_FLAGS.values(), key=len))
 # Which failure explains best why a profile cannot run here: the hardware first, then setup.
 VERDICT_ORDER = ["GPUs", "GPU arch vs image", "NVIDIA container runtime", "CPU vs image", "RAM vs GGUF",
-                 "VRAM per GPU", "image", "model dir", "GGUF", "port", "API key"]
+                 "VRAM per GPU", "settings", "compose config", "image", "rule file", "model dir", "GGUF", "port",
+                 "API key"]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 RUNTIME_FIX = ("install the NVIDIA Container Toolkit (nvidia-container-toolkit), run "
                "`nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
@@ -244,27 +250,18 @@ def row_ram(model: GgufModel | None, facts: HostFacts) -> Row:
     return Row("RAM vs GGUF", OK, f"GGUF {_gib(model.total_bytes)} fits in node{node} ({_gib(kib * 1024)})")
 
 
-def _env_count(env: dict, name: str, default: int) -> int:
-    """A whole number >= 0 from the service's environment (compose/.env), or the default."""
-    text = str(env.get(name) or "").strip()
-    if not text:
-        return default
-    if not text.isdigit():
-        raise KtlegacyError(f"{name}={text!r} in the service environment: expected a whole number >= 0 "
-                            "(fix it in compose/.env)")
-    return int(text)
-
-
-def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None, rules_note: str,
+def row_vram(spec: ServiceSpec, model: GgufModel | None, rules: RuleText,
              gpus: list[Gpu]) -> tuple[Row, Estimate | None]:
+    rules_text, rules_note = rules.text, rules.note
     if model is None:
         return Row("VRAM per GPU", SKIP, "no GGUF to estimate from"), None
     if rules_text is None:
         return Row("VRAM per GPU", WARN, f"cannot read rule file {spec.rules}: {rules_note}",
                    "pass --rules FILE, or build/pull the image so its rule file can be read"), None
-    min_tokens = _env_count(spec.environment, "KTLEGACY_GPU_PREFILL_MIN_TOKENS", GPU_PREFILL_MIN_TOKENS)
-    budget = _env_count(spec.environment, "KTLEGACY_GPU_PREFILL_MIB", GPU_PREFILL_MIB)
-    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens, min_tokens, budget)
+    min_tokens = int(setting(spec.environment, "KTLEGACY_GPU_PREFILL_MIN_TOKENS"))
+    budget = int(setting(spec.environment, "KTLEGACY_GPU_PREFILL_MIB"))
+    linear = setting(spec.environment, "KTLEGACY_GPU_LINEAR").strip().lower()
+    est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens, min_tokens, budget, linear)
     devs = est.gpu_devices
     parts = []
     for dev in devs:
@@ -272,8 +269,10 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         k = int(dev.split(":")[1])
         have = gpus[k] if k < len(gpus) else None
         parts.append(f"{dev} {need / 1024:.1f}" + (f"/{have.vram_mib / 1024:.1f} GiB" if have else " GiB"))
+    weights = ("GPU weights as GGUF blocks (KTLEGACY_GPU_LINEAR=quant) + their prefill scratch" if linear == "quant"
+               else "GPU weights as fp16 (KTLEGACY_GPU_LINEAR=fp16)")
     detail = (f"{spec.rules} ({rules_note}), cache_lens {spec.cache_lens}: " + "; ".join(parts)
-              + f" (fp16 weights + KV cache + a {spec.cache_lens}-token prefill's activations"
+              + f" ({weights} + KV cache + a {spec.cache_lens}-token prefill's activations"
               + (f" or its routed experts on the GPU ({budget} MiB + hidden states), the larger,"
                  if est.experts_prefill_mib else "")
               + f" + {GPU_RUNTIME_MIB} MiB runtime each)")
@@ -291,8 +290,9 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules_text: str | None,
         dev, g = short[0]
         return Row("VRAM per GPU", FAIL, f"{dev} needs ~{est.need_mib(dev) / 1024:.1f} GiB under {spec.rules}, "
                    f"GPU {g.index} ({g.name}) has {g.vram_mib / 1024:.1f} GiB; " + "; ".join(parts),
-                   "spread the layers over more GPUs (another rule file / profile), use a smaller model, "
-                   "or lower KTLEGACY_CACHE_LENS"), est
+                   ("spread the layers over more GPUs (another rule file / profile), use a smaller model, "
+                    "or lower KTLEGACY_CACHE_LENS") + ("" if linear == "quant" else
+                                                      "; KTLEGACY_GPU_LINEAR=quant keeps the weights quantized")), est
     return Row("VRAM per GPU", OK, detail), est
 
 
@@ -339,40 +339,77 @@ def row_api_key(spec: ServiceSpec) -> Row:
 
 # --- rule files --------------------------------------------------------------------------------
 
-def read_rules(spec: ServiceSpec, labels: dict | None, docker,
-               rules_file: Path | None = None) -> tuple[str | None, str]:
-    """The profile's rule file text: --rules, an absolute path, the image's copy, or upstream's sdist.
+@dataclass
+class RuleText:
+    """A profile's rule file as the doctor could read it."""
+    text: str | None
+    note: str            # where it came from, or why it could not be read
+    patched: bool = True  # False: upstream's pristine copy (its ops are not what the image has)
+    missing: bool = False  # the image was asked and has no such file
+
+
+def read_rules(spec: ServiceSpec, labels: dict | None, docker, rules_file: Path | None = None,
+               upstream: bool = True) -> RuleText:
+    """The profile's rule file: --rules, an absolute path, the image's copy, or (``upstream``)
+    upstream's sdist.
 
     The placement of modules (what the estimate needs) is the same in the patched and the
-    pristine file: the overlays only change ops, never devices.
+    pristine file: the overlays only change ops, never devices. The ops are checked only in
+    the image's (patched) copy or a file the user names.
     """
     if rules_file is not None:
-        return Path(rules_file).read_text(), f"from {rules_file}"
+        return RuleText(Path(rules_file).read_text(), f"from {rules_file}")
     if spec.rules.startswith("/"):
         p = Path(spec.rules)
-        return (p.read_text(), "from the host") if p.is_file() else (None, f"{p} does not exist on this host")
+        return (RuleText(p.read_text(), "from the host") if p.is_file() else
+                RuleText(None, f"{p} does not exist on this host", missing=True))
     if labels is not None and docker is not None:
-        script = ("import os, sys, ktransformers; sys.stdout.write(open(os.path.join(os.path.dirname("
-                  f"ktransformers.__file__), 'optimize', 'optimize_rules', {spec.rules!r})).read())")
+        script = ("import os, sys, ktransformers; p = os.path.join(os.path.dirname(ktransformers.__file__), "
+                  f"'optimize', 'optimize_rules', {spec.rules!r}); "
+                  "sys.exit(3) if not os.path.isfile(p) else sys.stdout.write(open(p).read())")
         proc = docker.run("run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "python3",
                           spec.image, "-c", script, check=False)
         if proc.returncode == 0:
-            return proc.stdout.decode("utf-8", "replace"), "from the image"
+            return RuleText(proc.stdout.decode("utf-8", "replace"), "from the image")
+        if proc.returncode == 3:
+            return RuleText(None, f"{spec.image} has no rule file {spec.rules} in its optimize_rules directory",
+                            missing=True)
+    if not upstream:
+        return RuleText(None, "the image is not here to read it from", patched=False)
     from .refs import REFS, DEFAULT_REF
     from .source import download_sdist
     ref = REFS.get((labels or {}).get(LABEL_REF) or _ref_from_tag(spec.image) or DEFAULT_REF)
     if ref is None or ref.kind != "sdist":
-        return None, "not readable from the image, and its ref is not the PyPI sdist"
+        return RuleText(None, "not readable from the image, and its ref is not the PyPI sdist")
     try:
         archive = download_sdist(ref)
     except KtlegacyError as exc:
-        return None, str(exc)
+        return RuleText(None, str(exc))
     with tarfile.open(archive) as tar:
         member = f"ktransformers-{ref.version}/ktransformers/optimize/optimize_rules/{spec.rules}"
         try:
-            return tar.extractfile(member).read().decode(), f"from upstream {ref.name}"
+            return RuleText(tar.extractfile(member).read().decode(), f"from upstream {ref.name}", patched=False)
         except KeyError:
-            return None, f"no rule file {spec.rules} in upstream {ref.name}"
+            return RuleText(None, f"no rule file {spec.rules} in upstream {ref.name}", missing=True)
+
+
+def row_rules(spec: ServiceSpec, rules: RuleText) -> Row:
+    """The ops the rule file selects, read as YAML by ktlegacy.serving (what serve.sh runs)."""
+    fix = ("set KTLEGACY_RULES in compose/.env to a rule file of the image's optimize_rules directory "
+           "or an absolute path you mount")
+    if rules.text is None:
+        if rules.missing:
+            return Row("rule file", FAIL, f"{spec.rules}: {rules.note}", fix)
+        return Row("rule file", SKIP, f"{spec.rules} not checked: {rules.note}")
+    if not rules.patched:
+        return Row("rule file", SKIP, f"{spec.rules} read {rules.note}, before the image's overlays: serve.sh "
+                   "checks the image's copy")
+    try:
+        ops = check_rules(rules.text, spec.rules)
+    except RuleFileError as exc:
+        return Row("rule file", FAIL, exc.problem, exc.fix)
+    chosen = sorted({op for _, where, op in ops if where != "class"})
+    return Row("rule file", OK, f"{spec.rules} ({rules.note}): no sm80+ op; selects {', '.join(chosen) or 'no op'}")
 
 
 def _ref_from_tag(image: str) -> str | None:
@@ -390,27 +427,45 @@ def check_profile(spec: ServiceSpec, facts: HostFacts, docker=None,
     rows += [image_row, row_arch(spec, gpus, labels), row_cpu(spec, facts, labels), row_model_dir(spec)]
     gguf_row, model = row_gguf(spec)
     rows += [gguf_row, row_ram(model, facts)]
-    rules_text, rules_note = (None, "") if model is None else read_rules(spec, labels, docker, rules_file)
-    rows.append(row_vram(spec, model, rules_text, rules_note, gpus)[0])
+    # upstream's sdist (a download) only when there is a model to estimate VRAM for
+    rules = read_rules(spec, labels, docker, rules_file, upstream=model is not None)
+    rows.append(row_rules(spec, rules))
+    rows.append(row_vram(spec, model, rules, gpus)[0])
     rows.append(row_port(spec, facts))
     rows.append(row_api_key(spec))
     return Report(rows)
 
 
-def check_host(facts: HostFacts, specs: list[ServiceSpec], docker=None) -> Report:
-    """No profile named: the host, then one verdict per profile (its first failing check)."""
-    rows = [row_gpus_host(facts), row_docker(facts), row_cpu_host(facts), row_ram_host(facts)]
+def host_rows(facts: HostFacts) -> list[Row]:
+    return [row_gpus_host(facts), row_docker(facts), row_cpu_host(facts), row_ram_host(facts)]
+
+
+def check_host(facts: HostFacts, specs: list[ServiceSpec], docker=None,
+               blocked: dict[str, list[Row]] | None = None) -> Report:
+    """No profile named: the host, then one verdict per profile (its first failing check).
+    ``blocked``: profiles whose settings must be fixed before they can be checked, with the rows
+    that say why (shown once above the verdicts)."""
+    blocked = blocked or {}
+    rows = host_rows(facts)
+    for row in [r for rs in blocked.values() for r in rs]:
+        # compose checks the whole file for any profile (it may quote another problem each time): once
+        if not any(r.check == row.check and (r.detail == row.detail or r.check == "compose config") for r in rows):
+            rows.append(row)
+    verdicts = {}
     for spec in specs:
         report = check_profile(spec, facts, docker)
         failed = sorted(report.failed, key=lambda r: VERDICT_ORDER.index(r.check))
         if failed:
             first = failed[0]
-            rows.append(Row(f"profile {spec.profile.name}", FAIL,
-                            f"cannot run here: {first.check}: {first.detail}"
-                            + (f" (also failing: {', '.join(r.check for r in failed[1:])})" if len(failed) > 1 else ""),
-                            first.fix))
+            verdicts[spec.profile.name] = Row(
+                f"profile {spec.profile.name}", FAIL, f"cannot run here: {first.check}: {first.detail}"
+                + (f" (also failing: {', '.join(r.check for r in failed[1:])})" if len(failed) > 1 else ""), first.fix)
         else:
-            rows.append(Row(f"profile {spec.profile.name}", OK, f"can run ({spec.profile.cards})"))
+            verdicts[spec.profile.name] = Row(f"profile {spec.profile.name}", OK, f"can run ({spec.profile.cards})")
+    for name, why in blocked.items():
+        first = why[0]
+        verdicts[name] = Row(f"profile {name}", FAIL, f"not checked: {first.check}: {first.detail}", first.fix)
+    rows += [verdicts[name] for name in PROFILES if name in verdicts]
     return Report(rows)
 
 
@@ -423,14 +478,33 @@ def docker_or_none():
         return None, str(exc)
 
 
-def resolve_or_defaults(name: str, docker) -> tuple[ServiceSpec, Row | None]:
-    """The profile as compose resolves it; if compose cannot, its defaults and a row saying why."""
+NO_COMPOSE_FIX = "install the compose v2 plugin (docker compose version) and fix what it reports in compose/.env"
+
+
+def resolve_checked(name: str, docker, settings: dict) -> tuple[ServiceSpec | None, list[Row]]:
+    """The profile as compose resolves it, after its settings pass ktlegacy.serving.validate (the
+    check serve.sh runs in the container). A bad setting or compose refusing the file: no spec, and
+    the rows that say so (compose's own reason quoted). No compose to ask: the profile's defaults,
+    and a row saying why."""
+    profile = get_profile(name)
+    _, errors = validate(settings)
+    rows = [Row("settings", FAIL, e.problem, e.fix) for e in errors]
+    if docker is None:
+        return (None, rows) if rows else (spec_defaults(profile), [])
     try:
-        return resolve(name, docker), None
-    except KtlegacyError as exc:
-        return resolve(name, None), Row("compose config", FAIL, f"{exc} (checked the profile's defaults instead)",
-                                        "install the compose v2 plugin (docker compose version) and fix what "
-                                        "it reports in compose/.env")
+        config = compose_config(name, docker)
+    except ComposeRejected as exc:
+        rows.append(Row("compose config", FAIL, f"docker compose rejected the settings: {exc.reason}",
+                        "fix what it names in compose/.env (or the shell variable of that name)"))
+        return None, rows
+    except KtlegacyError as exc:   # no compose v2 here
+        if rows:
+            return None, rows
+        return spec_defaults(profile), [Row("compose config", FAIL, f"{exc} (checked the profile's defaults "
+                                            "instead)", NO_COMPOSE_FIX)]
+    if rows:
+        return None, rows
+    return spec_from_config(profile, config), []
 
 
 ENV_FILE = COMPOSE_DIR / ".env"
@@ -453,17 +527,22 @@ def doctor(profile: str | None = None, model_dir=None, gguf_dir=None, image=None
            rules_file=None, facts: HostFacts | None = None) -> Report:
     if profile is not None:
         get_profile(profile)   # unknown profile: one line, before probing anything
+    settings = read_settings()
     docker, docker_error = docker_or_none()
     facts = facts or HostFacts.probe(docker, docker_error)
     names = [profile] if profile else list(PROFILES)
-    resolved = [resolve_or_defaults(n, docker) for n in names]
-    specs = [spec.with_overrides(model_dir, gguf_dir, image) for spec, _ in resolved]
-    compose_rows = [row for _, row in resolved if row is not None][:1]
-    if profile:
+    resolved = {n: resolve_checked(n, docker, settings) for n in names}
+    specs = [spec.with_overrides(model_dir, gguf_dir, image) for spec, _ in resolved.values() if spec is not None]
+    blocked = {n: rows for n, (spec, rows) in resolved.items() if spec is None}
+    # a row about compose itself (no compose v2: the defaults were checked), once
+    notes = [rows[0] for spec, rows in resolved.values() if spec is not None and rows][:1]
+    if profile and profile in blocked:
+        report = Report(blocked[profile] + host_rows(facts))
+    elif profile:
         report = check_profile(specs[0], facts, docker, rules_file)
     else:
-        report = check_host(facts, specs, docker)
-    report.rows[:0] = compose_rows
+        report = check_host(facts, specs, docker, blocked)
+    report.rows[:0] = notes
     return env_file_first(report)
 
 

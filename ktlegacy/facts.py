@@ -154,3 +154,71 @@ LABEL_BASE = "io.ktlegacy.base"
 # expert weights on the GPU at a time. Copied by the runtime module and compose (tests/test_facts.py).
 GPU_PREFILL_MIN_TOKENS = 1024
 GPU_PREFILL_MIB = 1024
+
+# GPU linear layers below sm80 (overlay gguf-linear, KLinearGGUF): "quant" computes from the GGUF
+# blocks kept on the GPU, "fp16" dequantizes them at load (upstream's KLinearTorch). Inputs of at
+# most MATVEC_MAX_ROWS rows (decode) run the fused dequant-matvec; more rows (prefill) dequantize
+# into one reused fp16 scratch buffer per GPU of at most SCRATCH_MIB, then multiply with cuBLAS.
+# The overlay writes these into the operator; the doctor counts the scratch.
+GPU_LINEAR_MODES = ("quant", "fp16")
+GPU_LINEAR = "quant"
+GPU_LINEAR_MATVEC_MAX_ROWS = 4
+GPU_LINEAR_SCRATCH_MIB = 256
+
+# --- ops the pre-Ampere arches cannot run ------------------------------------------------------------
+# Rule-file ops whose kernels need sm80+ (Marlin's tensor-core instructions) or sm89+ (KLinearFP8's fp8
+# GEMMs). overlays/20_torch_linear_rules.py replaces them in every rule file; ktlegacy.serving refuses a
+# rule file that still selects one (serve.sh in the container, the doctor and the tests on the host).
+SM80_ONLY_OPS = ("KLinearMarlin", "VLinearMarlin", "KLinearFP8", "KExpertsMarlin")
+
+
+# --- compose settings --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One KTLEGACY_* variable of compose/.env whose value has a type or a range.
+
+    ``default`` is what compose.yaml's ``${NAME:-default}`` and .env.example say (tests/test_facts.py
+    checks both copies); an empty value means the default, as in compose. ktlegacy.serving.validate
+    checks a value by ``kind``: "count" a whole number >= ``minimum``, "port" 1-65535, "address" an
+    IP address, "gpu" an nvidia-smi index or UUID (distinct within a profile), "choice" one of
+    ``choices``, "args" extra server flags, "text" anything.
+    """
+    name: str
+    kind: str
+    default: str
+    what: str                # what the value is, for the one-line fix
+    minimum: int = 0         # "count" only
+    choices: tuple = ()      # "choice" only
+
+
+MAX_GPUS = 4   # the most GPUs a compose profile reserves (t4x4): KTLEGACY_GPU_0..3
+SETTINGS = {s.name: s for s in (
+    # the server's flags (serve.sh passes them on; the container validates them again)
+    Setting("KTLEGACY_CPU_INFER", "count", "10", "the CPU threads for the experts (about one NUMA node's "
+            "physical cores minus 2)", minimum=1),
+    Setting("KTLEGACY_MAX_NEW_TOKENS", "count", "2000", "the most tokens one completion may generate", minimum=1),
+    Setting("KTLEGACY_CACHE_LENS", "count", "8192", "the KV cache length in tokens (prompt + answer)", minimum=1),
+    Setting("KTLEGACY_MODEL_NAME", "text", "DeepSeek-V3", "the model name the server reports"),
+    Setting("KTLEGACY_SERVER_ARGS", "args", "", "extra upstream server flags"),
+    # read by the patched engine (overlays/runtime/ktlegacy_runtime.py) on every long prompt
+    Setting("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "count", str(GPU_PREFILL_MIN_TOKENS),
+            "the prompt length from which the routed experts run on the GPU (0: never)"),
+    Setting("KTLEGACY_GPU_PREFILL_MIB", "count", str(GPU_PREFILL_MIB),
+            "the MiB of expert weights on the GPU at a time"),
+    # read by the patched engine's GPU linears (overlays/gguf_linear/ktlegacy_gguf_linear.py) at load
+    Setting("KTLEGACY_GPU_LINEAR", "choice", GPU_LINEAR, "how the GPU linears hold their weights (quant: as "
+            "GGUF blocks; fp16: dequantized at load, as upstream's KLinearTorch)", choices=GPU_LINEAR_MODES),
+    # read by compose only
+    Setting("KTLEGACY_BIND", "address", "127.0.0.1", "the host address the port is published on (127.0.0.1: "
+            "this host only; the server has no authentication)"),
+    Setting("KTLEGACY_PORT", "port", "10002", "a free TCP port of the host"),
+    Setting("KTLEGACY_SMOKE_PORT", "port", "10012", "a free TCP port of the host"),
+    *(Setting(f"KTLEGACY_GPU_{i}", "gpu", str(i), "an nvidia-smi index or UUID of a GPU of this host")
+      for i in range(MAX_GPUS)),
+    Setting("KTLEGACY_REF", "choice", DEFAULT_REF, "the upstream ref the image was built from", choices=tuple(REFS)),
+    Setting("KTLEGACY_CPU", "choice", DEFAULT_CPU_INSTRUCT.lower(), "the image's CPU instruction set",
+            choices=tuple(c.lower() for c in CPU_INSTRUCTS)),
+    Setting("KTLEGACY_RESTART", "choice", "unless-stopped", "Docker's restart policy",
+            choices=("no", "on-failure", "always", "unless-stopped")),
+)}

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import KtlegacyError
+from .safefs import glob as safe_glob, read_path, real_root
 
 FINGERPRINTS = Path(__file__).resolve().with_name("fingerprints.json")
 ALWAYS = ("ktransformers/__init__.py",)
 
 
 def sha256_of(root: Path, rel: str) -> str | None:
-    path = Path(root) / rel
+    path = read_path(real_root(root), rel)  # a symlink out of the tree is refused, not hashed
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
@@ -40,8 +41,8 @@ def load(path: Path = FINGERPRINTS) -> dict[str, dict[str, str]]:
 
 def scanned_digest(root: Path, patterns) -> str:
     """sha256 over the sorted paths and contents of every file matching ``patterns`` under ``root``."""
-    root = Path(root)
-    paths = sorted({str(p.relative_to(root)) for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+    root, inside = real_root(root), {}
+    paths = sorted({rel for pattern in patterns for rel in safe_glob(root, pattern, inside)})
     h = hashlib.sha256()
     for rel in paths:
         h.update(f"{rel}\0{sha256_of(root, rel)}\n".encode())

@@ -8,7 +8,12 @@ set of overlays:
   is *drift* and raises :class:`Drift`, one line naming the overlay, the file and the
   expected text;
 * **all-or-nothing**: every edit is staged in memory first; if any overlay drifts, not a
-  byte of the tree is written;
+  byte of the tree is written. The commit is journaled (:func:`ktlegacy.safefs.commit`): a
+  kill at any instant is finished or undone by the next ``patch`` (or ``patch --check``), a
+  failed write is undone, and the manifest, which says "patched", is written last;
+* **inside the tree**: every path read or written is resolved; one that leaves the tree
+  through a symlink (or a write through any symlink) is refused in one line before anything
+  is written;
 * **idempotent**: an edit whose result is already in the file is a no-op, so a second
   ``patch`` on a patched tree changes nothing;
 * **reported**: each overlay's changes are printed; ``check=True`` reports without writing;
@@ -24,19 +29,19 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .arch import Arch
 from .errors import KtlegacyError
-from . import fingerprint
+from . import fingerprint, safefs
 from .refs import REFS, Ref
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS_DIR = Path(os.environ.get("KTLEGACY_OVERLAYS_DIR", REPO_ROOT / "overlays"))
 MANIFEST_NAME = "ktlegacy-overlays.json"
+JOURNAL_NAME = "ktlegacy-patch-journal.json"  # present only while a commit runs (or was killed)
 ALL_REFS = tuple(REFS)
 
 
@@ -61,7 +66,8 @@ class StagedTree:
     """A view of an upstream tree whose writes stay in memory until :meth:`commit`."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = safefs.real_root(root)
+        self._inside: dict[str, bool] = {}  # directories resolved inside the root (safefs.read_path)
         self._staged: dict[str, str] = {}
         self._original: dict[str, str | None] = {}
         self._newline: dict[str, str] = {}  # files whose line ends are CRLF on disk
@@ -73,16 +79,19 @@ class StagedTree:
 
     # -- reading -----------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return rel in self._staged or (self.root / rel).is_file()
+        return rel in self._staged or safefs.read_path(self.root, rel, self._inside).is_file()
 
     def read(self, rel: str) -> str:
         if rel in self._staged:
             return self._staged[rel]
-        path = self.root / rel
+        path = safefs.read_path(self.root, rel, self._inside)
         if not path.is_file():
             raise self.drift(rel, "the file to exist")
         self.read_by_name.add(rel)
-        raw = path.read_bytes().decode("utf-8")
+        try:
+            raw = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise KtlegacyError(f"cannot read {rel} in {self.root}: {safefs.reason(exc)}; nothing was written") from None
         # Overlays see "\n" line ends; a CRLF file is written back as CRLF (see commit), so
         # an edit never rewrites the line ends of lines it did not touch. A file mixing both
         # is shown as it is: anchors with "\n" then miss and the overlay reports drift.
@@ -94,7 +103,7 @@ class StagedTree:
 
     def glob(self, pattern: str) -> list[str]:
         """Relative paths (sorted) of files matching ``pattern`` under the root."""
-        found = sorted(str(p.relative_to(self.root)) for p in self.root.glob(pattern) if p.is_file())
+        found = safefs.glob(self.root, pattern, self._inside)  # a symlink out of the tree is refused
         self.globbed.update(found)
         self.glob_patterns.add(pattern)
         return found
@@ -173,31 +182,24 @@ class StagedTree:
     def changed_paths(self) -> list[str]:
         return sorted(self._staged)
 
+    def check_writes(self) -> None:
+        """Refuse (one line) a staged path that would be written through a symlink."""
+        for rel in self._staged:
+            safefs.write_path(self.root, rel)
+
     def commit(self) -> None:
-        """Write every staged file: all temp files first, then renames, so a failure while
-        writing temp files leaves the tree as it was."""
-        temps: list[tuple[Path, Path]] = []
-        try:
-            for rel in self.changed_paths:
-                dest = self.root / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".ktlegacy-", dir=dest.parent)
-                text = self._staged[rel]
-                if self._newline.get(rel) == "\r\n":
-                    text = text.replace("\n", "\r\n")
-                with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                    fh.write(text)
-                if dest.exists():
-                    os.chmod(tmp, dest.stat().st_mode & 0o7777)
-                else:
-                    os.chmod(tmp, 0o644)
-                temps.append((Path(tmp), dest))
-        except BaseException:
-            for tmp, _ in temps:
-                tmp.unlink(missing_ok=True)
-            raise
-        for tmp, dest in temps:
-            os.replace(tmp, dest)
+        """Write every staged file as one journaled transaction (:func:`ktlegacy.safefs.commit`):
+        the manifest last; a kill is finished or undone by the next ``patch``; a failed write is
+        undone and raised as one line. CRLF files are written back with CRLF line ends."""
+        order = [rel for rel in self.changed_paths if rel != MANIFEST_NAME]
+        order += [MANIFEST_NAME] if MANIFEST_NAME in self._staged else []
+        files = []
+        for rel in order:
+            text = self._staged[rel]
+            if self._newline.get(rel) == "\r\n":
+                text = text.replace("\n", "\r\n")
+            files.append((rel, text.encode("utf-8")))
+        safefs.commit(self.root, files, JOURNAL_NAME)
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -263,8 +265,7 @@ def detect_ref(src: Path) -> Ref:
         raise KtlegacyError(f"{src} is not a ktransformers source tree (no ktransformers/__init__.py){hint}; "
                             "fetch one with: invoke fetch-source --ref REF --dest DIR")
     name = fingerprint.identify(src)
-    recorded = (json.loads((src / "ktlegacy-source.json").read_text()).get("ref", "")
-                if (src / "ktlegacy-source.json").is_file() else "")
+    recorded = (safefs.read_json(src / "ktlegacy-source.json", "source record") or {}).get("ref", "")
     if recorded in REFS and recorded != name:
         raise KtlegacyError(f"{src}: fetch-source recorded ref {recorded} but the content is {name}'s; "
                             f"nothing was patched (pass --ref {name} or --ref {recorded} to force one)")
@@ -320,6 +321,20 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
     src = Path(src)
     if not src.is_dir():
         raise KtlegacyError(f"source tree {src} does not exist; fetch one with: invoke fetch-source --dest {src}")
+    if os.path.lexists(src / safefs.INCOMPLETE_NAME):
+        raise KtlegacyError(f"{src} is an incomplete tree ({safefs.INCOMPLETE_NAME}: fetch-source was interrupted "
+                            "while filling or removing it); fetch a tree again: invoke fetch-source --dest DIR")
+    lock = safefs.lock_tree(src)
+    try:
+        safefs.recover(src, JOURNAL_NAME, out)  # a killed commit is finished (or undone) before anything else
+        return _patch_locked(src, arch, ref, check, overlays, out)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _patch_locked(src: Path, arch: Arch, ref: Ref | None, check: bool,
+                  overlays: list[tuple[Overlay, Path]] | None, out: Callable[[str], None]) -> PatchResult:
     if ref is None:
         ref = detect_ref(src)
     elif read_manifest(src) is None:
@@ -356,6 +371,10 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
     tree.current_overlay = "manifest"
     tree.write(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n", f"overlay digest {result.digest[:12]}")
     result.changes = list(tree.changes)
+    tree.check_writes()  # a path through a symlink is refused before anything is written
+    if not check and tree.changed_paths:
+        tree.commit()
+        result.written = True
 
     verb = "would change" if check else "changed"
     for name in applied:
@@ -368,9 +387,6 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
     for name in skipped:
         out(f"{name}: not for ref {ref.name}, skipped" + (f" ({reasons[name]})" if reasons.get(name) else ""))
     code_changes = [c for c in tree.changes if c.overlay != "manifest"]
-    if not check and tree.changed_paths:
-        tree.commit()
-        result.written = True
     summary = "would change" if check else "changed"
     out(f"ref {ref.name}, arch {arch.name}: {len(applied)} overlays, {summary} "
         f"{len({c.path for c in code_changes})} files; overlay digest {result.digest}")
@@ -378,8 +394,9 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
 
 
 def read_manifest(src: Path) -> dict | None:
-    path = Path(src) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The manifest ``patch`` wrote last (None on a tree it did not patch); a symlinked or
+    unreadable manifest is refused in one line."""
+    return safefs.read_json(Path(src) / MANIFEST_NAME, "overlay manifest")
 
 
 def _version() -> str:

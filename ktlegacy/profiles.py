@@ -16,15 +16,18 @@ from pathlib import Path
 
 from .arch import Arch, get_arch
 from .errors import KtlegacyError
+from .facts import SETTINGS
 from .images import DEFAULT_CPU_INSTRUCT, image_tag
 from .refs import DEFAULT_REF
+from .serving import SettingError, check_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO_ROOT / "compose"
 CONTAINER_PORT = 10002       # the server's port inside the container (serve.sh)
-DEFAULT_HOST_PORT = 10002    # KTLEGACY_PORT default
-DEFAULT_BIND = "127.0.0.1"   # KTLEGACY_BIND default: the server has no authentication
-DEFAULT_CACHE_LENS = 8192    # KTLEGACY_CACHE_LENS default (upstream config.yaml's cache_lens)
+# compose/.env defaults, from the settings table (ktlegacy/facts.py)
+DEFAULT_HOST_PORT = int(SETTINGS["KTLEGACY_PORT"].default)
+DEFAULT_BIND = SETTINGS["KTLEGACY_BIND"].default            # the server has no authentication
+DEFAULT_CACHE_LENS = int(SETTINGS["KTLEGACY_CACHE_LENS"].default)   # upstream config.yaml's cache_lens
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,56 @@ class ServiceSpec:
                        image=image or self.image)
 
 
+class ComposeRejected(KtlegacyError):
+    """``docker compose config`` ran and refused the project: ``reason`` is its last line."""
+
+    def __init__(self, profile: str, reason: str):
+        super().__init__(f"docker compose rejected profile {profile}: {reason}")
+        self.reason = reason
+
+
+# what docker says when it has no compose v2 plugin
+_NO_COMPOSE = ("is not a docker command", "unknown command", "unknown shorthand flag")
+
+
 def compose_config(profile: str, docker, env: dict | None = None) -> dict:
-    """``docker compose --profile P config --format json`` run from the repository root."""
+    """``docker compose --profile P config --format json`` run from the repository root.
+    Raises :class:`ComposeRejected` when compose refuses the settings, KtlegacyError when there is
+    no compose to ask."""
     proc = docker.compose("--profile", profile, "config", "--format", "json", cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
-        raise KtlegacyError(f"docker compose could not resolve profile {profile}: {err}")
+        if any(s in proc.stderr for s in _NO_COMPOSE):
+            raise KtlegacyError(f"docker compose could not resolve profile {profile}: {err}")
+        raise ComposeRejected(profile, err)
     return json.loads(proc.stdout)
+
+
+ENV_FILE = COMPOSE_DIR / ".env"
+
+
+def read_settings(environ=None, env_files=None) -> dict[str, str]:
+    """The KTLEGACY_* values compose interpolates compose.yaml with when run from the repository
+    root: compose/.env, overridden by a root .env, overridden by the shell environment."""
+    import os
+
+    from dotenv import dotenv_values
+    files = env_files if env_files is not None else [ENV_FILE, REPO_ROOT / ".env"]
+    values: dict[str, str] = {}
+    for path in files:
+        if Path(path).is_file():
+            values.update({k: v or "" for k, v in dotenv_values(path).items() if k.startswith("KTLEGACY_")})
+    environ = os.environ if environ is None else environ
+    values.update({k: v for k, v in environ.items() if k.startswith("KTLEGACY_")})
+    return values
+
+
+def setting(env: dict, name: str) -> str:
+    """A setting's value in a service environment (its default when unset), checked by the table."""
+    try:
+        return check_value(name, str(env.get(name) or SETTINGS[name].default))
+    except SettingError as exc:
+        raise KtlegacyError(exc.line) from None
 
 
 def spec_from_config(profile: Profile, config: dict) -> ServiceSpec:
@@ -98,7 +144,7 @@ def spec_from_config(profile: Profile, config: dict) -> ServiceSpec:
         rules=env.get("KTLEGACY_RULES") or profile.rules,
         model_dir=mounts["/models/hf"], gguf_dir=mounts["/models/gguf"],
         bind=port.get("host_ip") or "0.0.0.0", port=int(port["published"]),
-        cache_lens=int(env.get("KTLEGACY_CACHE_LENS") or DEFAULT_CACHE_LENS),
+        cache_lens=int(setting(env, "KTLEGACY_CACHE_LENS")),
         environment=dict(env), source="compose",
         api_key_file=_secret_file(config, "ktlegacy_api_key"))
 

@@ -5,12 +5,18 @@ where it came from (ref, origin, sha256 or resolved commit). The overlay engine 
 pick the overlay set, and the image build turns it into OCI labels.
 
 Failures (hash mismatch, unknown ref, network) are one-line :class:`KtlegacyError`s and leave
-``dest`` as it was: everything is fetched into a temporary directory next to ``dest`` and
-renamed into place only when complete.
+``dest`` as it was: everything is fetched into a temporary directory next to ``dest``
+(``.DEST.fetch-*``) and renamed into place only when complete. A tree being filled holds
+``ktlegacy-fetch-incomplete`` (:data:`ktlegacy.safefs.INCOMPLETE_NAME`) from before its first
+file until after its last, and a tree being removed gets it back before its first file goes:
+``patch`` refuses such a tree, so a killed fetch leaves no half tree it would accept. The next
+fetch-source for the same ``dest`` removes what a killed one left.
 """
 
 from __future__ import annotations
 
+import copy
+import glob
 import hashlib
 import json
 import os
@@ -18,11 +24,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from . import safefs
 from .errors import KtlegacyError
 from .refs import DEFAULT_REF, PYPI_SIMPLE_URL, REFS, UPSTREAM_GIT_URL, Ref, get_ref
 
@@ -94,24 +102,98 @@ def download_sdist(ref: Ref, index: str = PYPI_SIMPLE_URL, cache: Path = CACHE_D
     return target
 
 
+def _mark_incomplete(tree: Path) -> None:
+    """Create ``tree`` (or reuse an empty one) holding the incomplete-tree marker."""
+    tree.mkdir(parents=True, exist_ok=True)
+    marker = tree / safefs.INCOMPLETE_NAME
+    if not os.path.lexists(marker):
+        safefs.write_new(marker, f"fetch-source (pid {os.getpid()}) is filling this tree; ktlegacy patch "
+                                 "refuses it until it is complete\n".encode())
+
+
 def _extract_sdist(archive: Path, into: Path) -> None:
+    """Unpack ``archive`` (one top-level directory) as ``into``, which holds the incomplete
+    marker while it fills. Absolute and '..' members are refused, and so is what the "data"
+    extraction filter refuses (where Python has no filters: every link and device)."""
     with tarfile.open(archive) as tar:
-        top = {m.name.split("/", 1)[0] for m in tar.getmembers()}
+        members = tar.getmembers()
+        top = {m.name.split("/", 1)[0] for m in members}
         if len(top) != 1:
             raise KtlegacyError(f"{archive} does not have a single top-level directory")
+        prefix = top.pop() + "/"
+        _mark_incomplete(into)
+
+        def strip(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+            if not member.name.startswith(prefix):
+                return None  # the top-level directory itself
+            parts = Path(member.name).parts
+            filtered = hasattr(tarfile, "data_filter")  # else: files and directories only
+            if member.name.startswith("/") or ".." in parts or not (filtered or member.isfile() or member.isdir()):
+                raise KtlegacyError(f"{archive}: unsafe member {member.name!r} (absolute, '..', link or device)")
+            if parts[-1] == safefs.INCOMPLETE_NAME:
+                raise KtlegacyError(f"{archive}: member {member.name!r} has the name of ktlegacy's own marker")
+            safefs.step("extract")
+            stripped = copy.copy(member)  # (TarInfo.replace came with the filters)
+            stripped.name = member.name[len(prefix):]
+            if member.islnk() and member.linkname.startswith(prefix):
+                stripped.linkname = member.linkname[len(prefix):]
+            return tarfile.data_filter(stripped, path) if filtered else stripped
+
         if hasattr(tarfile, "data_filter"):
-            tar.extractall(into.parent / ".sdist-extract", filter="data")
+            tar.extractall(into, filter=strip)
         else:
             # Python without extraction filters (Debian bookworm's 3.11.2, used by the image
-            # build's stand-in base): refuse what the "data" filter would refuse, ourselves.
-            for m in tar.getmembers():
-                parts = Path(m.name).parts
-                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                    raise KtlegacyError(f"{archive}: unsafe member {m.name!r} (absolute, '..', link or device)")
-            tar.extractall(into.parent / ".sdist-extract")
-    inner = into.parent / ".sdist-extract" / top.pop()
-    os.replace(inner, into)
-    shutil.rmtree(into.parent / ".sdist-extract", ignore_errors=True)
+            # build's stand-in base): the same checks, then the members one by one.
+            for m in members:
+                stripped = strip(m, str(into))
+                if stripped is not None:
+                    tar.extract(stripped, into)
+
+
+def _discard(path: Path) -> None:
+    """Remove a fetch's work directory (or anything left in it). A directory that may be a tree
+    gets the incomplete marker back first and loses it last, so no half-removed tree is ever
+    without it."""
+    if path.is_symlink() or not path.is_dir():
+        safefs.remove(path)
+        return
+    try:
+        _mark_incomplete(path)
+    except OSError:
+        pass  # a full disk: remove it all the same
+    for child in sorted(os.scandir(path), key=lambda e: e.name):
+        if child.name == safefs.INCOMPLETE_NAME:
+            continue
+        safefs.step("unlink")
+        if child.is_dir(follow_symlinks=False):
+            shutil.rmtree(child.path)
+        else:
+            os.unlink(child.path)
+    safefs.remove(path / safefs.INCOMPLETE_NAME)
+    os.rmdir(path)
+
+
+def _discard_work(work: Path) -> None:
+    for child in sorted(work.iterdir()):
+        _discard(child)
+    work.rmdir()
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """Work directories of earlier fetches into the same ``dest`` whose process is gone."""
+    for work in parent.glob(f".{glob.escape(name)}.fetch-*"):
+        if work.is_symlink() or not work.is_dir():
+            continue
+        try:
+            pid = int((work / "owner").read_text().strip())
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):  # no owner recorded: died before writing it, or just starting
+            if time.time() - work.stat().st_mtime < 60:
+                continue
+        _discard_work(work)
 
 
 # -- git ---------------------------------------------------------------------------------------
@@ -127,9 +209,13 @@ def _git(*args: str, cwd: Path | None = None) -> str:
     return proc.stdout.strip()
 
 
-def _clone(url: str, rev: str, into: Path, submodules: tuple = ()) -> str:
+def _clone(url: str, rev: str, into: Path, submodules: tuple = (), subdir: str = "") -> str:
     """Clone ``url`` at tag/branch/commit ``rev`` with submodules (all, or only ``submodules``);
-    return the resolved commit."""
+    return the resolved commit. ``into`` (and its ``subdir``, the engine) hold the incomplete
+    marker while the checkout fills them."""
+    _mark_incomplete(into)
+    if subdir:
+        _mark_incomplete(into / subdir)
     _git("init", "-q", str(into))
     _git("remote", "add", "origin", url, cwd=into)
     _git("fetch", "-q", "--depth", "1", "origin", rev, cwd=into)
@@ -180,12 +266,17 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
     a tag or a commit), or a supported ``ref`` (sdist refs from PyPI, git refs from upstream).
     """
     dest = Path(dest)
+    if dest.is_symlink():
+        raise KtlegacyError(f"--dest {dest} is a symlink (to {os.readlink(dest)}); fetch-source replaces --dest "
+                            "as a whole and never writes through a link: pass the real directory")
     occupied = dest.is_file() or (dest.is_dir() and any(dest.iterdir()))
     if occupied and not force:
         raise KtlegacyError(f"{dest} already exists and is not empty; pick another --dest or pass --force")
     parent = dest.parent if str(dest.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=parent))
+    _remove_leftovers(parent, dest.name)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fetch-", dir=parent))
+    (work / "owner").write_text(f"{os.getpid()}\n")
     tree = work / "tree"
     try:
         if local is not None:
@@ -195,16 +286,22 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
                 if not tarfile.is_tarfile(local):
                     raise KtlegacyError(f"{local} is neither a directory nor a tar archive of a ktransformers tree")
                 archive_sha = _sha256(local)
-                _extract_sdist(local, work / "unpacked")
-                local = work / "unpacked"
+                _extract_sdist(local, tree)
+                local = tree
             if not (local / "ktransformers" / "__init__.py").is_file():
                 hint = ""
                 if (local / "archive" / "ktransformers" / "__init__.py").is_file():
-                    hint = (f"; its legacy engine is {local / 'archive'}, which needs the top-level "
+                    hint = (f"; its legacy engine is {given / 'archive'}, which needs the top-level "
                             "third_party/llama.cpp and third_party/pybind11 in archive/third_party/ "
                             "(fetch-source --ref v0.7.0 does that)")
-                raise KtlegacyError(f"{local} is not a ktransformers source tree (no ktransformers/__init__.py){hint}")
-            shutil.copytree(local, tree, symlinks=True)
+                raise KtlegacyError(f"{given} is not a ktransformers source tree (no ktransformers/__init__.py){hint}")
+            if local != tree:
+                if os.path.lexists(local / safefs.INCOMPLETE_NAME):
+                    raise KtlegacyError(f"{given} is an incomplete tree ({safefs.INCOMPLETE_NAME}: a fetch-source was "
+                                        "interrupted while filling it); copy a whole tree")
+                _mark_incomplete(tree)
+                shutil.copytree(local, tree, symlinks=True, dirs_exist_ok=True,
+                                ignore=lambda d, names: [safefs.INCOMPLETE_NAME] if Path(d) == local else [])
             record = {"ref": ref or "", "origin": "local", "path": str(given.resolve())}
             if archive_sha:
                 record["sha256"] = archive_sha
@@ -223,7 +320,7 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
             else:
                 checkout = work / "checkout"
                 try:
-                    commit = _clone(UPSTREAM_GIT_URL, r.name, checkout, r.submodules)
+                    commit = _clone(UPSTREAM_GIT_URL, r.name, checkout, r.submodules, r.subdir)
                 except KtlegacyError as exc:
                     raise KtlegacyError(f"{exc}; if {UPSTREAM_GIT_URL} is out of reach, pass a mirror with --git-url URL "
                                         f"--ref {r.name}, or a checked-out tree with --local DIR") from None
@@ -236,9 +333,16 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
             # A commit or an unsupported tag: keep it, patch will detect the version itself.
             record["note"] = "not a supported ref; patch recognises the tree by its content or refuses it"
         (tree / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tree, dest)
+        safefs.remove(tree / safefs.INCOMPLETE_NAME)
+        if os.path.lexists(dest):
+            safefs.replace_file(dest, work / "old")  # --force: the old tree goes aside, then away
+        safefs.replace_file(tree, dest)
+    except OSError as exc:
+        raise KtlegacyError(f"fetching into {dest} failed: {safefs.reason(exc)} ({getattr(exc, 'filename', '') or dest}); "
+                            f"{dest} was left as it was") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            _discard_work(work)
+        except OSError:
+            pass  # the next fetch-source into dest removes it
     return record

@@ -10,6 +10,7 @@ Python. The build runs on a scratch copy so the source directory never gets buil
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import safefs
 from .cli import command
 from .errors import KtlegacyError
 
@@ -57,11 +59,19 @@ def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bo
 
     Without ``isolation`` nothing is downloaded: ``python`` must have setuptools >= 61 (and
     ``wheel`` if setuptools < 70.1). With ``isolation`` pip fetches setuptools from its index.
-    An existing wheel of the same name in ``dest_dir`` is replaced; nothing is left half-written.
+    An existing wheel of the same name in ``dest_dir`` is replaced; nothing is left half-written
+    (temp file and rename, :func:`ktlegacy.safefs.write_atomic`), and a symlinked ``dest_dir``
+    or wheel path is refused.
     """
     stub_version()  # fails clearly if the source is missing
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    if dest_dir.is_symlink():
+        raise KtlegacyError(f"--dest {dest_dir} is a symlink (to {os.readlink(dest_dir)}); build-stub never writes "
+                            "through a link: pass the real directory")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KtlegacyError(f"cannot create --dest {dest_dir}: {safefs.reason(exc)}") from None
     if not isolation:
         probe = _run([python, "-c", _PROBE])
         if probe.returncode != 0:
@@ -87,9 +97,13 @@ def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bo
         if len(wheels) != 1:
             raise KtlegacyError(f"pip wheel produced {[w.name for w in wheels]}, expected one flash_attn wheel")
         target = dest_dir / wheels[0].name
-        partial = dest_dir / (wheels[0].name + ".partial")
-        shutil.copyfile(wheels[0], partial)
-        partial.replace(target)
+        if target.is_symlink():
+            raise KtlegacyError(f"{target} is a symlink (to {os.readlink(target)}); build-stub writes the wheel as "
+                                "a regular file and never through a link: remove it")
+        try:  # through .NAME.tmp (a killed run's leftover is removed first) and a rename: all or nothing
+            safefs.write_atomic(target, wheels[0].read_bytes())
+        except OSError as exc:
+            raise KtlegacyError(f"cannot write {target}: {safefs.reason(exc)}; {dest_dir} was left as it was") from None
     return target
 
 

@@ -7,9 +7,15 @@ Model of the estimate (stated, not measured; the doctor prints it):
   is found the way upstream's optimizer places modules: walk from ``model`` down, the first rule
   whose ``match`` fits (``name`` by ``re.search`` on the module name, ``class`` by the kind of
   module) gives the module its ``generate_device``; ``recursive: False`` stops the walk there
-  (the experts); a module no rule matches is placed on ``cuda:0``. On a GPU, a tensor costs 2
-  bytes per element: under ktlegacy's rules every linear runs as KLinearTorch, which dequantizes
-  the GGUF weight to fp16. Tensors on ``cpu`` (the routed experts, the embedding) cost no VRAM.
+  (the experts); a module no rule matches is placed on ``cuda:0``. The rules are read as the rule
+  overlay leaves them (``ktlegacy.gpu_linear.patched_rules``: every GPU linear, lm_head included,
+  is ``KLinearGGUF``). On a GPU, a weight of a KLinearGGUF linear costs its GGUF bytes under
+  ``KTLEGACY_GPU_LINEAR=quant`` (the default) when its type is one the kernels decode; every other
+  GPU tensor (``fp16`` mode, ``attn_kv_b``, which the attention reads as a dense weight, norms,
+  float tensors) costs 2 bytes per element: an fp16 copy. Tensors on ``cpu`` (the routed experts,
+  the embedding) cost no VRAM. Each GPU with KLinearGGUF weights also holds their prefill
+  scratch: one fp16 buffer as large as the largest such weight, at most
+  ``facts.GPU_LINEAR_SCRATCH_MIB`` (larger weights, lm_head, go through it in slices).
 * **KV cache**: ``cache_lens`` tokens for each layer whose attention sits on the GPU, fp16; for
   MLA models (DeepSeek V2/V3: GGUF key ``<arch>.attention.kv_lora_rank``) a token costs
   ``(kv_lora_rank + rope dim) * 2`` bytes per layer, otherwise ``2 * kv_heads * head_dim * 2``.
@@ -40,8 +46,9 @@ from pathlib import Path
 
 import yaml
 
+from . import gpu_linear
 from .errors import KtlegacyError
-from .facts import GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
+from .facts import GPU_LINEAR, GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
 
 GPU_RUNTIME_MIB = 1024
 FP16_BYTES = 2
@@ -87,6 +94,7 @@ class Tensor:
     name: str
     n_elements: int
     n_bytes: int
+    ggml_type: str = "F16"   # GGUF type name (gguf-py's GGMLQuantizationType)
 
 
 @dataclass
@@ -125,7 +133,7 @@ def read_gguf(directory: Path) -> GgufModel:
                 value = fld.parts[fld.data[0]]
                 metadata[key] = (bytes(value).decode("utf-8", "replace") if fld.types[0].name == "STRING"
                                  else value.tolist()[0] if len(value) == 1 else None)
-        tensors += [Tensor(t.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+        tensors += [Tensor(t.name, int(t.n_elements), int(t.n_bytes), t.tensor_type.name) for t in reader.tensors]
     return GgufModel(files, tensors, metadata, sum(p.stat().st_size for p in files))
 
 
@@ -178,24 +186,34 @@ def _device(d) -> str:
     return "cuda:0" if d == "cuda" else d
 
 
-def place(chain: list[tuple[str, str]], rules: list[dict]) -> str:
-    """The generate device of the module that owns a tensor (see the module docstring)."""
-    device = "cuda:0"
-    for name, kind in chain:
-        device, stop = "cuda:0", False
+def placement(chain: list[tuple[str, str]], rules: list[dict]) -> tuple[str, str | None]:
+    """(generate device, generate op) of the module that owns a tensor (see the module
+    docstring); the op is the owner's own rule's ``generate_op`` when that rule injects it as a
+    KTransformersLinear, else None."""
+    device, op = "cuda:0", None
+    for i, (name, kind) in enumerate(chain):
+        device, op, stop = "cuda:0", None, False
         for rule in rules:
             match = rule["match"]
             if "class" in match and rule_kind(match["class"]) != kind:
                 continue
             if "name" in match and re.search(match["name"], name) is None:
                 continue
-            kwargs = (rule.get("replace") or {}).get("kwargs") or {}
+            replace = rule.get("replace") or {}
+            kwargs = replace.get("kwargs") or {}
             device = _device(kwargs.get("generate_device"))
+            if i == len(chain) - 1 and replace.get("class") == gpu_linear.LINEAR_CLASS:
+                op = kwargs.get("generate_op")
             stop = rule.get("recursive") is False
             break
         if stop:
             break
-    return device
+    return device, op
+
+
+def place(chain: list[tuple[str, str]], rules: list[dict]) -> str:
+    """The generate device of the module that owns a tensor (see the module docstring)."""
+    return placement(chain, rules)[0]
 
 
 def rule_devices(rules: list[dict]) -> set[str]:
@@ -213,10 +231,13 @@ def rule_devices(rules: list[dict]) -> set[str]:
 
 @dataclass
 class Estimate:
-    weights_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of fp16 weights
+    weights_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of weights (GGUF blocks or fp16)
     kv_mib: dict[str, float] = field(default_factory=dict)        # device -> MiB of KV cache
     prefill_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of prefill activations
     experts_prefill_mib: dict[str, float] = field(default_factory=dict)  # device -> MiB of the GPU experts path
+    scratch_mib: dict[str, float] = field(default_factory=dict)   # device -> MiB of KLinearGGUF's prefill scratch
+    fp16_weights_mib: dict[str, float] = field(default_factory=dict)  # device -> MiB the weights take as fp16
+    linear_mode: str = GPU_LINEAR                                 # KTLEGACY_GPU_LINEAR the estimate assumed
     cpu_bytes: int = 0                                            # bytes that stay in host RAM
     unplaced: list[str] = field(default_factory=list)             # tensor names we could not map
     devices_in_rules: set[str] = field(default_factory=set)
@@ -226,7 +247,7 @@ class Estimate:
         return max(self.prefill_mib.get(device, 0.0), self.experts_prefill_mib.get(device, 0.0))
 
     def need_mib(self, device: str) -> float:
-        return (self.weights_mib.get(device, 0.0) + self.kv_mib.get(device, 0.0)
+        return (self.weights_mib.get(device, 0.0) + self.kv_mib.get(device, 0.0) + self.scratch_mib.get(device, 0.0)
                 + self.prefill_peak_mib(device) + GPU_RUNTIME_MIB)
 
     @property
@@ -236,23 +257,31 @@ class Estimate:
 
 
 def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_min_tokens: int = GPU_PREFILL_MIN_TOKENS,
-             gpu_prefill_mib: int = GPU_PREFILL_MIB) -> Estimate:
-    est = Estimate(devices_in_rules=rule_devices(rules))
+             gpu_prefill_mib: int = GPU_PREFILL_MIB, linear_mode: str = GPU_LINEAR) -> Estimate:
+    """The VRAM each GPU needs (see the module docstring); ``linear_mode``: KTLEGACY_GPU_LINEAR."""
+    rules = gpu_linear.patched_rules(rules)
+    est = Estimate(devices_in_rules=rule_devices(rules), linear_mode=linear_mode)
     names = [t.name for t in model.tensors]
     moe_layers = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.ffn_\w+_exps\.", n))}
     attn_device: dict[int, str] = {}
     for t in model.tensors:
         chain = module_for_tensor(t.name, moe_layers)
+        op = None
         if chain is None:
             # unknown to us: assume the worst (it lands on cuda:0 in fp16) and say so
             est.unplaced.append(t.name)
             device = "cuda:0"
         else:
-            device = place(chain, rules)
+            device, op = placement(chain, rules)
             if len(chain) > 3 and chain[3][1] == "attention":
                 attn_device.setdefault(int(chain[2][0].rsplit(".", 1)[1]), device)
         if device.startswith("cuda"):
-            est.weights_mib[device] = est.weights_mib.get(device, 0.0) + t.n_elements * FP16_BYTES / MIB
+            size = gpu_linear.weight_bytes(t.n_elements, t.n_bytes, t.ggml_type, op, linear_mode)
+            est.weights_mib[device] = est.weights_mib.get(device, 0.0) + size / MIB
+            est.fp16_weights_mib[device] = est.fp16_weights_mib.get(device, 0.0) + t.n_elements * FP16_BYTES / MIB
+            if size != t.n_elements * FP16_BYTES:  # a KLinearGGUF weight kept as blocks: it needs the scratch
+                est.scratch_mib[device] = max(est.scratch_mib.get(device, 0.0),
+                                              gpu_linear.scratch_bytes(t.n_elements) / MIB)
         else:
             est.cpu_bytes += t.n_bytes
     per_token = _kv_bytes_per_token_per_layer(model)

@@ -1,26 +1,31 @@
-"""torch-linear-rules: Marlin and FP8 ops in the optimize rules become their Torch equivalents.
+"""torch-linear-rules: Marlin and FP8 ops in the optimize rules become ops that run below sm80.
 
 Marlin kernels (KLinearMarlin, VLinearMarlin, KExpertsMarlin) use sm80 tensor-core
-instructions; KLinearFP8 needs fp8 GEMMs (sm89+). Below sm80 the rules must name the Torch
-ops, which dequantize the GGUF weights and run a plain matmul. The edit is textual, anchored on
-the ``generate_op:`` / ``prefill_op:`` keys, so comments and layout stay as they were; the
-rule files parsed before and after differ only in those op values, which the overlay checks.
-The Python defaults of the same arguments (``generate_op="KLinearMarlin"``) change too.
+instructions; KLinearFP8 needs fp8 GEMMs (sm89+). Below sm80 the rules must name ops that run
+there: every GPU linear (Marlin, FP8, and KLinearTorch, which would hold an fp16 copy of a
+quantized weight) becomes KLinearGGUF (overlay ``gguf-linear``: computes from the GGUF blocks,
+or behaves as KLinearTorch with ``KTLEGACY_GPU_LINEAR=fp16`` and for unquantized tensors), and
+KExpertsMarlin becomes KExpertsTorch. The edit is textual, anchored on the ``generate_op:`` /
+``prefill_op:`` keys, so comments and layout stay as they were; the rule files parsed before and
+after differ only in those op values, which the overlay checks. The Python defaults of the same
+arguments (``generate_op="KLinearMarlin"``) change too.
+
+``lm_head``: where a rule file leaves it a plain ``torch.nn.Linear`` on a GPU (no rule, or a
+``class: "default"`` rule, the form every DeepSeek rule file uses), upstream loads it as fp16
+(DeepSeek-V3: 1.8 GiB). The overlay puts one rule in front of the file that makes it a
+KTransformersLinear with KLinearGGUF on the same devices, so its blocks stay quantized too; the
+parsed file is then that rule followed by the original rules (checked).
 """
 
 import re
+from pathlib import Path
 
 import yaml
 
+from ktlegacy.gpu_linear import GPU_LINEAR_OP, SM80_ONLY, lm_head_devices, lm_head_rule
+from ktlegacy.gpu_linear import PATCHED_OP as TORCH_EQUIVALENT  # op -> the op the patched rules name
 from ktlegacy.overlay import ALL_REFS, Overlay
 
-# sm80+-only op -> the Torch op of the same family (present in every supported ref).
-TORCH_EQUIVALENT = {
-    "KLinearMarlin": "KLinearTorch",
-    "VLinearMarlin": "KLinearTorch",
-    "KLinearFP8": "KLinearTorch",
-    "KExpertsMarlin": "KExpertsTorch",
-}
 RULES_GLOBS = ("ktransformers/optimize/optimize_rules/**/*.yaml", "ktransformers/optimize/optimize_rules/**/*.yml")
 OPS = "|".join(TORCH_EQUIVALENT)
 # One block-style key per line: `generate_op: "KLinearMarlin"  # comment` (quotes optional).
@@ -35,8 +40,8 @@ PY_FILES = {  # file -> whether the ref must have such a default there
     "ktransformers/operators/gate.py": False,
     "ktransformers/operators/experts.py": False,
 }
-REGISTRIES = {  # the Torch ops must exist in the tree's op maps
-    "ktransformers/operators/linear.py": r'"KLinearTorch"\s*:\s*KLinearTorch\b',
+REGISTRIES = {  # the ops we name must exist in the tree's op maps
+    "ktransformers/operators/linear.py": r"^import ktransformers\.operators\.ktlegacy_gguf_linear\b",  # registers the op
     "ktransformers/operators/experts.py": r'"KExpertsTorch"\s*:\s*KExpertsTorch\b',
 }
 
@@ -49,8 +54,22 @@ def _sm80_values(node, path=()):
     elif isinstance(node, list):
         for i, value in enumerate(node):
             yield from _sm80_values(value, path + (i,))
-    elif isinstance(node, str) and node in TORCH_EQUIVALENT:
+    elif isinstance(node, str) and node in SM80_ONLY:
         yield path
+
+
+LM_HEAD_RULE = (
+    "# ktlegacy: lm_head keeps its GGUF blocks on the GPU too (KLinearGGUF: the last token's logits are a matvec)\n"
+    "- match:\n"
+    "    name: \"^lm_head$\"\n"
+    "    class: torch.nn.Linear\n"
+    "  replace:\n"
+    "    class: ktransformers.operators.linear.KTransformersLinear\n"
+    "    kwargs:\n"
+    "      generate_device: \"{generate}\"\n"
+    "      prefill_device: \"{prefill}\"\n"
+    f"      generate_op: \"{GPU_LINEAR_OP}\"\n"
+    f"      prefill_op: \"{GPU_LINEAR_OP}\"\n")
 
 
 def _only_ops_changed(before, after) -> bool:
@@ -68,12 +87,17 @@ def _only_ops_changed(before, after) -> bool:
 
 class TorchLinearRulesOverlay(Overlay):
     name = "torch-linear-rules"
-    summary = "optimize rules: Marlin/FP8 ops -> KLinearTorch / KExpertsTorch (sm80+ kernels)"
+    summary = "optimize rules: Marlin/FP8/KLinearTorch linears -> KLinearGGUF (lm_head too), KExpertsMarlin -> KExpertsTorch"
     refs = ALL_REFS
+
+    def shipped_files(self):
+        # the op table and the lm_head rule come from the library: a change there changes what this writes
+        from ktlegacy import gpu_linear
+        return [Path(gpu_linear.__file__)]
 
     def apply(self, tree, ctx):
         for rel, anchor in REGISTRIES.items():
-            if not re.search(anchor, tree.read(rel)):
+            if not re.search(anchor, tree.read(rel), re.M):
                 raise tree.drift(rel, f"the op map entry /{anchor}/")
         rules = sorted({rel for pattern in RULES_GLOBS for rel in tree.glob(pattern)})
         if not rules:
@@ -101,10 +125,24 @@ class TorchLinearRulesOverlay(Overlay):
         if left:
             where = "/".join(str(x) for x in left[0])
             raise tree.drift(rel, f"sm80 ops only as block-style generate_op:/prefill_op: values, found one at {where}")
+        head = None
+        if len(after) == 1 and isinstance(after[0], list):
+            devices = lm_head_devices(after[0])
+            if devices is not None:
+                head = LM_HEAD_RULE.format(generate=devices[0], prefill=devices[1])
+                if yaml.safe_load(head) != [lm_head_rule(*devices)]:
+                    raise RuntimeError("LM_HEAD_RULE does not parse to ktlegacy.gpu_linear.lm_head_rule")
+                new = head + new
+                after = list(yaml.safe_load_all(new))
+                if after[0][:1] != [lm_head_rule(*devices)]:
+                    raise tree.drift(rel, "a top-level rule list the lm_head rule can go in front of")
+                after = [after[0][1:]]
         if not _only_ops_changed(before, after):
             raise tree.drift(rel, "an edit that changes only op values (the parsed rules differ elsewhere)")
-        if counts:
+        if counts or head:
             what = ", ".join(f"{op} -> {TORCH_EQUIVALENT[op]} x{n}" for op, n in sorted(counts.items()))
+            if head:
+                what = (what + "; " if what else "") + f"lm_head -> {GPU_LINEAR_OP} on {devices[0]}"
             tree.write(rel, new, what)
 
     def _python_defaults(self, tree, rel, required):
@@ -123,8 +161,8 @@ class TorchLinearRulesOverlay(Overlay):
         if counts:
             what = "default " + ", ".join(f"{op} -> {TORCH_EQUIVALENT[op]} x{n}" for op, n in sorted(counts.items()))
             tree.write(rel, new, what)
-        elif required and not re.search(r'\bgenerate_op\s*:\s*str\s*\|\s*None\s*=\s*"KLinearTorch"', text):
-            raise tree.drift(rel, 'a generate_op default of "KLinearMarlin" (or the patched "KLinearTorch")')
+        elif required and not re.search(r'\bgenerate_op\s*:\s*str\s*\|\s*None\s*=\s*"' + GPU_LINEAR_OP + '"', text):
+            raise tree.drift(rel, f'a generate_op default of "KLinearMarlin" (or the patched "{GPU_LINEAR_OP}")')
 
 
 OVERLAY = TorchLinearRulesOverlay()

@@ -53,6 +53,30 @@ def sdist_tree(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def patched_tree(tmp_path_factory, request):
+    """``patched_tree(ref, arch)``: the tree of a supported ref patched for an arch, made once per
+    session; read only. The sdist ref is fetched (CI); a git ref comes from KTLEGACY_TAG_TREES (the
+    test skips without it, see exported_tag_tree)."""
+    from ktlegacy.arch import get_arch
+    from ktlegacy.facts import REFS
+    from ktlegacy.overlay import patch_tree
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(ref: str, arch: str) -> Path:
+        if (ref, arch) not in made:
+            root = tmp_path_factory.mktemp(f"patched-{ref}-{arch}")
+            if REFS[ref].kind == "sdist":
+                tree = root / "tree"
+                shutil.copytree(request.getfixturevalue("sdist_tree"), tree, symlinks=True)
+            else:
+                _, tree = exported_tag_tree(ref, root)
+            patch_tree(tree, get_arch(arch), out=lambda line: None)
+            made[ref, arch] = tree
+        return made[ref, arch]
+    return get
+
+
 @pytest.fixture
 def pristine_tree(sdist_tree, tmp_path) -> Path:
     """A private copy of the pristine sdist tree, free to patch or mutate."""

@@ -72,10 +72,13 @@ def test_gpu_profile_resolves(docker, project, name):
     assert env["KTLEGACY_CORS_ORIGINS"] == ""
     assert port["host_ip"] == "127.0.0.1" and port["target"] == CONTAINER_PORT and port["published"] == "10002"
     binds = {v["target"]: v for v in s["volumes"] if v["type"] == "bind"}
-    for target in ("/models/hf", "/models/gguf", "/opt/ktlegacy-compose/serve.sh"):
+    for target in ("/models/hf", "/models/gguf", "/opt/ktlegacy-compose/compose/serve.sh",
+                   "/opt/ktlegacy-compose/ktlegacy/serving.py", "/opt/ktlegacy-compose/ktlegacy/facts.py"):
         assert binds[target]["read_only"] is True, target
     assert binds["/models/hf"]["source"] == str(project / "models" / "hf")
-    assert s["entrypoint"] == ["/bin/sh", "/opt/ktlegacy-compose/serve.sh"]
+    # serve.sh's checks are the doctor's module, mounted as the repository lays it out
+    assert binds["/opt/ktlegacy-compose/ktlegacy/serving.py"]["source"] == str(project / "ktlegacy" / "serving.py")
+    assert s["entrypoint"] == ["/bin/sh", "/opt/ktlegacy-compose/compose/serve.sh"]
     hc = s["healthcheck"]
     assert hc["test"][0] == "CMD" and "http://127.0.0.1:10002/health" in hc["test"][-1]
     assert hc["retries"] >= 1 and hc["start_period"] == "1h0m0s"
@@ -125,6 +128,25 @@ def test_env_example_documents_the_defaults(docker, project):
     assert used <= documented, used - documented
 
 
+def test_doctor_reads_env_files_as_compose_does(docker, project):
+    """ktlegacy.profiles.read_settings (python-dotenv) gives the values compose interpolates, for the
+    quoting users write: the doctor validates what the container will get."""
+    from ktlegacy.profiles import read_settings
+    env_text = ("KTLEGACY_SERVER_ARGS=--web True --system_prompt 'be brief'\n"
+                "KTLEGACY_CPU_INFER=12  # threads\n"
+                'KTLEGACY_MODEL_NAME="Deep Seek #3"\n'
+                "KTLEGACY_MAX_NEW_TOKENS='512'\n"
+                "KTLEGACY_CACHE_LENS=\n")
+    (project / "compose" / ".env").write_text(env_text)
+    (project / ".env").write_text("KTLEGACY_CPU_INFER=14\n")
+    resolved = config(docker, project, "t4x4", KTLEGACY_MAX_NEW_TOKENS="700")["services"]["t4x4"]["environment"]
+    ours = read_settings({"KTLEGACY_MAX_NEW_TOKENS": "700"}, [project / "compose" / ".env", project / ".env"])
+    for name in ("KTLEGACY_SERVER_ARGS", "KTLEGACY_CPU_INFER", "KTLEGACY_MODEL_NAME", "KTLEGACY_MAX_NEW_TOKENS"):
+        assert ours[name] == resolved[name], name
+    assert ours["KTLEGACY_CACHE_LENS"] == "" and resolved["KTLEGACY_CACHE_LENS"] == "8192"   # empty: the default
+    assert resolved["KTLEGACY_CPU_INFER"] == "14" and resolved["KTLEGACY_MAX_NEW_TOKENS"] == "700"
+
+
 def test_smoke_profile_resolves(docker, project):
     s = config(docker, project, "smoke")["services"]["smoke"]
     assert "deploy" not in s or not s["deploy"].get("resources")   # no GPU
@@ -152,9 +174,19 @@ echo FAKE-SERVER-STARTED
 SITE = "/opt/ktlegacy/venv/lib/python3.11/site-packages/ktransformers"
 
 
+def serve_mounts() -> list[str]:
+    """``-v`` arguments for what compose.yaml mounts under /opt/ktlegacy-compose (serve.sh and the
+    module of its checks), read from compose.yaml."""
+    import yaml
+    spec = yaml.safe_load((REPO / "compose" / "compose.yaml").read_text())
+    return [a for m in spec["x-model-mounts"] if m["type"] == "bind" and m["target"].startswith("/opt/ktlegacy-compose/")
+            for a in ("-v", f"{(REPO / 'compose' / m['source']).resolve()}:{m['target']}:ro")]
+
+
 def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_config=True, extra_rules=None, env=()):
     """serve.sh in the stand-in runtime image (real patched ktransformers package, real rule files),
-    as the image's non-root user, with compose's mounts and environment."""
+    as the image's non-root user, with compose's mounts and environment; its checks run on the
+    image's python3 (no ktlegacy library there)."""
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ktransformers").write_text(FAKE_SERVER)
     (tmp_path / "bin" / "ktransformers").chmod(0o755)
@@ -168,7 +200,7 @@ def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_confi
         (tmp_path / "rules" / "Mine.yaml").write_text(extra_rules)
     cmd = [docker.path, "run", "--rm", "--name", f"h4-serve-{uuid.uuid4().hex[:8]}",
            "--tmpfs", "/var/lib/ktlegacy:mode=1777",
-           "-v", f"{REPO / 'compose' / 'serve.sh'}:/opt/ktlegacy-compose/serve.sh:ro",
+           *serve_mounts(),
            "-v", f"{tmp_path / 'bin'}:/opt/fakebin:ro", "-v", f"{tmp_path / 'rules'}:/opt/rules:ro",
            "-v", f"{tmp_path / 'hf'}:/models/hf:ro", "-v", f"{tmp_path / 'gguf'}:/models/gguf:ro",
            "-e", "PATH=/opt/fakebin:/opt/ktlegacy/venv/bin:/usr/local/bin:/usr/bin:/bin",
@@ -177,7 +209,7 @@ def run_serve(docker, image, tmp_path, rules="DeepSeek-V3-Chat.yaml", with_confi
            "-e", "HOME=/var/lib/ktlegacy", "-e", "KTLEGACY_STATE_DIR=/var/lib/ktlegacy",
            *[a for kv in env for a in ("-e", kv)],
            "--entrypoint", "/bin/sh", image, "-c",
-           "/bin/sh /opt/ktlegacy-compose/serve.sh && cat /var/lib/ktlegacy/argv && echo --- && "
+           "/bin/sh /opt/ktlegacy-compose/compose/serve.sh && cat /var/lib/ktlegacy/argv && echo --- && "
            "cat /var/lib/ktlegacy/.ktransformers/config.yaml"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
@@ -188,18 +220,21 @@ def real_runtime_image(request):
 
 
 @pytest.mark.slow
-def test_serve_sh_starts_the_server_with_the_patched_rule_file(docker, real_runtime_image, tmp_path):
+@pytest.mark.parametrize("rules", sorted({p.rules for p in PROFILES.values()}))
+def test_serve_sh_starts_the_server_with_the_patched_rule_file(docker, real_runtime_image, tmp_path, rules):
+    """Each profile's default rule file, as the image installed it (the 4-GPU one keeps upstream's
+    commented-out Marlin lines: no op)."""
     import yaml
-    proc = run_serve(docker, real_runtime_image, tmp_path)
+    proc = run_serve(docker, real_runtime_image, tmp_path, rules=rules)
     assert proc.returncode == 0, proc.stderr
     argv_text, config_text = proc.stdout.split("FAKE-SERVER-STARTED\n", 1)[1].split("---\n", 1)
     argv = argv_text.split("\n")
-    pairs = dict(zip(argv[0::2], argv[1::2]))
-    assert pairs["--optimize_config_path"] == f"{SITE}/optimize/optimize_rules/DeepSeek-V3-Chat.yaml"
+    assert argv[:2] == ["--web", "True"]          # KTLEGACY_SERVER_ARGS first: our flags come after it
+    pairs = dict(zip(argv[2::2], argv[3::2]))
+    assert pairs["--optimize_config_path"] == f"{SITE}/optimize/optimize_rules/{rules}"
     assert pairs["--model_path"] == "/models/hf" and pairs["--gguf_path"] == "/models/gguf"
     assert pairs["--port"] == "10002" and pairs["--host"] == "0.0.0.0"
     assert pairs["--cpu_infer"] == "12" and pairs["--max_new_tokens"] == "300" and pairs["--cache_lens"] == "4096"
-    assert pairs["--web"] == "True"
     # upstream's import-time logger must find writable paths in ~/.ktransformers/config.yaml
     config = yaml.safe_load(config_text)
     assert config["log"]["dir"] == "/var/lib/ktlegacy/logs" and config["db"]["host"] == "/var/lib/ktlegacy"
@@ -208,17 +243,23 @@ def test_serve_sh_starts_the_server_with_the_patched_rule_file(docker, real_runt
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
-    ("marlin", "/opt/rules/Mine.yaml still uses Marlin/FP8 ops"),
+    ("marlin", "rule file /opt/rules/Mine.yaml selects sm80+ op(s) KLinearMarlin (1x, first in rule 1)"),
     ("no-config", "no config.json in /models/hf"),
     ("no-rules", "optimize_rules/Nope.yaml does not exist"),
-    ("bad-gpu-prefill", "KTLEGACY_GPU_PREFILL_MIN_TOKENS='1k' is not a whole number >= 0: fix it in compose/.env"),
+    ("bad-gpu-prefill", "KTLEGACY_GPU_PREFILL_MIN_TOKENS='1k' is not a whole number >= 0: set "
+                        "KTLEGACY_GPU_PREFILL_MIN_TOKENS in compose/.env to"),
+    ("bad-cache-lens", "KTLEGACY_CACHE_LENS='abc' is not a whole number >= 1: set KTLEGACY_CACHE_LENS in compose/.env"),
+    ("server-args-port", "KTLEGACY_SERVER_ARGS has '--port', a flag ktlegacy sets itself: remove it from "
+                         "KTLEGACY_SERVER_ARGS and set KTLEGACY_PORT in compose/.env instead"),
 ])
 def test_serve_sh_refuses_in_one_line(docker, real_runtime_image, tmp_path, case, expected):
     kwargs = {"marlin": dict(rules="/opt/rules/Mine.yaml", extra_rules=(
                   "- match: {name: x}\n  replace: {kwargs: {generate_op: KLinearMarlin}}\n")),
               "no-config": dict(with_config=False),
               "no-rules": dict(rules="Nope.yaml"),
-              "bad-gpu-prefill": dict(env=("KTLEGACY_GPU_PREFILL_MIN_TOKENS=1k",))}[case]
+              "bad-gpu-prefill": dict(env=("KTLEGACY_GPU_PREFILL_MIN_TOKENS=1k",)),
+              "bad-cache-lens": dict(env=("KTLEGACY_CACHE_LENS=abc",)),
+              "server-args-port": dict(env=("KTLEGACY_SERVER_ARGS=--web True --port 1",))}[case]
     proc = run_serve(docker, real_runtime_image, tmp_path, **kwargs)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ktlegacy serve: error:")]

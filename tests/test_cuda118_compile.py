@@ -136,8 +136,9 @@ def test_extensions_compile_with_nvcc_11_8(cuda118_compile_images, arch):
     assert record["mode"] == "build" and record["arch"] == arch
     assert "cuda_11.8" in record["nvcc"], record["nvcc"]  # nvcc --version: "Build cuda_11.8.r11.8/..."
     names = {Path(f["file"]).name.split(".")[0]: f for f in record["extensions"]}
-    assert set(names) == {"KTransformersOps", "cpuinfer_ext"}, names
+    assert set(names) == {"KTransformersOps", "cpuinfer_ext", "ktlegacy_gguf_ops"}, names
     assert names["KTransformersOps"]["device_code"] is True
+    assert names["ktlegacy_gguf_ops"]["device_code"] is True   # KLinearGGUF's kernels (overlay gguf-linear)
     assert record["arch_check"]["result"] == "pass" and record["arch_check"]["arch"] == arch
     assert record["torch_cuda_major_mismatch_allowed"] is True  # says what it is: a CI compile
 
@@ -171,6 +172,11 @@ def test_built_extensions_import_beside_the_ci_torch(cuda118_compile_images, arc
     proc = _docker("run", "--rm", cuda118_compile_images[arch], "/opt/ktlegacy/venv/bin/python", "-c", code)
     assert re.match(rf"{re.escape(CI_TORCH_VERSION)}(\+cu124)? 12\.4 ", proc.stdout), proc.stdout
     assert "dequantize_q4_k" in proc.stdout and proc.stdout.rstrip().endswith("True"), proc.stdout
+    ours = _docker("run", "--rm", cuda118_compile_images[arch], "/opt/ktlegacy/venv/bin/python", "-c",
+                   "import sys, torch; sys.path.insert(0, '/ext'); import ktlegacy_gguf_ops as o; "
+                   "print(sorted(o.supported_types()), o.max_rows, list(o.block_layout(12)))")
+    assert ours.stdout.split("]")[0] + "]" == "[2, 6, 8, 10, 11, 12, 13, 14, 23]", ours.stdout
+    assert ours.stdout.strip().endswith("4 [256, 144]"), ours.stdout
 
 
 @pytest.mark.docker

@@ -7,7 +7,8 @@ into the stage before it must hold everything that RUN can import, and every lib
 adds must be imported by the RUN right after it (copied late, so earlier steps stay cached).
 
 What a RUN can import, statically: the ``python -m ktlegacy CMD`` / ``main(["CMD"])`` commands
-and the ``images/scripts/*.py`` it runs, directly or through the shell scripts it calls; from
+(``patch``: with the ``overlays/*.py`` it loads) and the ``images/scripts/*.py`` it runs,
+directly or through the shell scripts it calls; from
 those, every ``ktlegacy`` import, at module level or inside a function (a lazy import runs when
 its path does), except imports guarded by ``except ImportError`` (optional by construction).
 For ``ktlegacy/cli.py`` only the command functions of the commands run count (each one imports
@@ -234,6 +235,8 @@ def needed_by(run: Run) -> set[str]:
     for name, via_m in commands:
         assert name in registry, f"a RUN runs ktlegacy {name}, which no library module registers"
         todo.append(registry[name])
+        if name == "patch":  # the overlays it loads (overlays/*.py) import the library too
+            todo += sorted(p.relative_to(REPO).as_posix() for p in (REPO / "overlays").glob("*.py"))
         todo.append(f"{LIB}/cli.py")
         if via_m:
             todo += [f"{LIB}/__main__.py", f"{LIB}/__init__.py"]

@@ -78,15 +78,16 @@ def test_recorded_hosts_parse(host, count, name, cc, vram):
 # --- each profile on the host it was made for ---------------------------------------------------
 
 @pytest.mark.parametrize("host, profile", [("v100-x1", "v100"), ("t4-x4", "t4x4"), ("2080ti-x2", "2080ti-x2")])
-def test_profile_passes_on_its_host(host, profile, model_dirs, sdist_tree):
+def test_profile_passes_on_its_host(host, profile, model_dirs, patched_tree):
     spec = spec_for(profile, model_dirs, port=10050)
     facts = with_image(facts_of(host), spec)
-    report = check_profile(spec, facts, rules_file=sdist_tree / RULES_DIR / spec.rules)
+    tree = patched_tree("0.2.1.post1", spec.profile.arch_name)
+    report = check_profile(spec, facts, rules_file=tree / RULES_DIR / spec.rules)
     by = rows(report)
     assert report.failed == [], report.table()
     assert [r.check for r in report.rows] == ["GPUs", "NVIDIA container runtime", "image", "GPU arch vs image",
-                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "VRAM per GPU", "port",
-                                              "API key"]
+                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "rule file",
+                                              "VRAM per GPU", "port", "API key"]
     assert by["VRAM per GPU"].detail.count("cuda:") == PROFILES[profile].gpus
     assert "127.0.0.1:10050 free" in by["port"].detail
 
@@ -227,8 +228,9 @@ def test_vram_short_and_rule_file_for_more_gpus(model_dirs, sdist_tree):
     row = failing(check_profile(off, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
     assert "cuda:0 needs ~1.0 GiB under DeepSeek-V3-Chat-multi-gpu.yaml" in row.detail
     bad = dataclasses.replace(spec, environment={"KTLEGACY_GPU_PREFILL_MIB": "lots"})
-    with pytest.raises(KtlegacyError, match=r"^KTLEGACY_GPU_PREFILL_MIB='lots' in the service environment: expected a "
-                                            r"whole number >= 0 \(fix it in compose/.env\)$"):
+    with pytest.raises(KtlegacyError, match=r"^KTLEGACY_GPU_PREFILL_MIB='lots' is not a whole number >= 0: set "
+                                            r"KTLEGACY_GPU_PREFILL_MIB in compose/.env to the MiB of expert weights "
+                                            r"on the GPU at a time \(default 1024\)$"):
         check_profile(bad, facts, rules_file=sdist_tree / RULES_DIR / spec.rules)
     spec = spec_for("2080ti-x2", model_dirs, port=10050, rules="DeepSeek-V3-Chat-multi-gpu-4.yaml")
     row = failing(check_profile(spec, with_image(facts_of("2080ti-x2"), spec),
@@ -318,18 +320,33 @@ def test_rules_and_labels_are_read_from_the_image(docker, standin_base, model_di
         assert vram.status == OK, report.table()
         assert "Only-In-Image.yaml (from the image)" in vram.detail
         assert "cuda:1" in vram.detail and "cuda:0" not in vram.detail
+        assert by["rule file"].status == OK and "Only-In-Image.yaml (from the image): no sm80+ op" in by["rule file"].detail
+        # a rule file the image does not have: one FAIL row (serve.sh would refuse it), not upstream's copy
+        spec = dataclasses.replace(spec, rules="DeepSeek-V3-Chat-multi-gpu-4.yaml")
+        row = failing(check_profile(spec, facts, docker=docker), "rule file")
+        assert row.detail == f"DeepSeek-V3-Chat-multi-gpu-4.yaml: {tag} has no rule file DeepSeek-V3-Chat-multi-gpu-4.yaml " \
+                             "in its optimize_rules directory"
+        assert "KTLEGACY_RULES" in row.fix
     finally:
         subprocess.run([docker.path, "rmi", tag], capture_output=True)
 
 
 @pytest.mark.docker
 def test_a_compose_error_is_a_row_not_a_crash(docker, monkeypatch):
+    """A value compose itself refuses: our one line for the setting, then compose's own reason; no
+    profile check runs on defaults the user did not choose (no false model dir / GGUF rows)."""
     monkeypatch.setenv("KTLEGACY_PORT", "notaport")
     report = doctor("v100")
-    row = report.rows[0]
-    assert row.check == "compose config"
-    assert "invalid hostPort: notaport" in failing(report, "compose config").detail
-    assert rows(report)["port"].detail.startswith("127.0.0.1:10002")   # went on with the defaults
+    assert [r.check for r in report.rows[:2]] == ["settings", "compose config"]
+    row = failing(report, "settings")
+    assert row.detail == "KTLEGACY_PORT='notaport' is not a TCP port (1-65535)"
+    assert row.fix.endswith("set KTLEGACY_PORT in compose/.env to a free TCP port of the host (default 10002)")
+    row = failing(report, "compose config")
+    assert row.detail == "docker compose rejected the settings: invalid hostPort: notaport"
+    assert "compose v2 plugin" not in row.fix
+    checks = {r.check for r in report.rows}
+    assert not checks & {"port", "model dir", "GGUF", "VRAM per GPU", "image"}, report.table()
+    assert {"GPUs", "NVIDIA container runtime", "CPU", "RAM per NUMA node"} <= checks   # the host is still described
 
 
 def test_nvidia_smi_of_an_old_driver_without_compute_cap(tmp_path, model_dirs):

@@ -196,15 +196,32 @@ def test_smoke_and_runtime_copy_the_table():
 
 
 def test_gpu_prefill_defaults_are_the_table():
-    """The runtime module, compose's server environment and .env.example state the table's defaults."""
+    """The runtime module (which reads KTLEGACY_GPU_PREFILL_*) states the table's defaults."""
     runtime = REPO / "overlays" / "runtime" / "ktlegacy_runtime.py"
-    env = yaml.safe_load((REPO / "compose" / "compose.yaml").read_text())["x-server-env"]
-    example = dict(re.findall(r"^(KTLEGACY_\w+)=(.*)$", (REPO / "compose" / ".env.example").read_text(), flags=re.M))
     for name in ("GPU_PREFILL_MIN_TOKENS", "GPU_PREFILL_MIB"):
         value = getattr(facts, name)
         assert module_value(runtime, name) == value, name
-        assert env[f"KTLEGACY_{name}"] == f"${{KTLEGACY_{name}:-{value}}}", name
-        assert example[f"KTLEGACY_{name}"] == str(value), name
+        assert facts.SETTINGS[f"KTLEGACY_{name}"].default == str(value), name
+
+
+def test_setting_defaults_are_the_table():
+    """Every ${KTLEGACY_X:-default} of compose.yaml and every value .env.example states is the settings
+    table's default (facts.SETTINGS; ktlegacy.serving validates by it); every row is used by compose."""
+    text = (REPO / "compose" / "compose.yaml").read_text()
+    used = {}
+    for name, default in re.findall(r"\$\{(KTLEGACY_\w+):-((?:[^${}]|\$\{[^}]*\})*)\}", text):
+        used.setdefault(name, set()).add(default)
+    assert set(facts.SETTINGS) <= set(used), set(facts.SETTINGS) - set(used)
+    for name, setting in facts.SETTINGS.items():
+        assert used[name] == {setting.default}, name
+        assert setting.kind in ("count", "port", "address", "gpu", "choice", "args", "text"), name
+        assert setting.kind != "choice" or setting.default in setting.choices, name
+    example = dict(re.findall(r"^(KTLEGACY_\w+)=(.*)$", (REPO / "compose" / ".env.example").read_text(), flags=re.M))
+    for name in set(example) & set(facts.SETTINGS):
+        assert example[name] == facts.SETTINGS[name].default, name
+    assert {f"KTLEGACY_GPU_{i}" for i in range(facts.MAX_GPUS)} <= set(example)
+    from ktlegacy.profiles import PROFILES
+    assert max(p.gpus for p in PROFILES.values()) == facts.MAX_GPUS
 
 
 # --- nothing else holds a copy ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -550,6 +551,49 @@ def test_cli_builds_the_wheel(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / f"flash_attn-{stub_version()}-py3-none-any.whl").is_file()
     assert proc.stdout.startswith("built ")
+
+
+def _build_stub_cli(dest: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KTLEGACY_TEST_KILL_AT"}
+    if kill_at:
+        env["KTLEGACY_TEST_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "ktlegacy", "build-stub", "--dest", str(dest)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+
+
+def test_a_killed_build_leaves_no_partial_wheel_and_the_next_one_cleans_up(tmp_path):
+    """Killed before the wheel's rename: no wheel (only the temp file); the next build leaves the
+    wheel and nothing else, and the source directory gets no build debris."""
+    name = f"flash_attn-{stub_version()}-py3-none-any.whl"
+    source_before = sorted(str(p.relative_to(STUB_DIR)) for p in STUB_DIR.rglob("*") if "__pycache__" not in p.parts)
+    killed = _build_stub_cli(tmp_path, kill_at="rename:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.tmp"]  # written, never renamed
+    proc = _build_stub_cli(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    # the build ran on a scratch copy: nothing (build/, *.egg-info) appeared in overlays/flash-attn-stub
+    assert sorted(str(p.relative_to(STUB_DIR)) for p in STUB_DIR.rglob("*")
+                  if "__pycache__" not in p.parts) == source_before
+
+
+def test_a_symlinked_output_path_is_refused_in_one_line(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, tmp_path / "linked-dest")
+    proc = _build_stub_cli(tmp_path / "linked-dest")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--dest {tmp_path / 'linked-dest'} is a symlink (to {outside})" in proc.stderr
+    name = f"flash_attn-{stub_version()}-py3-none-any.whl"
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (outside / name).write_bytes(b"not a wheel")
+    os.symlink(outside / name, dest / name)
+    proc = _build_stub_cli(dest)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{dest / name} is a symlink (to {outside / name})" in proc.stderr
+    assert [p.name for p in outside.iterdir()] == [name] and (outside / name).read_bytes() == b"not a wheel"
+    assert os.readlink(dest / name) == str(outside / name)
 
 
 def test_build_without_setuptools_is_a_one_line_error(tmp_path):

@@ -23,13 +23,15 @@ import pytest
 import yaml
 
 from ktlegacy.arch import get_arch
+from ktlegacy.facts import SM80_ONLY_OPS
 from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
 
 REPO = Path(__file__).resolve().parent.parent
-OVERLAY_NAMES = ["runtime", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "triton-stages", "fp16",
-                 "cpu-experts-dtype", "moe-partial-block", "gpu-expert-prefill", "portable-cpu", "server-api"]
+OVERLAY_NAMES = ["runtime", "gguf-linear", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "last-token-logits",
+                 "triton-stages", "fp16", "cpu-experts-dtype", "moe-partial-block", "gpu-expert-prefill", "portable-cpu",
+                 "server-api"]
 NOT_FOR_SDIST = ["prefill-kv-length", "loopback-listeners", "serve-backend-guard", "optional-sched-ext", "cache-device-key"]  # later refs only
-SM80_OPS = {"KLinearMarlin", "KExpertsMarlin", "VLinearMarlin", "KLinearFP8"}
+SM80_OPS = set(SM80_ONLY_OPS)   # the ops overlay 20 rewrites and ktlegacy.serving refuses
 RULES = "ktransformers/optimize/optimize_rules"
 
 
@@ -138,8 +140,10 @@ def _remove(rel):
 
 DRIFTS = {
     "runtime": ("ktransformers/__init__.py", _remove("ktransformers/__init__.py")),
-    "torch-linear-rules": ("ktransformers/operators/linear.py",
-                           _edit("ktransformers/operators/linear.py", '"KLinearTorch": KLinearTorch', '"KLinearTorch": KLinearTorch2')),
+    "torch-linear-rules": ("ktransformers/operators/experts.py",
+                           _edit("ktransformers/operators/experts.py", '"KExpertsTorch": KExpertsTorch', '"KExpertsTorch": KExpertsTorch2')),
+    "gguf-linear": ("ktransformers/operators/linear.py",
+                    _edit("ktransformers/operators/linear.py", "LINEAR_MAP = {", "LINEAR_MAP = dict(")),
     "torch-linear-rules/user-rule": (f"{RULES}/user-flow.yaml", _add_flow_rule),
     "eager": ("ktransformers/local_chat.py",
               _edit("ktransformers/local_chat.py", '"flash_attention_2"', '"flash_attention_3"', count=3)),
@@ -183,6 +187,11 @@ def test_only_expected_files_change(sdist_tree, patched):
         "ktransformers/operators/attention.py",
         "ktransformers/operators/experts.py",  # cpu-experts-dtype
         "ktransformers/ktransformers_ext/operators/llamafile/moe.cpp",  # moe-partial-block
+        "ktransformers/ktransformers_ext/cuda/ktlegacy_gguf/ktlegacy_gguf.cu",   # gguf-linear
+        "ktransformers/ktransformers_ext/cuda/ktlegacy_gguf/ktlegacy_gguf.cuh",
+        "ktransformers/operators/ktlegacy_gguf_linear.py",
+        "ktransformers/models/modeling_deepseek.py",      # last-token-logits
+        "ktransformers/models/modeling_deepseek_v3.py",
         "ktransformers/operators/linear.py",
         "ktransformers/operators/triton_attention.py",
         "ktransformers/server/backend/interfaces/ktransformers.py",
@@ -213,39 +222,52 @@ def _leaves(node, path=()):
 
 
 def test_rules_lose_every_sm80_op_and_nothing_else(sdist_tree, patched):
+    """Every op value is replaced by the op ktlegacy.gpu_linear.PATCHED_OP names (the GPU linears
+    KLinearGGUF, KExpertsMarlin KExpertsTorch), lm_head's rule goes in front where a file left it a
+    GPU nn.Linear, and nothing else changes: same keys and values, same lines and comments."""
+    from ktlegacy.gpu_linear import PATCHED_OP, lm_head_devices
     files = sorted(p.relative_to(sdist_tree) for p in (sdist_tree / RULES).rglob("*.yaml"))
     assert len(files) >= 10
-    replaced = active = 0
+    replaced = active = heads = 0
     for rel in files:
         before_text = (sdist_tree / rel).read_text()
         after_text = (patched / rel).read_text()
         active += sum(1 for line in before_text.splitlines() if not line.lstrip().startswith("#")
-                      and re.search("|".join(SM80_OPS), line))
-        before = dict(_leaves(yaml.safe_load(before_text)))
-        after = dict(_leaves(yaml.safe_load(after_text)))
+                      and re.search("|".join(PATCHED_OP), line))
+        before_rules = yaml.safe_load(before_text)
+        head = lm_head_devices(before_rules) is not None
+        after_rules = yaml.safe_load(after_text)
+        if head:  # the lm_head rule, then the file as it was
+            heads += 1
+            assert after_rules[0]["match"] == {"name": "^lm_head$", "class": "torch.nn.Linear"}, rel
+            after_rules = after_rules[1:]
+        before, after = dict(_leaves(before_rules)), dict(_leaves(after_rules))
         assert before.keys() == after.keys(), rel
         for path, value in before.items():
-            if value in SM80_OPS:
-                assert after[path] == ("KExpertsTorch" if value == "KExpertsMarlin" else "KLinearTorch"), (rel, path)
+            if value in PATCHED_OP:
+                assert after[path] == PATCHED_OP[value], (rel, path)
                 replaced += 1
             else:
                 assert after[path] == value, (rel, path)
         assert not SM80_OPS & {v for v in after.values() if isinstance(v, str)}, rel
         # Layout and comments: same lines, and a changed line differs only in the op name.
         b_lines, a_lines = before_text.splitlines(), after_text.splitlines()
+        if head:
+            a_lines = a_lines[len(a_lines) - len(b_lines):]
         assert len(b_lines) == len(a_lines), rel
         for b, a in zip(b_lines, a_lines):
             if b != a:
-                assert re.sub(r"KLinearMarlin|VLinearMarlin|KLinearFP8", "KLinearTorch",
+                assert re.sub(r"KLinearMarlin|VLinearMarlin|KLinearFP8|KLinearTorch", "KLinearGGUF",
                               b.replace("KExpertsMarlin", "KExpertsTorch")) == a, (rel, b, a)
                 assert not b.lstrip().startswith("#"), (rel, b)
     assert replaced == active > 0  # every uncommented op line of the sdist was one value we replaced
+    assert heads >= 10  # every DeepSeek file leaves lm_head a default nn.Linear at this ref
 
 
-def test_linear_default_op_is_torch(patched):
+def test_linear_default_op_is_gguf(patched):
     text = (patched / "ktransformers/operators/linear.py").read_text()
-    assert 'generate_op: str| None = "KLinearTorch"' in text
-    assert not re.search(r'_op\s*:\s*str\s*\|\s*None\s*=\s*"KLinearMarlin"', text)
+    assert 'generate_op: str| None = "KLinearGGUF"' in text
+    assert not re.search(r'_op\s*:\s*str\s*\|\s*None\s*=\s*"KLinear(Marlin|Torch)"', text)
 
 
 def test_no_flash_attention_2_is_requested(patched):

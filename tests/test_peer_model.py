@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from ktlegacy.errors import KtlegacyError
-from ktlegacy.testing.peer_model import (GGUF_NAME, LiteSpec, QK, _q4k_scales, decode_cpu_bytes, load_record,
+from ktlegacy.testing.peer_model import (GGUF_NAME, LiteSpec, QK, Q6K_SCALE, _q4k_scales, decode_cpu_bytes, load_record,
                                  make_lite_model, nbytes, quant_blocks, tensor_plan)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +134,18 @@ def test_block_layouts_match_ggml():
             lo = np.concatenate([qs & 0xF, qs >> 4]).astype(np.int64)
             hi = np.array([(qh >> j) & 1 for j in range(32)])
             expect = d * ((lo | hi << 4) - 16)
+        elif qtype == "Q6_K":  # every int8 scale is Q6K_SCALE; d is the last field
+            d = float(np.frombuffer(b[208:210], np.float16)[0])
+            assert set(np.frombuffer(b[192:208], np.int8).tolist()) == {Q6K_SCALE}
+            ql, qh = np.frombuffer(b[:128], np.uint8), np.frombuffer(b[128:192], np.uint8)
+            q = np.empty(256, dtype=np.int64)
+            for half in range(2):
+                for quarter in range(4):
+                    for i in range(32):
+                        low = ql[64 * half + 32 * (quarter & 1) + i]
+                        low = low & 0xF if quarter < 2 else low >> 4
+                        q[128 * half + 32 * quarter + i] = low | ((qh[32 * half + i] >> (2 * quarter)) & 3) << 4
+            expect = d * Q6K_SCALE * (q - 32)
         else:  # Q4_K: every (scale, min) pair is Q4K_SCALE, dmin = 7.5 d
             dmin = float(np.frombuffer(b[2:4], np.float16)[0])
             assert b[4:16] == _q4k_scales()
@@ -276,3 +288,31 @@ def test_refuses_busy_dest_and_bad_sizes(tmp_path, model_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {busy} is not empty: pass --force to replace it, or another --dest"]
+
+
+def test_v3_dims_plan_has_the_v3_test_models_tensors_at_deepseek_v3s_sizes():
+    """The V3-dims slice (memory and speed of the GPU side at DeepSeek-V3's real sizes) names
+    exactly the tensors the synthetic V3 test model has, which the engine and the reference load,
+    with DeepSeek-V3's shapes; its GPU-side matrices are in a Q4_K_M file's types."""
+    from dataclasses import replace
+    from ktlegacy.testing.peer_model import V3_DIMS
+    from ktlegacy.testing.testmodel import _tensors, preset
+    layers = 3
+    spec = replace(V3_DIMS, num_hidden_layers=layers)
+    plan = {name: (shape, qtype) for name, shape, qtype, _ in tensor_plan(spec)}
+    small = preset("v3", num_hidden_layers=layers, first_k_dense_replace=V3_DIMS.first_k_dense_replace,
+                   hidden_size=256, vocab_size=512, n_routed_experts=8, num_experts_per_tok=4)
+    assert set(plan) == {name for name, _, _ in _tensors(small)}
+    assert plan["blk.0.attn_q_a.weight"] == ((1536, 7168), "Q4_K")
+    assert plan["blk.0.attn_q_b.weight"] == ((128 * 192, 1536), "Q4_K")
+    assert plan["blk.0.attn_kv_a_mqa.weight"] == ((576, 7168), "Q4_K")
+    assert plan["blk.0.attn_kv_b.weight"] == ((128 * 256, 512), "Q6_K")
+    assert plan["blk.0.attn_output.weight"] == ((7168, 16384), "Q4_K")
+    assert plan["blk.0.ffn_down.weight"] == ((7168, 18432), "Q6_K")
+    assert plan["blk.1.ffn_gate_shexp.weight"] == ((2048, 7168), "Q4_K")
+    assert plan["blk.1.ffn_gate_exps.weight"] == ((8, 2048, 7168), "Q4_K")
+    assert plan["output.weight"] == ((129280, 7168), "Q6_K")
+    cfg = spec.test_spec().config_dict(0, 1)
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["q_lora_rank"] == 1536
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"], cfg["vocab_size"]) == \
+        (7168, 128, 18432, 129280)

@@ -29,14 +29,56 @@ def test_profile_environment_is_compose_yaml_s(n):
     assert not any("${" in v for v in env.values())
 
 
-def test_too_few_gpus_is_one_line(tmp_path):
+def test_no_gpu_is_one_line(tmp_path):
+    import torch
+    if torch.cuda.device_count():
+        pytest.skip("this host has a CUDA GPU")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "serve_proof.py"), "--work", str(tmp_path / "w"),
                            "--out", str(tmp_path / "out.json"), "--gpus", "4"],
                           capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: --gpus 4 proves the t4x4 profile's rule file on 4 GPUs, but ")
+    assert lines[0].startswith("error: --gpus 4 proves the t4x4 profile's rule file on 4 GPUs, but no CUDA GPU is "
+                               "visible: run it on a machine with 1 to 4 GPUs")
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "w").exists()
+
+
+def _devices_only_differ(a, b, cards: int) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_devices_only_differ(a[k], b[k], cards) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_devices_only_differ(x, y, cards) for x, y in zip(a, b))
+    if isinstance(a, str) and a.startswith("cuda:") and a[5:].isdigit():
+        return b == f"cuda:{int(a[5:]) % cards}"
+    return a == b
+
+
+@pytest.mark.parametrize("cards, devices", [(2, ["cuda:0", "cuda:1"]), (1, ["cuda:0"])])
+def test_the_4_gpu_rule_file_folds_onto_fewer_cards(cards, devices, patched_tree, tmp_path):
+    """--gpus 4 on 1-2 cards: the t4x4 file with cuda:N -> cuda:(N mod cards), nothing else changed;
+    it still passes serve.sh's rule check, and the doctor's estimate puts the same weights on the
+    cards there are (every block on the card its virtual GPU folds onto)."""
+    import yaml
+    from ggufmodel import write_model
+    from ktlegacy import vram
+    from ktlegacy.serving import check_rules
+    src = patched_tree("0.2.1.post1", "sm75") / "ktransformers/optimize/optimize_rules" / PROFILES["t4x4"].rules
+    dest = tmp_path / "folded" / src.name
+    changed = serve_proof.fold_rules(src, dest, cards)
+    assert changed == {f"cuda:{i}": f"cuda:{i % cards}" for i in range(cards, 4)}
+    before, after = yaml.safe_load(src.read_text()), yaml.safe_load(dest.read_text())
+    assert _devices_only_differ(before, after, cards) and before != after
+    transfer = [r["replace"]["kwargs"]["transfer_map"] for r in after if "transfer_map" in r["replace"].get("kwargs", {})]
+    assert transfer == [{15: "cuda:1" if cards > 1 else "cuda:0", 30: "cuda:0", 45: "cuda:1" if cards > 1 else "cuda:0"}]
+    check_rules(dest.read_text(), str(dest))
+    write_model(tmp_path / "gguf")
+    model = vram.read_gguf(tmp_path / "gguf")
+    four = vram.estimate(model, vram.load_rules(src.read_text()), 8192)
+    folded = vram.estimate(model, vram.load_rules(dest.read_text()), 8192)
+    assert four.gpu_devices == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] and folded.gpu_devices == devices
+    for dev in devices:
+        assert folded.weights_mib[dev] == pytest.approx(
+            sum(four.weights_mib[f"cuda:{i}"] for i in range(4) if i % cards == int(dev[5:])))
 
 
 def test_memory_vs_estimate_leaves_out_only_the_unexercised_prefill():

@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,11 @@ def test_local_copy(sdist_tree, tmp_path):
     record = fetch_source(tmp_path / "copy", local=sdist_tree)
     assert record["origin"] == "local"
     assert (tmp_path / "copy/ktransformers/__init__.py").is_file()
+    assert not (tmp_path / "copy/ktlegacy-fetch-incomplete").exists()
+    (tmp_path / "copy/ktlegacy-fetch-incomplete").write_text("a killed fetch\n")  # a half tree is not copied whole
+    with pytest.raises(KtlegacyError, match="is an incomplete tree"):
+        fetch_source(tmp_path / "copy2", local=tmp_path / "copy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
 def test_local_git_clone_records_commit(sdist_tree, tmp_path):
@@ -69,6 +75,7 @@ def test_local_git_clone_records_commit(sdist_tree, tmp_path):
     record = fetch_source(tmp_path / "clone", "v0.3.1", git_url=f"file://{repo}")
     assert record == {"ref": "v0.3.1", "origin": "git", "url": f"file://{repo}", "commit": head}
     assert json.loads((tmp_path / "clone/ktlegacy-source.json").read_text())["commit"] == head
+    assert not (tmp_path / "clone/ktlegacy-fetch-incomplete").exists()  # marked while cloning, whole now
 
 
 def test_unreachable_upstream_git_names_the_mirror_and_local_options(tmp_path):
@@ -173,3 +180,96 @@ def test_local_tarball_is_unpacked_and_recorded(sdist_tree, tmp_path):
     with pytest.raises(KtlegacyError, match="neither a directory nor a tar archive"):
         fetch_source(tmp_path / "u", None, local=tmp_path / "junk.txt")
     assert not (tmp_path / "u").exists()
+
+
+# -- interrupted or refused: no half tree that patch would accept (issue 21) -------------------
+
+def _fetch(dest: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KTLEGACY_TEST_KILL_AT"}
+    if kill_at:
+        env["KTLEGACY_TEST_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "ktlegacy", "fetch-source", "--ref", "0.2.1.post1",
+                           "--dest", str(dest), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _trees_under(root: Path) -> list[Path]:
+    """Every directory under ``root`` (hidden ones included) that looks like a ktransformers tree."""
+    return sorted(p.parent.parent for p in root.rglob("ktransformers/__init__.py"))
+
+
+def _patch_check(tree: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ktlegacy", "patch", "--src", str(tree), "--arch", "sm75", "--check"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _state(root: Path) -> dict:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
+                                       p.stat().st_mode) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def sdist_state(sdist_tree) -> dict:
+    return _state(sdist_tree)
+
+
+@pytest.mark.parametrize("kill_at, force, refused", [
+    ("extract:1", False, 0), ("extract:800", False, 1), ("extract:1681", False, 1),  # the sdist has 1681 members
+    ("rename:1", True, 0), ("rename:2", True, 0),   # the old tree aside, the new one in: whole trees only
+    ("unlink:4", True, 1),                          # the old tree half removed
+])
+def test_a_killed_fetch_leaves_no_tree_patch_accepts_and_the_next_one_cleans_up(sdist_state, tmp_path, kill_at, force,
+                                                                                  refused):
+    """Killed mid-extraction (first, middle, last member), while --force moves the old tree
+    aside or the new one in, or while the old one is being removed: whatever is left under the
+    parent is either a whole tree or refused by patch; the next fetch-source ends with the
+    pristine tree at --dest and nothing else."""
+    dest = tmp_path / "parent" / "src"
+    if force:
+        assert _fetch(dest).returncode == 0
+        (dest / "old-marker").write_text("the tree --force replaces\n")
+    killed = _fetch(dest, *(["--force"] if force else []), kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    n_refused = 0
+    for tree in _trees_under(tmp_path / "parent"):
+        state = _state(tree)
+        state.pop("old-marker", None)
+        whole = state == sdist_state
+        if not whole:
+            proc = _patch_check(tree)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (tree, proc.stdout[-500:], proc.stderr)
+            assert "is an incomplete tree (ktlegacy-fetch-incomplete" in proc.stderr, proc.stderr
+            n_refused += 1
+    assert n_refused == refused
+    again = _fetch(dest, "--force")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == ["src"]  # leftovers removed
+    assert _state(dest) == sdist_state
+
+
+def test_a_symlinked_dest_is_refused_in_one_line(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("mine\n")
+    os.symlink(target, tmp_path / "link")
+    for args in ((), ("--force",)):
+        proc = _fetch(tmp_path / "link", *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"--dest {tmp_path / 'link'} is a symlink (to {target})" in proc.stderr
+    assert [p.name for p in target.iterdir()] == ["keep"] and (target / "keep").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
+
+
+def test_extraction_without_tarfile_filters_gives_the_same_tree(sdist_state, tmp_path, monkeypatch):
+    """Python before 3.11.4 (Debian bookworm's 3.11.2, the image build's stand-in base) has no
+    extraction filters and no TarInfo.replace: the same checks by hand give the same tree."""
+    import tarfile
+    from ktlegacy.source import CACHE_DIR
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.delattr(tarfile.TarInfo, "replace")
+    fetch_source(tmp_path / "t", "0.2.1.post1", local=CACHE_DIR / REFS["0.2.1.post1"].filename)
+    state = _state(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "ktlegacy-source.json").read_bytes())["origin"] == "local"
+    state.pop("ktlegacy-source.json")
+    # the same files and contents (modes are the archive's: the "data" filter also drops group write)
+    assert {k: v[0] for k, v in state.items()} == {k: v[0] for k, v in sdist_state.items() if k != "ktlegacy-source.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]

@@ -157,12 +157,17 @@ def test_gguf_header_and_tensors(model_dir):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert set(types) == set(listed)
     assert types["blk.1.ffn_gate_exps.weight"] == "F16" and types["blk.1.ffn_gate_inp.weight"] == "F32"
-    assert types["blk.0.attn_kv_a_norm.weight"] == "F32" and types["output.weight"] == "F16"
+    assert types["blk.0.attn_kv_a_norm.weight"] == "F32" and types["token_embd.weight"] == "F16"
+    # the GPU-side matrices in a Q4_K_M file's mix (testmodel.LINEAR_QUANTS)
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_kv_b.weight"] == "Q6_K"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_gate_shexp.weight"] == "Q4_K"
+    assert types["blk.0.attn_output.weight"] == types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert {listed[n]["type"] for n in listed} == {"F16", "F32", "Q4_K", "Q6_K", "Q8_0"}
     # numpy layout (reversed GGUF dims), as both loaders see it
     by_name = {t.name: t for t in reader.tensors}
     assert list(by_name["blk.1.ffn_down_exps.weight"].data.shape) == [SMALL.n_routed_experts, SMALL.hidden_size,
                                                                      SMALL.moe_intermediate_size]
-    assert list(by_name["blk.0.attn_kv_b.weight"].data.shape) == [SMALL.num_attention_heads * 256, 512]
+    assert [int(n) for n in reversed(by_name["blk.0.attn_kv_b.weight"].shape)] == [SMALL.num_attention_heads * 256, 512]
     assert "blk.0.ffn_gate_exps.weight" not in types and "blk.0.ffn_gate.weight" in types  # dense first layer
 
 
@@ -232,10 +237,14 @@ def test_v3_preset_config_and_tensors(v3_dir):
 
 def test_v3_routing_cannot_drift_with_depth(v3_dir):
     """Every branch writes outside span(embeddings) and the router reads only inside it, with
-    unit FFN norms: a deep residual stream cannot move a token's experts (see confine_branches)."""
+    unit FFN norms: a deep residual stream cannot move a token's experts (see confine_branches).
+    The branch outputs are quantized (Q8_0): what leaks into the span is their rounding, checked
+    on the dequantized values the engine and the reference use."""
     import gguf
     import numpy as np
-    t = {x.name: np.array(x.data, dtype=np.float64) for x in gguf.GGUFReader(str(v3_dir / GGUF_NAME)).tensors}
+    from gguf.quants import dequantize
+    t = {x.name: dequantize(x.data, x.tensor_type).astype(np.float64)
+         for x in gguf.GGUFReader(str(v3_dir / GGUF_NAME)).tensors}
     q = np.linalg.qr(t["token_embd.weight"].T)[0]                     # hidden x vocab
     outputs = [n for n in t if n.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_shexp.weight"))]
     assert len(outputs) == 2 * SMALL_V3.num_hidden_layers

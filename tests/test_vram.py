@@ -122,46 +122,65 @@ def test_bad_rule_file_is_one_line():
 # DeepSeek-V3 / R1 at full size (shapes from its config.json: hidden 7168, 61 layers, first 3 dense
 # with intermediate 18432, 256 routed experts + 1 shared of 2048, q_lora 1536, kv_lora 512, 128 heads
 # of qk_nope 128 + qk_rope 64, v 128, vocab 129280), as tensor infos only: no file needed.
-def deepseek_v3_model():
-    import numpy as np
-    from ktlegacy.vram import GgufModel, Tensor
-    h, vocab = 7168, 129280
-
-    def shapes(layer):
-        s = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q_a": (1536, h), "attn_q_a_norm": (1536,),
-             "attn_q_b": (128 * 192, 1536), "attn_kv_a_mqa": (512 + 64, h), "attn_kv_a_norm": (512,),
-             "attn_kv_b": (128 * 256, 512), "attn_output": (h, 128 * 128)}
-        if layer < 3:
-            s.update(ffn_gate=(18432, h), ffn_up=(18432, h), ffn_down=(h, 18432))
-        else:
-            s.update(ffn_gate_inp=(256, h), exp_probs_b=(256,), ffn_gate_exps=(256, 2048, h),
-                     ffn_up_exps=(256, 2048, h), ffn_down_exps=(256, h, 2048),
-                     ffn_gate_shexp=(2048, h), ffn_up_shexp=(2048, h), ffn_down_shexp=(h, 2048))
-        return s
-    tensors = [Tensor("token_embd.weight", vocab * h, 0), Tensor("output_norm.weight", h, 0),
-               Tensor("output.weight", vocab * h, 0)]
-    for layer in range(61):
-        tensors += [Tensor(f"blk.{layer}.{k}.weight", int(np.prod(v)), 0) for k, v in shapes(layer).items()]
-    meta = {"general.architecture": "deepseek2", "deepseek2.attention.kv_lora_rank": 512,
-            "deepseek2.rope.dimension_count": 64, "deepseek2.embedding_length": h}
-    return GgufModel([], tensors, meta, 0)
+def deepseek_v3_model(ftype: str | None = None):
+    """``ftype``: None (every tensor F16, as before quantized GPU weights), or a llama.cpp file type
+    (Q4_K_M, Q2_K) whose tensor types ktlegacy.testing.ggml_quant.llama_cpp_type assigns."""
+    from ktlegacy.testing.peer_model import V3_FULL, gguf_infos
+    return gguf_infos(V3_FULL, ftype)
 
 
-def test_deepseek_v3_on_the_profiles_cards(sdist_tree):
-    """What the doctor will tell DeepSeek-V3/R1 users (fp16 under KLinearTorch, cache_lens 8192):
-    4x T4 fits, 1x V100-32GB and 2x stock RTX 2080 Ti (11 GiB) do not, 2x 22 GiB 2080 Ti would."""
-    model = deepseek_v3_model()
+V100_32GB, RTX_2080TI, T4 = 32510, 11264, 15360   # MiB each card reports
+
+
+def test_deepseek_v3_fp16_linears_on_the_profiles_cards(sdist_tree):
+    """KTLEGACY_GPU_LINEAR=fp16 (KLinearTorch's fp16 copies), cache_lens 8192: 4x T4 fits, 1x
+    V100-32GB and 2x stock RTX 2080 Ti (11 GiB) do not, 2x 22 GiB 2080 Ti would."""
+    model = deepseek_v3_model("Q4_K_M")
     assert sum(t.n_elements for t in model.tensors) == pytest.approx(671.0e9, rel=1e-3)
     gib = 1024 ** 3 / MIB
-    one = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat.yaml"), 8192)
+    one = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat.yaml"), 8192, linear_mode="fp16")
     assert one.weights_mib["cuda:0"] / gib == pytest.approx(30.2, abs=0.1)
     assert one.need_mib("cuda:0") > 32510                       # Tesla V100-SXM2-32GB
     # an 8192-token prefill's attention intermediates: 128 heads x (2*192 + 256 + 2*128) fp16 per token
     assert one.prefill_mib["cuda:0"] == pytest.approx(8192 * 128 * 896 * 2 / MIB)
+    two = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu.yaml"), 8192, linear_mode="fp16")
+    assert all(RTX_2080TI < two.need_mib(d) < 2 * RTX_2080TI for d in ("cuda:0", "cuda:1"))
+    four = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml"), 8192, linear_mode="fp16")
+    assert all(four.need_mib(f"cuda:{i}") < T4 for i in range(4))
+    assert one.scratch_mib == {} and one.weights_mib == one.fp16_weights_mib
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K"])
+def test_deepseek_v3_quantized_linears_on_the_profiles_cards(sdist_tree, ftype):
+    """KTLEGACY_GPU_LINEAR=quant (the default), cache_lens 8192: the GPU weights are their GGUF
+    blocks (attn_kv_b, which the attention reads as a dense weight, stays fp16), plus one fp16
+    prefill scratch per GPU. 1x V100-32GB and 2x stock RTX 2080 Ti now hold DeepSeek-V3/R1;
+    4x T4 with room. The unpatched rule files give the same answer as the patched ones."""
+    model = deepseek_v3_model(ftype)
+    gib = 1024 ** 3 / MIB
+    one = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat.yaml"), 8192)
+    assert one.linear_mode == "quant"
+    # every GPU weight at its GGUF size but kv_b (fp16: 61 x 128*256*512 x 2 B = 1.91 GiB)
+    kv_b = 61 * 128 * 256 * 512 * 2 / MIB
+    gpu = [t for t in model.tensors if not t.name.endswith(("_exps.weight", "token_embd.weight"))]
+    blocks = sum(t.n_bytes for t in gpu if "attn_kv_b" not in t.name and t.ggml_type != "F32") / MIB
+    floats = sum(t.n_elements * 2 for t in gpu if t.ggml_type == "F32") / MIB   # norms, router: fp16 copies
+    assert one.weights_mib["cuda:0"] == pytest.approx(kv_b + blocks + floats)
+    assert one.scratch_mib["cuda:0"] == pytest.approx(256)     # the dense layers' 18432 x 7168 fp16 > 256 MiB
+    assert one.need_mib("cuda:0") < V100_32GB
+    assert one.weights_mib["cuda:0"] < one.fp16_weights_mib["cuda:0"] / 2.5
     two = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu.yaml"), 8192)
-    assert all(11264 < two.need_mib(d) < 22528 for d in ("cuda:0", "cuda:1"))
+    assert all(two.need_mib(d) < RTX_2080TI for d in ("cuda:0", "cuda:1"))
     four = estimate(model, rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml"), 8192)
-    assert all(four.need_mib(f"cuda:{i}") < 15360 for i in range(4))   # Tesla T4
+    assert all(four.need_mib(f"cuda:{i}") < 0.75 * T4 for i in range(4))
+    patched = [{**r, "replace": {**r["replace"], "kwargs": {**r["replace"].get("kwargs", {})}}}
+               for r in rules(sdist_tree, "DeepSeek-V3-Chat.yaml")]
+    from ktlegacy.gpu_linear import patched_rules
+    again = estimate(model, patched_rules(patched), 8192)
+    assert again.weights_mib == one.weights_mib and again.need_mib("cuda:0") == one.need_mib("cuda:0")
+    print(f"{ftype}: 1 GPU {one.need_mib('cuda:0') / gib:.1f} GiB; 2 GPUs "
+          f"{[round(two.need_mib(d) / gib, 1) for d in two.gpu_devices]}; 4 GPUs "
+          f"{[round(four.need_mib(d) / gib, 1) for d in four.gpu_devices]}")
 
 
 def test_gpu_experts_prefill_term(model, sdist_tree):

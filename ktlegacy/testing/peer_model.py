@@ -35,7 +35,7 @@ in 0.6 s.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import KtlegacyError
@@ -44,7 +44,7 @@ GGUF_NAME = "model.gguf"
 RECORD_NAME = "ktlegacy-peer-model.json"
 
 # ggml block layouts: (values per block, bytes per block)
-QK = {"Q4_K": (256, 144), "Q5_0": (32, 22), "Q8_0": (32, 34), "F32": (1, 4), "F16": (1, 2)}
+QK = {"Q4_K": (256, 144), "Q6_K": (256, 210), "Q5_0": (32, 22), "Q8_0": (32, 34), "F32": (1, 4), "F16": (1, 2)}
 TOKENIZER_VOCAB = 512  # trained BPE tokens (testmodel's corpus fills up to ~2000)
 
 
@@ -68,19 +68,72 @@ class LiteSpec:
     v_head_dim: int = 128
     seed: int = 0
     branch_scale: float = 0.3  # residual branch outputs (attention out, FFN down) relative to unit RMS
+    # DeepSeek-V3 layout (``variant="v3"``, :data:`V3_DIMS`): q LoRA, sigmoid router with a
+    # score-correction bias and expert groups, one shared expert
+    variant: str = "v2"
+    q_lora_rank: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def test_spec(self):
         """The same numbers as a ``testmodel.TestModelSpec`` (its config.json writer)."""
-        from .testmodel import TestModelSpec
+        from .testmodel import V3_ROPE_SCALING, TestModelSpec
+        v3 = {"rope_scaling": V3_ROPE_SCALING} if self.variant == "v3" else {}
         return TestModelSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            variant=self.variant, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, moe_intermediate_size=self.moe_intermediate_size,
             num_hidden_layers=self.num_hidden_layers, first_k_dense_replace=self.first_k_dense_replace,
             num_attention_heads=self.num_attention_heads, n_routed_experts=self.n_routed_experts,
             num_experts_per_tok=self.num_experts_per_tok, n_shared_experts=self.n_shared_experts,
-            kv_lora_rank=self.kv_lora_rank, q_lora_rank=None, qk_rope_head_dim=self.qk_rope_head_dim,
-            qk_nope_head_dim=self.qk_nope_head_dim, v_head_dim=self.v_head_dim, seed=self.seed,
+            kv_lora_rank=self.kv_lora_rank, q_lora_rank=self.q_lora_rank or None,
+            qk_rope_head_dim=self.qk_rope_head_dim, qk_nope_head_dim=self.qk_nope_head_dim,
+            v_head_dim=self.v_head_dim, seed=self.seed, n_group=self.n_group, topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor, **v3,
         )
+
+
+# DeepSeek-V3/R1's per-layer dimensions (its config.json: hidden 7168, q LoRA 1536, kv LoRA 512,
+# 128 heads, dense MLP 18432, experts and the shared expert 2048, vocabulary 129280) with few layers
+# (one dense, then MoE) and few routed experts: a slice of the real model for measuring the GPU
+# side (memory per GPU, the speed of its linears). Weights in a Q4_K_M file's mix (see tensor_plan).
+V3_DIMS = LiteSpec(
+    variant="v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=128, n_routed_experts=8,
+    num_experts_per_tok=4, n_shared_experts=1, q_lora_rank=1536, n_group=4, topk_group=2,
+    routed_scaling_factor=2.5,
+)
+
+
+# DeepSeek-V3/R1 whole (671B parameters): 61 layers, 3 dense, 256 routed experts top-8 in 8 groups
+V3_FULL = replace(V3_DIMS, num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256,
+                  num_experts_per_tok=8, n_group=8, topk_group=4)
+
+
+def gguf_infos(spec: LiteSpec, ftype: str | None = None):
+    """A ``ktlegacy.vram.GgufModel`` of ``spec``'s tensors (names, sizes, types) without a file: each
+    tensor in the type llama.cpp's ``ftype`` (Q4_K_M, Q2_K; ``ktlegacy.testing.ggml_quant.llama_cpp_type``)
+    gives it, or in F16 with ``ftype`` None. What the doctor estimates for a real GGUF of that size."""
+    import math
+    from ..vram import GgufModel, Tensor
+    from .ggml_quant import llama_cpp_type, type_bytes
+    tensors = []
+    for name, shape, _, _ in tensor_plan(spec):
+        n = math.prod(shape)
+        qtype = llama_cpp_type(name, spec.num_hidden_layers, ftype) if ftype else "F16"
+        tensors.append(Tensor(name, n, type_bytes(qtype, n), qtype))
+    meta = {"general.architecture": "deepseek2", "deepseek2.attention.kv_lora_rank": spec.kv_lora_rank,
+            "deepseek2.rope.dimension_count": spec.qk_rope_head_dim, "deepseek2.embedding_length": spec.hidden_size}
+    return GgufModel([], tensors, meta, sum(t.n_bytes for t in tensors))
+
+
+# GPU-side matrix types by role: V2-Lite's benchmark model keeps Q8_0 (as it was measured against
+# llama.cpp); the V3-dims slice takes a Q4_K_M file's mix (input projections Q4_K, the down
+# projections and the head Q6_K, like llama.cpp's Q4_K_M for DeepSeek-V3)
+GPU_TYPES = {
+    "v2": {"embd": "Q8_0", "in": "Q8_0", "kv_b": "Q8_0", "out": "Q8_0", "down": "Q8_0", "head": "Q8_0"},
+    "v3": {"embd": "Q4_K", "in": "Q4_K", "kv_b": "Q6_K", "out": "Q4_K", "down": "Q6_K", "head": "Q6_K"},
+}
 
 
 def tensor_plan(spec: LiteSpec) -> list[tuple[str, tuple[int, ...], str, float]]:
@@ -88,41 +141,52 @@ def tensor_plan(spec: LiteSpec) -> list[tuple[str, tuple[int, ...], str, float]]
     d, v, h = spec.hidden_size, spec.vocab_size, spec.num_attention_heads
     q_head = spec.qk_nope_head_dim + spec.qk_rope_head_dim
     b = spec.branch_scale
+    t = GPU_TYPES[spec.variant]
 
-    plan = [("token_embd.weight", (v, d), "Q8_0", 1.0)]
+    plan = [("token_embd.weight", (v, d), t["embd"], 1.0)]
     for i in range(spec.num_hidden_layers):
         p = f"blk.{i}."
+        plan.append((p + "attn_norm.weight", (d,), "F32", 1.0))
+        if spec.q_lora_rank:
+            r = spec.q_lora_rank
+            plan += [
+                (p + "attn_q_a.weight", (r, d), t["in"], d ** -0.5),
+                (p + "attn_q_a_norm.weight", (r,), "F32", 1.0),
+                (p + "attn_q_b.weight", (h * q_head, r), t["in"], r ** -0.5),
+            ]
+        else:
+            plan.append((p + "attn_q.weight", (h * q_head, d), t["in"], d ** -0.5))
         plan += [
-            (p + "attn_norm.weight", (d,), "F32", 1.0),
-            (p + "attn_q.weight", (h * q_head, d), "Q8_0", d ** -0.5),
-            (p + "attn_kv_a_mqa.weight", (spec.kv_lora_rank + spec.qk_rope_head_dim, d), "Q8_0", d ** -0.5),
+            (p + "attn_kv_a_mqa.weight", (spec.kv_lora_rank + spec.qk_rope_head_dim, d), t["in"], d ** -0.5),
             (p + "attn_kv_a_norm.weight", (spec.kv_lora_rank,), "F32", 1.0),
             (p + "attn_kv_b.weight", (h * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank),
-             "Q8_0", spec.kv_lora_rank ** -0.5),
-            (p + "attn_output.weight", (d, h * spec.v_head_dim), "Q8_0", b * (h * spec.v_head_dim) ** -0.5),
+             t["kv_b"], spec.kv_lora_rank ** -0.5),
+            (p + "attn_output.weight", (d, h * spec.v_head_dim), t["out"], b * (h * spec.v_head_dim) ** -0.5),
             (p + "ffn_norm.weight", (d,), "F32", 1.0),
         ]
         if i < spec.first_k_dense_replace:
             n = spec.intermediate_size
             plan += [
-                (p + "ffn_gate.weight", (n, d), "Q8_0", d ** -0.5),
-                (p + "ffn_up.weight", (n, d), "Q8_0", d ** -0.5),
-                (p + "ffn_down.weight", (d, n), "Q8_0", b * n ** -0.5),
+                (p + "ffn_gate.weight", (n, d), t["in"], d ** -0.5),
+                (p + "ffn_up.weight", (n, d), t["in"], d ** -0.5),
+                (p + "ffn_down.weight", (d, n), t["down"], b * n ** -0.5),
             ]
             continue
         e, n = spec.n_routed_experts, spec.moe_intermediate_size
         s = n * spec.n_shared_experts
+        plan.append((p + "ffn_gate_inp.weight", (e, d), "F32", d ** -0.5))
+        if spec.variant == "v3":
+            plan.append((p + "exp_probs_b.bias", (e,), "F32", 0.01))
         plan += [
-            (p + "ffn_gate_inp.weight", (e, d), "F32", d ** -0.5),
             (p + "ffn_gate_exps.weight", (e, n, d), "Q4_K", d ** -0.5),
             (p + "ffn_up_exps.weight", (e, n, d), "Q4_K", d ** -0.5),
             # routed outputs are weighted by softmax scores (~1/top_k each): scaled back up
             (p + "ffn_down_exps.weight", (e, d, n), "Q5_0" if n % 256 else "Q4_K", 2 * b * n ** -0.5),
-            (p + "ffn_gate_shexp.weight", (s, d), "Q8_0", d ** -0.5),
-            (p + "ffn_up_shexp.weight", (s, d), "Q8_0", d ** -0.5),
-            (p + "ffn_down_shexp.weight", (d, s), "Q8_0", b * s ** -0.5),
+            (p + "ffn_gate_shexp.weight", (s, d), t["in"], d ** -0.5),
+            (p + "ffn_up_shexp.weight", (s, d), t["in"], d ** -0.5),
+            (p + "ffn_down_shexp.weight", (d, s), t["down"], b * s ** -0.5),
         ]
-    plan += [("output_norm.weight", (d,), "F32", 1.0), ("output.weight", (v, d), "Q8_0", d ** -0.5)]
+    plan += [("output_norm.weight", (d,), "F32", 1.0), ("output.weight", (v, d), t["head"], d ** -0.5)]
     return plan
 
 
@@ -142,6 +206,8 @@ Q4K_STD = (255 / 12) ** 0.5    # std of a uniform 4-bit quant
 Q5_STD = (1023 / 12) ** 0.5    # 5-bit
 Q8_STD = (254 * 256 / 12) ** 0.5  # uniform int8 in [-127, 127]
 Q4K_SCALE = 32                 # every 6-bit sub-block scale and min (see _q4k_scales)
+Q6_STD = (4095 / 12) ** 0.5    # 6-bit
+Q6K_SCALE = 16                 # every int8 sub-block scale of a Q6_K block
 
 
 def _q4k_scales() -> bytes:
@@ -181,6 +247,14 @@ def quant_blocks(rng, shape: tuple[int, ...], qtype: str, rms: float):
         blocks["d"] = sign * jitter * (rms / Q5_STD)
         raw = np.frombuffer(rng.bytes(n_blocks * 20), dtype=np.uint8).reshape(n_blocks, 20)
         blocks["qh"], blocks["qs"] = raw[:, :4], raw[:, 4:]
+    elif qtype == "Q6_K":
+        dt = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+        blocks = np.empty(n_blocks, dtype=dt)
+        raw = np.frombuffer(rng.bytes(n_blocks * 192), dtype=np.uint8).reshape(n_blocks, 192)
+        blocks["ql"], blocks["qh"] = raw[:, :128], raw[:, 128:]
+        blocks["scales"] = Q6K_SCALE
+        # value = d * 16 * (q - 32), q uniform in 0..63: mean -8d, so d gets a random sign
+        blocks["d"] = sign * jitter * (rms / (Q6K_SCALE * Q6_STD))
     elif qtype == "Q8_0":
         dt = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
         blocks = np.empty(n_blocks, dtype=dt)
@@ -234,7 +308,7 @@ def _write_gguf(path: Path, spec: LiteSpec, plan, tokens, types, merges, bos_id:
     ts = spec.test_spec()
     rs = ts.rope_scaling
     w = gguf.GGUFWriter(str(path), "deepseek2")
-    w.add_name("ktlegacy synthetic DeepSeek-V2-Lite (random weights)")
+    w.add_name(f"ktlegacy synthetic DeepSeek-{'V3 slice' if spec.variant == 'v3' else 'V2-Lite'} (random weights)")
     w.add_block_count(spec.num_hidden_layers)
     w.add_context_length(ts.max_position_embeddings)
     w.add_embedding_length(spec.hidden_size)
@@ -246,16 +320,19 @@ def _write_gguf(path: Path, spec: LiteSpec, plan, tokens, types, merges, bos_id:
     w.add_leading_dense_block_count(spec.first_k_dense_replace)
     w.add_vocab_size(spec.vocab_size)
     w.add_kv_lora_rank(spec.kv_lora_rank)
-    # no q LoRA. Real V2-Lite files omit the key; llama.cpp then recognises "lite" by the layer
-    # count (26/27) alone and demands the key for any other count: 0 says it for every size.
-    w.add_q_lora_rank(0)
+    # V2-Lite has no q LoRA. Real V2-Lite files omit the key; llama.cpp then recognises "lite" by the
+    # layer count (26/27) alone and demands the key for any other count: 0 says it for every size.
+    w.add_q_lora_rank(spec.q_lora_rank)
     w.add_key_length(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
     w.add_value_length(spec.v_head_dim)
     w.add_expert_feed_forward_length(spec.moe_intermediate_size)
     w.add_expert_count(spec.n_routed_experts)
     w.add_expert_used_count(spec.num_experts_per_tok)
     w.add_expert_shared_count(spec.n_shared_experts)
-    w.add_expert_weights_scale(1.0)
+    w.add_expert_weights_scale(spec.routed_scaling_factor)
+    if spec.variant == "v3":
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     w.add_rope_dimension_count(spec.qk_rope_head_dim)
     w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     w.add_rope_scaling_factor(float(rs["factor"]))
@@ -273,8 +350,7 @@ def _write_gguf(path: Path, spec: LiteSpec, plan, tokens, types, merges, bos_id:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    raw = {"Q4_K": gguf.GGMLQuantizationType.Q4_K, "Q5_0": gguf.GGMLQuantizationType.Q5_0,
-           "Q8_0": gguf.GGMLQuantizationType.Q8_0}
+    raw = {name: gguf.GGMLQuantizationType[name] for name in QK if name not in ("F32", "F16")}
     for name, shape, qtype, _rms in plan:
         if qtype == "F32":
             w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qtype))
@@ -310,12 +386,15 @@ def decode_cpu_bytes(spec: LiteSpec, plan) -> dict:
 
 
 def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: int = 27,
-                    vocab: int = 102400) -> Path:
-    """Write the V2-Lite-shaped checkpoint into ``dest`` (all files, or nothing on failure)."""
-    spec = LiteSpec(num_hidden_layers=layers, vocab_size=vocab, seed=seed)
+                    vocab: int = 102400, base: LiteSpec = LiteSpec()) -> Path:
+    """Write the V2-Lite-shaped checkpoint (``base``: another :class:`LiteSpec`, e.g. :data:`V3_DIMS`)
+    into ``dest`` (all files, or nothing on failure)."""
+    from dataclasses import replace
+    spec = replace(base, num_hidden_layers=layers, vocab_size=vocab, seed=seed)
     dest = Path(dest)
-    if layers < 2:
-        raise KtlegacyError("layers must be at least 2 (one dense layer, then MoE layers)")
+    if layers <= spec.first_k_dense_replace:
+        raise KtlegacyError(f"layers must be at least {spec.first_k_dense_replace + 1} "
+                            f"({spec.first_k_dense_replace} dense layer(s), then MoE layers)")
     from . import require
     from .testmodel import BOS, EOS, MODEL_MODULES, staged_dir, write_hf_files
     require("make-test-model --preset v2-lite", *MODEL_MODULES)
@@ -354,13 +433,18 @@ def main(argv=None) -> int:
     import sys
     p = argparse.ArgumentParser(description="write a DeepSeek-V2-Lite-shaped GGUF (random weights)")
     p.add_argument("--dest", required=True, type=Path)
-    p.add_argument("--layers", type=int, default=LiteSpec.num_hidden_layers)
-    p.add_argument("--vocab", type=int, default=LiteSpec.vocab_size)
+    p.add_argument("--variant", choices=("v2-lite", "v3-dims"), default="v2-lite",
+                   help="v2-lite: DeepSeek-V2-Lite's dimensions; v3-dims: DeepSeek-V3's per-layer ones (V3_DIMS)")
+    p.add_argument("--layers", type=int, default=None, help="default: the variant's")
+    p.add_argument("--vocab", type=int, default=None, help="default: the variant's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
+    base = V3_DIMS if a.variant == "v3-dims" else LiteSpec()
+    a.layers = base.num_hidden_layers if a.layers is None else a.layers
+    a.vocab = base.vocab_size if a.vocab is None else a.vocab
     try:
-        out = make_lite_model(a.dest, seed=a.seed, force=a.force, layers=a.layers, vocab=a.vocab)
+        out = make_lite_model(a.dest, seed=a.seed, force=a.force, layers=a.layers, vocab=a.vocab, base=base)
     except KtlegacyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

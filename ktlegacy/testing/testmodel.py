@@ -19,12 +19,17 @@
   (what ``local_chat`` calls) resolves the config class from the installed ktransformers;
 - ``ktlegacy-testmodel.json``: the spec, seed and tensor list (what the tests check against).
 
-Quant types (see :data:`TENSOR_TYPES`): norms and the router are F32, every other matrix F16,
-the routed experts included. F16 is a type both CPU expert backends accept: llamafile's sgemm
-multiplies F16 weights by F16 activations (its ``vec_dot_type``), so the CPU experts see no
-8-bit activation rounding, and ``KExpertsTorch`` dequantizes F16 on the GPU. A quantized type
-(Q8_0, Q4_K) would test the dequant kernels but add 8-bit error to a comparison whose point is
-the legacy attention and decode paths.
+Quant types (``linear_quant``, see :func:`_linear_type`): norms and the router are F32; the
+routed experts and the token embeddings F16. F16 is a type both CPU expert backends accept:
+llamafile's sgemm multiplies F16 weights by F16 activations (its ``vec_dot_type``), so the CPU
+experts see no 8-bit activation rounding, and ``KExpertsTorch`` dequantizes F16 on the GPU. The
+GPU-side matrices (attention, dense and shared-expert MLPs, the output head) come in the mix of a
+Q4_K_M file (``linear_quant="q4_k_m"``, the default): input projections Q4_K, ``attn_kv_b`` and the
+head Q6_K, the branch outputs (``attn_output``, ``ffn_down``, ``ffn_down_shexp``) and a q LoRA
+``attn_q_b`` whose rows are not a multiple of 256 Q8_0; ``linear_quant="f16"`` keeps them F16. The
+blocks are written by ``ktlegacy.testing.ggml_quant`` and the reference reads them back through
+gguf-py's dequantizer, so the fp32 reference computes with exactly the weights the engine holds:
+quantization changes the model, not the comparison.
 
 Why the output head is not plain noise: the proof compares greedy tokens of an fp16 GPU run
 with an fp32 reference. Random logits over a vocabulary have near-ties every few dozen steps,
@@ -132,6 +137,8 @@ class TestModelSpec:
     # orthogonal to the token embeddings, and the MoE layers' input norms are 1, so a router
     # solved on the embeddings sees the same direction at any depth, only scaled (see _tensors).
     confine_branches: bool = False
+    # GPU-side matrices: "q4_k_m" (a Q4_K/Q6_K/Q8_0 mix, see the module docstring) or "f16"
+    linear_quant: str = "q4_k_m"
 
     @property
     def architecture(self) -> str:
@@ -254,11 +261,33 @@ def build_tokenizer(spec: TestModelSpec):
     return tok
 
 
+# Q4_K_M-like types of the GPU-side matrices by role (see the module docstring)
+LINEAR_QUANTS = {
+    "q4_k_m": {"in": "Q4_K", "kv_b": "Q6_K", "head": "Q6_K", "out": "Q8_0"},
+    "f16": {"in": "F16", "kv_b": "F16", "head": "F16", "out": "F16"},
+}
+
+
+def _linear_type(spec: TestModelSpec, role: str, cols: int | None = None) -> str:
+    """The GGUF type of a GPU-side matrix: its role's type in ``spec.linear_quant``; a K-quant
+    falls back to Q8_0 where a row (``cols`` values; default the hidden size) is not a multiple
+    of 256, as llama.cpp's quantizer does."""
+    if spec.linear_quant not in LINEAR_QUANTS:
+        raise KtlegacyError(f"unknown linear_quant {spec.linear_quant!r}: use one of {', '.join(LINEAR_QUANTS)}")
+    qtype = LINEAR_QUANTS[spec.linear_quant][role]
+    if qtype.endswith("_K") and (cols or spec.hidden_size) % 256:
+        return "Q8_0"
+    return qtype
+
+
 def _tensors(spec: TestModelSpec):
-    """Yield (gguf_name, float32 array, 'F32'|'F16') in a fixed order from a seeded RNG."""
+    """Yield (gguf_name, float32 array, GGUF type name) in a fixed order from a seeded RNG."""
     import numpy as np
     rng = np.random.default_rng(spec.seed)
     d, v = spec.hidden_size, spec.vocab_size
+
+    def qt(role, cols=None):
+        return _linear_type(spec, role, cols)
     h = spec.num_attention_heads
     q_head = spec.qk_nope_head_dim + spec.qk_rope_head_dim
 
@@ -326,24 +355,24 @@ def _tensors(spec: TestModelSpec):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", norm(d), "F32"
         if spec.q_lora_rank:
-            yield p + "attn_q_a.weight", linear(spec.q_lora_rank, d), "F16"
+            yield p + "attn_q_a.weight", linear(spec.q_lora_rank, d), qt("in")
             yield p + "attn_q_a_norm.weight", norm(spec.q_lora_rank), "F32"
-            yield p + "attn_q_b.weight", linear(h * q_head, spec.q_lora_rank), "F16"
+            yield p + "attn_q_b.weight", linear(h * q_head, spec.q_lora_rank), qt("in", spec.q_lora_rank)
         else:
-            yield p + "attn_q.weight", linear(h * q_head, d), "F16"
-        yield p + "attn_kv_a_mqa.weight", linear(spec.kv_lora_rank + spec.qk_rope_head_dim, d), "F16"
+            yield p + "attn_q.weight", linear(h * q_head, d), qt("in")
+        yield p + "attn_kv_a_mqa.weight", linear(spec.kv_lora_rank + spec.qk_rope_head_dim, d), qt("in")
         yield p + "attn_kv_a_norm.weight", norm(spec.kv_lora_rank), "F32"
         yield p + "attn_kv_b.weight", linear(h * (spec.qk_nope_head_dim + spec.v_head_dim),
-                                             spec.kv_lora_rank), "F16"
-        yield p + "attn_output.weight", out(linear(d, h * spec.v_head_dim, b)), "F16"
+                                             spec.kv_lora_rank), qt("kv_b", spec.kv_lora_rank)
+        yield p + "attn_output.weight", out(linear(d, h * spec.v_head_dim, b)), qt("out", h * spec.v_head_dim)
         ffn_norm = norm(d)
         if spec.confine_branches:
             ffn_norm = np.ones(d, dtype=np.float32)
         yield p + "ffn_norm.weight", ffn_norm, "F32"
         if i < spec.first_k_dense_replace:
-            yield p + "ffn_gate.weight", linear(spec.intermediate_size, d), "F16"
-            yield p + "ffn_up.weight", linear(spec.intermediate_size, d), "F16"
-            yield p + "ffn_down.weight", out(linear(d, spec.intermediate_size, b)), "F16"
+            yield p + "ffn_gate.weight", linear(spec.intermediate_size, d), qt("in")
+            yield p + "ffn_up.weight", linear(spec.intermediate_size, d), qt("in")
+            yield p + "ffn_down.weight", out(linear(d, spec.intermediate_size, b)), qt("out", spec.intermediate_size)
             continue
         e, inter = spec.n_routed_experts, spec.moe_intermediate_size
         if spec.variant == "v3":
@@ -360,9 +389,9 @@ def _tensors(spec: TestModelSpec):
         yield p + "ffn_up_exps.weight", np.stack([linear(inter, d) for _ in range(e)]), "F16"
         yield p + "ffn_down_exps.weight", out(np.stack([linear(d, inter, down_scale) for _ in range(e)])), "F16"
         shared = inter * spec.n_shared_experts
-        yield p + "ffn_gate_shexp.weight", linear(shared, d), "F16"
-        yield p + "ffn_up_shexp.weight", linear(shared, d), "F16"
-        yield p + "ffn_down_shexp.weight", out(linear(d, shared, b)), "F16"
+        yield p + "ffn_gate_shexp.weight", linear(shared, d), qt("in")
+        yield p + "ffn_up_shexp.weight", linear(shared, d), qt("in")
+        yield p + "ffn_down_shexp.weight", out(linear(d, shared, b)), qt("out", shared)
     yield "output_norm.weight", norm(d), "F32"
     # Head: successor term + noise. The final hidden state has unit RMS, so
     # E[t] . h / d ~ 1 when h points along token t's embedding.
@@ -373,7 +402,7 @@ def _tensors(spec: TestModelSpec):
     succ[order] = np.roll(order, -1)
     head = rng.standard_normal((v, d), dtype=np.float32) * (spec.head_noise / np.sqrt(d))
     head[succ] += embed * (spec.successor_logit / d)
-    yield "output.weight", head, "F16"
+    yield "output.weight", head, qt("head")
 
 
 def _write_gguf(path: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> list[dict]:
@@ -410,13 +439,16 @@ def _write_gguf(path: Path, spec: TestModelSpec, bos_id: int, eos_id: int) -> li
     w.add_rope_scaling_factor(float(rs["factor"]))
     w.add_rope_scaling_orig_ctx_len(int(rs["original_max_position_embeddings"]))
     w.add_rope_scaling_yarn_log_mul(0.1 * float(rs["mscale_all_dim"]))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M if spec.linear_quant == "q4_k_m" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_bos_token_id(bos_id)
     w.add_eos_token_id(eos_id)
     listing = []
     for name, arr, qtype in _tensors(spec):
-        data = arr.astype(np.float16 if qtype == "F16" else np.float32)
-        w.add_tensor(name, data)
+        if qtype in ("F16", "F32"):
+            w.add_tensor(name, arr.astype(np.float16 if qtype == "F16" else np.float32))
+        else:
+            from .ggml_quant import quantize
+            w.add_tensor(name, quantize(arr, qtype), raw_dtype=gguf.GGMLQuantizationType[qtype])
         listing.append({"name": name, "type": qtype, "shape": list(arr.shape)})
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -520,10 +552,12 @@ def reference_state_dict(model_dir: Path) -> dict:
     import gguf
     import numpy as np
     import torch
+    from gguf.quants import dequantize
     reader = gguf.GGUFReader(str(Path(model_dir) / GGUF_NAME))
     out = {}
     for t in reader.tensors:
-        arr = np.array(t.data, dtype=np.float32)  # F16/F32: already in numpy layout (reversed dims)
+        # F16/F32 data is already in numpy layout (reversed dims); quantized blocks dequantize to it
+        arr = dequantize(t.data, t.tensor_type).astype(np.float32)
         for hf_name, tensor in _hf_names(t.name, torch.from_numpy(arr)):
             out[hf_name] = tensor
     return out
@@ -570,15 +604,20 @@ def _hf_names(name: str, tensor):
 
 def _args(p) -> None:
     p.add_argument("--dest", required=True, type=Path, help="directory to write the model into")
-    p.add_argument("--preset", choices=sorted(PRESETS) + ["v2-lite"], default="v2",
+    p.add_argument("--preset", choices=sorted(PRESETS) + ["v2-lite", "v3-dims"], default="v2",
                    help="v2: DeepSeek-V2-Lite layout, 6 layers; v3: DeepSeek-V3 layout (q LoRA, noaux_tc "
                         "router), 46 layers: every GPU of the 2- and 4-GPU V3 rule files gets layers; "
                         "v2-lite: DeepSeek-V2-Lite's real dimensions and quant mix (Q4_K experts, ~9.4 GiB, "
-                        "for bench/peer_run.sh; ktlegacy/testing/peer_model.py)")
+                        "for bench/peer_run.sh); v3-dims: DeepSeek-V3's real per-layer dimensions, 4 layers, "
+                        "8 routed experts, Q4_K_M mix (~2.6 GiB; bench/gpu_linear.py); the last two: random "
+                        "weights, ktlegacy/testing/peer_model.py")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers (dense first, rest MoE; default: the preset's); "
                         "27 matches V2-Lite's multi-GPU rule split")
     p.add_argument("--seed", type=int, default=TestModelSpec.seed, help="weight RNG seed")
+    p.add_argument("--linear-quant", choices=sorted(LINEAR_QUANTS), default=TestModelSpec.linear_quant,
+                   help="types of the GPU-side matrices: q4_k_m (Q4_K/Q6_K/Q8_0, as a Q4_K_M file) or f16 "
+                        "(v2/v3 presets)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --dest")
 
 
@@ -588,22 +627,23 @@ def _register():
     @command("make-test-model", "write a synthetic DeepSeek-V2/V3 GGUF checkpoint + config + tokenizer", _args)
     def run(args) -> int:
         require("make-test-model", *MODEL_MODULES)  # before any work: one line naming the extra
-        if args.preset == "v2-lite":
-            from .peer_model import make_lite_model
-            out = make_lite_model(args.dest, seed=args.seed, force=args.force,
-                                  **({} if args.layers is None else {"layers": args.layers}))
-            print(f"wrote {out}: DeepSeek-V2-Lite shapes, {(out / GGUF_NAME).stat().st_size / 2**30:.2f} GiB GGUF")
+        if args.preset in ("v2-lite", "v3-dims"):
+            from .peer_model import V3_DIMS, LiteSpec, make_lite_model
+            base = V3_DIMS if args.preset == "v3-dims" else LiteSpec()
+            out = make_lite_model(args.dest, seed=args.seed, force=args.force, base=base, vocab=base.vocab_size,
+                                  layers=base.num_hidden_layers if args.layers is None else args.layers)
+            print(f"wrote {out}: {args.preset} shapes, {(out / GGUF_NAME).stat().st_size / 2**30:.2f} GiB GGUF")
             return 0
         dense = PRESETS[args.preset].first_k_dense_replace
         layers = PRESETS[args.preset].num_hidden_layers if args.layers is None else args.layers
         if layers <= dense:
             raise KtlegacyError(f"--layers must be at least {dense + 1} for preset {args.preset} "
                                 f"({dense} dense layer{'s' if dense > 1 else ''}, then MoE layers)")
-        spec = preset(args.preset, num_hidden_layers=layers, seed=args.seed)
+        spec = preset(args.preset, num_hidden_layers=layers, seed=args.seed, linear_quant=args.linear_quant)
         out = make_test_model(args.dest, spec, force=args.force)
         size = (out / GGUF_NAME).stat().st_size
         print(f"wrote {out}: {spec.architecture}, {spec.num_hidden_layers} layers, vocab {spec.vocab_size}, "
-              f"{size / 2**20:.0f} MiB GGUF (F16 matrices, F32 norms/router)")
+              f"{size / 2**20:.0f} MiB GGUF ({spec.linear_quant} GPU matrices, F16 experts/embeddings, F32 norms/router)")
         return 0
 
 
