@@ -490,7 +490,8 @@ MULTIBYTE = "naïve café — 東京 🙂 done"
 @pytest.fixture(scope="module")
 def tools_live(served):
     """DeepSeek-V3's chat template with forced replies (server_api_app.py --script); a key from a
-    file, one listed web origin, /metrics without the key, a small body limit and body timeout."""
+    file, one listed web origin, /metrics without the key, a small body limit and body timeout,
+    /docs on, prompts in the request log."""
     model = served["models"]["deepseek-v3"]
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -504,7 +505,8 @@ def tools_live(served):
     keyfile.write_text("# the tools server's key\n\nfile-key-0123456789\n")
     server = _start(served, "tools", model, {"KTLEGACY_API_KEY_FILE": str(keyfile), "KTLEGACY_CORS_ORIGINS": ORIGIN,
                                              "KTLEGACY_METRICS_PUBLIC": "1", "KTLEGACY_MAX_BODY_BYTES": "65536",
-                                             "KTLEGACY_BODY_TIMEOUT_S": "2"},
+                                             "KTLEGACY_BODY_TIMEOUT_S": "2", "KTLEGACY_DOCS": "1",
+                                             "KTLEGACY_LOG_PROMPTS": "1"},
                     "--cache-lens", "1024", "--max-new-tokens", "256", "--script", str(script))
     yield {**server, "tok": tok, "key": "file-key-0123456789",
            "auth": {"Authorization": "Bearer file-key-0123456789"}}
@@ -661,3 +663,18 @@ def test_body_limit_and_slow_bodies(tools_live):
     r = httpx.post(base + "/api/chat", headers=tools_live["auth"], timeout=60, json={
         "model": NAME, "messages": [{"role": "user", "content": "split the bytes"}], "stream": False})
     assert r.json()["message"]["content"] == MULTIBYTE
+
+
+def test_docs_and_prompt_logging_when_enabled(tools_live):
+    """KTLEGACY_DOCS=1 serves /docs and /openapi.json (behind the key); KTLEGACY_LOG_PROMPTS=1 puts the
+    last user message in the request's log line."""
+    base, auth = tools_live["base"], tools_live["auth"]
+    assert httpx.get(base + "/docs", timeout=30).status_code == 401
+    assert httpx.get(base + "/docs", headers=auth, timeout=30).status_code == 200
+    spec = httpx.get(base + "/openapi.json", headers=auth, timeout=30).json()
+    assert "/v1/chat/completions" in spec["paths"] and "/api/chat" in spec["paths"]
+    r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=60, json={
+        "model": NAME, "messages": [{"role": "user", "content": "split the bytes, LOGGED-PROMPT"}]})
+    assert r.status_code == 200
+    line = [x for x in tools_live["log"].read_text().splitlines() if "ktlegacy request " in x][-1]
+    assert 'prompt="split the bytes, LOGGED-PROMPT"' in line, line
