@@ -145,7 +145,9 @@ class KLinearGGUF(KLinearTorch):
         if self.qweight is None:
             return super().forward(x, *args, **kwargs)
         dtype, out_device = x.dtype, x.device
-        compute = self.dtype if self.dtype in (torch.float16, torch.float32) else torch.float16
+        # fp16 where the model runs in fp16 (every GPU below sm80); fp32 otherwise (bf16 has no kernel
+        # here, and fp16 could overflow a bf16 model's activations)
+        compute = torch.float16 if self.dtype == torch.float16 else torch.float32
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(device=self.qweight.device, dtype=compute)
         if not x2.is_contiguous() or x2.data_ptr() % 16:
