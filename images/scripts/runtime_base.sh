@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # runtime stage, step 1: Python, the non-root user, and a venv with the pinned torch (its own
 # layer: a new ktransformers wheel does not reinstall torch).
-# Env: KTLEGACY_VENV, TORCH_VERSION, KTLEGACY_EXTENSIONS (build|skip), TORCH_INDEX_URL, PIP_INDEX_URL, APT_MIRROR.
+# Env: KTLEGACY_VENV, TORCH_VERSION (or KTLEGACY_CI_TORCH, torch.sh), KTLEGACY_EXTENSIONS (build|skip),
+#      TORCH_INDEX_URL, PIP_INDEX_URL, APT_MIRROR.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
-: "${KTLEGACY_VENV:?}" "${TORCH_VERSION:?}"
+. "$here/torch.sh"
+: "${KTLEGACY_VENV:?}"
 
 # libgomp1: OpenMP of cpuinfer_ext; libnuma1: NUMA-aware builds (not needed by the stand-in,
-# which has no extensions). No compiler in the runtime.
+# which has no extensions). gcc, libc6-dev, python3-dev: Triton compiles its CUDA launcher (a small
+# C module, against Python.h) the first time a kernel runs on the GPU, and fails without a C
+# compiler ("Failed to find C compiler"); tests/smoke/check_triton.py builds one the same way.
+# No CUDA toolkit, no C++ compiler, no source tree.
 pkgs=(python3 python3-venv ca-certificates)
-[ "${KTLEGACY_EXTENSIONS:-build}" = build ] && pkgs+=(libgomp1 libnuma1)
+[ "${KTLEGACY_EXTENSIONS:-build}" = build ] && pkgs+=(libgomp1 libnuma1 gcc libc6-dev python3-dev)
 apt_install "${pkgs[@]}"
 
 id ktlegacy >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash ktlegacy
 python3 -m venv "$KTLEGACY_VENV"
-pip_install "$KTLEGACY_VENV/bin/python" "torch==${TORCH_VERSION}"
+extra=()
+# CI only (torch.sh): PyPI's torch brings CUDA 12 libraries; the extensions link CUDA 11.8's
+# libcudart.so.11.0, which the pin (a CUDA 11.8 build) brings as the nvidia-cuda-runtime-cu11 wheel.
+[ -n "${KTLEGACY_CI_TORCH:-}" ] && extra=(-r "$here/../requirements/ci-cuda-runtime.txt")
+pip_install "$KTLEGACY_VENV/bin/python" "$TORCH_REQ" "${extra[@]}"
+slim_venv "$KTLEGACY_VENV"
