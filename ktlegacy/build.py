@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from . import facts, images
+from . import facts, images, preflight
 from .arch import Arch, arches_for, get_arch
 from .cli import command
 from .errors import KtlegacyError
@@ -284,6 +284,11 @@ def plan(request: BuildRequest) -> list[Plan]:
     wheelhouse = None
     if r.wheelhouse is not None:
         wheelhouse = check_wheelhouse(Path(r.wheelhouse), r.ref)
+    if r.max_jobs is not None and r.max_jobs < 1:
+        raise KtlegacyError(f"--max-jobs {r.max_jobs}: give the number of parallel compile jobs, 1 or more "
+                            f"(default {DEFAULT_MAX_JOBS})")
+    if r.torch_version and not r.ci_torch:
+        preflight.check_torch_cuda(r.torch_version, standin=r.standin)
     if r.triton_version and not r.standin:
         raise KtlegacyError("--triton-version is for stand-in builds (CPU torch); a CUDA build gets the "
                             "Triton its torch requires: change --torch-version instead")
@@ -395,7 +400,11 @@ def build(request: BuildRequest, *, out=print, echo: bool = True) -> BuildResult
     """Plan, then print (``request.dry_run``) or run every step; return the tags built and their logs."""
     from .docker import DockerClient, build_client, client as docker_client
     plans = plan(request)
+    wheel = preflight.torch_wheel(request)
     if request.dry_run:
+        if wheel is not None:
+            print(f"note: the image installs {wheel.describe()} (a build checks first that it is there; "
+                  "--torch-index-url or --wheelhouse DIR change where from)", file=sys.stderr)
         try:
             client = build_client()   # the client that would build, found with or without a daemon
         except KtlegacyError as exc:
@@ -404,6 +413,9 @@ def build(request: BuildRequest, *, out=print, echo: bool = True) -> BuildResult
         for line in printable(plans, client):
             out(line)
         return BuildResult([p.tag for p in plans], {})
+    if wheel is not None:  # before anything runs: the pin must be there for the image's Python
+        found = preflight.check_torch_wheel(wheel, Path(request.ca_cert).resolve() if request.ca_cert else None)
+        out(f"torch: {wheel.describe()}: {found}")
     client = docker_client()
     if request.cache_to and not client.buildx:
         raise KtlegacyError(f"--cache-to exports the layer cache, which needs docker buildx; {client.path} has "

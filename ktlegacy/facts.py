@@ -33,6 +33,10 @@ RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"  # the image use
 TORCH_VERSION = "2.5.1+cu118"
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu118"
 TRITON_VERSION = "3.1.0"  # the Triton TORCH_VERSION requires (its wheel's Requires-Dist)
+# The CPython of each base, whose wheel of TORCH_VERSION the build checks for before it starts
+# (ktlegacy/preflight.py): Ubuntu 22.04's for BASE_IMAGE, Debian bookworm's for --debian-bases.
+BASE_IMAGE_PYTHON = "3.10"
+DEBIAN_BASE_PYTHON = "3.11"
 
 
 # --- GPU arches ----------------------------------------------------------------------------------

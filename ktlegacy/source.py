@@ -180,6 +180,8 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
     a tag or a commit), or a supported ``ref`` (sdist refs from PyPI, git refs from upstream).
     """
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir() and not force:
+        raise KtlegacyError(f"--dest {dest} is a file, not a directory; pass a directory path (it is created)")
     occupied = dest.is_file() or (dest.is_dir() and any(dest.iterdir()))
     if occupied and not force:
         raise KtlegacyError(f"{dest} already exists and is not empty; pick another --dest or pass --force")
