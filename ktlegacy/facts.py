@@ -154,6 +154,8 @@ IMAGE_LABELS = (LABEL_REF, LABEL_COMMIT, LABEL_OVERLAY_DIGEST, LABEL_ARCH, LABEL
                 LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_CI_TORCH, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
 # On the CUDA bases made from a Debian mirror (images/debian-cuda.Dockerfile): which one it is.
 LABEL_BASE = "io.ktlegacy.base"
+# On the imported Debian root file system (ktlegacy/standin.py): the mirror debootstrap read.
+LABEL_DEBIAN_MIRROR = "io.ktlegacy.debian-mirror"
 
 # --- run-time defaults of the patched engine -------------------------------------------------------
 # Prompts of at least this many tokens run the CPU-resident routed experts on the GPU (overlay 68,

@@ -1,6 +1,6 @@
 """What a build checks before it runs anything: that the torch wheel it will install is there.
 
-The product image installs the torch pin (``torch==2.5.1+cu118``) from PyTorch's cu118 index (or
+The product image installs the torch pin (``facts.TORCH_VERSION``) from PyTorch's index (or
 ``--torch-index-url``, or ``--wheelhouse DIR``). A build that cannot get it used to fail deep in
 the toolchain stage, after the bases were made; here it fails first, in one line, naming
 ``--torch-index-url`` and ``--wheelhouse``. :func:`torch_wheel` says what will be installed and
@@ -28,7 +28,7 @@ PLATFORM = "x86_64"   # the images are linux/amd64
 
 @dataclass(frozen=True)
 class TorchWheel:
-    version: str          # "2.5.1+cu118"
+    version: str          # the pin, facts.TORCH_VERSION unless --torch-version
     python: str | None    # "3.11": the image's CPython (None: a base we do not know)
     index: str | None     # the index pip reads it from (None: the wheelhouse)
     wheelhouse: Path | None

@@ -20,13 +20,16 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+from . import facts
 from .errors import KtlegacyError
 from .source import CACHE_DIR
 
 STANDIN_IMAGE = "ktlegacy-standin/bookworm:base"
+MIRROR_LABEL = facts.LABEL_DEBIAN_MIRROR   # the mirror the imported root file system came from
 SUITE = "bookworm"
 MIRROR = os.environ.get("KTLEGACY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the real CUDA base images also have (python3 comes from the toolchain stage there too,
@@ -34,14 +37,23 @@ MIRROR = os.environ.get("KTLEGACY_DEBIAN_MIRROR", "http://deb.debian.org/debian"
 PACKAGES = ["ca-certificates", "python3", "python3-venv", "python3-pip", "git"]
 
 
+def _mirror_note(made_from: str | None, asked: str | None, what: str) -> None:
+    """An explicit --mirror is read only when the root file system is made: say so when it is not."""
+    if asked and asked != made_from:
+        print(f"note: --mirror {asked} not used: {what} exists already (made from {made_from or 'an unrecorded mirror'}); "
+              "remove it to make it again from that mirror", file=sys.stderr)
+
+
 def rootfs_tarball(cache: Path = CACHE_DIR, mirror: str | None = None) -> Path:
-    mirror = mirror or MIRROR
+    asked, mirror = mirror, mirror or MIRROR
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"standin-{SUITE}-{'-'.join(sorted(PACKAGES))}.tar"
+    record = tarball.with_suffix(".mirror")
     with open(cache / ".standin.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs build it once
         if tarball.is_file():
+            _mirror_note(record.read_text().strip() if record.is_file() else None, asked, f"the cached {tarball}")
             return tarball
         if not shutil.which("debootstrap"):
             raise KtlegacyError("debootstrap is not installed; run tests/host-setup (apt-get install debootstrap)")
@@ -54,6 +66,7 @@ def rootfs_tarball(cache: Path = CACHE_DIR, mirror: str | None = None) -> Path:
                 raise KtlegacyError(f"debootstrap {SUITE} failed: {tail}")
             tmp = tarball.with_suffix(".tmp")
             subprocess.run(["tar", "-C", str(root), "-cf", str(tmp), "."], check=True)
+            record.write_text(mirror + "\n")
             os.replace(tmp, tarball)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -65,11 +78,16 @@ def ensure_standin_image(docker=None, tag: str = STANDIN_IMAGE, mirror: str | No
     if docker is None:
         from .docker import daemon_client
         docker = daemon_client()
-    if docker.inspect(tag) is not None:
+    info = docker.inspect(tag)
+    if info is not None:
+        from .docker import labels_of
+        _mirror_note(labels_of(info).get(MIRROR_LABEL), mirror, f"the image {tag}")
         return tag
     tarball = rootfs_tarball(mirror=mirror)
+    record = tarball.with_suffix(".mirror")
+    made_from = record.read_text().strip() if record.is_file() else ""
     with open(tarball, "rb") as fh:
-        proc = docker.run("import", "--change", "CMD [\"/bin/bash\"]",
+        proc = docker.run("import", "--change", "CMD [\"/bin/bash\"]", "--change", f"LABEL {MIRROR_LABEL}={made_from}",
                           "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                           "-", tag, stdin=fh, check=False)
     if proc.returncode != 0:
