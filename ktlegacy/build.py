@@ -413,13 +413,13 @@ def build(request: BuildRequest, *, out=print, echo: bool = True) -> BuildResult
         for line in printable(plans, client):
             out(line)
         return BuildResult([p.tag for p in plans], {})
-    if wheel is not None:  # before anything runs: the pin must be there for the image's Python
-        found = preflight.check_torch_wheel(wheel, Path(request.ca_cert).resolve() if request.ca_cert else None)
-        out(f"torch: {wheel.describe()}: {found}")
     client = docker_client()
     if request.cache_to and not client.buildx:
         raise KtlegacyError(f"--cache-to exports the layer cache, which needs docker buildx; {client.path} has "
                             "BuildKit without buildx: install the buildx plugin or drop --cache-to")
+    if wheel is not None:  # before anything runs: the pin must be there for the image's Python
+        found = preflight.check_torch_wheel(wheel, Path(request.ca_cert).resolve() if request.ca_cert else None)
+        out(f"torch: {wheel.describe()}: {found}")
     logs = {}
     for p in plans:
         chunks = []

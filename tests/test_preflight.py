@@ -80,7 +80,8 @@ def test_a_missing_project_or_index_is_refused(index):
         check_torch_wheel(TorchWheel(PIN, "3.11", f"http://127.0.0.1:{port}/simple", None), timeout=5)
 
 
-def test_the_build_refuses_before_anything_runs(index):
+@pytest.mark.docker
+def test_the_build_refuses_before_anything_runs(index, docker):   # (after the Docker client check)
     url, _, _ = index
     proc = cli("build", "--arch", "sm75", "--debian-bases", "--torch-index-url", f"{url}/empty")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
