@@ -225,3 +225,15 @@ def test_cmake_uses_ninja_unless_told_otherwise(monkeypatch):
     assert compile_extensions.build_env("sm70", "AVX2", 2)["CMAKE_GENERATOR"] == "Ninja"
     monkeypatch.setenv("CMAKE_GENERATOR", "Unix Makefiles")
     assert compile_extensions.build_env("sm70", "AVX2", 2)["CMAKE_GENERATOR"] == "Unix Makefiles"
+
+
+def test_a_failed_compile_names_its_cause_in_its_last_line():
+    """setup.py build_ext's output ends with ninja's and setuptools' lines; the cause is the compiler's."""
+    log = ["[1/2] c++ -c ops.cpp", "ops.cpp:12:5: error: 'foo' was not declared in this scope",
+           "ninja: build stopped: subcommand failed.", "Traceback (most recent call last):",
+           "RuntimeError: Error compiling objects for extension",
+           "error: command '/usr/bin/x86_64-linux-gnu-g++' failed with exit code 1"]
+    assert compile_extensions.failure_cause(log) == "ops.cpp:12:5: error: 'foo' was not declared in this scope"
+    assert compile_extensions.failure_cause(["CMake Error at CMakeLists.txt:3 (project):", "-- Configuring incomplete"]) \
+        == "CMake Error at CMakeLists.txt:3 (project):"
+    assert compile_extensions.failure_cause(["nothing useful", "last words"]) == "last words"
