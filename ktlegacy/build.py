@@ -449,7 +449,7 @@ def _failure_line(lines: list[str]) -> str:
     """The most useful line of a failed build log: our scripts' 'error: ...', else apt's 'E: ...',
     else a Python exception, else the last line."""
     # "#12 3.4 error: ..." is a line our scripts printed (BuildKit prefixes step and time)
-    for pattern in (r"^(?:#\d+ [\d.]+ )?error: (.+)$", r"^(?:#\d+ [\d.]+ )?E: (.+)$",
+    for pattern in (r"^(?:#\d+ [\d.]+ )?(smoke FAIL .+)$", r"^(?:#\d+ [\d.]+ )?error: (.+)$", r"^(?:#\d+ [\d.]+ )?E: (.+)$",
                     r"^#\d+ [\d.]+ (\w+(?:Error|Exception): .+)$", r"\bERROR: (.+)$"):
         for line in reversed(lines):
             m = re.search(pattern, line.strip())

@@ -30,6 +30,9 @@ reference = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reference)
 
 EXPERTS, TOP_K, HIDDEN, INTER = 8, 2, 256, 1408
+# One CPUInfer for the process, as the server keeps one: a CPUInfer made and dropped per call hung
+# once in its destructor here (the smoke's timeout in run.py turns such a hang into a failure).
+CPU = cpuinfer_ext.CPUInfer(2)
 F16 = 1  # ggml_type GGML_TYPE_F16
 TOLERANCE = 2e-2  # fp16 activations and outputs; a wrong row block is off by ~1
 
@@ -43,7 +46,7 @@ def run(tokens: int) -> float:
     weights = torch.rand((tokens, TOP_K), dtype=torch.float32).contiguous()
     x = torch.randn((tokens, HIDDEN)).half().contiguous()
     ref = reference.moe_reference(x, ids, weights, gate, up, down)
-    cpu = cpuinfer_ext.CPUInfer(2)
+    cpu = CPU
     # stride 64 (forward_one's blocks), group_min_len 10 (more tokens: forward_many), group_max_len 1024
     cfg = cpuinfer_ext.moe.MOEConfig(EXPERTS, TOP_K, HIDDEN, INTER, 64, 10, 1024, gate.data_ptr(), up.data_ptr(),
                                      down.data_ptr(), F16, F16, F16, F16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SKIP = 77
+# A check that has not ended after this many seconds fails (a hang must not stall an image build)
+TIMEOUT = float(os.environ.get("KTLEGACY_SMOKE_TIMEOUT", "600"))
 NEEDS_GPU = "needs a GPU: "   # smokelib's marker
 
 
@@ -47,7 +50,12 @@ def main(argv=None) -> int:
     results = []
     for check in checks:
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, str(check)], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, str(check)], capture_output=True, text=True, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            proc = subprocess.CompletedProcess(exc.cmd, -9, out, f"timed out after {TIMEOUT:.0f} s (killed; "
+                                               "KTLEGACY_SMOKE_TIMEOUT changes the limit)")
         took = time.monotonic() - start
         if proc.returncode == 0:
             status, detail = "pass", _last_line(proc.stdout)
