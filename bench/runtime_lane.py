@@ -5,7 +5,7 @@ with real CUDA 11.8 extensions, for sm70 and sm75, on the `--debian-bases` bases
 
 1. builds the runtime image for sm70, then sm75, with the lane's request (`lane_request`), timing
    each (sm70's time includes everything the arches share: root file system, Debian CUDA bases,
-   toolchain, source; a build log per arch goes next to --out as runtime_lane-LABEL-ARCH.log);
+   toolchain, source; a build log per arch goes to ~/.cache/ktlegacy/bench-logs/);
 2. runs the two real-CUDA test files (`pytest -m cuda118`: the compile lane's tests and the runtime
    lane's, whose builds are then cache hits), timing them;
 3. per arch: the smoke report, the unresolved libraries (check_libraries.py), the image size and
@@ -114,7 +114,9 @@ def main() -> int:
     run = {"builds_s": {}}
     tags = {}
     for arch in ARCHES:
-        log = args.out.with_name(f"runtime_lane-{args.label}-{arch}.log")
+        logs = Path(os.environ.get("KTLEGACY_CACHE", Path.home() / ".cache" / "ktlegacy")) / "bench-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"runtime_lane-{args.label}-{arch}.log"
         start = time.monotonic()
         try:
             result = build(lane_request(arch, "runtime"), echo=True)

@@ -16,6 +16,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 pkgs=(python3 python3-venv ca-certificates)
 [ "${KTLEGACY_EXTENSIONS:-build}" = build ] && pkgs+=(libgomp1 libnuma1 gcc libc6-dev python3-dev)
 apt_install "${pkgs[@]}"
+# Static libraries that came with gcc and python3-dev and that Triton's launcher (one shared object
+# linked against libc.so and nothing of Python's) never links: libpython, libc, libm, the sanitizers.
+find /usr/lib \( -name 'libpython3*.a' -o -name 'lib*san.a' -o -name libc.a -o -name 'libm.a' -o -name 'libm-*.a' \
+  -o -name libmvec.a \) -type f -delete
 
 id ktlegacy >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash ktlegacy
 python3 -m venv "$KTLEGACY_VENV"
