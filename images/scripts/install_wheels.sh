@@ -5,6 +5,7 @@
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
 . "$here/torch.sh"
+. "$here/slim.sh"
 wheels="${1:?usage: install_wheels.sh WHEELS_DIR}"
 : "${KTLEGACY_VENV:?}" "${TORCH_VERSION:?}"
 py="$KTLEGACY_VENV/bin/python"

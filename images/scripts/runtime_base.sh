@@ -6,6 +6,7 @@
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
 . "$here/torch.sh"
+. "$here/slim.sh"
 : "${KTLEGACY_VENV:?}"
 
 # libgomp1: OpenMP of cpuinfer_ext; libnuma1: NUMA-aware builds (not needed by the stand-in,
