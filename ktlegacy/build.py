@@ -357,14 +357,19 @@ def debian_base_steps(apt_mirror: str | None, secret: Path | None,
                       repository: str = DEBIAN_BASE_REPOSITORY) -> tuple[str, str, list[Step]]:
     """(devel tag, runtime tag, steps) for the CUDA 11.8 bases made from a Debian mirror: a
     debootstrapped bookworm root file system, then images/debian-cuda.Dockerfile's two stages."""
-    from .standin import MIRROR, STANDIN_IMAGE, ensure_standin_image
+    from .standin import MIRROR, RUNTIME_IMAGE, RUNTIME_PACKAGES, STANDIN_IMAGE, ensure_standin_image
     devel, runtime = f"{repository}:11.8-devel", f"{repository}:11.8-runtime"
-    rootfs_argv = ["python", "-m", "ktlegacy", "debian-rootfs", "--tag", STANDIN_IMAGE, "--mirror", apt_mirror or MIRROR]
-    steps = [Step(rootfs_argv, what="Debian bookworm root file system (debootstrap)",
-                  call=lambda client: ensure_standin_image(client, STANDIN_IMAGE, apt_mirror))]
-    for stage, tag in (("devel", devel), ("runtime", runtime)):
+    mirror = ["--mirror", apt_mirror or MIRROR]
+    steps = [Step(["python", "-m", "ktlegacy", "debian-rootfs", "--tag", STANDIN_IMAGE, *mirror],
+                  what="Debian bookworm root file system (debootstrap)",
+                  call=lambda client: ensure_standin_image(client, STANDIN_IMAGE, apt_mirror)),
+             # the runtime base starts from a lean one: no git, perl or pip in the image users pull
+             Step(["python", "-m", "ktlegacy", "debian-rootfs", "--runtime", "--tag", RUNTIME_IMAGE, *mirror],
+                  what="lean Debian bookworm root file system for the runtime base (debootstrap)",
+                  call=lambda client: ensure_standin_image(client, RUNTIME_IMAGE, apt_mirror, RUNTIME_PACKAGES))]
+    for stage, tag, rootfs in (("devel", devel, STANDIN_IMAGE), ("runtime", runtime, RUNTIME_IMAGE)):
         argv = ["docker", "build", "--progress", "plain", "-f", str(DEBIAN_DOCKERFILE), "--target", stage,
-                "--build-arg", f"ROOTFS_IMAGE={STANDIN_IMAGE}"]
+                "--build-arg", f"ROOTFS_IMAGE={rootfs}"]
         if apt_mirror:
             argv += ["--build-arg", f"APT_MIRROR={apt_mirror}"]
         if secret is not None:

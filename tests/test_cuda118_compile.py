@@ -64,7 +64,11 @@ def test_debian_bases_dry_run_shows_the_whole_route():
     lines = proc.stdout.splitlines()
     assert lines[0] == ("python -m ktlegacy debian-rootfs --tag ktlegacy-standin/bookworm:base "
                         "--mirror http://mirror.example/debian")
-    devel, runtime, sm70, sm75 = lines[1:]
+    assert lines[1] == ("python -m ktlegacy debian-rootfs --runtime --tag ktlegacy-standin/bookworm:runtime "
+                        "--mirror http://mirror.example/debian")
+    devel, runtime, sm70, sm75 = lines[2:]
+    assert "ROOTFS_IMAGE=ktlegacy-standin/bookworm:base " in devel
+    assert "ROOTFS_IMAGE=ktlegacy-standin/bookworm:runtime " in runtime
     for line, stage in ((devel, "devel"), (runtime, "runtime")):
         assert "images/debian-cuda.Dockerfile" in line and f"--target {stage}" in line
         assert "APT_MIRROR=http://mirror.example/debian" in line and "id=ca_cert" in line
@@ -184,5 +188,6 @@ def test_debian_runtime_base_has_cudart_11_8_and_no_compiler(cuda118_compile_ima
     tag = f"{BASE_REPOSITORY}:11.8-runtime"
     proc = _docker("run", "--rm", tag, "bash", "-c",
                    "ls /usr/lib/x86_64-linux-gnu/libcudart.so.11.0 && dpkg-query -W -f='${Version}' libcudart11.0 "
-                   "&& ! command -v nvcc && ! command -v gcc && ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1")
+                   "&& ! command -v nvcc && ! command -v gcc && ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1 "
+                   "&& ! command -v git && ! command -v perl && ! ls /var/lib/apt/lists/*Packages*")
     assert proc.stdout.split()[-1].startswith("11.8."), proc.stdout

@@ -21,6 +21,10 @@ apt_install "${pkgs[@]}"
 # linked against libc.so and nothing of Python's) never links: libpython, libc, libm, the sanitizers.
 find /usr/lib \( -name 'libpython3*.a' -o -name 'lib*san.a' -o -name libc.a -o -name 'libm.a' -o -name 'libm-*.a' \
   -o -name libmvec.a \) -type f -delete
+# ... and what gcc brings that a plain C build never runs: the LTO back end, the sanitizers' runtimes,
+# translations and manual pages (about 60 MiB; /usr/share/doc keeps the copyright files).
+rm -rf /usr/lib/gcc/x86_64-linux-gnu/*/lto1 /usr/lib/gcc/x86_64-linux-gnu/*/lto-wrapper \
+  /usr/lib/x86_64-linux-gnu/lib{a,t,l,ub,hwa}san.so* /usr/share/locale/* /usr/share/man/*
 
 id ktlegacy >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash ktlegacy
 python3 -m venv "$KTLEGACY_VENV"
