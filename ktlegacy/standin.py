@@ -70,8 +70,8 @@ def rootfs_tarball(cache: Path = CACHE_DIR, mirror: str | None = None, packages:
             if proc.returncode != 0:
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
                 raise KtlegacyError(f"debootstrap {SUITE} failed: {tail}")
-            if lean:  # apt's package lists and caches: an image's apt step fetches its own
-                for sub in ("var/lib/apt/lists", "var/cache/apt"):
+            if lean:  # apt's package lists, caches and debootstrap's .debs: an image's apt step fetches its own
+                for sub in ("var/lib/apt/lists", "var/cache/apt", "var/cache/apt/archives"):
                     for entry in (root / sub).glob("*"):
                         if entry.is_file() and entry.name != "lock":
                             entry.unlink()

@@ -189,5 +189,5 @@ def test_debian_runtime_base_has_cudart_11_8_and_no_compiler(cuda118_compile_ima
     proc = _docker("run", "--rm", tag, "bash", "-c",
                    "ls /usr/lib/x86_64-linux-gnu/libcudart.so.11.0 && dpkg-query -W -f='${Version}' libcudart11.0 "
                    "&& ! command -v nvcc && ! command -v gcc && ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1 "
-                   "&& ! command -v git && ! command -v perl && ! ls /var/lib/apt/lists/*Packages*")
+                   "&& ! command -v git && ! command -v pip3 && ! ls /var/lib/apt/lists/*Packages*")
     assert proc.stdout.split()[-1].startswith("11.8."), proc.stdout

@@ -17,6 +17,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 pkgs=(python3 python3-venv ca-certificates)
 [ "${KTLEGACY_EXTENSIONS:-build}" = build ] && pkgs+=(libgomp1 libnuma1 gcc libc6-dev python3-dev)
 apt_install "${pkgs[@]}"
+rm -f /var/cache/apt/*.bin   # apt's package caches (76 MiB), rebuilt by any later apt-get update
 # Static libraries that came with gcc and python3-dev and that Triton's launcher (one shared object
 # linked against libc.so and nothing of Python's) never links: libpython, libc, libm, the sanitizers.
 find /usr/lib \( -name 'libpython3*.a' -o -name 'lib*san.a' -o -name libc.a -o -name 'libm.a' -o -name 'libm-*.a' \
