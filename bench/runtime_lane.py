@@ -87,18 +87,22 @@ def measure(tag: str) -> dict:
 
 
 def cu11_set_mib(cache: Path) -> dict:
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                    "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "-d", str(cache), *CU11_SET],
-                   check=True)
+    """One wheel at a time (downloaded, listed, deleted: the set is 1.8 GB), installed size as the
+    runtime keeps it (no headers, no static libraries)."""
+    import shutil
     sizes = {}
     for req in CU11_SET:
-        name = req.split("==")[0].replace("-", "_")
-        (wheel,) = [w for w in cache.glob(f"{name}-*.whl")]
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                        "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "-d", str(cache), req],
+                       check=True)
+        (wheel,) = list(cache.glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             installed = sum(i.file_size for i in zf.infolist()
                             if "/include/" not in i.filename and not i.filename.endswith(".a"))
         sizes[req] = {"wheel_mib": round(wheel.stat().st_size / 2**20, 1), "installed_mib": round(installed / 2**20, 1)}
+    shutil.rmtree(cache, ignore_errors=True)
     return {"wheels": sizes, "installed_mib": round(sum(s["installed_mib"] for s in sizes.values()), 1)}
 
 
