@@ -12,9 +12,29 @@ from __future__ import annotations
 import inspect
 import sys
 
+import invoke.parser.parser
 from invoke import Collection, Task
+from invoke.exceptions import Exit, ParseError
 
 from ktlegacy import cli
+
+
+class OneLineParseError(ParseError, Exit):
+    """What invoke's own parser refuses (an unknown flag, a flag without its value) reads like the
+    command's own errors: one ``error: ...`` line and exit 2. Invoke prints a ParseError and exits 1;
+    as an Exit too, it exits with this one's code."""
+
+    def __init__(self, msg, context=None):
+        super().__init__(msg, context)
+        self.message, self._code = None, 2   # printed once (as a ParseError), exit 2
+
+    def __str__(self) -> str:
+        name = getattr(self.context, "name", None)
+        return f"error: {self.args[0]} (see: invoke {name + ' ' if name else ''}--help)"
+
+
+# invoke parses a task's flags after loading this file, raising through this module-level name
+invoke.parser.parser.ParseError = OneLineParseError
 
 
 def _argv(command: str, flags: list[cli.Flag], values: dict) -> list[str]:

@@ -2,7 +2,8 @@
 # Docker Hub or nvcr.io (`invoke build --debian-bases`, docs/images.md), and CI's real compile.
 #
 # ROOTFS_IMAGE is a Debian bookworm root file system that `docker import` made from debootstrap
-# (ktlegacy/standin.py); nothing here comes from a registry. Stages:
+# (ktlegacy/standin.py): the stand-in's for devel, a lean one (`debian-rootfs --runtime`: python3 and
+# ca-certificates, no git, perl or apt lists) for runtime; nothing here comes from a registry. Stages:
 #   devel    + nvidia-cuda-toolkit 11.8 (non-free) laid out at /usr/local/cuda: the BASE_IMAGE
 #   runtime  + libcudart 11.8 and the C/C++ runtimes, no compiler:          the RUNTIME_IMAGE
 # Build args: ROOTFS_IMAGE, APT_MIRROR. Secret: ca_cert (as images/Dockerfile).

@@ -24,7 +24,11 @@ def get_arch(name: str) -> Arch:
 
 
 def arches_for(name: str) -> list[Arch]:
-    """``all`` means every arch we build; anything else is one arch."""
+    """``all`` means every arch we build; anything else is one arch (its error names ``all`` too)."""
     if (name or "").strip().lower() == "all":
         return list(ARCHES.values())
-    return [get_arch(name)]
+    try:
+        return [get_arch(name)]
+    except KtlegacyError as exc:
+        raise KtlegacyError(str(exc).replace(f"use one of {', '.join(ARCHES)}",
+                                             f"use {', '.join(ARCHES)} or all")) from None

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from . import facts, images
+from . import facts, images, preflight
 from .arch import Arch, arches_for, get_arch
 from .cli import command
 from .errors import KtlegacyError
@@ -128,7 +128,8 @@ class BuildRequest:
     # not flags: where the tags go, and what tests and CI change
     repository: str = images.DEFAULT_REPOSITORY
     debian_base_repository: str = DEBIAN_BASE_REPOSITORY
-    ci_torch_cuda_mismatch: bool = False
+    # CI's real-CUDA lanes: PyPI's torch of this version stands in for the pin (KTLEGACY_CI_TORCH)
+    ci_torch: str | None = None
     extra_build_flags: tuple = ()
 
     @staticmethod
@@ -175,8 +176,8 @@ class BuildRequest:
             args["APT_MIRROR"] = self.apt_mirror
         if self.triton_version:
             args["TRITON_VERSION"] = self.triton_version
-        if self.ci_torch_cuda_mismatch:
-            args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] = "1"
+        if self.ci_torch:
+            args["KTLEGACY_CI_TORCH"] = self.ci_torch
         if self.standin:
             args["KTLEGACY_EXTENSIONS"] = "skip"
             args["KTLEGACY_STANDIN"] = "true"
@@ -283,14 +284,18 @@ def plan(request: BuildRequest) -> list[Plan]:
     wheelhouse = None
     if r.wheelhouse is not None:
         wheelhouse = check_wheelhouse(Path(r.wheelhouse), r.ref)
+    if r.max_jobs is not None and r.max_jobs < 1:
+        raise KtlegacyError(f"--max-jobs {r.max_jobs}: give the number of parallel compile jobs, 1 or more "
+                            f"(default {DEFAULT_MAX_JOBS})")
+    if r.torch_version and not r.ci_torch:
+        preflight.check_torch_cuda(r.torch_version, standin=r.standin)
     if r.triton_version and not r.standin:
         raise KtlegacyError("--triton-version is for stand-in builds (CPU torch); a CUDA build gets the "
                             "Triton its torch requires: change --torch-version instead")
     if r.offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
-    if r.ci_torch_cuda_mismatch and stages.index(r.target) > stages.index("kernels"):
-        raise KtlegacyError("a torch built for another CUDA major is for CI's compile check only: "
-                            "--target toolchain, source, compile or kernels")
+    if r.ci_torch and r.push:
+        raise KtlegacyError("an image built with CI's stand-in torch is never pushed: drop --push")
     base_steps = []
     if r.debian_bases:
         if r.base_image or r.runtime_image:
@@ -322,7 +327,10 @@ def plan(request: BuildRequest) -> list[Plan]:
             images.LABEL_TORCH: args["TORCH_VERSION"], images.LABEL_CPU: cpu,
             images.LABEL_VERSION: __version__, images.LABEL_REVISION: revision,
             LABEL_EXTENSIONS: "skip" if r.standin else "build", LABEL_STANDIN: "true" if r.standin else "false",
+            facts.LABEL_CI_TORCH: r.ci_torch or "",
         }
+        if r.ci_torch:
+            labels[images.LABEL_TORCH] = r.ci_torch
         argv = ["docker", "build", "--progress", "plain", "-f", str(DOCKERFILE), "--target", r.target]
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]
@@ -349,14 +357,19 @@ def debian_base_steps(apt_mirror: str | None, secret: Path | None,
                       repository: str = DEBIAN_BASE_REPOSITORY) -> tuple[str, str, list[Step]]:
     """(devel tag, runtime tag, steps) for the CUDA 11.8 bases made from a Debian mirror: a
     debootstrapped bookworm root file system, then images/debian-cuda.Dockerfile's two stages."""
-    from .standin import MIRROR, STANDIN_IMAGE, ensure_standin_image
+    from .standin import MIRROR, RUNTIME_IMAGE, RUNTIME_PACKAGES, STANDIN_IMAGE, ensure_standin_image
     devel, runtime = f"{repository}:11.8-devel", f"{repository}:11.8-runtime"
-    rootfs_argv = ["python", "-m", "ktlegacy", "debian-rootfs", "--tag", STANDIN_IMAGE, "--mirror", apt_mirror or MIRROR]
-    steps = [Step(rootfs_argv, what="Debian bookworm root file system (debootstrap)",
-                  call=lambda client: ensure_standin_image(client, STANDIN_IMAGE, apt_mirror))]
-    for stage, tag in (("devel", devel), ("runtime", runtime)):
+    mirror = ["--mirror", apt_mirror or MIRROR]
+    steps = [Step(["python", "-m", "ktlegacy", "debian-rootfs", "--tag", STANDIN_IMAGE, *mirror],
+                  what="Debian bookworm root file system (debootstrap)",
+                  call=lambda client: ensure_standin_image(client, STANDIN_IMAGE, apt_mirror)),
+             # the runtime base starts from a lean one: no git, perl or pip in the image users pull
+             Step(["python", "-m", "ktlegacy", "debian-rootfs", "--runtime", "--tag", RUNTIME_IMAGE, *mirror],
+                  what="lean Debian bookworm root file system for the runtime base (debootstrap)",
+                  call=lambda client: ensure_standin_image(client, RUNTIME_IMAGE, apt_mirror, RUNTIME_PACKAGES))]
+    for stage, tag, rootfs in (("devel", devel, STANDIN_IMAGE), ("runtime", runtime, RUNTIME_IMAGE)):
         argv = ["docker", "build", "--progress", "plain", "-f", str(DEBIAN_DOCKERFILE), "--target", stage,
-                "--build-arg", f"ROOTFS_IMAGE={STANDIN_IMAGE}"]
+                "--build-arg", f"ROOTFS_IMAGE={rootfs}"]
         if apt_mirror:
             argv += ["--build-arg", f"APT_MIRROR={apt_mirror}"]
         if secret is not None:
@@ -392,7 +405,11 @@ def build(request: BuildRequest, *, out=print, echo: bool = True) -> BuildResult
     """Plan, then print (``request.dry_run``) or run every step; return the tags built and their logs."""
     from .docker import DockerClient, build_client, client as docker_client
     plans = plan(request)
+    wheel = preflight.torch_wheel(request)
     if request.dry_run:
+        if wheel is not None:
+            print(f"note: the image installs {wheel.describe()} (a build checks first that it is there; "
+                  "--torch-index-url or --wheelhouse DIR change where from)", file=sys.stderr)
         try:
             client = build_client()   # the client that would build, found with or without a daemon
         except KtlegacyError as exc:
@@ -405,6 +422,9 @@ def build(request: BuildRequest, *, out=print, echo: bool = True) -> BuildResult
     if request.cache_to and not client.buildx:
         raise KtlegacyError(f"--cache-to exports the layer cache, which needs docker buildx; {client.path} has "
                             "BuildKit without buildx: install the buildx plugin or drop --cache-to")
+    if wheel is not None:  # before anything runs: the pin must be there for the image's Python
+        found = preflight.check_torch_wheel(wheel, Path(request.ca_cert).resolve() if request.ca_cert else None)
+        out(f"torch: {wheel.describe()}: {found}")
     logs = {}
     for p in plans:
         chunks = []
@@ -434,7 +454,7 @@ def _failure_line(lines: list[str]) -> str:
     """The most useful line of a failed build log: our scripts' 'error: ...', else apt's 'E: ...',
     else a Python exception, else the last line."""
     # "#12 3.4 error: ..." is a line our scripts printed (BuildKit prefixes step and time)
-    for pattern in (r"^(?:#\d+ [\d.]+ )?error: (.+)$", r"^(?:#\d+ [\d.]+ )?E: (.+)$",
+    for pattern in (r"^(?:#\d+ [\d.]+ )?(smoke FAIL .+)$", r"^(?:#\d+ [\d.]+ )?error: (.+)$", r"^(?:#\d+ [\d.]+ )?E: (.+)$",
                     r"^#\d+ [\d.]+ (\w+(?:Error|Exception): .+)$", r"\bERROR: (.+)$"):
         for line in reversed(lines):
             m = re.search(pattern, line.strip())

@@ -182,8 +182,20 @@ def _buildkit(path: str) -> DockerClient | None:
     return None
 
 
+# The exact step that makes a fresh Debian/Ubuntu machine able to build (what tests/run does first).
+SETUP_STEP = "sudo tests/host-setup (installs docker.io and starts dockerd; or: sudo apt-get install docker.io)"
+
+
 def _no_client() -> KtlegacyError:
-    return KtlegacyError("no docker client found; install Docker (e.g. apt-get install docker.io)")
+    return KtlegacyError(f"Docker is not installed: run {SETUP_STEP}")
+
+
+def _no_daemon(reason: str) -> KtlegacyError:
+    """No daemon answers: say whether an engine is there to start at all."""
+    if not (shutil.which("dockerd") or Path("/usr/bin/dockerd").is_file()):
+        return KtlegacyError(f"no Docker engine on this machine ({reason}): run {SETUP_STEP}")
+    return KtlegacyError(f"the Docker engine is installed but not running ({reason}): start it with "
+                         "sudo systemctl start docker, or sudo tests/host-setup (starts dockerd; or set DOCKER_HOST)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -201,8 +213,7 @@ def client() -> DockerClient:
         if found is not None:
             return found
     if all(err is not None for err in errors.values()):
-        raise KtlegacyError(f"no Docker daemon is reachable ({errors[paths[0]]}); start dockerd "
-                            "(or set DOCKER_HOST) and try again")
+        raise _no_daemon(errors[paths[0]])
     raise KtlegacyError("the Docker client(s) " + ", ".join(paths) + " cannot do BuildKit builds; "
                         "install the buildx plugin or a client with BuildKit built in (Debian docker.io)")
 

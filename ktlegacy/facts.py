@@ -33,6 +33,10 @@ RUNTIME_IMAGE = "nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04"  # the image use
 TORCH_VERSION = "2.5.1+cu118"
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu118"
 TRITON_VERSION = "3.1.0"  # the Triton TORCH_VERSION requires (its wheel's Requires-Dist)
+# The CPython of each base, whose wheel of TORCH_VERSION the build checks for before it starts
+# (ktlegacy/preflight.py): Ubuntu 22.04's for BASE_IMAGE, Debian bookworm's for --debian-bases.
+BASE_IMAGE_PYTHON = "3.10"
+DEBIAN_BASE_PYTHON = "3.11"
 
 
 # --- GPU arches ----------------------------------------------------------------------------------
@@ -140,13 +144,18 @@ LABEL_TORCH = "io.ktlegacy.torch"
 LABEL_CPU = "io.ktlegacy.cpu-instruct"
 LABEL_EXTENSIONS = "io.ktlegacy.extensions"   # "build" or "skip" (stand-in: nothing compiled)
 LABEL_STANDIN = "io.ktlegacy.standin"         # "true" only on the no-CUDA stand-in test build
+# CI's real-CUDA lanes only: the PyPI torch that stood in for TORCH_VERSION (empty on every other
+# build); `publish` refuses an image that carries one.
+LABEL_CI_TORCH = "io.ktlegacy.ci-torch"
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
 LABEL_SOURCE = "org.opencontainers.image.source"
 IMAGE_LABELS = (LABEL_REF, LABEL_COMMIT, LABEL_OVERLAY_DIGEST, LABEL_ARCH, LABEL_CUDA, LABEL_TORCH, LABEL_CPU,
-                LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
+                LABEL_EXTENSIONS, LABEL_STANDIN, LABEL_CI_TORCH, LABEL_VERSION, LABEL_REVISION, LABEL_SOURCE)
 # On the CUDA bases made from a Debian mirror (images/debian-cuda.Dockerfile): which one it is.
 LABEL_BASE = "io.ktlegacy.base"
+# On the imported Debian root file system (ktlegacy/standin.py): the mirror debootstrap read.
+LABEL_DEBIAN_MIRROR = "io.ktlegacy.debian-mirror"
 
 # --- run-time defaults of the patched engine -------------------------------------------------------
 # Prompts of at least this many tokens run the CPU-resident routed experts on the GPU (overlay 68,

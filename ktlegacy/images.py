@@ -18,7 +18,7 @@ from .errors import KtlegacyError
 # the pieces of the scheme and the label keys, re-exported (their one place is ktlegacy/facts.py)
 from .facts import (COMMIT_TAG_MARK, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION, DEFAULT_CPU_INSTRUCT,  # noqa: F401
                     DEFAULT_REPOSITORY, DIRTY_SUFFIX, LABEL_ARCH, LABEL_COMMIT, LABEL_CPU, LABEL_CUDA,
-                    LABEL_EXTENSIONS, LABEL_OVERLAY_DIGEST, LABEL_REF, LABEL_REVISION, LABEL_SOURCE,
+                    LABEL_CI_TORCH, LABEL_EXTENSIONS, LABEL_OVERLAY_DIGEST, LABEL_REF, LABEL_REVISION, LABEL_SOURCE,
                     LABEL_STANDIN, LABEL_TORCH, LABEL_VERSION, MOVING_TAG_PREFIX, STANDIN_SUFFIX)
 
 

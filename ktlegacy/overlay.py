@@ -319,6 +319,8 @@ def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = F
                out: Callable[[str], None] = print) -> PatchResult:
     """Apply every overlay that declares ``ref`` to the tree at ``src``, all or nothing."""
     src = Path(src)
+    if src.exists() and not src.is_dir():
+        raise KtlegacyError(f"--src {src} is a file; pass the directory of an upstream tree (invoke fetch-source --dest DIR)")
     if not src.is_dir():
         raise KtlegacyError(f"source tree {src} does not exist; fetch one with: invoke fetch-source --dest {src}")
     if os.path.lexists(src / safefs.INCOMPLETE_NAME):

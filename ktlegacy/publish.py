@@ -148,6 +148,10 @@ def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False
     if standin and not allow_standin:
         raise KtlegacyError(f"{image.tag} is a stand-in build without CUDA ({images.LABEL_STANDIN}=true), "
                             "made for tests; pass --allow-standin to publish it anyway")
+    if labels.get(images.LABEL_CI_TORCH):
+        raise KtlegacyError(f"{image.tag} was built by CI with PyPI's torch {labels[images.LABEL_CI_TORCH]} standing in "
+                            f"for the pin ({images.LABEL_CI_TORCH}); it is never published: build it with "
+                            "invoke build, which installs the pin")
 
     def need(key: str, expected: str | None, same=lambda a, b: a == b) -> None:
         value = labels.get(key)

@@ -20,5 +20,5 @@ def get_ref(name: str) -> Ref:
         return REFS[name]
     raise KtlegacyError(
         f"unknown ktransformers ref {name!r}: supported refs are {', '.join(REFS)} "
-        "(or pass --src DIR with a tree you fetched yourself)"
+        "(fetch-source takes another tag or commit with --git-url URL, or your own tree with --local DIR)"
     )

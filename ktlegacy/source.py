@@ -269,6 +269,8 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
     if dest.is_symlink():
         raise KtlegacyError(f"--dest {dest} is a symlink (to {os.readlink(dest)}); fetch-source replaces --dest "
                             "as a whole and never writes through a link: pass the real directory")
+    if dest.exists() and not dest.is_dir() and not force:
+        raise KtlegacyError(f"--dest {dest} is a file, not a directory; pass a directory path (it is created)")
     occupied = dest.is_file() or (dest.is_dir() and any(dest.iterdir()))
     if occupied and not force:
         raise KtlegacyError(f"{dest} already exists and is not empty; pick another --dest or pass --force")

@@ -7,10 +7,10 @@ cpuinfer_ext with nvcc 11.8 and checks them with check_cuda_arch.py and CUDA 11.
 Which torch the CI compile builds against, and why: **PyPI's torch 2.5.1, a CUDA 12.4 build**,
 i.e. the product pin's version and headers, not its +cu118 build: +cu118 wheels live only on
 download.pytorch.org, which CI cannot reach. torch's extension builder refuses an nvcc of another
-CUDA major (11.8 vs 12.4), so the CI build passes KTLEGACY_CI_TORCH_CUDA_MISMATCH=1 and
-compile_extensions.py waives that one comparison (the host-compiler bounds of CUDA 11.8 still
-apply); the task refuses that flag for any target after `kernels`, so such extensions never
-ship. (The alternative, PyPI's torch 2.0.1, a CUDA 11.7 build, needs setuptools < 70 for its
+CUDA major (11.8 vs 12.4), so the CI build's one substitution, the build arg KTLEGACY_CI_TORCH=2.5.1,
+also makes compile_extensions.py waive that one comparison (the host-compiler bounds of CUDA 11.8
+still apply); the images it reaches are labelled io.ktlegacy.ci-torch, which `publish` refuses
+(tests/test_runtime_lane.py builds them through the runtime stage). (The alternative, PyPI's torch 2.0.1, a CUDA 11.7 build, needs setuptools < 70 for its
 cpp_extension and is far from the pin.) The extensions link Debian's libcudart 11.8 and torch
 2.5.1's libraries and import beside it without a GPU. The product image keeps torch
 2.5.1+cu118 (docs/images.md).
@@ -36,10 +36,18 @@ REPO = Path(__file__).resolve().parent.parent
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 CI_TORCH_VERSION = facts.TORCH_VERSION.split("+")[0]   # the pin's release from PyPI: CUDA 12.4 (docstring)
-CI_TORCH_INDEX_URL = "https://pypi.org/simple"
 BASE_REPOSITORY = "h11-ktlegacy-debian-cuda"
 REPOSITORY = "h11-ktlegacy/ktransformers"
 ARCHES = {name: arch.cuobjdump_name for name, arch in facts.ARCHES.items()}   # arch -> its cubins' name
+
+
+def lane_request(arch: str, target: str) -> BuildRequest:
+    """CI's real CUDA 11.8 build of ``arch`` up to ``target``: the user's `invoke build --arch ARCH
+    --debian-bases` with the one substitution (KTLEGACY_CI_TORCH). The compile and runtime lanes
+    ask the same, so the runtime lane's build finds the compile stage in BuildKit's cache."""
+    return BuildRequest(arch, debian_bases=True, debian_base_repository=BASE_REPOSITORY, ci_torch=CI_TORCH_VERSION,
+                        ca_cert=HOST_CA_BUNDLE if HOST_CA_BUNDLE.is_file() else None,
+                        target=target, repository=REPOSITORY, max_jobs=os.cpu_count() or 2)
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -56,7 +64,11 @@ def test_debian_bases_dry_run_shows_the_whole_route():
     lines = proc.stdout.splitlines()
     assert lines[0] == ("python -m ktlegacy debian-rootfs --tag ktlegacy-standin/bookworm:base "
                         "--mirror http://mirror.example/debian")
-    devel, runtime, sm70, sm75 = lines[1:]
+    assert lines[1] == ("python -m ktlegacy debian-rootfs --runtime --tag ktlegacy-standin/bookworm:runtime "
+                        "--mirror http://mirror.example/debian")
+    devel, runtime, sm70, sm75 = lines[2:]
+    assert "ROOTFS_IMAGE=ktlegacy-standin/bookworm:base " in devel
+    assert "ROOTFS_IMAGE=ktlegacy-standin/bookworm:runtime " in runtime
     for line, stage in ((devel, "devel"), (runtime, "runtime")):
         assert "images/debian-cuda.Dockerfile" in line and f"--target {stage}" in line
         assert "APT_MIRROR=http://mirror.example/debian" in line and "id=ca_cert" in line
@@ -82,15 +94,16 @@ def test_debian_bases_conflicts_are_one_line(args, expected):
     assert expected in errors[0]
 
 
-def test_ci_mismatch_is_for_check_targets_only():
+def test_ci_torch_is_one_build_arg_and_a_label():
     from ktlegacy.errors import KtlegacyError
-    (p,) = plan(BuildRequest("sm70", target="compile", ci_torch_cuda_mismatch=True, dry_run=True))
-    assert p.build_args["KTLEGACY_CI_TORCH_CUDA_MISMATCH"] == "1"
-    assert "KTLEGACY_CI_TORCH_CUDA_MISMATCH" not in plan(BuildRequest("sm70", target="compile",
-                                                                      dry_run=True))[0].build_args
-    for target in ("wheels", "runtime"):
-        with pytest.raises(KtlegacyError, match="CI's compile check only"):
-            plan(BuildRequest("sm70", target=target, ci_torch_cuda_mismatch=True, dry_run=True))
+    (p,) = plan(BuildRequest("sm70", ci_torch=CI_TORCH_VERSION, dry_run=True))
+    (user,) = plan(BuildRequest("sm70", dry_run=True))
+    assert {k: v for k, v in p.build_args.items() if user.build_args.get(k) != v} == \
+        {"KTLEGACY_CI_TORCH": CI_TORCH_VERSION}
+    assert p.labels[facts.LABEL_CI_TORCH] == CI_TORCH_VERSION and user.labels[facts.LABEL_CI_TORCH] == ""
+    assert p.labels[facts.LABEL_TORCH] == CI_TORCH_VERSION and user.labels[facts.LABEL_TORCH] == facts.TORCH_VERSION
+    with pytest.raises(KtlegacyError, match="never pushed"):
+        plan(BuildRequest("sm70", ci_torch=CI_TORCH_VERSION, push=True, dry_run=True))
 
 
 # -- the real compile ------------------------------------------------------------------------------
@@ -110,12 +123,7 @@ def cuda118_compile_images(docker) -> dict:
     tags = {}
     for arch in ARCHES:  # one at a time: 2 cores, and the second reuses the first's toolchain layer
         try:
-            result = build(BuildRequest(arch, debian_bases=True, debian_base_repository=BASE_REPOSITORY,
-                                        torch_version=CI_TORCH_VERSION, torch_index_url=CI_TORCH_INDEX_URL,
-                                        ca_cert=HOST_CA_BUNDLE if HOST_CA_BUNDLE.is_file() else None,
-                                        target="compile", repository=REPOSITORY, max_jobs=os.cpu_count() or 2,
-                                        ci_torch_cuda_mismatch=True),
-                           echo=False, out=lambda line: None)
+            result = build(lane_request(arch, "compile"), echo=False, out=lambda line: None)
         except KtlegacyError as exc:
             log = getattr(exc, "log", "")
             pytest.fail(f"CUDA 11.8 compile build for {arch} failed: {exc}\n" + "\n".join(log.splitlines()[-80:]))
@@ -186,5 +194,6 @@ def test_debian_runtime_base_has_cudart_11_8_and_no_compiler(cuda118_compile_ima
     tag = f"{BASE_REPOSITORY}:11.8-runtime"
     proc = _docker("run", "--rm", tag, "bash", "-c",
                    "ls /usr/lib/x86_64-linux-gnu/libcudart.so.11.0 && dpkg-query -W -f='${Version}' libcudart11.0 "
-                   "&& ! command -v nvcc && ! command -v gcc && ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1")
+                   "&& ! command -v nvcc && ! command -v gcc && ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1 "
+                   "&& ! command -v git && ! command -v pip3 && ! ls /var/lib/apt/lists/*Packages*")
     assert proc.stdout.split()[-1].startswith("11.8."), proc.stdout

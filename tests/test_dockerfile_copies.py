@@ -99,11 +99,13 @@ def parse_stages(text: str) -> list[Stage]:
             args = shlex.split(rest)
             if any(a.startswith("--from") for a in args):
                 continue
-            sources = [a for a in args if not a.startswith("--")][:-1]
+            paths = [a for a in args if not a.startswith("--")]
+            sources, dest = paths[:-1], paths[-1]
             for source in sources:
                 got = _repo_files(source)
                 files |= got
-                lib = {f for f in got if f.startswith(f"{LIB}/")}
+                # a library file copied as data (the smoke's moe_reference.py) is not the importable library
+                lib = {f for f in got if f.startswith(f"{LIB}/")} if dest.startswith(f"/ktlegacy/{LIB}") else set()
                 library |= lib
                 since |= lib
         elif keyword == "RUN":

@@ -73,7 +73,7 @@ def test_cpu_sets_and_labels_are_consistent():
         assert larger[:len(smaller)] == smaller and len(larger) > len(smaller)
     labels = [v for k, v in vars(facts).items() if k.startswith("LABEL_")]
     assert len(set(labels)) == len(labels)
-    assert set(labels) == set(facts.IMAGE_LABELS) | {facts.LABEL_BASE}
+    assert set(labels) == set(facts.IMAGE_LABELS) | {facts.LABEL_BASE, facts.LABEL_DEBIAN_MIRROR}
 
 
 # --- the copies ------------------------------------------------------------------------------------

