@@ -8,7 +8,7 @@ found under a directory, or inside a ``.whl``) it asks ``cuobjdump --list-elf`` 
 ``sm_XX``; with ``--expect-ptx`` (a ``7.5+PTX`` build) it also requires ``compute_XX`` PTX.
 
 A ``.so`` without any device code is host-only and passes (``cpuinfer_ext`` is CPU code),
-except where its name matches ``--require-device-code`` (default ``KTransformersOps*``): a
+except where its name matches ``--require-device-code`` (default ``KTransformersOps*``, ``ktlegacy_gguf_ops*``): a
 CUDA extension built without any GPU arch fails. If none of the files holds device code the
 check fails too.
 
@@ -47,7 +47,7 @@ ARCHES = {
     "sm70": ("sm_70", "7.0"),
     "sm75": ("sm_75", "7.5"),
 }
-DEFAULT_REQUIRED = ("KTransformersOps*",)
+DEFAULT_REQUIRED = ("KTransformersOps*", "ktlegacy_gguf_ops*")   # CUDA extensions that must hold device code
 
 
 class UsageError(Exception):
