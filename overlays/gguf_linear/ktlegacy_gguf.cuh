@@ -95,6 +95,19 @@ KTL_HD void scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
   }
 }
 
+// Q4_K / Q5_K block header {fp16 d, dmin; scales[12]}: the two sub-blocks of 64-value group g,
+// value = d0 * q - n0 (low nibbles) and d1 * q - n1 (high nibbles)
+KTL_HD void group_scales_k4(const uint8_t* b, int g, float& d0, float& d1, float& n0, float& n1) {
+  const float d = h2f(ld2(b)), dmin = h2f(ld2(b + 2));
+  int s0, m0, s1, m1;
+  scale_min_k4(b + 4, 2 * g, s0, m0);
+  scale_min_k4(b + 4, 2 * g + 1, s1, m1);
+  d0 = d * (float)s0;
+  d1 = d * (float)s1;
+  n0 = dmin * (float)m0;
+  n1 = dmin * (float)m1;
+}
+
 // Q3_K: sixteen 6-bit signed scales packed in 12 bytes (low nibbles in bytes 0-7, top bits in 8-11)
 KTL_HD int scale_q3k(const uint8_t* s, int is) {
   int low = is < 8 ? (s[is] & 0xF) : (s[is - 8] >> 4);
@@ -158,11 +171,8 @@ template <> struct Blk<Q4_K> {
   static constexpr int QK = 256, BYTES = 144;
   KTL_HD static void chunk(const uint8_t* b, int c, float* v, int& o0, int& o1) {
     const int g = c >> 3, k = c & 7;
-    const float d = h2f(ld2(b)), dmin = h2f(ld2(b + 2));
-    int s0, m0, s1, m1;
-    scale_min_k4(b + 4, 2 * g, s0, m0);
-    scale_min_k4(b + 4, 2 * g + 1, s1, m1);
-    const float d0 = d * (float)s0, d1 = d * (float)s1, n0 = dmin * (float)m0, n1 = dmin * (float)m1;
+    float d0, d1, n0, n1;
+    group_scales_k4(b, g, d0, d1, n0, n1);
     const uint32_t q = ld4(b + 16 + 32 * g + 4 * k);
     o0 = 64 * g + 4 * k;
     o1 = o0 + 32;
@@ -179,11 +189,8 @@ template <> struct Blk<Q5_K> {
   static constexpr int QK = 256, BYTES = 176;
   KTL_HD static void chunk(const uint8_t* b, int c, float* v, int& o0, int& o1) {
     const int g = c >> 3, k = c & 7;
-    const float d = h2f(ld2(b)), dmin = h2f(ld2(b + 2));
-    int s0, m0, s1, m1;
-    scale_min_k4(b + 4, 2 * g, s0, m0);
-    scale_min_k4(b + 4, 2 * g + 1, s1, m1);
-    const float d0 = d * (float)s0, d1 = d * (float)s1, n0 = dmin * (float)m0, n1 = dmin * (float)m1;
+    float d0, d1, n0, n1;
+    group_scales_k4(b, g, d0, d1, n0, n1);
     const uint32_t q = ld4(b + 48 + 32 * g + 4 * k), h = ld4(b + 16 + 4 * k);
     o0 = 64 * g + 4 * k;
     o1 = o0 + 32;
