@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """On a GPU: its compute capability is the one the image was built for, and a CUDA kernel from
-each extension runs (KTransformersOps' q8_0 dequantize; cpuinfer_ext's linear synchronised
-with a CUDA stream) and agrees with torch.
+each extension runs (KTransformersOps' q8_0 dequantize; ktlegacy_gguf_ops' matvec and
+dequantize, KLinearGGUF's kernels; cpuinfer_ext's linear synchronised with a CUDA stream) and
+agrees with torch.
 
 No GPU visible: skipped. Set the expected arch with KTLEGACY_IMAGE_ARCH (the image sets it) or
 KTLEGACY_ARCH (outside an image). Every GPU visible to the process is checked.
@@ -53,10 +54,29 @@ ref = torch.from_numpy(scales.astype(np.float32)[:, None] * qs.astype(np.float32
 if not torch.allclose(got.float().cpu().reshape(ref.shape), ref, rtol=1e-3, atol=1e-3):
     fail("KTransformersOps.dequantize_q8_0 result differs from the reference")
 
+# KLinearGGUF's kernels on the same blocks, as an 8 x 256 Q8_0 weight (ggml type 8)
+import ktlegacy_gguf_ops  # noqa: E402
+
+w = torch.from_numpy(raw).to("cuda:0")
+x = (torch.randn(1, 256) / 16).half().to("cuda:0")
+y = torch.empty(1, 8, dtype=torch.float16, device="cuda:0")
+dense = torch.empty(8, 256, dtype=torch.float32, device="cuda:0")
+try:
+    ktlegacy_gguf_ops.matvec(w, 8, 8, 256, x, y)
+    ktlegacy_gguf_ops.dequantize(w, 8, 8, 256, 0, 8, dense)
+    torch.cuda.synchronize()
+except Exception as exc:
+    fail(f"ktlegacy_gguf_ops on {names[0]}: {type(exc).__name__}: {exc}")
+if not torch.equal(dense.cpu(), ref.reshape(8, 256)):
+    fail("ktlegacy_gguf_ops.dequantize result differs from the reference")
+want_y = x.float().cpu() @ ref.reshape(8, 256).T
+if not torch.allclose(y.float().cpu(), want_y, rtol=2e-3, atol=2e-3):
+    fail(f"ktlegacy_gguf_ops.matvec differs from torch: {(y.float().cpu() - want_y).abs().max().item():.3g}")
+
 lacking = missing_cpu_flags()
 if lacking:
-    print(f"{len(names)} GPU(s) {names[0]} cc {want[0]}.{want[1]} = {arch}; KTransformersOps q8_0 dequant agrees "
-          f"with numpy; cpuinfer_ext not run: this CPU lacks {' '.join(lacking)}")
+    print(f"{len(names)} GPU(s) {names[0]} cc {want[0]}.{want[1]} = {arch}; KTransformersOps q8_0 dequant and "
+          f"ktlegacy_gguf_ops agree with numpy; cpuinfer_ext not run: this CPU lacks {' '.join(lacking)}")
     sys.exit(0)
 
 n_in, n_out, qlen = 256, 128, 4
@@ -76,5 +96,5 @@ ref = x.float() @ weight.float().t()
 rel = ((y.float() - ref).abs().mean() / ref.abs().mean()).item()
 if not rel < 1e-2:
     fail(f"cpuinfer_ext linear (CUDA stream) differs from torch: mean relative error {rel:.3g}")
-print(f"{len(names)} GPU(s) {names[0]} cc {want[0]}.{want[1]} = {arch}; KTransformersOps q8_0 dequant "
-      f"and cpuinfer_ext linear on a CUDA stream agree with torch")
+print(f"{len(names)} GPU(s) {names[0]} cc {want[0]}.{want[1]} = {arch}; KTransformersOps q8_0 dequant, "
+      f"ktlegacy_gguf_ops matvec/dequantize and cpuinfer_ext linear on a CUDA stream agree with torch")
