@@ -193,6 +193,7 @@ fetch({json.dumps(api_base + '/v1/chat/completions')}, {{method: "POST",
         return {"origin": origin, "title": title, "body": driver.find_element("tag name", "body").text[:300]}
     finally:
         server.shutdown()
+        server.server_close()   # the port is asked for again (the allowed origin's page): free it now, not at GC
 
 
 def backend_errors(ui: dict, servers: list[dict]) -> list[str]:
