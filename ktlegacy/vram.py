@@ -20,17 +20,23 @@ Model of the estimate (stated, not measured; the doctor prints it):
   MLA models (DeepSeek V2/V3: GGUF key ``<arch>.attention.kv_lora_rank``) a token costs
   ``(kv_lora_rank + rope dim) * 2`` bytes per layer, otherwise ``2 * kv_heads * head_dim * 2``.
 * **prefill activations**: once per GPU that holds attention layers (0.2.1.post1 prefills a
-  whole prompt layer by layer), one layer's attention intermediates for a ``cache_lens``-token
-  prompt in fp16: queries and keys, the ``kv_b`` output, values and the attention output
-  (MLA: ``2 * H(nope+rope) + H(nope+v) + 2 * H*v`` per token, from the tensors' shapes).
-  DeepSeek-V3 at 8192 tokens: 1.75 GiB. Not yet measured (the GPU runs so far used short prompts).
+  whole prompt layer by layer), one layer's tensors alive at the peak of an MLA prefill of a
+  ``cache_lens``-token prompt in fp16, read off the patched attention (``forward_linux_triton``
+  with ``ktlegacy_runtime.sdpa_prefill``), per token: the layer's input and residual
+  (``2 * hidden``), ``q`` (``H*(nope+rope)``) and its rotated rope part (``H*rope``), the
+  ``kv_b`` output (``H*(nope+v)``), ``query_states``, ``key_states``, the padded values and SDPA's
+  output with its contiguous copy (five times ``H*(nope+rope)``); from the tensors' shapes that is
+  ``2 * hidden + 7 * H*(nope+rope) + H*v``. DeepSeek-V3 at 8192 tokens: 3.09 GiB. Measured on the
+  ``v3-dims`` preset (DeepSeek-V3's layer dimensions, an 8168-token prompt, H100 running Turing
+  PTX): 3.23-3.42 GiB of allocations above weights, KV cache and scratch
+  (bench/results/gpu_linear_h100.json); the rest is in the runtime term below.
 * **routed experts of a long prompt on the GPU** (overlay 68, ``KTLEGACY_GPU_PREFILL_MIN_TOKENS``
   / ``_MIB``, defaults in ``ktlegacy/facts.py``): when a ``cache_lens``-token prompt reaches the
   threshold, each GPU whose MoE layers run it holds up to ``KTLEGACY_GPU_PREFILL_MIB`` of
   dequantised expert weights plus the prompt's hidden states (fp16 in, fp32 sum: 6 bytes per
   token and hidden unit). This happens after the layer's attention, whose intermediates the
   allocator can reuse, so the estimate counts the larger of the two, not both. 0 tokens: not
-  counted. DeepSeek-V3 at 8192 tokens: 1.33 GiB, below its 1.75 GiB of attention.
+  counted. DeepSeek-V3 at 8192 tokens: 1.33 GiB, below its 3.09 GiB of attention.
 * **runtime**: :data:`GPU_RUNTIME_MIB` per GPU for the CUDA context, cuBLAS workspaces, the CUDA
   graph pool and allocator slack of the running server: measured 844-953 MiB above weights + KV
   cache per GPU on H200s (CUDA 13, torch 2.11, 1 and 2 GPUs, the server with CUDA graphs,
@@ -309,7 +315,9 @@ def _prefill_elements_per_token(model: GgufModel, layer: int) -> int:
         else:
             q_rows = n.get("attn_q", 0) // hidden
         o_in = n.get("attn_output", 0) // hidden                        # H * v
-        return 2 * q_rows + kv_b_rows + 2 * o_in
+        rope = q_rows - (kv_b_rows - o_in)                              # H * rope
+        # input + residual, q, rotated q_pe, kv_b output, query/key/padded value states, SDPA out + copy
+        return 2 * hidden + q_rows + rope + kv_b_rows + 5 * q_rows
     return 4 * hidden                                                   # q, k, v, output
 
 
