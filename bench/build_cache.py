@@ -46,7 +46,7 @@ CONTEXT_DIRS = ("ktlegacy", "overlays", "images", "tests/smoke")
 UNRUN_MODULE = "ktlegacy/doctor.py"   # the library module the case 3 edit goes to: no stage runs it
 
 PYTHON_ONLY_OVERLAY = '''"""bench only: a Python-only change (a comment appended to local_chat.py)."""
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 MARK = "# ktlegacy bench: python-only overlay change\\n"
 
@@ -54,7 +54,6 @@ MARK = "# ktlegacy bench: python-only overlay change\\n"
 class BenchPythonOnly(Overlay):
     name = "bench-python-only"
     summary = "append a comment to ktransformers/local_chat.py"
-    refs = ALL_REFS
 
     def apply(self, tree, ctx):
         text = tree.read("ktransformers/local_chat.py")

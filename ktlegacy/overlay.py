@@ -42,7 +42,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS_DIR = Path(os.environ.get("KTLEGACY_OVERLAYS_DIR", REPO_ROOT / "overlays"))
 MANIFEST_NAME = "ktlegacy-overlays.json"
 JOURNAL_NAME = "ktlegacy-patch-journal.json"  # present only while a commit runs (or was killed)
-ALL_REFS = tuple(REFS)
 
 
 class Drift(KtlegacyError):
@@ -208,15 +207,23 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 class Overlay:
-    """Base class of an overlay. Subclasses set the attributes and implement :meth:`apply`."""
+    """Base class of an overlay. Subclasses set the attributes and implement :meth:`apply`.
+
+    An overlay applies to every supported ref (``REFS``) but those in ``not_applicable``: a ref
+    added to the table is applied by default, and an overlay whose anchors it lacks refuses it
+    (drift); it is never skipped without the reason ``patch`` prints."""
 
     name: str = ""          # short id, e.g. "torch-linear-rules"
     summary: str = ""       # one line: what it does and why
-    refs: tuple = ALL_REFS  # the refs whose code it was written against
     not_applicable: dict = {}  # ref name -> why the overlay has nothing to do there (printed when skipped)
 
+    @property
+    def refs(self) -> tuple:
+        """The supported refs it applies to: all of them less ``not_applicable``."""
+        return tuple(name for name in REFS if name not in self.not_applicable)
+
     def applies_to(self, ref: Ref) -> bool:
-        return ref.name in self.refs
+        return ref.name not in self.not_applicable
 
     def apply(self, tree: StagedTree, ctx: PatchContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -236,6 +243,11 @@ def load_overlays(directory: Path = OVERLAYS_DIR) -> list[tuple[Overlay, Path]]:
         overlay = getattr(module, "OVERLAY", None)
         if not isinstance(overlay, Overlay):
             raise KtlegacyError(f"{path}: an overlay file must define OVERLAY = <Overlay subclass>()")
+        bad = sorted(ref for ref, why in overlay.not_applicable.items()
+                     if ref not in REFS or not isinstance(why, str) or not why.strip())
+        if bad:
+            raise KtlegacyError(f"{path}: not_applicable must map supported refs ({', '.join(REFS)}) to a "
+                                f"one-line reason; not so for {', '.join(map(repr, bad))}")
         found.append((overlay, path))
     if not found:
         raise KtlegacyError(f"no overlays found in {directory}")
@@ -317,7 +329,7 @@ class PatchResult:
 def patch_tree(src: Path, arch: Arch, *, ref: Ref | None = None, check: bool = False,
                overlays: list[tuple[Overlay, Path]] | None = None,
                out: Callable[[str], None] = print) -> PatchResult:
-    """Apply every overlay that declares ``ref`` to the tree at ``src``, all or nothing."""
+    """Apply every overlay to the tree at ``src`` but those ``not_applicable`` to ``ref``, all or nothing."""
     src = Path(src)
     if src.exists() and not src.is_dir():
         raise KtlegacyError(f"--src {src} is a file; pass the directory of an upstream tree (invoke fetch-source --dest DIR)")
@@ -385,9 +397,9 @@ def _patch_locked(src: Path, arch: Arch, ref: Ref | None, check: bool,
             out(f"{name}: already applied, nothing to change")
         for c in mine:
             out(f"{name}: {verb} {c.path}: {c.what}")
-    reasons = {o.name: getattr(o, "not_applicable", {}).get(ref.name) for o, _ in overlays}
+    reasons = {o.name: o.not_applicable[ref.name] for o, _ in overlays if not o.applies_to(ref)}
     for name in skipped:
-        out(f"{name}: not for ref {ref.name}, skipped" + (f" ({reasons[name]})" if reasons.get(name) else ""))
+        out(f"{name}: not for ref {ref.name}, skipped ({reasons[name]})")
     code_changes = [c for c in tree.changes if c.overlay != "manifest"]
     summary = "would change" if check else "changed"
     out(f"ref {ref.name}, arch {arch.name}: {len(applied)} overlays, {summary} "

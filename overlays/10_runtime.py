@@ -6,7 +6,7 @@ patched tree only compiles to something importable if the module is there.
 
 from pathlib import Path
 
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 SOURCE = Path(__file__).resolve().parent / "runtime" / "ktlegacy_runtime.py"
 TARGET = "ktransformers/ktlegacy_runtime.py"
@@ -16,7 +16,6 @@ PLACEHOLDER = '"@KTLEGACY_BUILD_ARCH@"'
 class RuntimeOverlay(Overlay):
     name = "runtime"
     summary = "add ktransformers/ktlegacy_runtime.py (compute capability, dtype, Triton stages, SDPA prefill)"
-    refs = ALL_REFS
 
     def shipped_files(self):
         return [SOURCE]

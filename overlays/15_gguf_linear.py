@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ktlegacy import facts
 from ktlegacy.gpu_linear import GPU_LINEAR_OP
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 HERE = Path(__file__).resolve().parent / "gguf_linear"
 OPERATOR_SOURCE = HERE / "ktlegacy_gguf_linear.py"
@@ -55,7 +55,6 @@ REGISTER_LINE = f"import ktransformers.operators.ktlegacy_gguf_linear  # ktlegac
 class GgufLinearOverlay(Overlay):
     name = "gguf-linear"
     summary = "KLinearGGUF: GPU linears computed from their GGUF blocks (no fp16 copy) + its CUDA kernels"
-    refs = ALL_REFS
 
     def shipped_files(self):
         return [OPERATOR_SOURCE, *CUDA_SOURCES]

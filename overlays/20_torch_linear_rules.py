@@ -24,7 +24,7 @@ import yaml
 
 from ktlegacy.gpu_linear import GPU_LINEAR_OP, SM80_ONLY, lm_head_devices, lm_head_rule
 from ktlegacy.gpu_linear import PATCHED_OP as TORCH_EQUIVALENT  # op -> the op the patched rules name
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 RULES_GLOBS = ("ktransformers/optimize/optimize_rules/**/*.yaml", "ktransformers/optimize/optimize_rules/**/*.yml")
 OPS = "|".join(TORCH_EQUIVALENT)
@@ -88,7 +88,6 @@ def _only_ops_changed(before, after) -> bool:
 class TorchLinearRulesOverlay(Overlay):
     name = "torch-linear-rules"
     summary = "optimize rules: Marlin/FP8/KLinearTorch linears -> KLinearGGUF (lm_head too), KExpertsMarlin -> KExpertsTorch"
-    refs = ALL_REFS
 
     def shipped_files(self):
         # the op table and the lm_head rule come from the library: a change there changes what this writes

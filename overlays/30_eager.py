@@ -9,7 +9,7 @@ holds neither the anchor nor the marker is drift.
 
 import re
 
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 MARKER = "# ktlegacy: eager attention (FlashAttention 2 needs sm80+)"
 ASSIGNED = re.compile(r"(?<![=!<>])(=\s*)([\"'])flash_attention_2\2")
@@ -23,7 +23,6 @@ FILES = {  # file -> must hold the anchor
 class EagerOverlay(Overlay):
     name = "eager"
     summary = "flash_attention_2 -> eager in local_chat and the server backend"
-    refs = ALL_REFS
 
     def apply(self, tree, ctx):
         for rel, required in FILES.items():

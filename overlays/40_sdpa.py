@@ -16,7 +16,7 @@ scale, bottom-right causal mask, v head dim; see overlays/runtime/ktlegacy_runti
 
 import re
 
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 ATTENTION = "ktransformers/operators/attention.py"
 MODELS = "ktransformers/operators/models.py"
@@ -37,7 +37,6 @@ UPSTREAM_OPTIONAL = "\ntry:\n    from flash_attn import flash_attn_func\nexcept:
 class SdpaOverlay(Overlay):
     name = "sdpa"
     summary = "flash_attn_func -> SDPA (ktlegacy_runtime.sdpa_prefill); sm<80 prefill off forward_windows"
-    refs = ALL_REFS
 
     def apply(self, tree, ctx):
         text = tree.read(ATTENTION)

@@ -87,7 +87,6 @@ class SdpaKvReuseOverlay(Overlay):
     name = "sdpa-kv-reuse"
     summary = "MLA SDPA prefill attends to the cached tokens when it continues a conversation (q_len < k_len)"
     # 0.2.1.post1: edited, verified on the H100 (bench/gpu_proof.py, second turn); the tags: checked only
-    refs = ("0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
 
     def apply(self, tree, ctx):
         if ctx.ref.name != "0.2.1.post1":

@@ -40,7 +40,6 @@ APPLIED = r"^            if q_len > 1 and cache_position is not None:  # ktlegac
 class PrefillKvLengthOverlay(Overlay):
     name = "prefill-kv-length"
     summary = "MLA prefill at the tags reads the cache up to cache_position[-1] + 1, not get_usable_length (0 from v0.4.1, overcounted before)"
-    refs = ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
     not_applicable = {"0.2.1.post1": "its prefill ignores the cache; sdpa-kv-reuse reads it up to cache_position[-1] + 1"}
 
     def apply(self, tree, ctx):

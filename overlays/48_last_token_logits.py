@@ -8,6 +8,7 @@ both files); the overlay brings it to the sdist ref. With it, lm_head is a one-r
 every forward, which KLinearGGUF (overlay ``gguf-linear``) runs as its fused matvec.
 """
 
+from ktlegacy.facts import REFS
 from ktlegacy.overlay import Overlay
 
 EDITS = {
@@ -24,9 +25,9 @@ EDITS = {
 class LastTokenLogitsOverlay(Overlay):
     name = "last-token-logits"
     summary = "DeepSeek V2/V3 forward: lm_head on the last position only (what upstream does from v0.2.4post1)"
-    refs = ("0.2.1.post1",)
+    # every ref after the sdist, a new one included (REFS runs oldest to newest)
     not_applicable = {ref: "upstream computes the last position's logits only from this ref on"
-                      for ref in ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")}
+                      for ref in REFS if ref != "0.2.1.post1"}
 
     def apply(self, tree, ctx):
         for rel, (old, new) in EDITS.items():

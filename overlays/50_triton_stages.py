@@ -8,7 +8,7 @@ on sm80+, where the second stage is worth it (49.5 vs 85.2 us per call on an H10
 
 import re
 
-from ktlegacy.overlay import ALL_REFS, Overlay
+from ktlegacy.overlay import Overlay
 
 TRITON = "ktransformers/operators/triton_attention.py"
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"
@@ -18,7 +18,6 @@ STAGES = "num_stages=ktlegacy_runtime.triton_decode_num_stages(),"
 class TritonStagesOverlay(Overlay):
     name = "triton-stages"
     summary = "Triton decode launches: num_stages=2 -> 1 below sm80 (ktlegacy_runtime.triton_decode_num_stages)"
-    refs = ALL_REFS
 
     def apply(self, tree, ctx):
         tree.insert_line(TRITON, IMPORT_LINE, after=r"^import triton\.language as tl$", what="import ktlegacy_runtime")

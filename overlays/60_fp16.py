@@ -9,7 +9,7 @@ turns bf16 into fp16 below.
 
 import re
 
-from ktlegacy.overlay import Overlay, ALL_REFS
+from ktlegacy.overlay import Overlay
 
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"
 REQUIRED = ("ktransformers/local_chat.py", "ktransformers/server/backend/interfaces/ktransformers.py")
@@ -22,7 +22,6 @@ PATCHED = re.compile(r"torch\.set_default_dtype\(ktlegacy_runtime\.default_dtype
 class Fp16Overlay(Overlay):
     name = "fp16"
     summary = "default dtype bf16 -> ktlegacy_runtime.default_dtype() (fp16 below sm80)"
-    refs = ALL_REFS
 
     def apply(self, tree, ctx):
         for rel in tree.glob("ktransformers/**/*.py"):

@@ -39,7 +39,6 @@ ACT_DONE = r"for \(int j = ith \* stride; j < ith \* stride \+ rows; j\+\+\) \{\
 class MoePartialBlockOverlay(Overlay):
     name = "moe-partial-block"
     summary = "CPU-expert prefill (forward_many) computes the last rows when moe_intermediate_size % 256 != 0 (V2-Lite: 1408)"
-    refs = ("0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
 
     def apply(self, tree, ctx):
         found = [p for p in CANDIDATES if tree.exists(p)]

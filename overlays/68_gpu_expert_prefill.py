@@ -35,7 +35,6 @@ BSZ_LINE = "            bsz_tensor = bsz_tensor.contiguous().cpu()\n"
 class GpuExpertPrefillOverlay(Overlay):
     name = "gpu-expert-prefill"
     summary = "prompts of >= KTLEGACY_GPU_PREFILL_MIN_TOKENS run KExpertsCPU's routed experts on the GPU (weights streamed from the GGUF)"
-    refs = ("0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
 
     def apply(self, tree, ctx):
         rel = EXPERTS

@@ -38,7 +38,6 @@ EDITS = (
 class LoopbackListenersOverlay(Overlay):
     name = "loopback-listeners"
     summary = "balance_serve scheduler RPC socket and metrics exposers bind 127.0.0.1, not every interface"
-    refs = ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
     not_applicable = {"0.2.1.post1": "no balance_serve: the server opens no listener besides the HTTP API"}
 
     def apply(self, tree, ctx):

@@ -25,7 +25,6 @@ CHECK = ("    ktlegacy_runtime.check_server_backend(config.backend_type, getattr
 class ServeBackendGuardOverlay(Overlay):
     name = "serve-backend-guard"
     summary = "server start below sm80: balance_serve backend and balance_serve-only models refused in one line"
-    refs = ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")
     not_applicable = {"0.2.1.post1": "no balance_serve backend: every model it serves has an sm<80 path"}
 
     def apply(self, tree, ctx):

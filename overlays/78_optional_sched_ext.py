@@ -26,7 +26,6 @@ GUARDED = ("from transformers.models.llama.modeling_llama import LlamaDecoderLay
 class OptionalSchedExtOverlay(Overlay):
     name = "optional-sched-ext"
     summary = "custom_cache.py imports without balance_serve's sched_ext (bare import since v0.5.0)"
-    refs = ("v0.7.0",)
     not_applicable = {ref: "custom_cache.py imports sched_ext only if it is there (try/except) or not at all"
                       for ref in ("0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1")}
 

@@ -27,7 +27,6 @@ KEY_BY_MODULE_NAME = '"key": module_name if not use_torch_npu else translated_na
 class CacheDeviceKeyOverlay(Overlay):
     name = "cache-device-key"
     summary = "StaticCache finds each layer's device under the device map's module-name key (KeyError 'blk.0.self_attn' on CUDA)"
-    refs = ("v0.4.1", "v0.7.0")
     not_applicable = {ref: "gen_optimize_config keys the device map by GGUF name (blk.N.self_attn), as the cache looks it up"
                       for ref in ("0.2.1.post1", "v0.2.4post1", "v0.3.1", "v0.3.2")}
 

@@ -21,6 +21,7 @@ per-request sampler hook. Written against 0.2.1.post1's server; the git refs rew
 
 from pathlib import Path
 
+from ktlegacy.facts import REFS
 from ktlegacy.overlay import Overlay
 
 SOURCE = Path(__file__).resolve().parent / "server_api" / "ktlegacy_api.py"
@@ -89,10 +90,10 @@ class ServerApiOverlay(Overlay):
     name = "server-api"
     summary = ("OpenAI/Ollama API that real clients parse; per-request sampling, usage, errors; keys, no foreign "
                "origins, bounded requests, /health with load progress, /metrics, tool calls (0.2.1.post1)")
-    refs = ("0.2.1.post1",)
+    # every ref after the sdist, a new one included (REFS runs oldest to newest)
     not_applicable = {ref: "not ported yet: this ref's server (new backends, balance_serve, its own sampling "
                            "arguments) is not 0.2.1.post1's and has not been driven with the openai/ollama clients"
-                      for ref in ("v0.2.4post1", "v0.3.1", "v0.3.2", "v0.4.1", "v0.7.0")}
+                      for ref in REFS if ref != "0.2.1.post1"}
 
     def shipped_files(self):
         return [SOURCE]
