@@ -24,7 +24,7 @@ import yaml
 
 from ktlegacy.arch import get_arch
 from ktlegacy.facts import SM80_ONLY_OPS
-from ktlegacy.overlay import MANIFEST_NAME, load_overlays, patch_tree
+from ktlegacy.overlay import MANIFEST_NAME, patch_tree
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "gguf-linear", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "last-token-logits",
@@ -67,16 +67,6 @@ def changed_files(pristine: Path, patched: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- the CLI, end to end
-
-def test_overlays_load_in_order_with_declared_refs():
-    overlays = load_overlays()
-    assert [o.name for o, _ in overlays if "0.2.1.post1" in o.refs] == OVERLAY_NAMES
-    for overlay, path in overlays:
-        assert overlay.summary and overlay.refs, path
-        # an overlay not for a ref says why (printed when patch skips it)
-        assert "0.2.1.post1" in overlay.refs or overlay.not_applicable.get("0.2.1.post1"), path
-    assert [o.name for o, _ in overlays if "0.2.1.post1" not in o.refs] == NOT_FOR_SDIST
-
 
 def test_patch_applies_every_overlay_then_second_run_is_a_no_op(pristine_tree):
     first = run_patch(pristine_tree, "--arch", "sm75")
