@@ -6,7 +6,7 @@ in R's fingerprint (``fingerprints.json`` beside this module) has exactly R's co
 that matches no ref is refused before any overlay runs; ``--ref`` forces a set, and then each
 overlay still refuses a file that does not hold its anchors (drift, tree untouched).
 
-The fingerprint of a ref is made by :func:`record` on its pristine tree: the sha256 of each file
+The fingerprint of a ref is made by :func:`ktlegacy.overlay.record_fingerprint` on its pristine tree: the sha256 of each file
 the overlay set edits or reads there (plus ``ktransformers/__init__.py``), except the files it
 only scans through a glob (every ``ktransformers/**/*.py`` for the fp16 overlay, every rule
 file): those count as one digest over their paths and contents, so an added, removed or changed
@@ -95,20 +95,6 @@ def identify(src: Path, fingerprints: dict[str, dict[str, str]] | None = None) -
         f"{src} holds ktransformers (__version__ {version_of(src)!r}) whose content matches no supported ref "
         f"({describe_mismatch(differing, fingerprints)}); nothing was patched: fetch a supported ref with "
         "invoke fetch-source --ref REF, or force an overlay set with --ref REF (files that drifted are still refused)")
-
-
-def record(src: Path, ref, arch) -> dict:
-    """The fingerprint of the pristine tree ``src`` for ``ref``: run the overlay set in check mode;
-    hash every file it edited or read outside its globs (plus :data:`ALWAYS`), and digest what
-    its globs listed."""
-    from .overlay import patch_tree  # late: overlay imports this module
-
-    result = patch_tree(Path(src), arch, ref=ref, check=True, out=lambda line: None)
-    paths = set(result.fingerprint_paths) | set(ALWAYS)
-    hashes = {rel: sha256_of(src, rel) for rel in sorted(paths)}
-    patterns = sorted(result.glob_patterns)
-    return {"files": {rel: digest for rel, digest in hashes.items() if digest is not None},
-            "scanned": {"patterns": patterns, "sha256": scanned_digest(src, patterns)}}
 
 
 def write(fingerprints: dict[str, dict[str, str]], path: Path = FINGERPRINTS) -> None:
