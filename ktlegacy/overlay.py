@@ -279,7 +279,7 @@ def forced_ref_differences(src: Path, ref: Ref) -> list[str]:
         return []
     _, differing = fingerprint.compare(lambda rel: fingerprint.sha256_of(src, rel),
                                        lambda pats: fingerprint.scanned_digest(src, pats), {ref.name: fp})
-    return differing[ref.name]
+    return fingerprint.name_added(src, ref.name, differing[ref.name], {ref.name: fp})
 
 
 def record_fingerprint(src: Path, ref: Ref, arch: Arch) -> dict:
