@@ -276,3 +276,11 @@ def test_post_conditions_hold_at_every_git_ref(tag, tmp_path):
     for cm in (tree / "csrc" / "balance_serve").rglob("CMakeLists.txt"):
         active = [l for l in cm.read_text().splitlines() if "-march=native" in l and not l.lstrip().startswith("#")]
         assert all("KTLEGACY_MARCH" in l for l in active), (cm, active)
+
+
+def test_the_recorded_fingerprint_is_what_the_overlays_read_now(pristine_tree):
+    """ktlegacy/fingerprints.json's sdist entry is what ``fingerprint`` records from the real tree
+    today: an overlay that reads another file makes this fail until it is regenerated."""
+    from ktlegacy.arch import get_arch
+    from ktlegacy.overlay import record_fingerprint
+    assert record_fingerprint(pristine_tree, REFS["0.2.1.post1"], get_arch("sm75")) == fingerprint.load()["0.2.1.post1"]
