@@ -123,7 +123,8 @@ class BuildRequest:
                                  f"{facts.LABEL_STANDIN}=true")
     triton_version: str | None = _flag(None, "tests only, with --standin: install this Triton so the kernels "
                                              "check runs")
-    push: bool = _flag(False, "docker push each tag after its build")
+    # gone: it pushed without publish's label and arch checks; kept as a flag to say so
+    push: bool = _flag(False, "removed: push with `publish`, which checks each image's labels and arch first")
     dry_run: bool = _flag(False, "print the exact docker commands and run nothing")
     # not flags: where the tags go, and what tests and CI change
     repository: str = images.DEFAULT_REPOSITORY
@@ -261,20 +262,18 @@ def check_wheelhouse(wheelhouse: Path, ref_name: str) -> Path:
 def plan(request: BuildRequest) -> list[Plan]:
     """Validate every input of ``request`` and return the docker steps for each arch; runs nothing."""
     r = request
+    if r.push:
+        raise KtlegacyError("build --push is removed: build, then `invoke publish --registry REG` checks the "
+                            "images' labels and arch and pushes them (docs/publishing.md)")
     arches = arches_for(r.arch)
     get_ref(r.ref)
     cpu = images.cpu_instruct(r.cpu_instruct)
-    if cpu == "NATIVE" and r.push:
-        raise KtlegacyError("CPU_INSTRUCT NATIVE bakes in this machine's CPU: build it for local use, "
-                            "push AVX2/AVX512/FANCY images")
     if r.tag and len(arches) > 1:
         raise KtlegacyError("--tag names one image; with --arch all the tags follow the scheme "
                             f"({images.image_tag(r.ref, arches[0], cpu, r.repository)}, ...)")
     stages = dockerfile_stages()
     if r.target not in stages:
         raise KtlegacyError(f"unknown --target {r.target!r}: stages are {', '.join(stages)}")
-    if r.push and r.target != "runtime":
-        raise KtlegacyError("only the runtime stage is pushed; drop --push or --target")
     secret = None
     if r.ca_cert is not None:
         secret = Path(r.ca_cert).resolve()
@@ -294,8 +293,6 @@ def plan(request: BuildRequest) -> list[Plan]:
                             "Triton its torch requires: change --torch-version instead")
     if r.offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
-    if r.ci_torch and r.push:
-        raise KtlegacyError("an image built with CI's stand-in torch is never pushed: drop --push")
     base_steps = []
     if r.debian_bases:
         if r.base_image or r.runtime_image:
@@ -347,8 +344,6 @@ def plan(request: BuildRequest) -> list[Plan]:
         argv += list(r.extra_build_flags)
         argv += ["-t", image, str(REPO_ROOT)]
         steps.append(Step(argv, buildkit=True, what=f"{a.name} {r.target}"))
-        if r.push:
-            steps.append(Step(["docker", "push", image], what="push"))
         plans.append(Plan(arch=a, tag=image, build_args=args, labels=labels, steps=steps))
     return plans
 

@@ -58,12 +58,12 @@ def _fingerprint_args(p: argparse.ArgumentParser) -> None:
 def fingerprint_cmd(args) -> int:
     from . import fingerprint
     from .arch import get_arch
-    from .overlay import read_manifest
+    from .overlay import read_manifest, record_fingerprint
     from .refs import get_ref
     ref = get_ref(args.ref)
     if read_manifest(args.src) is not None:
         raise KtlegacyError(f"{args.src} is patched; record a fingerprint from a pristine tree")
-    files = fingerprint.record(args.src, ref, get_arch(args.arch))
+    files = record_fingerprint(args.src, ref, get_arch(args.arch))
     table = fingerprint.load() if fingerprint.FINGERPRINTS.is_file() else {}
     table[ref.name] = files
     fingerprint.write(table)
@@ -168,7 +168,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "ktlegacy.up",
     "ktlegacy.build",
     "ktlegacy.triton_check",
-    "ktlegacy.testing.testmodel",
+    "ktlegacy.testing.make_model",
     "ktlegacy.standin",
 )
 

@@ -72,7 +72,7 @@ class StagedTree:
         self._newline: dict[str, str] = {}  # files whose line ends are CRLF on disk
         self.changes: list[Change] = []
         self.current_overlay = "?"
-        self.read_by_name: set[str] = set()  # files read from disk (fingerprint.record)
+        self.read_by_name: set[str] = set()  # files read from disk (record_fingerprint)
         self.globbed: set[str] = set()       # files a glob listed (scanned, not asked for by name)
         self.glob_patterns: set[str] = set()
 
@@ -291,7 +291,19 @@ def forced_ref_differences(src: Path, ref: Ref) -> list[str]:
         return []
     _, differing = fingerprint.compare(lambda rel: fingerprint.sha256_of(src, rel),
                                        lambda pats: fingerprint.scanned_digest(src, pats), {ref.name: fp})
-    return differing[ref.name]
+    return fingerprint.name_added(src, ref.name, differing[ref.name], {ref.name: fp})
+
+
+def record_fingerprint(src: Path, ref: Ref, arch: Arch) -> dict:
+    """The fingerprint of the pristine tree ``src`` for ``ref``: run the overlay set in check mode;
+    hash every file it edited or read outside its globs (plus :data:`fingerprint.ALWAYS`), and
+    digest what its globs listed."""
+    result = patch_tree(Path(src), arch, ref=ref, check=True, out=lambda line: None)
+    paths = set(result.fingerprint_paths) | set(fingerprint.ALWAYS)
+    hashes = {rel: fingerprint.sha256_of(src, rel) for rel in sorted(paths)}
+    patterns = sorted(result.glob_patterns)
+    return {"files": {rel: digest for rel, digest in hashes.items() if digest is not None},
+            "scanned": {"patterns": patterns, "sha256": fingerprint.scanned_digest(src, patterns)}}
 
 
 def digest(overlay_files: Iterable[Path], arch: Arch, ref: Ref) -> str:

@@ -86,6 +86,9 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
     (["build", "--arch", "sm75", "--max-jobs", "many"],
      "error: argument --max-jobs: invalid int value: 'many' (see: invoke build --help)"),
     (["make-test-model", "--dest", "/nonexistent/x", "--preset", "v9"], "error: argument --preset: invalid choice"),
+    # the one way to push is publish, with its label and arch checks
+    (["build", "--arch", "sm75", "--push", "--dry-run"],
+     "error: build --push is removed: build, then `invoke publish --registry REG` checks"),
     # what invoke itself refuses before the command runs
     (["build", "--no-such-flag"], "No idea what '--no-such-flag' is!"),
     (["build", "--arch"], "needed value and was not given"),

@@ -80,7 +80,8 @@ def test_gpu_profile_resolves(docker, project, name):
     assert binds["/opt/ktlegacy-compose/ktlegacy/serving.py"]["source"] == str(project / "ktlegacy" / "serving.py")
     assert s["entrypoint"] == ["/bin/sh", "/opt/ktlegacy-compose/compose/serve.sh"]
     hc = s["healthcheck"]
-    assert hc["test"][0] == "CMD" and "http://127.0.0.1:10002/health" in hc["test"][-1]
+    assert hc["test"] == ["CMD", "python3", "/ktlegacy/healthcheck.py"]   # the image's own HEALTHCHECK
+    assert env["KTLEGACY_HEALTH_URL"] == f"http://127.0.0.1:{CONTAINER_PORT}/health"
     assert hc["retries"] >= 1 and hc["start_period"] == "1h0m0s"
     assert s["restart"] == "unless-stopped"
     assert int(s["shm_size"]) >= 8 * 1024 ** 3
@@ -154,7 +155,8 @@ def test_smoke_profile_resolves(docker, project):
     assert s["ports"][0]["host_ip"] == "127.0.0.1"
     assert all(v["read_only"] for v in s["volumes"] if v["type"] == "bind")
     assert s["environment"]["KTLEGACY_SMOKE_CMD"] == "python3 /ktlegacy/smoke/run.py"
-    assert "/healthz" in s["healthcheck"]["test"][-1]
+    assert s["healthcheck"]["test"] == ["CMD", "python3", "/ktlegacy/healthcheck.py"]
+    assert s["environment"]["KTLEGACY_HEALTH_URL"] == "http://127.0.0.1:10002/healthz"
 
 
 def test_runs_from_the_repository_root(docker):

@@ -95,15 +95,12 @@ def test_debian_bases_conflicts_are_one_line(args, expected):
 
 
 def test_ci_torch_is_one_build_arg_and_a_label():
-    from ktlegacy.errors import KtlegacyError
     (p,) = plan(BuildRequest("sm70", ci_torch=CI_TORCH_VERSION, dry_run=True))
     (user,) = plan(BuildRequest("sm70", dry_run=True))
     assert {k: v for k, v in p.build_args.items() if user.build_args.get(k) != v} == \
         {"KTLEGACY_CI_TORCH": CI_TORCH_VERSION}
     assert p.labels[facts.LABEL_CI_TORCH] == CI_TORCH_VERSION and user.labels[facts.LABEL_CI_TORCH] == ""
     assert p.labels[facts.LABEL_TORCH] == CI_TORCH_VERSION and user.labels[facts.LABEL_TORCH] == facts.TORCH_VERSION
-    with pytest.raises(KtlegacyError, match="never pushed"):
-        plan(BuildRequest("sm70", ci_torch=CI_TORCH_VERSION, push=True, dry_run=True))
 
 
 # -- the real compile ------------------------------------------------------------------------------

@@ -365,3 +365,33 @@ def test_the_kernels_stage_check_starts_with_only_its_copies(tmp_path, sdist_tre
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot import triton" in lines[0] and "torch pin" in lines[0], proc.stderr[-2000:]
+
+
+def _import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` (file -> files it imports), as a path back to its start, or []."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == node or nxt.endswith("__init__.py"):
+                continue   # a package's __init__ comes with each of its modules: not a circle
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = "done"
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return []
+
+
+def test_no_library_module_imports_itself_back():
+    """Imports anywhere in a file (a function's too) count: a module that needs a late import to
+    load is a circle, not a fix."""
+    files = [p.relative_to(REPO).as_posix() for p in sorted((REPO / LIB).rglob("*.py"))]
+    assert _import_cycle({f: imports_of(f) for f in files}) == []
+    assert _import_cycle({"a.py": {"b.py"}, "b.py": {"c.py"}, "c.py": {"a.py"}}) == ["a.py", "b.py", "c.py", "a.py"]

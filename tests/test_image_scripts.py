@@ -237,3 +237,32 @@ def test_a_failed_compile_names_its_cause_in_its_last_line():
     assert compile_extensions.failure_cause(["CMake Error at CMakeLists.txt:3 (project):", "-- Configuring incomplete"]) \
         == "CMake Error at CMakeLists.txt:3 (project):"
     assert compile_extensions.failure_cause(["nothing useful", "last words"]) == "last words"
+
+
+def test_healthcheck_script_is_healthy_only_on_a_2xx_answer(tmp_path):
+    """The one health definition (the image's HEALTHCHECK and compose's services run it): the
+    server's /health answers 503 while the GGUF loads, which must read as unhealthy."""
+    import http.server
+    import os
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response({"/health": 200, "/loading": 503}.get(self.path, 404))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        codes = {}
+        for path in ("/health", "/loading"):
+            env = dict(os.environ, KTLEGACY_HEALTH_URL=base + path)
+            codes[path] = subprocess.run([sys.executable, str(SCRIPTS / "healthcheck.py")], env=env,
+                                         capture_output=True, text=True, timeout=60).returncode
+    finally:
+        server.shutdown()
+    assert codes == {"/health": 0, "/loading": 1}

@@ -175,13 +175,25 @@ def test_an_edited_overlay_file_is_refused_and_ref_forces_the_set(pristine_tree)
             f"{fingerprint.SCANNED})") in forced.stdout
 
 
-def test_an_added_rule_file_changes_the_scanned_digest(pristine_tree):
+def test_an_added_rule_file_is_named_and_ref_forces_the_set(pristine_tree):
     rules = pristine_tree / "ktransformers" / "optimize" / "optimize_rules"
-    shutil.copy(rules / "DeepSeek-V2-Lite-Chat.yaml", rules / "Mine.yaml")
-    _refused(pristine_tree, match=fingerprint.SCANNED)
+    shutil.copy(rules / "DeepSeek-V2-Lite-Chat.yaml", rules / "Site.yaml")
+    line = _refused(pristine_tree, match="ktransformers/optimize/optimize_rules/Site.yaml is not part of 0.2.1.post1")
+    assert line.endswith("if the file is yours, add --ref 0.2.1.post1"), line
     forced = run_patch(pristine_tree, "--ref", "0.2.1.post1")
     assert forced.returncode == 0, forced.stderr
-    assert "Mine.yaml" in forced.stdout  # the generic rule overlay edits it too
+    assert "(ktransformers/optimize/optimize_rules/Site.yaml (added))" in forced.stdout
+    edits = [ln for ln in forced.stdout.splitlines() if "Site.yaml" in ln and not ln.startswith("--ref")]
+    assert edits, forced.stdout  # the generic rule overlay edits it too
+
+
+def test_two_added_files_are_not_guessed(pristine_tree):
+    """No single added file explains the scanned digest: the refusal says only that it differs."""
+    rules = pristine_tree / "ktransformers" / "optimize" / "optimize_rules"
+    shutil.copy(rules / "DeepSeek-V2-Lite-Chat.yaml", rules / "Site.yaml")
+    (pristine_tree / "ktransformers" / "site_hook.py").write_text("HOOK = 1\n")
+    line = _refused(pristine_tree, match="matches no supported ref")
+    assert "1 of " in line and fingerprint.SCANNED in line and "Site.yaml" not in line
 
 
 def test_forcing_another_refs_set_is_refused_per_file(pristine_tree):
@@ -264,3 +276,11 @@ def test_post_conditions_hold_at_every_git_ref(tag, tmp_path):
     for cm in (tree / "csrc" / "balance_serve").rglob("CMakeLists.txt"):
         active = [l for l in cm.read_text().splitlines() if "-march=native" in l and not l.lstrip().startswith("#")]
         assert all("KTLEGACY_MARCH" in l for l in active), (cm, active)
+
+
+def test_the_recorded_fingerprint_is_what_the_overlays_read_now(pristine_tree):
+    """ktlegacy/fingerprints.json's sdist entry is what ``fingerprint`` records from the real tree
+    today: an overlay that reads another file makes this fail until it is regenerated."""
+    from ktlegacy.arch import get_arch
+    from ktlegacy.overlay import record_fingerprint
+    assert record_fingerprint(pristine_tree, REFS["0.2.1.post1"], get_arch("sm75")) == fingerprint.load()["0.2.1.post1"]

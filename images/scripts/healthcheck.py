@@ -1,8 +1,9 @@
 """The image's HEALTHCHECK: healthy when the server answers, or (no server configured) when
 ktransformers and flash_attn import.
 
-Set KTLEGACY_HEALTH_URL (compose does, e.g. http://127.0.0.1:10002/v1/models) to check the
-server; any 2xx/3xx answer within the timeout is healthy.
+Set KTLEGACY_HEALTH_URL to check the server; any 2xx/3xx answer within the timeout is healthy.
+Compose's services run this same script as their healthcheck, with the URL in their
+environment (the server's /health, the smoke service's /healthz).
 """
 
 import os

@@ -39,6 +39,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import KtlegacyError
+from . import require
+from .testmodel import (BOS, CHAT_TEMPLATE, EOS, MODEL_MODULES, V3_ROPE_SCALING, TestModelSpec, build_tokenizer,
+                        staged_dir, write_hf_files)
 
 GGUF_NAME = "model.gguf"
 RECORD_NAME = "ktlegacy-peer-model.json"
@@ -78,7 +81,6 @@ class LiteSpec:
 
     def test_spec(self):
         """The same numbers as a ``testmodel.TestModelSpec`` (its config.json writer)."""
-        from .testmodel import V3_ROPE_SCALING, TestModelSpec
         v3 = {"rope_scaling": V3_ROPE_SCALING} if self.variant == "v3" else {}
         return TestModelSpec(
             variant=self.variant, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -279,7 +281,6 @@ def _float_tensor(rng, name: str, shape: tuple[int, ...], rms: float):
 def padded_tokenizer(vocab_size: int):
     """testmodel's trained byte-level BPE (512 tokens, BOS/EOS ids 0/1) with unused tokens
     appended up to ``vocab_size``; returns (tokenizer.json text, tokens, token types, merges)."""
-    from .testmodel import TestModelSpec, build_tokenizer
     if vocab_size < TOKENIZER_VOCAB:
         raise KtlegacyError(f"vocab must be at least {TOKENIZER_VOCAB} (the trained tokenizer's size)")
     tok = build_tokenizer(TestModelSpec(vocab_size=TOKENIZER_VOCAB))
@@ -304,7 +305,6 @@ def padded_tokenizer(vocab_size: int):
 def _write_gguf(path: Path, spec: LiteSpec, plan, tokens, types, merges, bos_id: int, eos_id: int) -> None:
     import gguf
     import numpy as np
-    from .testmodel import CHAT_TEMPLATE
     ts = spec.test_spec()
     rs = ts.rope_scaling
     w = gguf.GGUFWriter(str(path), "deepseek2")
@@ -389,14 +389,11 @@ def make_lite_model(dest: Path, *, seed: int = 0, force: bool = False, layers: i
                     vocab: int = 102400, base: LiteSpec = LiteSpec()) -> Path:
     """Write the V2-Lite-shaped checkpoint (``base``: another :class:`LiteSpec`, e.g. :data:`V3_DIMS`)
     into ``dest`` (all files, or nothing on failure)."""
-    from dataclasses import replace
     spec = replace(base, num_hidden_layers=layers, vocab_size=vocab, seed=seed)
     dest = Path(dest)
     if layers <= spec.first_k_dense_replace:
         raise KtlegacyError(f"layers must be at least {spec.first_k_dense_replace + 1} "
                             f"({spec.first_k_dense_replace} dense layer(s), then MoE layers)")
-    from . import require
-    from .testmodel import BOS, EOS, MODEL_MODULES, staged_dir, write_hf_files
     require("make-test-model --preset v2-lite", *MODEL_MODULES)
     plan = tensor_plan(spec)
     with staged_dir(dest, force) as tmp:
