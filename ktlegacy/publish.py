@@ -153,6 +153,10 @@ def check_labels(image: LocalImage, sha: str | None, allow_standin: bool = False
                             f"for the pin ({images.LABEL_CI_TORCH}); it is never published: build it with "
                             "invoke build, which installs the pin")
 
+    if image.cpu == "NATIVE":
+        raise KtlegacyError(f"{image.tag} was built with --cpu-instruct NATIVE, which bakes in the build machine's CPU; "
+                            "it is for local use only: publish AVX2, AVX512 or FANCY images")
+
     def need(key: str, expected: str | None, same=lambda a, b: a == b) -> None:
         value = labels.get(key)
         if not value:

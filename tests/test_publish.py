@@ -539,3 +539,19 @@ def test_refuses_labels_that_contradict_the_tag(registry, docker, docker_config,
     finally:
         docker.run("rmi", f"{SRC_BAD}-plain:{TAG.removesuffix('-standin')}", check=False)
     assert registry.tags() == []
+
+
+def test_refuses_a_native_cpu_image_before_any_other_check():
+    """--cpu-instruct NATIVE images run only on the CPU they were built on: never published
+    (build --push refused them before publish became the one push path)."""
+    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.publish import LocalImage, check_labels
+    arch = get_arch("sm75")
+    image = LocalImage("r/ktransformers:0.2.1.post1-cu118-sm75-native", "0.2.1.post1", arch, "NATIVE", "",
+                       "sha256:" + "0" * 64, {images.LABEL_ARCH: "sm75", images.LABEL_CPU: "NATIVE"})
+    with pytest.raises(KtlegacyError, match="--cpu-instruct NATIVE.*publish AVX2, AVX512 or FANCY"):
+        check_labels(image, "a" * 40)
+    avx2 = LocalImage(image.tag.replace("native", "avx2"), image.ref, arch, "AVX2", "", image.image_id,
+                      dict(image.labels, **{images.LABEL_CPU: "AVX2"}))
+    with pytest.raises(KtlegacyError, match="has no label"):   # past the NATIVE check: the next one speaks
+        check_labels(avx2, "a" * 40)
