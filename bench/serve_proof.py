@@ -64,7 +64,7 @@ PROMPTS = [
     "What is the second expert of the third layer?",
 ]
 PROFILES = {1: "v100", 2: "2080ti-x2", 4: "t4x4"}   # profile whose environment (rule file) serves N GPUs
-PORT = 10002                               # serve.sh's port
+from ktlegacy.facts import SERVER_PORT as PORT  # noqa: E402  serve.sh's port
 MAX_TOKENS = 32
 
 

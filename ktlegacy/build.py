@@ -353,7 +353,7 @@ def debian_base_steps(apt_mirror: str | None, secret: Path | None,
     """(devel tag, runtime tag, steps) for the CUDA 11.8 bases made from a Debian mirror: a
     debootstrapped bookworm root file system, then images/debian-cuda.Dockerfile's two stages."""
     from .standin import MIRROR, RUNTIME_IMAGE, RUNTIME_PACKAGES, STANDIN_IMAGE, ensure_standin_image
-    devel, runtime = f"{repository}:11.8-devel", f"{repository}:11.8-runtime"
+    devel, runtime = f"{repository}:{facts.CUDA_VERSION}-devel", f"{repository}:{facts.CUDA_VERSION}-runtime"
     mirror = ["--mirror", apt_mirror or MIRROR]
     steps = [Step(["python", "-m", "ktlegacy", "debian-rootfs", "--tag", STANDIN_IMAGE, *mirror],
                   what="Debian bookworm root file system (debootstrap)",

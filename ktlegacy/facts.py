@@ -157,6 +157,13 @@ LABEL_BASE = "io.ktlegacy.base"
 # On the imported Debian root file system (ktlegacy/standin.py): the mirror debootstrap read.
 LABEL_DEBIAN_MIRROR = "io.ktlegacy.debian-mirror"
 
+# --- the server ------------------------------------------------------------------------------------
+# The port the server listens on inside the container (compose/serve.sh's --port; compose publishes
+# it on KTLEGACY_PORT, by default the same number) and the KV cache length it gets by default
+# (upstream config.yaml's cache_lens; KTLEGACY_CACHE_LENS).
+SERVER_PORT = 10002
+CACHE_LENS = 8192
+
 # --- run-time defaults of the patched engine -------------------------------------------------------
 # Prompts of at least this many tokens run the CPU-resident routed experts on the GPU (overlay 68,
 # ktlegacy_runtime.experts_prefill_on_gpu; 0: never), with at most this many MiB of dequantised
@@ -207,7 +214,7 @@ SETTINGS = {s.name: s for s in (
     Setting("KTLEGACY_CPU_INFER", "count", "10", "the CPU threads for the experts (about one NUMA node's "
             "physical cores minus 2)", minimum=1),
     Setting("KTLEGACY_MAX_NEW_TOKENS", "count", "2000", "the most tokens one completion may generate", minimum=1),
-    Setting("KTLEGACY_CACHE_LENS", "count", "8192", "the KV cache length in tokens (prompt + answer)", minimum=1),
+    Setting("KTLEGACY_CACHE_LENS", "count", str(CACHE_LENS), "the KV cache length in tokens (prompt + answer)", minimum=1),
     Setting("KTLEGACY_MODEL_NAME", "text", "DeepSeek-V3", "the model name the server reports"),
     Setting("KTLEGACY_SERVER_ARGS", "args", "", "extra upstream server flags"),
     # read by the patched engine (overlays/runtime/ktlegacy_runtime.py) on every long prompt
@@ -221,7 +228,7 @@ SETTINGS = {s.name: s for s in (
     # read by compose only
     Setting("KTLEGACY_BIND", "address", "127.0.0.1", "the host address the port is published on (127.0.0.1: "
             "this host only; the server has no authentication)"),
-    Setting("KTLEGACY_PORT", "port", "10002", "a free TCP port of the host"),
+    Setting("KTLEGACY_PORT", "port", str(SERVER_PORT), "a free TCP port of the host"),
     Setting("KTLEGACY_SMOKE_PORT", "port", "10012", "a free TCP port of the host"),
     *(Setting(f"KTLEGACY_GPU_{i}", "gpu", str(i), "an nvidia-smi index or UUID of a GPU of this host")
       for i in range(MAX_GPUS)),
