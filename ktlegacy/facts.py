@@ -6,13 +6,13 @@ image tag scheme and the label names. ``ktlegacy.arch``, ``ktlegacy.refs``, ``kt
 ``ktlegacy.build``, ``ktlegacy.doctor`` and the overlays import them from here (their public names
 stay: they are re-exported).
 
-Some places cannot import this module: the Dockerfiles' ARG defaults and LABEL keys,
-compose/compose.yaml and compose/.env.example, .github/workflows/publish.yml, the scripts that
-run in the image's build stages (images/scripts/compile_extensions.py and check_cuda_arch.py),
-the smoke tests that run inside the image (tests/smoke/smokelib.py) and the module the overlays
-write into the patched tree (overlays/runtime/ktlegacy_runtime.py). They keep a copy, and
-tests/test_facts.py checks each copy against this table and fails when one of these values
-turns up anywhere else (docs/architecture.md, "Where each fact lives").
+Code that runs without the library loads this file by path (importlib.util.spec_from_file_location):
+the scripts of the image's build stages (images/scripts/compile_extensions.py, check_cuda_arch.py)
+and the in-image smoke (tests/smoke/smokelib.py), the Dockerfile copying it beside them. The module
+the overlays write into the patched tree (overlays/runtime/ktlegacy_runtime.py) gets its values
+written in by overlays/10_runtime.py. What cannot load Python at all (the Dockerfiles' ARG defaults
+and LABEL keys, compose, the workflow) keeps a copy that tests/test_facts.py checks
+(docs/architecture.md, "Where each fact lives").
 
 Standard library only and no ktlegacy import, so any script can load this file by path.
 """

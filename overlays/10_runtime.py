@@ -6,11 +6,21 @@ patched tree only compiles to something importable if the module is there.
 
 from pathlib import Path
 
+from ktlegacy import facts
 from ktlegacy.overlay import Overlay
 
 SOURCE = Path(__file__).resolve().parent / "runtime" / "ktlegacy_runtime.py"
 TARGET = "ktransformers/ktlegacy_runtime.py"
-PLACEHOLDER = '"@KTLEGACY_BUILD_ARCH@"'
+
+
+def placeholders(arch) -> dict:
+    """Each quoted placeholder of the module and the literal it becomes (from ktlegacy/facts.py)."""
+    return {
+        '"@KTLEGACY_BUILD_ARCH@"': repr(arch.name).replace("'", '"'),
+        '"@KTLEGACY_BUILD_CC@"': repr(tuple(arch.compute_capability)),
+        '"@KTLEGACY_GPU_PREFILL_MIN_TOKENS@"': repr(facts.GPU_PREFILL_MIN_TOKENS),
+        '"@KTLEGACY_GPU_PREFILL_MIB@"': repr(facts.GPU_PREFILL_MIB),
+    }
 
 
 class RuntimeOverlay(Overlay):
@@ -21,12 +31,13 @@ class RuntimeOverlay(Overlay):
         return [SOURCE]
 
     def apply(self, tree, ctx):
-        source = SOURCE.read_text(encoding="utf-8")
-        if source.count(PLACEHOLDER) != 1:
-            raise RuntimeError(f"{SOURCE}: expected one {PLACEHOLDER} placeholder")
+        text = SOURCE.read_text(encoding="utf-8")
+        for placeholder, value in placeholders(ctx.arch).items():
+            if text.count(placeholder) != 1:
+                raise RuntimeError(f"{SOURCE}: expected one {placeholder} placeholder")
+            text = text.replace(placeholder, value)
         # The package must exist: the module goes beside upstream's own.
         tree.read("ktransformers/__init__.py")
-        text = source.replace(PLACEHOLDER, repr(ctx.arch.name).replace("'", '"'))
         tree.write(TARGET, text, f"runtime module for {ctx.arch.name} ({len(text.splitlines())} lines)")
 
 

@@ -40,13 +40,23 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# arch name -> (cubin name as cuobjdump prints it, TORCH_CUDA_ARCH_LIST value).
-# Kept here (not imported from ktlegacy) so the script runs without ktlegacy installed: a copy
-# of ktlegacy/facts.py's ARCHES that tests/test_facts.py checks.
-ARCHES = {
-    "sm70": ("sm_70", "7.0"),
-    "sm75": ("sm_75", "7.5"),
-}
+def _load_facts(*places: Path):
+    """ktlegacy/facts.py (standard library only), loaded by path: beside this script in the image (the compile stage's scripts, the smoke's lib/), in the checkout otherwise."""
+    import importlib.util
+    for path in places:
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("ktlegacy_facts", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module   # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            return module
+    raise SystemExit(f"{Path(__file__).name}: ktlegacy's facts.py is in none of {[str(p) for p in places]}")
+
+
+HERE = Path(__file__).resolve().parent
+_FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
+# arch name -> (cubin name as cuobjdump prints it, TORCH_CUDA_ARCH_LIST value)
+ARCHES = {name: (arch.cuobjdump_name, arch.torch_cuda_arch_list) for name, arch in _FACTS.ARCHES.items()}
 DEFAULT_REQUIRED = ("KTransformersOps*", "ktlegacy_gguf_ops*")   # CUDA extensions that must hold device code
 
 

@@ -38,12 +38,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT), and
-# the CPU sets. Kept here (the compile stage has no ktlegacy): copies of ktlegacy/facts.py's
-# ARCHES, CPU_INSTRUCTS and DEFAULT_CPU_INSTRUCT that tests/test_facts.py checks.
-ARCH_LISTS = {"sm70": "7.0", "sm75": "7.5"}
-CPU_INSTRUCTS = ("AVX2", "AVX512", "FANCY", "NATIVE")
-DEFAULT_CPU_INSTRUCT = "AVX2"
+def _load_facts(*places: Path):
+    """ktlegacy/facts.py (standard library only), loaded by path: beside this script in the compile stage (the Dockerfile copies it there), in the checkout otherwise."""
+    import importlib.util
+    for path in places:
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("ktlegacy_facts", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module   # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            return module
+    raise SystemExit(f"{Path(__file__).name}: ktlegacy's facts.py is in none of {[str(p) for p in places]}")
+
+
+_FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
+# arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT), and the CPU sets
+ARCH_LISTS = {name: arch.torch_cuda_arch_list for name, arch in _FACTS.ARCHES.items()}
+CPU_INSTRUCTS = _FACTS.CPU_INSTRUCTS
+DEFAULT_CPU_INSTRUCT = _FACTS.DEFAULT_CPU_INSTRUCT
 RECORD = "ktlegacy-extensions.json"
 
 

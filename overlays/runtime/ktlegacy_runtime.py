@@ -20,11 +20,10 @@ import os
 
 import torch
 
-# The --arch given to `ktlegacy patch` (substituted when the overlay writes this file). The tree
-# has no ktlegacy: _ARCH_CC copies ktlegacy/facts.py's ARCHES (tests/test_facts.py checks it).
+# The --arch given to `ktlegacy patch` and its compute capability. The tree has no ktlegacy: the
+# runtime overlay (overlays/10_runtime.py) writes these "@...@" values in from ktlegacy/facts.py.
 BUILD_ARCH = "@KTLEGACY_BUILD_ARCH@"
-_ARCH_CC = {"sm70": (7, 0), "sm75": (7, 5)}
-BUILD_CC = _ARCH_CC.get(BUILD_ARCH, (7, 5))
+BUILD_CC = "@KTLEGACY_BUILD_CC@"
 
 EMULATE_CC_ENV = "KTLEGACY_EMULATE_CC"
 PREFILL_ENV = "KTLEGACY_PREFILL"
@@ -193,8 +192,8 @@ def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
 # shorter prompts stay on the CPU. On any CUDA out-of-memory the call falls back to the CPU path.
 GPU_PREFILL_MIN_TOKENS_ENV = "KTLEGACY_GPU_PREFILL_MIN_TOKENS"
 GPU_PREFILL_MIB_ENV = "KTLEGACY_GPU_PREFILL_MIB"
-GPU_PREFILL_MIN_TOKENS = 1024
-GPU_PREFILL_MIB = 1024
+GPU_PREFILL_MIN_TOKENS = "@KTLEGACY_GPU_PREFILL_MIN_TOKENS@"   # facts.GPU_PREFILL_MIN_TOKENS, written in at patch time
+GPU_PREFILL_MIB = "@KTLEGACY_GPU_PREFILL_MIB@"                 # facts.GPU_PREFILL_MIB, the same
 
 # ggml type id -> (name, values per block, bytes per block): the types GGUF experts come in.
 GGML_BLOCKS = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 6: ("Q5_0", 32, 22), 8: ("Q8_0", 32, 34),

@@ -14,14 +14,29 @@ SKIP = 77
 # The runtime image copies the build's records here (images/Dockerfile); outside an image,
 # KTLEGACY_MANIFEST_DIR may point at a directory holding them.
 MANIFEST_DIR = Path(os.environ.get("KTLEGACY_MANIFEST_DIR", "/ktlegacy"))
-# The smoke runs inside the image, without ktlegacy: ARCH_CC and CPU_FLAGS below are copies of
-# ktlegacy/facts.py's ARCHES and CPU_FLAGS, which tests/test_facts.py checks.
-ARCH_CC = {"sm70": (7, 0), "sm75": (7, 5)}
 
 
 # A skip whose reason starts with this is one only a GPU lifts; run.py reports those apart.
 NEEDS_GPU = "needs a GPU: "
 HERE = Path(__file__).resolve().parent
+
+
+def _load_facts(*places: Path):
+    """ktlegacy/facts.py (standard library only), loaded by path: in the image's smoke lib/ (the Dockerfile copies it there), in the checkout otherwise."""
+    import importlib.util
+    for path in places:
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("ktlegacy_facts", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module   # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            return module
+    raise SystemExit(f"{Path(__file__).name}: ktlegacy's facts.py is in none of {[str(p) for p in places]}")
+
+
+# The smoke runs inside the image, without ktlegacy installed: it loads the table by path.
+_FACTS = _load_facts(HERE / "lib" / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
+ARCH_CC = {name: arch.compute_capability for name, arch in _FACTS.ARCHES.items()}
 
 
 def skip(reason: str, gpu: bool = False):
@@ -86,13 +101,9 @@ def expected_extensions() -> list[str]:
     return ["KTransformersOps", "cpuinfer_ext"]
 
 
-# /proc/cpuinfo flags each CPU_INSTRUCT build of cpuinfer_ext executes (its CMake flags); the
-# doctor checks hosts with the same table.
-CPU_FLAGS = {
-    "AVX2": ("avx", "avx2", "fma", "f16c"),
-    "AVX512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
-    "FANCY": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
-}
+# /proc/cpuinfo flags each CPU_INSTRUCT build of cpuinfer_ext executes (its CMake flags): the
+# doctor's table.
+CPU_FLAGS = _FACTS.CPU_FLAGS
 
 
 def missing_cpu_flags() -> list[str]:
