@@ -61,6 +61,7 @@ ARCHES = {
     "sm70": Arch("sm70", (7, 0), "7.0", "sm_70", 96 * 1024, "Tesla V100, Titan V"),
     "sm75": Arch("sm75", (7, 5), "7.5", "sm_75", 64 * 1024, "Tesla T4, RTX 2080 Ti, Quadro RTX"),
 }
+DEFAULT_ARCH = "sm75"   # images/Dockerfile's ARG ARCH default (a plain `docker build`; invoke build sets it)
 
 
 # --- upstream refs -------------------------------------------------------------------------------
