@@ -11,8 +11,8 @@ the scripts of the image's build stages (images/scripts/compile_extensions.py, c
 and the in-image smoke (tests/smoke/smokelib.py), the Dockerfile copying it beside them. The module
 the overlays write into the patched tree (overlays/runtime/ktlegacy_runtime.py) gets its values
 written in by overlays/10_runtime.py. What cannot load Python at all (the Dockerfiles' ARG defaults
-and LABEL keys, compose, the workflow) keeps a copy that tests/test_facts.py checks
-(docs/architecture.md, "Where each fact lives").
+and header, compose, the workflow) is written from here by `python -m ktlegacy.generate --write`;
+its --check runs in the tests (docs/architecture.md, "Where each fact lives").
 
 Standard library only and no ktlegacy import, so any script can load this file by path.
 """
@@ -168,7 +168,7 @@ CACHE_LENS = 8192
 # --- run-time defaults of the patched engine -------------------------------------------------------
 # Prompts of at least this many tokens run the CPU-resident routed experts on the GPU (overlay 68,
 # ktlegacy_runtime.experts_prefill_on_gpu; 0: never), with at most this many MiB of dequantised
-# expert weights on the GPU at a time. Copied by the runtime module and compose (tests/test_facts.py).
+# expert weights on the GPU at a time. Written into the runtime module and compose (ktlegacy.generate).
 GPU_PREFILL_MIN_TOKENS = 1024
 GPU_PREFILL_MIB = 1024
 
@@ -195,8 +195,8 @@ SM80_ONLY_OPS = ("KLinearMarlin", "VLinearMarlin", "KLinearFP8", "KExpertsMarlin
 class Setting:
     """One KTLEGACY_* variable of compose/.env whose value has a type or a range.
 
-    ``default`` is what compose.yaml's ``${NAME:-default}`` and .env.example say (tests/test_facts.py
-    checks both copies); an empty value means the default, as in compose. ktlegacy.serving.validate
+    ``default`` is what compose.yaml's ``${NAME:-default}`` and .env.example say (ktlegacy.generate
+    writes both); an empty value means the default, as in compose. ktlegacy.serving.validate
     checks a value by ``kind``: "count" a whole number >= ``minimum``, "port" 1-65535, "address" an
     IP address, "gpu" an nvidia-smi index or UUID (distinct within a profile), "choice" one of
     ``choices``, "args" extra server flags, "text" anything.
