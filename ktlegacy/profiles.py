@@ -1,16 +1,17 @@
 """The serving profiles of compose/compose.yaml, and what one resolves to on this host.
 
-The table below names what a profile *is* (how many GPUs, which image arch, which rule file by
-default); compose/compose.yaml is the source of truth for everything a user can change in
-compose/.env. :func:`resolve` asks ``docker compose config`` for the resolved service, so the
-doctor checks exactly what ``docker compose --profile P up`` would start; where compose is not
-available (a GPU host without Docker) it falls back to the profile's defaults, which the tests
-keep equal to compose.yaml's.
+compose/compose.yaml is the one place a profile is defined: :data:`PROFILES` is read from its
+services (every service that reserves NVIDIA GPUs is a profile; what it *is* - how many GPUs,
+which image arch, which rule file by default - is that service's device list, image tag and
+``KTLEGACY_RULES`` default). :func:`resolve` asks ``docker compose config`` for the resolved
+service, so the doctor checks exactly what ``docker compose --profile P up`` would start; where
+compose is not available (a GPU host without Docker) it falls back to those defaults.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .serving import SettingError, check_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO_ROOT / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 CONTAINER_PORT = 10002       # the server's port inside the container (serve.sh)
 # compose/.env defaults, from the settings table (ktlegacy/facts.py)
 DEFAULT_HOST_PORT = int(SETTINGS["KTLEGACY_PORT"].default)
@@ -36,18 +38,37 @@ class Profile:
     gpus: int          # GPUs the profile reserves
     arch_name: str     # image arch
     rules: str         # default rule file (a name in the image's optimize_rules directory)
-    cards: str         # what it was made for
 
     @property
     def arch(self) -> Arch:
         return get_arch(self.arch_name)
 
 
-PROFILES = {
-    "v100": Profile("v100", 1, "sm70", "DeepSeek-V3-Chat.yaml", "1x Tesla V100"),
-    "t4x4": Profile("t4x4", 4, "sm75", "DeepSeek-V3-Chat-multi-gpu-4.yaml", "4x Tesla T4"),
-    "2080ti-x2": Profile("2080ti-x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml", "2x GeForce RTX 2080 Ti"),
-}
+def _gpu_ids(service: dict) -> list:
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")
+    return [i for d in devices or [] if d.get("driver") == "nvidia" for i in d.get("device_ids") or []]
+
+
+def load_profiles(path: Path = COMPOSE_FILE) -> dict[str, Profile]:
+    """The GPU profiles of a compose file, in its order: each service that reserves NVIDIA GPUs
+    (its name is its profile's), with its GPU count, the arch of its image tag
+    (``...-cu118-sm75-...``) and the default of its ``${KTLEGACY_RULES:-...}``."""
+    import yaml
+    profiles = {}
+    for name, service in yaml.safe_load(Path(path).read_text())["services"].items():
+        ids = _gpu_ids(service)
+        if not ids:
+            continue
+        arch = re.search(r"-(sm\d+)-", service["image"])
+        rules = re.fullmatch(r"\$\{KTLEGACY_RULES:-([^${}]+)\}", str(service["environment"].get("KTLEGACY_RULES")))
+        if not (arch and rules):
+            raise KtlegacyError(f"{path}: service {name} reserves GPUs but its image names no arch (-smNN-) "
+                                "or its KTLEGACY_RULES is not \"${KTLEGACY_RULES:-<rule file>}\"")
+        profiles[str(name)] = Profile(str(name), len(ids), arch.group(1), rules.group(1))
+    return profiles
+
+
+PROFILES = load_profiles()
 SMOKE_PROFILE = "smoke"   # no GPU: CI's end-to-end check of the compose wiring
 
 

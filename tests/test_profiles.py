@@ -1,0 +1,63 @@
+"""ktlegacy.profiles reads the profiles from compose/compose.yaml's services, the one place they are
+defined: no Docker needed (tests/test_compose.py resolves them with the real compose)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ktlegacy.errors import KtlegacyError
+from ktlegacy.profiles import COMPOSE_FILE, PROFILES, Profile, load_profiles
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_profiles_are_compose_yamls_gpu_services():
+    # what the hand-kept table in profiles.py said before compose.yaml became the one place
+    assert PROFILES == {
+        "v100": Profile("v100", 1, "sm70", "DeepSeek-V3-Chat.yaml"),
+        "t4x4": Profile("t4x4", 4, "sm75", "DeepSeek-V3-Chat-multi-gpu-4.yaml"),
+        "2080ti-x2": Profile("2080ti-x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml"),
+    }
+    assert "smoke" not in PROFILES   # no GPU reservation: not a GPU profile
+    assert {p.arch.name for p in PROFILES.values()} <= {"sm70", "sm75"}
+
+
+def _compose_with(tmp_path, service: str) -> Path:
+    """compose.yaml with one more service (compose.yaml ends in its services: block)."""
+    path = tmp_path / "compose.yaml"
+    path.write_text(COMPOSE_FILE.read_text() + "\n" + service)
+    return path
+
+
+T4X2 = """
+  t4x2:
+    <<: *gpu-server
+    profiles: [t4x2]
+    image: "${KTLEGACY_REPOSITORY:-ktlegacy/ktransformers}:${KTLEGACY_REF:-0.2.1.post1}-cu118-sm75-${KTLEGACY_CPU:-avx2}"
+    environment:
+      <<: *server-env
+      KTLEGACY_PROFILE: t4x2
+      KTLEGACY_RULES: "${KTLEGACY_RULES:-DeepSeek-V3-Chat-multi-gpu.yaml}"
+    deploy:
+      resources:
+        reservations:
+          devices:
+            - driver: nvidia
+              device_ids: ["${KTLEGACY_GPU_0:-0}", "${KTLEGACY_GPU_1:-1}"]
+              capabilities: [gpu]
+"""
+
+
+def test_a_new_service_is_a_new_profile(tmp_path):
+    """The "add a profile" walk (docs/architecture.md): one service in compose.yaml is the profile."""
+    profiles = load_profiles(_compose_with(tmp_path, T4X2))
+    assert list(profiles) == [*PROFILES, "t4x2"]
+    assert profiles["t4x2"] == Profile("t4x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml")
+
+
+def test_a_gpu_service_without_its_facts_is_refused(tmp_path):
+    path = _compose_with(tmp_path, T4X2.replace("t4x2", "odd").replace("-cu118-sm75-", "-cu118-"))
+    with pytest.raises(KtlegacyError, match="service odd reserves GPUs but its image names no arch"):
+        load_profiles(path)
