@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from ktlegacy.profiles import PROFILES as COMPOSE_PROFILES  # noqa: E402  (compose/compose.yaml's services)
+from ktlegacy.profiles import PROFILES as COMPOSE_PROFILES, with_defaults  # noqa: E402  (compose.yaml's services)
 
 PROMPTS = [
     "Please write a quick sort function in python.",
@@ -84,14 +84,7 @@ def compose_env(profile: str) -> dict:
     import yaml
     spec = yaml.safe_load((REPO / "compose" / "compose.yaml").read_text())
     env = spec["services"][profile]["environment"]
-
-    def interp(value: str) -> str:
-        while True:
-            new = re.sub(r"\$\{[A-Z0-9_]+:-([^${}]*)\}", r"\1", value)
-            if new == value:
-                return new
-            value = new
-    return {k: interp(str(v)) for k, v in env.items()}
+    return {k: with_defaults(str(v)) for k, v in env.items()}
 
 
 def fold_rules(src: Path, dest: Path, cards: int) -> dict:

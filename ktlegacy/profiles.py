@@ -18,7 +18,7 @@ from pathlib import Path
 from .arch import Arch, get_arch
 from .errors import KtlegacyError
 from .facts import SETTINGS
-from .images import DEFAULT_CPU_INSTRUCT, image_tag
+from .images import DEFAULT_CPU_INSTRUCT, image_tag, parse_tag
 from .refs import DEFAULT_REF
 from .serving import SettingError, check_value
 
@@ -49,22 +49,32 @@ def _gpu_ids(service: dict) -> list:
     return [i for d in devices or [] if d.get("driver") == "nvidia" for i in d.get("device_ids") or []]
 
 
+def with_defaults(value: str) -> str:
+    """A compose.yaml value as compose resolves it with an empty .env: every ``${VAR:-default}``
+    (nested too) takes its default."""
+    while True:
+        new = re.sub(r"\$\{[A-Z0-9_]+:-([^${}]*)\}", r"\1", value)
+        if new == value:
+            return new
+        value = new
+
+
 def load_profiles(path: Path = COMPOSE_FILE) -> dict[str, Profile]:
     """The GPU profiles of a compose file, in its order: each service that reserves NVIDIA GPUs
-    (its name is its profile's), with its GPU count, the arch of its image tag
-    (``...-cu118-sm75-...``) and the default of its ``${KTLEGACY_RULES:-...}``."""
+    (its name is its profile's), with its GPU count, the arch of its default image tag and the
+    default of its ``KTLEGACY_RULES``."""
     import yaml
     profiles = {}
     for name, service in yaml.safe_load(Path(path).read_text())["services"].items():
         ids = _gpu_ids(service)
         if not ids:
             continue
-        arch = re.search(r"-(sm\d+)-", service["image"])
-        rules = re.fullmatch(r"\$\{KTLEGACY_RULES:-([^${}]+)\}", str(service["environment"].get("KTLEGACY_RULES")))
-        if not (arch and rules):
-            raise KtlegacyError(f"{path}: service {name} reserves GPUs but its image names no arch (-smNN-) "
-                                "or its KTLEGACY_RULES is not \"${KTLEGACY_RULES:-<rule file>}\"")
-        profiles[str(name)] = Profile(str(name), len(ids), arch.group(1), rules.group(1))
+        tag = parse_tag(with_defaults(str(service.get("image", ""))))
+        rules = with_defaults(str((service.get("environment") or {}).get("KTLEGACY_RULES") or ""))
+        if not (tag and rules):
+            raise KtlegacyError(f"{path}: service {name} reserves GPUs but its image is no ktlegacy tag "
+                                "or it sets no KTLEGACY_RULES")
+        profiles[str(name)] = Profile(str(name), len(ids), tag.arch, rules)
     return profiles
 
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_the_profiles_are_compose_yamls_gpu_services():
     # what the hand-kept table in profiles.py said before compose.yaml became the one place
-    assert PROFILES == {
+    assert {name: PROFILES[name] for name in ("v100", "t4x4", "2080ti-x2")} == {
         "v100": Profile("v100", 1, "sm70", "DeepSeek-V3-Chat.yaml"),
         "t4x4": Profile("t4x4", 4, "sm75", "DeepSeek-V3-Chat-multi-gpu-4.yaml"),
         "2080ti-x2": Profile("2080ti-x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml"),
@@ -31,23 +31,16 @@ def _compose_with(tmp_path, service: str) -> Path:
     return path
 
 
-T4X2 = """
-  t4x2:
-    <<: *gpu-server
-    profiles: [t4x2]
-    image: "${KTLEGACY_REPOSITORY:-ktlegacy/ktransformers}:${KTLEGACY_REF:-0.2.1.post1}-cu118-sm75-${KTLEGACY_CPU:-avx2}"
-    environment:
-      <<: *server-env
-      KTLEGACY_PROFILE: t4x2
-      KTLEGACY_RULES: "${KTLEGACY_RULES:-DeepSeek-V3-Chat-multi-gpu.yaml}"
-    deploy:
-      resources:
-        reservations:
-          devices:
-            - driver: nvidia
-              device_ids: ["${KTLEGACY_GPU_0:-0}", "${KTLEGACY_GPU_1:-1}"]
-              capabilities: [gpu]
-"""
+def _service_copy(name: str, new: str) -> str:
+    """Service ``name``'s block of compose.yaml, renamed ``new``."""
+    text = COMPOSE_FILE.read_text()
+    block = text[text.index(f"\n  {name}:\n"):]
+    block = block[:block.index("\n\n")]
+    return block.replace(f"{name}:", f"{new}:").replace(f"[{name}]", f"[{new}]").replace(f" {name}\n", f" {new}\n")
+
+
+# the "add a profile" walk's service: 2080ti-x2's, for two T4s
+T4X2 = _service_copy("2080ti-x2", "t4x2")
 
 
 def test_a_new_service_is_a_new_profile(tmp_path):
@@ -58,6 +51,7 @@ def test_a_new_service_is_a_new_profile(tmp_path):
 
 
 def test_a_gpu_service_without_its_facts_is_refused(tmp_path):
-    path = _compose_with(tmp_path, T4X2.replace("t4x2", "odd").replace("-cu118-sm75-", "-cu118-"))
-    with pytest.raises(KtlegacyError, match="service odd reserves GPUs but its image names no arch"):
+    image = next(line for line in T4X2.splitlines() if line.strip().startswith("image:"))
+    path = _compose_with(tmp_path, T4X2.replace("t4x2", "odd").replace(image, "    image: busybox"))
+    with pytest.raises(KtlegacyError, match="service odd reserves GPUs but its image is no ktlegacy tag"):
         load_profiles(path)
