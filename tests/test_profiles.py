@@ -39,19 +39,19 @@ def _service_copy(name: str, new: str) -> str:
     return block.replace(f"{name}:", f"{new}:").replace(f"[{name}]", f"[{new}]").replace(f" {name}\n", f" {new}\n")
 
 
-# the "add a profile" walk's service: 2080ti-x2's, for two T4s
-T4X2 = _service_copy("2080ti-x2", "t4x2")
+# the "add a profile" walk's service: a copy of 2080ti-x2's, under a name no profile has
+WALK_X2 = _service_copy("2080ti-x2", "walk-x2")
 
 
 def test_a_new_service_is_a_new_profile(tmp_path):
     """The "add a profile" walk (docs/architecture.md): one service in compose.yaml is the profile."""
-    profiles = load_profiles(_compose_with(tmp_path, T4X2))
-    assert list(profiles) == [*PROFILES, "t4x2"]
-    assert profiles["t4x2"] == Profile("t4x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml")
+    profiles = load_profiles(_compose_with(tmp_path, WALK_X2))
+    assert list(profiles) == [*PROFILES, "walk-x2"]
+    assert profiles["walk-x2"] == Profile("walk-x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml")
 
 
 def test_a_gpu_service_without_its_facts_is_refused(tmp_path):
-    image = next(line for line in T4X2.splitlines() if line.strip().startswith("image:"))
-    path = _compose_with(tmp_path, T4X2.replace("t4x2", "odd").replace(image, "    image: busybox"))
+    image = next(line for line in WALK_X2.splitlines() if line.strip().startswith("image:"))
+    path = _compose_with(tmp_path, WALK_X2.replace("walk-x2", "odd").replace(image, "    image: busybox"))
     with pytest.raises(KtlegacyError, match="service odd reserves GPUs but its image is no ktlegacy tag"):
         load_profiles(path)
