@@ -57,13 +57,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from ktlegacy.profiles import PROFILES as COMPOSE_PROFILES, with_defaults  # noqa: E402  (compose.yaml's services)
+
 PROMPTS = [
     "Please write a quick sort function in python.",
     "Explain why the turing card has no bf16 tensor core.",
     "Hello world",
     "What is the second expert of the third layer?",
 ]
-PROFILES = {1: "v100", 2: "2080ti-x2", 4: "t4x4"}   # profile whose environment (rule file) serves N GPUs
+# GPU count N -> the profile whose environment (rule file) serves N GPUs (compose.yaml's first of N)
+PROFILES = {n: next(p.name for p in COMPOSE_PROFILES.values() if p.gpus == n)
+            for n in sorted({p.gpus for p in COMPOSE_PROFILES.values()})}
 from ktlegacy.facts import SERVER_PORT as PORT  # noqa: E402  serve.sh's port
 MAX_TOKENS = 32
 
@@ -80,14 +84,7 @@ def compose_env(profile: str) -> dict:
     import yaml
     spec = yaml.safe_load((REPO / "compose" / "compose.yaml").read_text())
     env = spec["services"][profile]["environment"]
-
-    def interp(value: str) -> str:
-        while True:
-            new = re.sub(r"\$\{[A-Z0-9_]+:-([^${}]*)\}", r"\1", value)
-            if new == value:
-                return new
-            value = new
-    return {k: interp(str(v)) for k, v in env.items()}
+    return {k: with_defaults(str(v)) for k, v in env.items()}
 
 
 def fold_rules(src: Path, dest: Path, cards: int) -> dict:
@@ -619,8 +616,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, type=Path, help="scratch directory (model, logs)")
     p.add_argument("--out", required=True, type=Path, help="results JSON")
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], choices=sorted(PROFILES),
-                   help="GPU counts to prove: 1 (v100 profile), 2 (2080ti-x2), 4 (t4x4); on fewer cards the "
-                        "rule file's devices are folded onto them (see the module's doc)")
+                   help="GPU counts to prove: " + ", ".join(f"{n} ({PROFILES[n]}{' profile' if i == 0 else ''})"
+                                                            for i, n in enumerate(sorted(PROFILES)))
+                        + "; on fewer cards the rule file's devices are folded onto them (see the module's doc)")
     p.add_argument("--steps", type=int, default=32, help="greedy steps per prompt (>= 32)")
     p.add_argument("--skip", nargs="*", default=[], help="phases to skip: serve concurrency")
     p.add_argument("--api-key", default=os.environ.get("KTLEGACY_PROOF_API_KEY"),

@@ -1,29 +1,31 @@
 """The serving profiles of compose/compose.yaml, and what one resolves to on this host.
 
-The table below names what a profile *is* (how many GPUs, which image arch, which rule file by
-default); compose/compose.yaml is the source of truth for everything a user can change in
-compose/.env. :func:`resolve` asks ``docker compose config`` for the resolved service, so the
-doctor checks exactly what ``docker compose --profile P up`` would start; where compose is not
-available (a GPU host without Docker) it falls back to the profile's defaults, which the tests
-keep equal to compose.yaml's.
+compose/compose.yaml is the one place a profile is defined: :data:`PROFILES` is read from its
+services (every service that reserves NVIDIA GPUs is a profile; what it *is* - how many GPUs,
+which image arch, which rule file by default - is that service's device list, image tag and
+``KTLEGACY_RULES`` default). :func:`resolve` asks ``docker compose config`` for the resolved
+service, so the doctor checks exactly what ``docker compose --profile P up`` would start; where
+compose is not available (a GPU host without Docker) it falls back to those defaults.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .arch import Arch, get_arch
 from .errors import KtlegacyError
-from .facts import SETTINGS
-from .images import DEFAULT_CPU_INSTRUCT, image_tag
+from .facts import SERVER_PORT, SETTINGS
+from .images import DEFAULT_CPU_INSTRUCT, image_tag, parse_tag
 from .refs import DEFAULT_REF
 from .serving import SettingError, check_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO_ROOT / "compose"
-CONTAINER_PORT = 10002       # the server's port inside the container (serve.sh)
+COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
+CONTAINER_PORT = SERVER_PORT  # the server's port inside the container (serve.sh)
 # compose/.env defaults, from the settings table (ktlegacy/facts.py)
 DEFAULT_HOST_PORT = int(SETTINGS["KTLEGACY_PORT"].default)
 DEFAULT_BIND = SETTINGS["KTLEGACY_BIND"].default            # the server has no authentication
@@ -36,18 +38,47 @@ class Profile:
     gpus: int          # GPUs the profile reserves
     arch_name: str     # image arch
     rules: str         # default rule file (a name in the image's optimize_rules directory)
-    cards: str         # what it was made for
 
     @property
     def arch(self) -> Arch:
         return get_arch(self.arch_name)
 
 
-PROFILES = {
-    "v100": Profile("v100", 1, "sm70", "DeepSeek-V3-Chat.yaml", "1x Tesla V100"),
-    "t4x4": Profile("t4x4", 4, "sm75", "DeepSeek-V3-Chat-multi-gpu-4.yaml", "4x Tesla T4"),
-    "2080ti-x2": Profile("2080ti-x2", 2, "sm75", "DeepSeek-V3-Chat-multi-gpu.yaml", "2x GeForce RTX 2080 Ti"),
-}
+def _gpu_ids(service: dict) -> list:
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")
+    return [i for d in devices or [] if d.get("driver") == "nvidia" for i in d.get("device_ids") or []]
+
+
+def with_defaults(value: str) -> str:
+    """A compose.yaml value as compose resolves it with an empty .env: every ``${VAR:-default}``
+    (nested too) takes its default."""
+    while True:
+        new = re.sub(r"\$\{[A-Z0-9_]+:-([^${}]*)\}", r"\1", value)
+        if new == value:
+            return new
+        value = new
+
+
+def load_profiles(path: Path = COMPOSE_FILE) -> dict[str, Profile]:
+    """The GPU profiles of a compose file, in its order: each service that reserves NVIDIA GPUs
+    (its name is its profile's), with its GPU count, the arch of its default image tag and the
+    default of its ``KTLEGACY_RULES``."""
+    import yaml
+    profiles = {}
+    for name, service in yaml.safe_load(Path(path).read_text())["services"].items():
+        ids = _gpu_ids(service)
+        if not ids:
+            continue
+        tag = parse_tag(with_defaults(str(service.get("image", ""))))
+        rules = with_defaults(str((service.get("environment") or {}).get("KTLEGACY_RULES") or ""))
+        if not (tag and rules):
+            raise KtlegacyError(f"{path}: service {name} reserves GPUs but its image is no ktlegacy tag "
+                                "or it sets no KTLEGACY_RULES")
+        profiles[str(name)] = Profile(str(name), len(ids), tag.arch, rules)
+    return profiles
+
+
+PROFILES = load_profiles()
 SMOKE_PROFILE = "smoke"   # no GPU: CI's end-to-end check of the compose wiring
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from ktlegacy.images import DEFAULT_CPU_INSTRUCT, image_tag
 from ktlegacy.arch import get_arch
-from ktlegacy.profiles import CONTAINER_PORT, PROFILES, spec_defaults, spec_from_config
+from ktlegacy.profiles import CONTAINER_PORT, PROFILES, SMOKE_PROFILE, spec_defaults, spec_from_config
 from ktlegacy.refs import DEFAULT_REF
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +91,15 @@ def test_gpu_profile_resolves(docker, project, name):
     defaults = spec_defaults(profile)
     assert (spec.image, spec.device_ids, spec.rules, spec.bind, spec.port, spec.cache_lens) == \
         (defaults.image, defaults.device_ids, defaults.rules, defaults.bind, defaults.port, defaults.cache_lens)
+
+
+def test_profiles_are_compose_yamls(docker, project):
+    """ktlegacy.profiles reads the GPU profiles from compose.yaml's services: with smoke, they are
+    every profile compose knows."""
+    proc = subprocess.run([docker.path, "compose", "config", "--profiles"], cwd=project, capture_output=True,
+                          text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split()) == sorted([*PROFILES, SMOKE_PROFILE])
 
 
 def test_env_choices_reach_the_service(docker, project):

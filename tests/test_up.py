@@ -11,6 +11,7 @@ import pytest
 
 from ktlegacy.errors import KtlegacyError
 from ktlegacy.hostfacts import HostFacts
+from ktlegacy.profiles import PROFILES
 from ktlegacy.up import up
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def test_up_unknown_profile_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "ktlegacy", "up", "--profile", "a100"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown profile 'a100': use one of v100, t4x4, 2080ti-x2"]
+    assert proc.stderr.strip().splitlines() == [f"error: unknown profile 'a100': use one of {', '.join(PROFILES)}"]
 
 
 @pytest.mark.docker
