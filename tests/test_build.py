@@ -494,3 +494,91 @@ def test_pinned_triton_fits_sm75_in_the_kernels_stage(standin_base, triton_wheel
     stage1 = [r for r in results if r["kernel"] == "_fwd_grouped_kernel_stage1"]
     assert stage1 and all(r["arch"] == "sm75" and r["shared"] == 52_224 and r["limit"] == 65_536
                           and not r["failed"] for r in stage1)
+
+
+# -- plan output, from the table's facts (not from plan itself) -------------------------------------
+
+def _expected_overlay_digest(ref, arch) -> str:
+    """What ``patch`` writes for (ref, arch): overlay.digest over the overlays that apply to ref."""
+    from ktlegacy.overlay import digest, load_overlays
+    files = []
+    for overlay, path in load_overlays():
+        if overlay.applies_to(ref):
+            files += [path, *getattr(overlay, "shipped_files", lambda: [])()]
+    return digest(files, arch, ref)
+
+
+# (request, the arches it names, its CPU set as the table spells it)
+_REPRESENTATIVE = [
+    (dict(arch="sm75"), ["sm75"], "AVX2"),
+    (dict(arch="all", cpu_instruct="avx512", max_jobs=2), ["sm70", "sm75"], "AVX512"),
+    (dict(arch=" SM_70", cpu_instruct=" fancy", standin=True, base_image="b/std:1", target="toolchain"),
+     ["sm70"], "FANCY"),
+    (dict(arch="sm75", debian_bases=True, ci_torch="2.5.1", repository="r/k"), ["sm75"], "AVX2"),
+]
+
+
+@pytest.mark.parametrize("asked, arch_names, cpu", _REPRESENTATIVE)
+def test_plan_output_is_the_tables_facts(asked, arch_names, cpu):
+    """Steps, build args, tags and labels of a few requests, each value taken from the table
+    (facts, images.image_tag, the overlays), not from plan."""
+    from ktlegacy import facts
+    from ktlegacy.build import DEBIAN_BASE_REPOSITORY, DOCKERFILE, dockerfile_stages
+    request = BuildRequest(**asked, dry_run=True)
+    if request.target != "runtime":
+        assert request.target in dockerfile_stages()
+    plans = plan(request)
+    ref = facts.REFS[facts.DEFAULT_REF]
+    assert [p.arch for p in plans] == [facts.ARCHES[a] for a in arch_names]
+    for i, p in enumerate(plans):
+        arch = facts.ARCHES[arch_names[i]]
+        tag = images.image_tag(ref.name, arch, cpu, request.repository) + \
+            (facts.STANDIN_SUFFIX if request.standin else "") + \
+            (f"-{request.target}" if request.target != "runtime" else "")
+        digest = _expected_overlay_digest(ref, arch)
+        commit = f"sdist-sha256:{ref.sha256}"
+        assert p.tag == tag
+        assert p.build_args["ARCH"] == arch.name
+        assert p.build_args["TORCH_CUDA_ARCH_LIST"] == arch.torch_cuda_arch_list
+        assert p.build_args["CPU_INSTRUCT"] == cpu
+        assert p.build_args["KTRANSFORMERS_REF"] == ref.name
+        assert p.build_args["KTRANSFORMERS_COMMIT"] == commit
+        assert p.build_args["OVERLAY_DIGEST"] == digest
+        assert p.build_args["MAX_JOBS"] == str(asked.get("max_jobs", 4))
+        if request.debian_bases:
+            assert p.build_args["BASE_IMAGE"] == f"{DEBIAN_BASE_REPOSITORY}:{facts.CUDA_VERSION}-devel"
+            assert p.build_args["RUNTIME_IMAGE"] == f"{DEBIAN_BASE_REPOSITORY}:{facts.CUDA_VERSION}-runtime"
+        elif request.standin:
+            assert p.build_args["BASE_IMAGE"] == p.build_args["RUNTIME_IMAGE"] == asked["base_image"]
+        else:
+            assert (p.build_args["BASE_IMAGE"], p.build_args["RUNTIME_IMAGE"]) == (facts.BASE_IMAGE,
+                                                                                   facts.RUNTIME_IMAGE)
+        assert {k: p.labels[k] for k in (images.LABEL_REF, images.LABEL_COMMIT, images.LABEL_OVERLAY_DIGEST,
+                                          images.LABEL_ARCH, images.LABEL_CUDA, images.LABEL_CPU,
+                                          images.LABEL_TORCH, facts.LABEL_STANDIN, facts.LABEL_CI_TORCH)} == {
+            images.LABEL_REF: ref.name, images.LABEL_COMMIT: commit, images.LABEL_OVERLAY_DIGEST: digest,
+            images.LABEL_ARCH: arch.name, images.LABEL_CUDA: facts.CUDA_VERSION, images.LABEL_CPU: cpu,
+            images.LABEL_TORCH: request.ci_torch or facts.TORCH_VERSION,
+            facts.LABEL_STANDIN: "true" if request.standin else "false", facts.LABEL_CI_TORCH: request.ci_torch or ""}
+        # the steps: the Debian bases before the first arch only, then the image build with every arg
+        *before, last = p.steps
+        assert len(before) == (4 if request.debian_bases and i == 0 else 0)
+        expected = ["docker", "build", "--progress", "plain", "-f", str(DOCKERFILE), "--target", request.target]
+        for k, v in p.build_args.items():
+            expected += ["--build-arg", f"{k}={v}"]
+        assert last.argv == expected + ["-t", tag, str(REPO)] and last.buildkit
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--arch", "sm86"], "error: arch 'sm86' is Ampere or newer"),
+    (["--arch", "sm60"], "error: unknown arch 'sm60': use sm70, sm75 or all"),
+    (["--arch", "sm75", "--ref", "v9.9.9"], "error: unknown ktransformers ref 'v9.9.9'"),
+    (["--arch", "sm75", "--cpu-instruct", "SSE4"], "error: unknown CPU instruction set 'SSE4'"),
+    # the removed --push is named first, before any other flag is looked at
+    (["--arch", "sm60", "--push"], "error: build --push is removed"),
+])
+def test_bad_arch_ref_or_cpu_is_one_line_before_anything_runs(argv, expected):
+    proc = cli("build", *argv, "--dry-run")
+    line = one_line_error(proc)
+    assert line.startswith(expected), line
+    assert proc.stdout == ""
