@@ -27,14 +27,14 @@ import shlex
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import facts, images, preflight
 from .arch import Arch, arches_for, get_arch
 from .cli import command
 from .errors import KtlegacyError
-from .refs import DEFAULT_REF, REFS, UPSTREAM_GIT_URL, get_ref
+from .refs import DEFAULT_REF, REFS, UPSTREAM_GIT_URL, Ref, get_ref
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO_ROOT / "images" / "Dockerfile"
@@ -93,7 +93,11 @@ def _flag(default, help: str, **argparse_options):
 @dataclass(frozen=True)
 class BuildRequest:
     """One build, as asked: the ``build`` command's flags (the fields with help, in --help order)
-    and the library's own knobs (the rest: tests and CI set them)."""
+    and the library's own knobs (the rest: tests and CI set them).
+
+    It resolves its ref, arch(es) and CPU set once, at construction (:attr:`upstream`, :attr:`arches`,
+    :attr:`cpu`): a bad ``--arch``, ``--ref`` or ``--cpu-instruct`` is refused there, in one line, and
+    everything below (:func:`plan`, the digest, the commit, the tags and labels) takes these."""
     arch: str = field(metadata={"help": "sm70 (V100), sm75 (T4, RTX 2080 Ti) or all", "required": True})
     ref: str = _flag(DEFAULT_REF, f"upstream ref: {', '.join(REFS)} (default {DEFAULT_REF})")
     cpu_instruct: str = _flag(images.DEFAULT_CPU_INSTRUCT,
@@ -132,6 +136,18 @@ class BuildRequest:
     # CI's real-CUDA lanes: PyPI's torch of this version stands in for the pin (KTLEGACY_CI_TORCH)
     ci_torch: str | None = None
     extra_build_flags: tuple = ()
+    # resolved in __post_init__ from ref, arch and cpu_instruct: not flags, not compared
+    upstream: Ref = field(init=False, repr=False, compare=False)     # the table's entry for ``ref``
+    arches: tuple = field(init=False, repr=False, compare=False)      # the Arch of each build (``all``: every one)
+    cpu: str = field(init=False, repr=False, compare=False)          # the CPU set as the table spells it
+
+    def __post_init__(self) -> None:
+        if self.push:   # named before any other flag is looked at
+            raise KtlegacyError("build --push is removed: build, then `invoke publish --registry REG` checks the "
+                                "images' labels and arch and pushes them (docs/publishing.md)")
+        object.__setattr__(self, "arches", tuple(arches_for(self.arch)))
+        object.__setattr__(self, "upstream", get_ref(self.ref))
+        object.__setattr__(self, "cpu", images.cpu_instruct(self.cpu_instruct))
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,22 +167,24 @@ class BuildRequest:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata})
 
     def build_args(self, arch: Arch, *, commit: str, digest: str, revision: str,
-                   wheelhouse_image: str | None = None) -> dict:
-        """The Dockerfile's ARGs for one arch of this request: the one place they are named."""
+                   wheelhouse_image: str | None = None, bases: tuple[str, str] | None = None) -> dict:
+        """The Dockerfile's ARGs for one arch of this request: the one place they are named.
+        ``bases``: (build base, runtime base) made by the plan (--debian-bases)."""
         from . import __version__
+        base_image, runtime_image = bases or (self.base_image, self.runtime_image)
         args = {
-            "BASE_IMAGE": self.base_image or DEFAULT_BASE_IMAGE,
+            "BASE_IMAGE": base_image or DEFAULT_BASE_IMAGE,
             # the stand-in base serves as its own runtime base unless told otherwise
-            "RUNTIME_IMAGE": self.runtime_image or (self.base_image if self.standin and self.base_image
-                                                    else DEFAULT_RUNTIME_IMAGE),
+            "RUNTIME_IMAGE": runtime_image or (base_image if self.standin and base_image
+                                               else DEFAULT_RUNTIME_IMAGE),
             "TORCH_VERSION": self.torch_version or DEFAULT_TORCH_VERSION,
             "TORCH_INDEX_URL": self.torch_index_url or DEFAULT_TORCH_INDEX_URL,
-            "KTRANSFORMERS_REF": self.ref,
+            "KTRANSFORMERS_REF": self.upstream.name,
             "KTRANSFORMERS_COMMIT": commit,
             "OVERLAY_DIGEST": digest,
             "ARCH": arch.name,
             "TORCH_CUDA_ARCH_LIST": arch.torch_cuda_arch_list,
-            "CPU_INSTRUCT": images.cpu_instruct(self.cpu_instruct),
+            "CPU_INSTRUCT": self.cpu,
             "MAX_JOBS": str(self.max_jobs or DEFAULT_MAX_JOBS),
             "KTLEGACY_VERSION": __version__,
             "KTLEGACY_REVISION": revision,
@@ -187,11 +205,10 @@ class BuildRequest:
         return args
 
 
-def overlay_digest(ref_name: str, arch: Arch) -> str:
+def overlay_digest(ref: Ref, arch: Arch) -> str:
     """The digest ``patch`` will write for (ref, arch): the same files in the same way
     (ktlegacy.overlay.patch_tree), computed without a tree."""
     from .overlay import digest, load_overlays
-    ref = get_ref(ref_name)
     files = []
     for overlay, path in load_overlays():
         if overlay.applies_to(ref):
@@ -200,9 +217,8 @@ def overlay_digest(ref_name: str, arch: Arch) -> str:
     return digest(files, arch, ref)
 
 
-def resolve_commit(ref_name: str, dry_run: bool = False) -> str:
+def resolve_commit(ref: Ref, dry_run: bool = False) -> str:
     """sdist refs: ``sdist-sha256:<hash>``; git refs: the commit the tag points at."""
-    ref = get_ref(ref_name)
     if ref.kind == "sdist":
         return f"sdist-sha256:{ref.sha256}"
     try:
@@ -245,14 +261,13 @@ def _wheelhouse_tag(wheelhouse: Path) -> str:
     return f"ktlegacy-wheelhouse:{h.hexdigest()[:16]}"
 
 
-def check_wheelhouse(wheelhouse: Path, ref_name: str) -> Path:
+def check_wheelhouse(wheelhouse: Path, ref: Ref) -> Path:
     wheelhouse = Path(wheelhouse).resolve()
     if not wheelhouse.is_dir():
         raise KtlegacyError(f"wheelhouse {wheelhouse} does not exist; create it with pip download -d DIR ... "
                             "or drop --wheelhouse")
     if not any(wheelhouse.glob("*.whl")):
         raise KtlegacyError(f"wheelhouse {wheelhouse} holds no .whl file; fill it with pip download -d {wheelhouse} ...")
-    ref = get_ref(ref_name)
     if ref.kind == "sdist" and not (wheelhouse / ref.filename).is_file():
         raise KtlegacyError(f"wheelhouse {wheelhouse} lacks {ref.filename}: a --wheelhouse build has no network, "
                             f"copy it there (python -m ktlegacy fetch-source caches it in ~/.cache/ktlegacy)")
@@ -260,17 +275,13 @@ def check_wheelhouse(wheelhouse: Path, ref_name: str) -> Path:
 
 
 def plan(request: BuildRequest) -> list[Plan]:
-    """Validate every input of ``request`` and return the docker steps for each arch; runs nothing."""
+    """Validate every input of ``request`` and return the docker steps for each arch; runs nothing.
+    The ref, arches and CPU set were resolved when the request was made."""
     r = request
-    if r.push:
-        raise KtlegacyError("build --push is removed: build, then `invoke publish --registry REG` checks the "
-                            "images' labels and arch and pushes them (docs/publishing.md)")
-    arches = arches_for(r.arch)
-    get_ref(r.ref)
-    cpu = images.cpu_instruct(r.cpu_instruct)
+    arches, ref, cpu = r.arches, r.upstream, r.cpu
     if r.tag and len(arches) > 1:
         raise KtlegacyError("--tag names one image; with --arch all the tags follow the scheme "
-                            f"({images.image_tag(r.ref, arches[0], cpu, r.repository)}, ...)")
+                            f"({images.image_tag(ref.name, arches[0], cpu, r.repository)}, ...)")
     stages = dockerfile_stages()
     if r.target not in stages:
         raise KtlegacyError(f"unknown --target {r.target!r}: stages are {', '.join(stages)}")
@@ -282,7 +293,7 @@ def plan(request: BuildRequest) -> list[Plan]:
                                 "e.g. /etc/ssl/certs/ca-certificates.crt")
     wheelhouse = None
     if r.wheelhouse is not None:
-        wheelhouse = check_wheelhouse(Path(r.wheelhouse), r.ref)
+        wheelhouse = check_wheelhouse(Path(r.wheelhouse), ref)
     if r.max_jobs is not None and r.max_jobs < 1:
         raise KtlegacyError(f"--max-jobs {r.max_jobs}: give the number of parallel compile jobs, 1 or more "
                             f"(default {DEFAULT_MAX_JOBS})")
@@ -293,22 +304,22 @@ def plan(request: BuildRequest) -> list[Plan]:
                             "Triton its torch requires: change --torch-version instead")
     if r.offline and wheelhouse is None:
         raise KtlegacyError("an offline build (--network none) needs --wheelhouse DIR with every package")
-    base_steps = []
+    base_steps, bases = [], None
     if r.debian_bases:
         if r.base_image or r.runtime_image:
             raise KtlegacyError("--debian-bases makes the base images itself: drop --base-image/--runtime-image")
         if r.standin:
             raise KtlegacyError("--debian-bases makes real CUDA 11.8 bases; --standin is the no-CUDA test base: pick one")
         devel, runtime, base_steps = debian_base_steps(r.apt_mirror, secret, r.debian_base_repository)
-        r = replace(r, base_image=devel, runtime_image=runtime)
+        bases = (devel, runtime)
 
-    commit = resolve_commit(r.ref, dry_run=r.dry_run)
+    commit = resolve_commit(ref, dry_run=r.dry_run)
     from . import __version__
     revision = _revision()
     plans = []
     for a in arches:
-        digest = overlay_digest(r.ref, a)
-        image = r.tag or images.image_tag(r.ref, a, cpu, r.repository) + (facts.STANDIN_SUFFIX if r.standin else "")
+        digest = overlay_digest(ref, a)
+        image = r.tag or images.image_tag(ref.name, a, cpu, r.repository) + (facts.STANDIN_SUFFIX if r.standin else "")
         if r.target != "runtime" and not r.tag:
             image += f"-{r.target}"
         steps = list(base_steps) if a is arches[0] else []
@@ -317,9 +328,10 @@ def plan(request: BuildRequest) -> list[Plan]:
             wh_tag = _wheelhouse_tag(wheelhouse)
             steps.append(Step(["docker", "build", "--progress", "plain", "-f", str(WHEELHOUSE_DOCKERFILE),
                                "-t", wh_tag, str(wheelhouse)], buildkit=True, what="wheelhouse image"))
-        args = r.build_args(a, commit=commit, digest=digest, revision=revision, wheelhouse_image=wh_tag)
+        args = r.build_args(a, commit=commit, digest=digest, revision=revision, wheelhouse_image=wh_tag,
+                            bases=bases)
         labels = {
-            images.LABEL_REF: r.ref, images.LABEL_COMMIT: commit, images.LABEL_OVERLAY_DIGEST: digest,
+            images.LABEL_REF: ref.name, images.LABEL_COMMIT: commit, images.LABEL_OVERLAY_DIGEST: digest,
             images.LABEL_ARCH: a.name, images.LABEL_CUDA: images.CUDA_VERSION,
             images.LABEL_TORCH: args["TORCH_VERSION"], images.LABEL_CPU: cpu,
             images.LABEL_VERSION: __version__, images.LABEL_REVISION: revision,

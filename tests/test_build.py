@@ -582,3 +582,18 @@ def test_bad_arch_ref_or_cpu_is_one_line_before_anything_runs(argv, expected):
     line = one_line_error(proc)
     assert line.startswith(expected), line
     assert proc.stdout == ""
+
+
+def test_a_request_resolves_once_and_plan_takes_the_resolved_objects(monkeypatch):
+    """Ref, arches and CPU set are resolved when the request is made; plan looks none of them up again."""
+    from ktlegacy import build, facts
+    request = BuildRequest("all", cpu_instruct=" avx512", dry_run=True)
+    assert (request.upstream, request.arches, request.cpu) == (facts.REFS[facts.DEFAULT_REF],
+                                                               tuple(facts.ARCHES.values()), "AVX512")
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError(f"looked up again: {args}")
+    monkeypatch.setattr(build, "get_ref", looked_up)
+    monkeypatch.setattr(build, "arches_for", looked_up)
+    monkeypatch.setattr(build, "get_arch", looked_up)
+    assert [p.arch for p in plan(request)] == list(facts.ARCHES.values())

@@ -195,9 +195,10 @@ def test_check_source_refuses_labels_that_would_lie(patched_tree):
 def test_overlay_digest_planned_on_the_host_is_what_patch_writes(patched_tree):
     from ktlegacy.arch import get_arch
     from ktlegacy.build import overlay_digest
+    from ktlegacy.refs import get_ref
     manifest = json.loads((patched_tree / "ktlegacy-overlays.json").read_text())
-    assert overlay_digest("0.2.1.post1", get_arch("sm75")) == manifest["overlay_digest"]
-    assert overlay_digest("0.2.1.post1", get_arch("sm70")) != manifest["overlay_digest"]
+    assert overlay_digest(get_ref("0.2.1.post1"), get_arch("sm75")) == manifest["overlay_digest"]
+    assert overlay_digest(get_ref("0.2.1.post1"), get_arch("sm70")) != manifest["overlay_digest"]
 
 
 def test_smoke_runner_protocol(tmp_path):
