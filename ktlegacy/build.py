@@ -6,7 +6,7 @@ command's flags (``--arch``, ``--ref``, ...), made into one request from the par
 into the exact docker commands (checked inputs, build args, the BuildKit secret, the wheelhouse
 image); :func:`build` prints or runs them. All input errors
 are raised before anything runs, so a bad flag never leaves a half-built image behind:
-an arch other than sm70/sm75, an unknown ref, a missing CA bundle or wheelhouse, no Docker
+an arch not in the table (ktlegacy/facts.py), an unknown ref, a missing CA bundle or wheelhouse, no Docker
 daemon, a daemon without BuildKit.
 
 The image's labels are computed here, before the build, and checked inside it: the overlay
@@ -98,7 +98,7 @@ class BuildRequest:
     It resolves its ref, arch(es) and CPU set once, at construction (:attr:`upstream`, :attr:`arches`,
     :attr:`cpu`): a bad ``--arch``, ``--ref`` or ``--cpu-instruct`` is refused there, in one line, and
     everything below (:func:`plan`, the digest, the commit, the tags and labels) takes these."""
-    arch: str = field(metadata={"help": "sm70 (V100), sm75 (T4, RTX 2080 Ti) or all", "required": True})
+    arch: str = field(metadata={"help": facts.arch_choice("all", cards=True), "required": True})
     ref: str = _flag(DEFAULT_REF, f"upstream ref: {', '.join(REFS)} (default {DEFAULT_REF})")
     cpu_instruct: str = _flag(images.DEFAULT_CPU_INSTRUCT,
                               "AVX2 (portable default), AVX512, FANCY or NATIVE (NATIVE: local builds only)")
@@ -107,7 +107,7 @@ class BuildRequest:
     base_image: str | None = _flag(None, f"build base with nvcc (default {DEFAULT_BASE_IMAGE})")
     runtime_image: str | None = _flag(None, f"runtime base (default {DEFAULT_RUNTIME_IMAGE})")
     torch_version: str | None = _flag(None, f"torch pin (default {DEFAULT_TORCH_VERSION}: its Triton fits "
-                                            "sm70/sm75, see docs/torch-pin.md)")
+                                            f"{'/'.join(facts.ARCHES)}, see docs/torch-pin.md)")
     torch_index_url: str | None = _flag(None, f"torch wheel index (default {DEFAULT_TORCH_INDEX_URL})")
     pip_index_url: str | None = _flag(None, "PyPI mirror for everything else")
     apt_mirror: str | None = _flag(None, "Ubuntu/Debian mirror for the base images' packages")
@@ -521,7 +521,8 @@ def smoke(arch: str = "sm75", *, image: str | None = None, ref: str = DEFAULT_RE
 
 # -- command line ---------------------------------------------------------------------------------
 
-@command("build", "build the CUDA 11.8 ktransformers image for sm70, sm75 or both (images/Dockerfile)",
+@command("build", f"build the CUDA {facts.CUDA_VERSION} ktransformers image for {facts.arch_choice('all')} "
+                  "(images/Dockerfile)",
          BuildRequest.add_arguments)
 def build_command(args) -> int:
     build(BuildRequest.from_args(args))
@@ -529,7 +530,7 @@ def build_command(args) -> int:
 
 
 def _smoke_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, help="sm70 or sm75: the arch the image must be labelled with")
+    p.add_argument("--arch", required=True, help=f"{facts.arch_choice()}: the arch the image must be labelled with")
     p.add_argument("--image", default=None, help="image to test (default: the tag scheme's image for --arch)")
     p.add_argument("--ref", default=DEFAULT_REF, help=f"upstream ref of the default tag (default {DEFAULT_REF})")
     p.add_argument("--cpu-instruct", default=images.DEFAULT_CPU_INSTRUCT,

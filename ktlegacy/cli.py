@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import KtlegacyError
+from .facts import ARCHES, arch_choice
 
 # name -> (help, add_arguments(parser), run(args) -> int)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -33,12 +34,13 @@ def command(name: str, help: str, add_arguments: Callable):
 
 def _patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, type=Path, help="upstream tree to patch (from fetch-source)")
-    p.add_argument("--arch", required=True, help="sm70 (V100) or sm75 (T4, RTX 2080 Ti)")
+    p.add_argument("--arch", required=True, help=arch_choice(cards=True))
     p.add_argument("--ref", default=None, help="force the overlay set of this ref (default: detected from the tree)")
     p.add_argument("--check", action="store_true", help="say what would change without writing")
 
 
-@command("patch", "apply the sm70/sm75 overlays to an upstream tree: all or nothing, idempotent", _patch_args)
+@command("patch", f"apply the {'/'.join(ARCHES)} overlays to an upstream tree: all or nothing, idempotent",
+         _patch_args)
 def patch(args) -> int:
     from .arch import get_arch
     from .overlay import patch_tree

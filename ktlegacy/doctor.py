@@ -171,8 +171,8 @@ def row_arch(spec: ServiceSpec, gpus: list[Gpu], labels: dict | None) -> Row:
     arch_name, _ = image_arch_and_cpu(spec, labels)
     arch = ARCHES.get(arch_name)
     if arch is None:
-        return Row("GPU arch vs image", FAIL, f"{spec.image} is built for {arch_name!r}, not sm70/sm75",
-                   "use a ktlegacy image (invoke build --arch sm70|sm75)")
+        return Row("GPU arch vs image", FAIL, f"{spec.image} is built for {arch_name!r}, not {'/'.join(ARCHES)}",
+                   f"use a ktlegacy image (invoke build --arch {'|'.join(ARCHES)})")
     if not gpus:
         return Row("GPU arch vs image", SKIP, f"image is {arch.name} (cc {arch.cc_string}); no GPU to compare")
     for g in gpus:
@@ -183,11 +183,11 @@ def row_arch(spec: ServiceSpec, gpus: list[Gpu], labels: dict | None) -> Row:
         if g.cc >= (8, 0):
             return Row("GPU arch vs image", FAIL,
                        f"GPU {g.index} ({g.name}) is cc {g.cc_string}, Ampere or newer; ktlegacy images are for "
-                       "sm70/sm75 only", "use the upstream ktransformers images on this GPU")
+                       f"{'/'.join(ARCHES)} only", "use the upstream ktransformers images on this GPU")
         if g.cc != arch.compute_capability:
             want = next((a for a in ARCHES.values() if a.compute_capability == g.cc), None)
             fix = (f"use the {want.name} image: profile {_profiles_for(want.name)}" if want else
-                   "ktlegacy supports cc 7.0 (V100) and 7.5 (T4, RTX 2080 Ti) only")
+                   "ktlegacy supports " + " and ".join(f"cc {a.cc_string} ({a.gpus})" for a in ARCHES.values()) + " only")
             return Row("GPU arch vs image", FAIL,
                        f"GPU {g.index} ({g.name}) is cc {g.cc_string}, the image is {arch.name} (cc {arch.cc_string})",
                        fix)

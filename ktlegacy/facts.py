@@ -64,6 +64,14 @@ ARCHES = {
 DEFAULT_ARCH = "sm75"   # images/Dockerfile's ARG ARCH default (a plain `docker build`; invoke build sets it)
 
 
+def arch_choice(*more: str, cards: bool = False) -> str:
+    """The arches, then ``more`` (e.g. "all"), as help and error text name them: "sm70 or sm75",
+    "sm70, sm75 or all"; ``cards``: each with its GPUs, "sm70 (Tesla V100, Titan V) or ...". Built
+    from ARCHES, so an added arch is named everywhere."""
+    names = [f"{a.name} ({a.gpus})" if cards else a.name for a in ARCHES.values()] + list(more)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 # --- upstream refs -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

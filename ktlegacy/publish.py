@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import images
+from . import facts, images
 from .arch import Arch, arches_for
 from .docker import labels_of
 from .errors import KtlegacyError
@@ -295,7 +295,7 @@ def _publish_args(p) -> None:
     p.add_argument("--registry", required=True,
                    help="where to push: HOST[:PORT][/NAMESPACE] (ghcr.io/OWNER, harbor.example.com/proj, "
                         "127.0.0.1:5000); the image is pushed as <registry>/ktransformers")
-    p.add_argument("--arch", default="all", help="sm70, sm75 or all (default all)")
+    p.add_argument("--arch", default="all", help=f"{facts.arch_choice('all')} (default all)")
     p.add_argument("--cpu-instruct", action="append", default=None,
                    help=f"CPU set to publish ({', '.join(images.CPU_INSTRUCTS)}); repeat for several; "
                         "default: every one built")

@@ -27,9 +27,9 @@ import shlex
 import sys
 
 try:
-    from .facts import SETTINGS, SM80_ONLY_OPS
+    from .facts import ARCHES, SETTINGS, SM80_ONLY_OPS
 except ImportError:  # run as a script (the container): compose mounts facts.py beside this file
-    from facts import SETTINGS, SM80_ONLY_OPS
+    from facts import ARCHES, SETTINGS, SM80_ONLY_OPS
 
 ERROR_PREFIX = "ktlegacy serve: error: "   # serve.sh's refusals start with it too
 
@@ -122,7 +122,7 @@ def check_rules(text: str, name: str) -> list[tuple[int, str, str]]:
     if bad:
         names = ", ".join(sorted({op for _, op in bad}))
         raise RuleFileError(f"rule file {name} selects sm80+ op(s) {names} ({len(bad)}x, first in rule {bad[0][0]}), "
-                            "and sm70/sm75 have no Marlin or FP8 kernels",
+                            f"and {'/'.join(ARCHES)} have no Marlin or FP8 kernels",
                             "use the patched rule files of a ktlegacy image (`invoke patch` rewrites a tree's) and "
                             "set KTLEGACY_RULES in compose/.env to one of them")
     return ops

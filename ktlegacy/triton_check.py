@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .arch import Arch
+from .arch import ARCHES, Arch
 from .errors import KtlegacyError
+from .facts import arch_choice
 
 WORKER = Path(__file__).with_name("triton_worker.py")
 RESULT_PREFIX = "KTLEGACY-RESULT "
@@ -421,7 +422,7 @@ def run_check(tree: Path, arches: list[Arch], python: str | None = None,
 
 def add_arguments(p) -> None:
     p.add_argument("--src", required=True, type=Path, help="patched ktransformers tree (from fetch-source + patch)")
-    p.add_argument("--arch", required=True, help="sm70, sm75 or all")
+    p.add_argument("--arch", required=True, help=arch_choice("all"))
     p.add_argument("--python", default=None,
                    help="interpreter whose Triton compiles the kernels (default: this one; e.g. the image's venv)")
     p.add_argument("--json", default=None, type=Path, help="also write the results to this file")
@@ -435,7 +436,7 @@ def main(args) -> int:
 
 def _register() -> None:
     from .cli import command
-    command("check-triton", "compile every Triton kernel of a patched tree for sm70/sm75 (no GPU) and "
+    command("check-triton", f"compile every Triton kernel of a patched tree for {'/'.join(ARCHES)} (no GPU) and "
             "check its shared memory", add_arguments)(main)
 
 

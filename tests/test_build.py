@@ -119,7 +119,7 @@ def test_invoke_front_matches_the_cli():
     assert _build_lines(via_invoke.stdout) == _build_lines(via_cli.stdout)
     missing = subprocess.run(invoke[:2], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode != 0 and missing.stderr.strip() == \
-        "error: --arch is required: sm70 (V100), sm75 (T4, RTX 2080 Ti) or all"
+        "error: --arch is required: sm70 (Tesla V100, Titan V), sm75 (Tesla T4, RTX 2080 Ti, Quadro RTX) or all"
 
 
 def test_build_request_is_the_build_flags_and_its_args_are_dockerfile_args():

@@ -177,3 +177,22 @@ def test_readme_command_table_lists_every_flag():
     assert set(rows) == set(commands)
     for name, parser in commands.items():
         assert rows[name] == set(_options(parser)), name
+
+
+_ADD_ARCH = ("import ktlegacy.facts as f; f.ARCHES['sm72'] = f.Arch('sm72', (7, 2), '7.2', 'sm_72', 48 * 1024, "
+             "'Jetson AGX Xavier'); import sys; from ktlegacy.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("command, needle", [
+    ("build", "sm75 (Tesla T4, RTX 2080 Ti, Quadro RTX), sm72 (Jetson AGX Xavier) or all"),
+    ("smoke", "sm70, sm75 or sm72: the arch the image must be labelled with"),
+    ("patch", "sm72 (Jetson AGX Xavier)"),
+    ("publish", "sm70, sm75, sm72 or all (default all)"),
+    ("check-triton", "sm70, sm75, sm72 or all"),
+])
+def test_arch_help_follows_the_arch_table(command, needle):
+    """The arch named in help text comes from facts.ARCHES: an arch added there is named at once."""
+    proc = subprocess.run([sys.executable, "-c", _ADD_ARCH, command, "--help"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert needle in " ".join(proc.stdout.split()), proc.stdout

@@ -228,7 +228,7 @@ def format_table(reports: list[FileReport], arch: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", required=True, help="sm70 or sm75: the cubin every CUDA extension must hold")
+    p.add_argument("--arch", required=True, help=f"{_FACTS.arch_choice()}: the cubin every CUDA extension must hold")
     p.add_argument("--expect-ptx", action="store_true",
                    help="also require compute_XX PTX (a TORCH_CUDA_ARCH_LIST=X.Y+PTX build)")
     p.add_argument("--cuobjdump", default=None, help="cuobjdump to use (default: searched, see above)")

@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     try:
         arch = args.arch.strip().lower()
         if arch not in ARCH_LISTS:
-            raise BuildError(f"arch {args.arch!r} is not built here: use sm70 or sm75 (sm80+: the upstream images)")
+            raise BuildError(f"arch {args.arch!r} is not built here: use {_FACTS.arch_choice()} (sm80+: the upstream images)")
         cpu = args.cpu_instruct.strip().upper()
         if cpu not in CPU_INSTRUCTS:
             raise BuildError(f"unknown CPU instruction set {args.cpu_instruct!r}: use one of {', '.join(CPU_INSTRUCTS)}")

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 arch = image_arch()
 if arch not in ARCH_CC:
-    fail(f"expected arch unknown ({arch!r}): set KTLEGACY_ARCH=sm70 or sm75 outside an image")
+    fail(f"expected arch unknown ({arch!r}): set KTLEGACY_ARCH={' or '.join(ARCH_CC)} outside an image")
 want = ARCH_CC[arch]
 for i in range(torch.cuda.device_count()):
     cc = torch.cuda.get_device_capability(i)
