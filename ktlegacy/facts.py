@@ -6,9 +6,10 @@ image tag scheme and the label names. ``ktlegacy.arch``, ``ktlegacy.refs``, ``kt
 ``ktlegacy.build``, ``ktlegacy.doctor`` and the overlays import them from here (their public names
 stay: they are re-exported).
 
-Code that runs without the library loads this file by path (importlib.util.spec_from_file_location):
-the scripts of the image's build stages (images/scripts/compile_extensions.py, check_cuda_arch.py)
-and the in-image smoke (tests/smoke/smokelib.py), the Dockerfile copying it beside them. The module
+Code that runs without the library loads this file by path: images/scripts/check_cuda_arch.py holds
+the one loader (importlib.util.spec_from_file_location), and compile_extensions.py (the compile
+stage) and tests/smoke/smokelib.py (the in-image smoke) import FACTS from it; the Dockerfile copies
+this file beside check_cuda_arch.py in both stages. The module
 the overlays write into the patched tree (overlays/runtime/ktlegacy_runtime.py) gets its values
 written in by overlays/10_runtime.py. What cannot load Python at all (the Dockerfiles' ARG defaults
 and header, compose, the workflow) is written from here by `python -m ktlegacy.generate --write`;

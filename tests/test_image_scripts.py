@@ -205,7 +205,8 @@ def test_smoke_runner_protocol(tmp_path):
     smoke = tmp_path / "smoke"
     shutil.copytree(REPO / "tests" / "smoke", smoke, ignore=shutil.ignore_patterns("check_*.py", "__pycache__"))
     (smoke / "lib").mkdir()
-    shutil.copy(REPO / "ktlegacy" / "facts.py", smoke / "lib")   # as the Dockerfile lays the smoke out
+    for name in ("ktlegacy/facts.py", "images/scripts/check_cuda_arch.py"):   # as the Dockerfile lays the smoke out
+        shutil.copy(REPO / name, smoke / "lib")
     (smoke / "check_a_pass.py").write_text("print('fine')\n")
     (smoke / "check_b_skip.py").write_text("from smokelib import skip\nskip('no widget here')\n")
     (smoke / "check_c_fail.py").write_text("from smokelib import fail\nfail('widget broken')\n")

@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 def _load_facts(*places: Path):
-    """ktlegacy/facts.py (standard library only), loaded by path: beside this script in the image (the compile stage's scripts, the smoke's lib/), in the checkout otherwise."""
+    """ktlegacy/facts.py (standard library only), loaded by path: beside this script in the image (the
+    compile stage's scripts, the smoke's lib/), in the checkout otherwise."""
     import importlib.util
     for path in places:
         if path.is_file():
@@ -54,9 +55,11 @@ def _load_facts(*places: Path):
 
 
 HERE = Path(__file__).resolve().parent
-_FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
+# the one loader: compile_extensions.py (beside it in the compile stage) and the smoke's smokelib.py
+# (beside it in lib/) import FACTS from here
+FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
 # arch name -> (cubin name as cuobjdump prints it, TORCH_CUDA_ARCH_LIST value)
-ARCHES = {name: (arch.cuobjdump_name, arch.torch_cuda_arch_list) for name, arch in _FACTS.ARCHES.items()}
+ARCHES = {name: (arch.cuobjdump_name, arch.torch_cuda_arch_list) for name, arch in FACTS.ARCHES.items()}
 DEFAULT_REQUIRED = ("KTransformersOps*", "ktlegacy_gguf_ops*")   # CUDA extensions that must hold device code
 
 
@@ -228,7 +231,7 @@ def format_table(reports: list[FileReport], arch: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", required=True, help=f"{_FACTS.arch_choice()}: the cubin every CUDA extension must hold")
+    p.add_argument("--arch", required=True, help=f"{FACTS.arch_choice()}: the cubin every CUDA extension must hold")
     p.add_argument("--expect-ptx", action="store_true",
                    help="also require compute_XX PTX (a TORCH_CUDA_ARCH_LIST=X.Y+PTX build)")
     p.add_argument("--cuobjdump", default=None, help="cuobjdump to use (default: searched, see above)")

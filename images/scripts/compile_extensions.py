@@ -38,20 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-def _load_facts(*places: Path):
-    """ktlegacy/facts.py (standard library only), loaded by path: beside this script in the compile stage (the Dockerfile copies it there), in the checkout otherwise."""
-    import importlib.util
-    for path in places:
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("ktlegacy_facts", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module   # dataclasses look their module up there
-            spec.loader.exec_module(module)
-            return module
-    raise SystemExit(f"{Path(__file__).name}: ktlegacy's facts.py is in none of {[str(p) for p in places]}")
-
-
-_FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
+from check_cuda_arch import FACTS as _FACTS  # noqa: E402  beside this script; it loads ktlegacy/facts.py
 # arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT), and the CPU sets
 ARCH_LISTS = {name: arch.torch_cuda_arch_list for name, arch in _FACTS.ARCHES.items()}
 CPU_INSTRUCTS = _FACTS.CPU_INSTRUCTS

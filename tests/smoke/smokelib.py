@@ -21,29 +21,6 @@ NEEDS_GPU = "needs a GPU: "
 HERE = Path(__file__).resolve().parent
 
 
-def _load_facts(*places: Path):
-    """ktlegacy/facts.py (standard library only), loaded by path: in the image's smoke lib/ (the Dockerfile copies it there), in the checkout otherwise."""
-    import importlib.util
-    for path in places:
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("ktlegacy_facts", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module   # dataclasses look their module up there
-            spec.loader.exec_module(module)
-            return module
-    raise SystemExit(f"{Path(__file__).name}: ktlegacy's facts.py is in none of {[str(p) for p in places]}")
-
-
-# The smoke runs inside the image, without ktlegacy installed: it loads the table by path.
-_FACTS = _load_facts(HERE / "lib" / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
-ARCH_CC = {name: arch.compute_capability for name, arch in _FACTS.ARCHES.items()}
-
-
-def skip(reason: str, gpu: bool = False):
-    print(f"skipped: {NEEDS_GPU if gpu else ''}{reason}")
-    sys.exit(SKIP)
-
-
 def helper_file(name: str) -> Path:
     """A file the smoke runs but does not own, without a copy: in the image the build puts it in
     ``lib/`` beside the checks (images/Dockerfile); in a checkout it is read where it lives."""
@@ -58,6 +35,18 @@ def helper_file(name: str) -> Path:
 def fail(reason: str):
     print(f"FAIL: {reason}", file=sys.stderr)
     sys.exit(1)
+
+
+# ktlegacy/facts.py through check_cuda_arch.py, its one loader (in lib/ in the image, images/scripts/ in a checkout)
+sys.path.insert(0, str(helper_file("check_cuda_arch.py").parent))
+from check_cuda_arch import FACTS as _FACTS  # noqa: E402
+
+ARCH_CC = {name: arch.compute_capability for name, arch in _FACTS.ARCHES.items()}
+
+
+def skip(reason: str, gpu: bool = False):
+    print(f"skipped: {NEEDS_GPU if gpu else ''}{reason}")
+    sys.exit(SKIP)
 
 
 def record(name: str) -> dict | None:
