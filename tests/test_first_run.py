@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy import docker, standin
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 
 REPO = Path(__file__).resolve().parent.parent
 INVOKE = str(Path(sys.executable).with_name("invoke"))
