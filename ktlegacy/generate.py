@@ -85,6 +85,8 @@ def rules() -> tuple[Rule, ...]:
         Rule(".github/workflows/publish.yml", r'^ +options: \["(?P<v>[^"]*)"', _const(facts.DEFAULT_REF)),
         Rule(".github/workflows/publish.yml", r"inputs\.ref \|\| '(?P<v>[^']*)'", _const(facts.DEFAULT_REF)),
         Rule(".github/workflows/publish.yml", r"<ref>-(?P<v>cu\d+)-<arch>", _const(facts.CUDA_TAG)),
+        # the README's command table: the arches each --arch takes
+        Rule("README.md", r"^\| `invoke .*?--arch (?P<v>sm\d+(?:\\\|sm\d+)*)", _const("\\|".join(facts.ARCHES))),
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy import images
+from ktlegacy.core.facts import ARCHES, arch_choice
 from ktlegacy.build import (DEFAULT_BASE_IMAGE, DEFAULT_RUNTIME_IMAGE, DEFAULT_TORCH_INDEX_URL, DEFAULT_TORCH_VERSION,
                             BuildRequest, plan)
 
@@ -90,12 +91,12 @@ def test_dry_run_without_a_daemon_prints_the_client_that_can_build(tmp_path, doc
     assert str(fake) not in line
 
 
-def test_dry_run_all_builds_both_arches():
+def test_dry_run_all_builds_every_arch():
     proc = cli("build", "--arch", "all", "--dry-run", check=True)
     lines = _build_lines(proc.stdout)
-    assert len(lines) == 2
-    assert "TORCH_CUDA_ARCH_LIST=7.0" in lines[0] and "-cu118-sm70-avx2" in lines[0]
-    assert "TORCH_CUDA_ARCH_LIST=7.5" in lines[1] and "-cu118-sm75-avx2" in lines[1]
+    assert len(lines) == len(ARCHES)
+    for line, arch in zip(lines, ARCHES.values()):
+        assert f"TORCH_CUDA_ARCH_LIST={arch.torch_cuda_arch_list}" in line and f"-cu118-{arch.name}-avx2" in line
 
 
 def test_dry_run_secret_and_wheelhouse(standin_wheelhouse):
@@ -119,7 +120,7 @@ def test_invoke_front_matches_the_cli():
     assert _build_lines(via_invoke.stdout) == _build_lines(via_cli.stdout)
     missing = subprocess.run(invoke[:2], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode != 0 and missing.stderr.strip() == \
-        "error: --arch is required: sm70 (Tesla V100, Titan V), sm75 (Tesla T4, RTX 2080 Ti, Quadro RTX) or all"
+        f"error: --arch is required: {arch_choice('all', cards=True)}"
 
 
 def test_build_request_is_the_build_flags_and_its_args_are_dockerfile_args():
@@ -511,7 +512,7 @@ def _expected_overlay_digest(ref, arch) -> str:
 # (request, the arches it names, its CPU set as the table spells it)
 _REPRESENTATIVE = [
     (dict(arch="sm75"), ["sm75"], "AVX2"),
-    (dict(arch="all", cpu_instruct="avx512", max_jobs=2), ["sm70", "sm75"], "AVX512"),
+    (dict(arch="all", cpu_instruct="avx512", max_jobs=2), list(ARCHES), "AVX512"),
     (dict(arch=" SM_70", cpu_instruct=" fancy", standin=True, base_image="b/std:1", target="toolchain"),
      ["sm70"], "FANCY"),
     (dict(arch="sm75", debian_bases=True, ci_torch="2.5.1", repository="r/k"), ["sm75"], "AVX2"),
@@ -571,7 +572,7 @@ def test_plan_output_is_the_tables_facts(asked, arch_names, cpu):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--arch", "sm86"], "error: arch 'sm86' is Ampere or newer"),
-    (["--arch", "sm60"], "error: unknown arch 'sm60': use sm70, sm75 or all"),
+    (["--arch", "sm60"], f"error: unknown arch 'sm60': use {arch_choice('all')}"),
     (["--arch", "sm75", "--ref", "v9.9.9"], "error: unknown ktransformers ref 'v9.9.9'"),
     (["--arch", "sm75", "--cpu-instruct", "SSE4"], "error: unknown CPU instruction set 'SSE4'"),
     # the removed --push is named first, before any other flag is looked at
