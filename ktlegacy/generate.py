@@ -62,6 +62,7 @@ def rules() -> tuple[Rule, ...]:
         Rule("images/Dockerfile", r"^#   (?P<name>BASE_IMAGE|RUNTIME_IMAGE|TORCH_VERSION|TORCH_INDEX_URL|KTRANSFORMERS_REF)"
                                   r" .*? (?P<v>\S+)$", lambda m: args[m['name']]),
         Rule("images/Dockerfile", r"^#   ARCH +(?P<v>.*)$", _const(" | ".join(facts.ARCHES))),
+        Rule("images/Dockerfile", r"^# Build it with `invoke build --arch (?P<v>[\w|]+)\|all`", _const("|".join(facts.ARCHES))),
         Rule("images/Dockerfile", r"^#   TORCH_CUDA_ARCH_LIST (?P<v>.*?) \(exactly one arch per image\)$",
              _const(", ".join(f"{a.torch_cuda_arch_list} for {n}" for n, a in facts.ARCHES.items()))),
         Rule("images/Dockerfile", r"^#   CPU_INSTRUCT +(?P<v>.*?) \(NATIVE: local builds only,$", _const(cpu_choices)),
