@@ -46,7 +46,7 @@ CONTEXT_DIRS = ("ktlegacy", "overlays", "images", "tests/smoke")
 UNRUN_MODULE = "ktlegacy/doctor.py"   # the library module the case 3 edit goes to: no stage runs it
 
 PYTHON_ONLY_OVERLAY = '''"""bench only: a Python-only change (a comment appended to local_chat.py)."""
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 MARK = "# ktlegacy bench: python-only overlay change\\n"
 

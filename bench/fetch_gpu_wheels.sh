@@ -23,6 +23,6 @@ for extra in bench/gpu_wheels-*.txt; do
 done
 python3 -m pip download -q --no-deps --no-binary=:all: -d .whl cpufeature==0.2.1
 # the upstream sdist, hash-checked by fetch-source, where KTLEGACY_CACHE=.whl finds it
-KTLEGACY_CACHE=.whl python3 -c "from ktlegacy.source import fetch_source; import tempfile, pathlib; fetch_source(pathlib.Path(tempfile.mkdtemp()) / 't', '0.2.1.post1')" >/dev/null
+KTLEGACY_CACHE=.whl python3 -c "from ktlegacy.core.source import fetch_source; import tempfile, pathlib; fetch_source(pathlib.Path(tempfile.mkdtemp()) / 't', '0.2.1.post1')" >/dev/null
 ls -la .whl
 du -sh .whl

@@ -120,7 +120,7 @@ rm -rf "$work/wheels"
 $py images/scripts/assemble_wheel.py --src "$work/src" --ext "$work/ext" --out "$work/wheels" --arch sm75 \
   >"$logs/assemble.log" 2>&1 || { cat "$logs/assemble.log"; finish 6; }
 cp "$work/ext/ktlegacy-extensions.json" "$work/wheels/"
-$py -c "from pathlib import Path; from ktlegacy.stub import build_stub_wheel; print(build_stub_wheel(Path('$work/stub')))" \
+$py -c "from pathlib import Path; from ktlegacy.core.stub import build_stub_wheel; print(build_stub_wheel(Path('$work/stub')))" \
   >"$logs/stub.log" 2>&1 || { cat "$logs/stub.log"; finish 6; }
 rm -rf "$work/kt"
 $py -m pip install -q --no-index --no-deps --no-compile --target "$work/kt" "$work"/wheels/ktransformers-*.whl "$work"/stub/*.whl \

@@ -68,7 +68,7 @@ PROMPTS = [
 # GPU count N -> the profile whose environment (rule file) serves N GPUs (compose.yaml's first of N)
 PROFILES = {n: next(p.name for p in COMPOSE_PROFILES.values() if p.gpus == n)
             for n in sorted({p.gpus for p in COMPOSE_PROFILES.values()})}
-from ktlegacy.facts import SERVER_PORT as PORT  # noqa: E402  serve.sh's port
+from ktlegacy.core.facts import SERVER_PORT as PORT  # noqa: E402  serve.sh's port
 MAX_TOKENS = 32
 
 

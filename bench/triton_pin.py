@@ -1,7 +1,7 @@
 """Evidence for the image's torch pin: which Triton compiles ktransformers' kernels for sm70/sm75.
 
 For each Triton version (each in its own venv with a CPU torch, made with pip under
-~/.cache/ktlegacy/venvs/triton-<version>), runs the build-time check (ktlegacy/triton_check.py,
+~/.cache/ktlegacy/venvs/triton-<version>), runs the build-time check (ktlegacy/core/triton_check.py,
 no GPU) on the 0.2.1.post1 sdist, pristine and patched for each arch, and records every
 launch's verdict and shared bytes in bench/results/triton_pin.json. docs/torch-pin.md reads it.
 
@@ -24,10 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ktlegacy.arch import ARCHES  # noqa: E402
-from ktlegacy.overlay import patch_tree  # noqa: E402
-from ktlegacy.source import fetch_source  # noqa: E402
-from ktlegacy.triton_check import check_tree  # noqa: E402
+from ktlegacy.core.arch import ARCHES  # noqa: E402
+from ktlegacy.core.overlay import patch_tree  # noqa: E402
+from ktlegacy.core.source import fetch_source  # noqa: E402
+from ktlegacy.core.triton_check import check_tree  # noqa: E402
 
 VENVS = Path(os.environ.get("KTLEGACY_CACHE", Path.home() / ".cache" / "ktlegacy")) / "venvs"
 TORCH_CPU = os.environ.get("KTLEGACY_TEST_TORCH_CPU", "torch==2.13.0+cpu")
@@ -81,7 +81,7 @@ def main() -> int:
                 print(f"triton {version} {tree_name} {name}: done", flush=True)
     data = {
         "what": "Triton kernels of ktransformers 0.2.1.post1 compiled for sm70/sm75 without a GPU "
-                "(ktlegacy/triton_check.py); shared bytes per block vs the arch limit",
+                "(ktlegacy/core/triton_check.py); shared bytes per block vs the arch limit",
         "command": "bench/triton_pin.py " + " ".join(args.versions),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, no GPU)",

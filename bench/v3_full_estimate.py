@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from ktlegacy.testing.peer_model import V3_FULL, gguf_infos
     tree = args.sdist_tree
     if tree is None:
-        from ktlegacy.source import fetch_source
+        from ktlegacy.core.source import fetch_source
         tree = Path(tempfile.mkdtemp()) / "src"
         fetch_source(tree, "0.2.1.post1")
     for name, (rules, _) in CASES.items():   # the profiles' own defaults (t4x1: v100's file on a T4)

@@ -19,7 +19,7 @@ mkdir -p "$state/logs" 2>/dev/null || fail "state dir $state is not writable by 
 [ -f "$models/hf/config.json" ] || fail "no config.json in $models/hf: set KTLEGACY_MODEL_DIR in compose/.env to the model's Hugging Face config/tokenizer directory"
 ls "$models"/gguf/*.gguf >/dev/null 2>&1 || fail "no *.gguf in $models/gguf: set KTLEGACY_GGUF_DIR in compose/.env to the directory holding the GGUF file(s)"
 
-# Every KTLEGACY_* setting with a type or range (ktlegacy/facts.py SETTINGS), including those the
+# Every KTLEGACY_* setting with a type or range (ktlegacy/core/facts.py SETTINGS), including those the
 # patched engine reads on every long prompt: refused here in one line, not mid-request. On success
 # it prints shell assignments of the server's settings (defaults filled in) and
 # `set -- <KTLEGACY_SERVER_ARGS>`: split like a shell line, never glob-expanded, without any flag

@@ -6,7 +6,7 @@ command's flags (``--arch``, ``--ref``, ...), made into one request from the par
 into the exact docker commands (checked inputs, build args, the BuildKit secret, the wheelhouse
 image); :func:`build` prints or runs them. All input errors
 are raised before anything runs, so a bad flag never leaves a half-built image behind:
-an arch not in the table (ktlegacy/facts.py), an unknown ref, a missing CA bundle or wheelhouse, no Docker
+an arch not in the table (ktlegacy/core/facts.py), an unknown ref, a missing CA bundle or wheelhouse, no Docker
 daemon, a daemon without BuildKit.
 
 The image's labels are computed here, before the build, and checked inside it: the overlay
@@ -30,11 +30,12 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import facts, images, preflight
-from .arch import Arch, arches_for, get_arch
-from .cli import command
-from .errors import KtlegacyError
-from .refs import DEFAULT_REF, REFS, UPSTREAM_GIT_URL, Ref, get_ref
+from . import images, preflight
+from .core import facts
+from .core.arch import Arch, arches_for, get_arch
+from .core.command import command
+from .core.errors import KtlegacyError
+from .core.refs import DEFAULT_REF, REFS, UPSTREAM_GIT_URL, Ref, get_ref
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO_ROOT / "images" / "Dockerfile"
@@ -44,14 +45,14 @@ DEBIAN_DOCKERFILE = REPO_ROOT / "images" / "debian-cuda.Dockerfile"
 # Debian bookworm's non-free nvidia-cuda-toolkit 11.8), tagged <repository>:11.8-devel / -runtime.
 DEBIAN_BASE_REPOSITORY = "ktlegacy-debian-cuda"
 
-# The bases and the torch pin (why 2.5.1: ktlegacy/facts.py, docs/torch-pin.md).
+# The bases and the torch pin (why 2.5.1: ktlegacy/core/facts.py, docs/torch-pin.md).
 DEFAULT_BASE_IMAGE = facts.BASE_IMAGE
 DEFAULT_RUNTIME_IMAGE = facts.RUNTIME_IMAGE
 DEFAULT_TORCH_VERSION = facts.TORCH_VERSION
 DEFAULT_TORCH_INDEX_URL = facts.TORCH_INDEX_URL
 DEFAULT_MAX_JOBS = 4
 
-# Labels for what only a build knows (the keys: ktlegacy/facts.py).
+# Labels for what only a build knows (the keys: ktlegacy/core/facts.py).
 LABEL_EXTENSIONS = facts.LABEL_EXTENSIONS     # "build" or "skip" (stand-in: nothing compiled)
 LABEL_STANDIN = facts.LABEL_STANDIN           # "true" only on the no-CUDA stand-in test build
 
@@ -207,8 +208,8 @@ class BuildRequest:
 
 def overlay_digest(ref: Ref, arch: Arch) -> str:
     """The digest ``patch`` will write for (ref, arch): the same files in the same way
-    (ktlegacy.overlay.patch_tree), computed without a tree."""
-    from .overlay import digest, load_overlays
+    (ktlegacy.core.overlay.patch_tree), computed without a tree."""
+    from .core.overlay import digest, load_overlays
     files = []
     for overlay, path in load_overlays():
         if overlay.applies_to(ref):

@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import KtlegacyError
+from .core.errors import KtlegacyError
 
 
 def _last_line(text: str | bytes | None, default: str) -> str:

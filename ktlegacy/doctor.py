@@ -20,10 +20,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arch import ARCHES
-from .cli import command
-from .errors import KtlegacyError
-from .facts import CPU_FLAGS  # the Linux CPU flags each CPU_INSTRUCT build compiles for; the smoke's copy agrees
+from .core.arch import ARCHES
+from .core.command import command
+from .core.errors import KtlegacyError
+from .core.facts import CPU_FLAGS  # the Linux CPU flags each CPU_INSTRUCT build compiles for; the smoke's copy agrees
 from .hostfacts import Gpu, HostFacts
 from .images import LABEL_ARCH, LABEL_CPU, LABEL_REF, parse_tag
 from .profiles import (COMPOSE_DIR, PROFILES, REPO_ROOT, ComposeRejected, ServiceSpec, compose_config,
@@ -376,8 +376,8 @@ def read_rules(spec: ServiceSpec, labels: dict | None, docker, rules_file: Path 
                             missing=True)
     if not upstream:
         return RuleText(None, "the image is not here to read it from", patched=False)
-    from .refs import REFS, DEFAULT_REF
-    from .source import download_sdist
+    from .core.refs import REFS, DEFAULT_REF
+    from .core.source import download_sdist
     ref = REFS.get((labels or {}).get(LABEL_REF) or _ref_from_tag(spec.image) or DEFAULT_REF)
     if ref is None or ref.kind != "sdist":
         return RuleText(None, "not readable from the image, and its ref is not the PyPI sdist")

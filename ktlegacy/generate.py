@@ -1,6 +1,6 @@
 """Write the table's values into the files that cannot import it (issue 24 item 1).
 
-``python -m ktlegacy.generate --write`` rewrites them from ``ktlegacy/facts.py``; ``--check`` (what
+``python -m ktlegacy.generate --write`` rewrites them from ``ktlegacy/core/facts.py``; ``--check`` (what
 CI runs, through tests/test_generate.py) writes nothing and exits 1 with one line per stale file.
 
 Each rule names a file, a pattern and the value its ``v`` group gets; the rest of the file is
@@ -8,7 +8,7 @@ left as it is, so a file says only once where a value goes (an ``ARG NAME=`` lin
 ``${KTLEGACY_X:-default}``). A rule that finds nothing makes the file stale too: the place it
 writes to has moved, and the rule must follow it.
 
-Standard library only, besides ktlegacy.facts.
+Standard library only, besides ktlegacy.core.facts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import facts
+from .core import facts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,7 @@ def rules() -> tuple[Rule, ...]:
         Rule("images/Dockerfile", r"^#   (?P<name>BASE_IMAGE|RUNTIME_IMAGE|TORCH_VERSION|TORCH_INDEX_URL|KTRANSFORMERS_REF)"
                                   r" .*? (?P<v>\S+)$", lambda m: args[m['name']]),
         Rule("images/Dockerfile", r"^#   ARCH +(?P<v>.*)$", _const(" | ".join(facts.ARCHES))),
+        Rule("images/Dockerfile", r"^# Build it with `invoke build --arch (?P<v>[\w|]+)\|all`", _const("|".join(facts.ARCHES))),
         Rule("images/Dockerfile", r"^#   TORCH_CUDA_ARCH_LIST (?P<v>.*?) \(exactly one arch per image\)$",
              _const(", ".join(f"{a.torch_cuda_arch_list} for {n}" for n, a in facts.ARCHES.items()))),
         Rule("images/Dockerfile", r"^#   CPU_INSTRUCT +(?P<v>.*?) \(NATIVE: local builds only,$", _const(cpu_choices)),
@@ -85,6 +86,8 @@ def rules() -> tuple[Rule, ...]:
         Rule(".github/workflows/publish.yml", r'^ +options: \["(?P<v>[^"]*)"', _const(facts.DEFAULT_REF)),
         Rule(".github/workflows/publish.yml", r"inputs\.ref \|\| '(?P<v>[^']*)'", _const(facts.DEFAULT_REF)),
         Rule(".github/workflows/publish.yml", r"<ref>-(?P<v>cu\d+)-<arch>", _const(facts.CUDA_TAG)),
+        # the README's command table: the arches each --arch takes
+        Rule("README.md", r"^\| `invoke .*?--arch (?P<v>sm\d+(?:\\\|sm\d+)*)", _const("\\|".join(facts.ARCHES))),
     )
 
 
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ktlegacy.generate", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="exit 1 if a generated file is stale (writes nothing)")
-    mode.add_argument("--write", action="store_true", help="rewrite the generated files from ktlegacy/facts.py")
+    mode.add_argument("--write", action="store_true", help="rewrite the generated files from ktlegacy/core/facts.py")
     p.add_argument("--root", type=Path, default=REPO, help="the repository (default: this checkout)")
     args = p.parse_args(argv)
     problems = run(args.root, write=args.write)

@@ -5,7 +5,7 @@ ref, sm75 and AVX2: ``ktlegacy/ktransformers:0.2.1.post1-cu118-sm75-avx2``); sta
 add ``-standin``. Publishing adds the same tag with ``-g<short sha>`` (:func:`commit_tag`) and,
 from version tags only, a moving ``latest-<arch>-<cpu>`` (:func:`moving_tag`). Labels: OCI
 standard keys plus ``io.ktlegacy.*`` for what users need to match an image to their hardware.
-The pieces (CUDA_TAG, suffixes, label keys, CPU sets) are in :mod:`ktlegacy.facts`.
+The pieces (CUDA_TAG, suffixes, label keys, CPU sets) are in :mod:`ktlegacy.core.facts`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .arch import Arch
-from .errors import KtlegacyError
-# the pieces of the scheme and the label keys, re-exported (their one place is ktlegacy/facts.py)
-from .facts import (COMMIT_TAG_MARK, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION, DEFAULT_CPU_INSTRUCT,  # noqa: F401
+from .core.arch import Arch
+from .core.errors import KtlegacyError
+# the pieces of the scheme and the label keys, re-exported (their one place is ktlegacy/core/facts.py)
+from .core.facts import (COMMIT_TAG_MARK, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION, DEFAULT_CPU_INSTRUCT,  # noqa: F401
                     DEFAULT_REPOSITORY, DIRTY_SUFFIX, LABEL_ARCH, LABEL_COMMIT, LABEL_CPU, LABEL_CUDA,
                     LABEL_CI_TORCH, LABEL_EXTENSIONS, LABEL_OVERLAY_DIGEST, LABEL_REF, LABEL_REVISION, LABEL_SOURCE,
                     LABEL_STANDIN, LABEL_TORCH, LABEL_VERSION, MOVING_TAG_PREFIX, STANDIN_SUFFIX)
@@ -52,7 +52,7 @@ def moving_tag(arch: Arch, cpu: str, variant: str = "") -> str:
 class TagParts:
     """What a tag of the scheme says: ``<ref>-<CUDA_TAG>-<arch>-<cpu>[-standin]``."""
     ref: str
-    arch: str          # e.g. "sm75" (not checked against ktlegacy.arch: callers decide)
+    arch: str          # e.g. "sm75" (not checked against ktlegacy.core.arch: callers decide)
     cpu: str           # upper case, one of CPU_INSTRUCTS
     standin: bool
 

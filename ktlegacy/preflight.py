@@ -20,8 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import facts
-from .errors import KtlegacyError
+from .core import facts
+from .core.errors import KtlegacyError
 
 PLATFORM = "x86_64"   # the images are linux/amd64
 

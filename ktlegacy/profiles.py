@@ -15,18 +15,18 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .arch import Arch, get_arch
-from .errors import KtlegacyError
-from .facts import SERVER_PORT, SETTINGS
+from .core.arch import Arch, get_arch
+from .core.errors import KtlegacyError
+from .core.facts import SERVER_PORT, SETTINGS
 from .images import DEFAULT_CPU_INSTRUCT, image_tag, parse_tag
-from .refs import DEFAULT_REF
+from .core.refs import DEFAULT_REF
 from .serving import SettingError, check_value
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO_ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 CONTAINER_PORT = SERVER_PORT  # the server's port inside the container (serve.sh)
-# compose/.env defaults, from the settings table (ktlegacy/facts.py)
+# compose/.env defaults, from the settings table (ktlegacy/core/facts.py)
 DEFAULT_HOST_PORT = int(SETTINGS["KTLEGACY_PORT"].default)
 DEFAULT_BIND = SETTINGS["KTLEGACY_BIND"].default            # the server has no authentication
 DEFAULT_CACHE_LENS = int(SETTINGS["KTLEGACY_CACHE_LENS"].default)   # upstream config.yaml's cache_lens

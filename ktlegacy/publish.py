@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import facts, images
-from .arch import Arch, arches_for
+from . import images
+from .core import facts
+from .core.command import command
+from .core.arch import Arch, arches_for
 from .docker import labels_of
-from .errors import KtlegacyError
+from .core.errors import KtlegacyError
 
 IMAGE_NAME = "ktransformers"   # the image goes to <registry>/ktransformers
 
@@ -315,17 +317,11 @@ def _publish_args(p) -> None:
                    help="CI: append the one checked image, its repository and tags to this file ($GITHUB_OUTPUT)")
 
 
-def _register() -> None:
-    from .cli import command
-
-    @command("publish", "docker push built images: commit tag first, then the followed tags "
-             "(login stays with `docker login`)", _publish_args)
-    def run(args) -> int:
-        publish(args.registry, arch=args.arch, cpus=args.cpu_instruct, ref=args.ref, sha=args.sha,
-                moving=args.moving, dry_run=args.dry_run, allow_standin=args.allow_standin,
-                allow_dirty=args.allow_dirty, source_repository=args.source_repository,
-                github_output_path=args.github_output)
-        return 0
-
-
-_register()
+@command("publish", "docker push built images: commit tag first, then the followed tags "
+         "(login stays with `docker login`)", _publish_args)
+def publish_command(args) -> int:
+    publish(args.registry, arch=args.arch, cpus=args.cpu_instruct, ref=args.ref, sha=args.sha,
+            moving=args.moving, dry_run=args.dry_run, allow_standin=args.allow_standin,
+            allow_dirty=args.allow_dirty, source_repository=args.source_repository,
+            github_output_path=args.github_output)
+    return 0

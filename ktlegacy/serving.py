@@ -27,7 +27,7 @@ import shlex
 import sys
 
 try:
-    from .facts import ARCHES, SETTINGS, SM80_ONLY_OPS
+    from .core.facts import ARCHES, SETTINGS, SM80_ONLY_OPS
 except ImportError:  # run as a script (the container): compose mounts facts.py beside this file
     from facts import ARCHES, SETTINGS, SM80_ONLY_OPS
 

@@ -24,9 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import facts
-from .errors import KtlegacyError
-from .source import CACHE_DIR
+from .core import facts
+from .core.command import command
+from .core.errors import KtlegacyError
+from .core.source import CACHE_DIR
 
 STANDIN_IMAGE = "ktlegacy-standin/bookworm:base"
 MIRROR_LABEL = facts.LABEL_DEBIAN_MIRROR   # the mirror the imported root file system came from
@@ -115,15 +116,9 @@ def _rootfs_args(p) -> None:
                         f"{RUNTIME_IMAGE} unless --tag)")
 
 
-def _register() -> None:
-    from .cli import command
-
-    @command("debian-rootfs", "debootstrap a Debian bookworm root file system and docker import it (no registry)",
-             _rootfs_args)
-    def rootfs_command(args) -> int:
-        tag = RUNTIME_IMAGE if args.runtime and args.tag == STANDIN_IMAGE else args.tag
-        print(ensure_standin_image(None, tag, args.mirror, RUNTIME_PACKAGES if args.runtime else None))
-        return 0
-
-
-_register()
+@command("debian-rootfs", "debootstrap a Debian bookworm root file system and docker import it (no registry)",
+         _rootfs_args)
+def rootfs_command(args) -> int:
+    tag = RUNTIME_IMAGE if args.runtime and args.tag == STANDIN_IMAGE else args.tag
+    print(ensure_standin_image(None, tag, args.mirror, RUNTIME_PACKAGES if args.runtime else None))
+    return 0

@@ -6,8 +6,8 @@ judge - a custom rule file whose placement it estimates wrongly, a GPU it does n
 
 from __future__ import annotations
 
-from .cli import command
-from .errors import KtlegacyError
+from .core.command import command
+from .core.errors import KtlegacyError
 from .profiles import PROFILES, REPO_ROOT, get_profile
 
 

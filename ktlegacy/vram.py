@@ -8,7 +8,7 @@ Model of the estimate (stated, not measured; the doctor prints it):
   whose ``match`` fits (``name`` by ``re.search`` on the module name, ``class`` by the kind of
   module) gives the module its ``generate_device``; ``recursive: False`` stops the walk there
   (the experts); a module no rule matches is placed on ``cuda:0``. The rules are read as the rule
-  overlay leaves them (``ktlegacy.gpu_linear.patched_rules``: every GPU linear, lm_head included,
+  overlay leaves them (``ktlegacy.core.gpu_linear.patched_rules``: every GPU linear, lm_head included,
   is ``KLinearGGUF``). On a GPU, a weight of a KLinearGGUF linear costs its GGUF bytes under
   ``KTLEGACY_GPU_LINEAR=quant`` (the default) when its type is one the kernels decode; every other
   GPU tensor (``fp16`` mode, ``attn_kv_b``, which the attention reads as a dense weight, norms,
@@ -31,7 +31,7 @@ Model of the estimate (stated, not measured; the doctor prints it):
   PTX): 3.23-3.42 GiB of allocations above weights, KV cache and scratch
   (bench/results/gpu_linear_h100.json); the rest is in the runtime term below.
 * **routed experts of a long prompt on the GPU** (overlay 68, ``KTLEGACY_GPU_PREFILL_MIN_TOKENS``
-  / ``_MIB``, defaults in ``ktlegacy/facts.py``): when a ``cache_lens``-token prompt reaches the
+  / ``_MIB``, defaults in ``ktlegacy/core/facts.py``): when a ``cache_lens``-token prompt reaches the
   threshold, each GPU whose MoE layers run it holds up to ``KTLEGACY_GPU_PREFILL_MIB`` of
   dequantised expert weights plus the prompt's hidden states (fp16 in, fp32 sum: 6 bytes per
   token and hidden unit). This happens after the layer's attention, whose intermediates the
@@ -52,9 +52,9 @@ from pathlib import Path
 
 import yaml
 
-from . import gpu_linear
-from .errors import KtlegacyError
-from .facts import GPU_LINEAR, GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
+from .core import gpu_linear
+from .core.errors import KtlegacyError
+from .core.facts import GPU_LINEAR, GPU_PREFILL_MIB, GPU_PREFILL_MIN_TOKENS
 
 GPU_RUNTIME_MIB = 1024
 FP16_BYTES = 2

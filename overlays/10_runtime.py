@@ -6,15 +6,15 @@ patched tree only compiles to something importable if the module is there.
 
 from pathlib import Path
 
-from ktlegacy import facts
-from ktlegacy.overlay import Overlay
+from ktlegacy.core import facts
+from ktlegacy.core.overlay import Overlay
 
 SOURCE = Path(__file__).resolve().parent / "runtime" / "ktlegacy_runtime.py"
 TARGET = "ktransformers/ktlegacy_runtime.py"
 
 
 def placeholders(arch) -> dict:
-    """Each quoted placeholder of the module and the literal it becomes (from ktlegacy/facts.py)."""
+    """Each quoted placeholder of the module and the literal it becomes (from ktlegacy/core/facts.py)."""
     return {
         '"@KTLEGACY_BUILD_ARCH@"': repr(arch.name).replace("'", '"'),
         '"@KTLEGACY_BUILD_CC@"': repr(tuple(arch.compute_capability)),

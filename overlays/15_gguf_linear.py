@@ -7,7 +7,7 @@ blocks, more than one V100 or two 11 GB cards hold. This overlay adds our own op
 
 * ``ktransformers/operators/ktlegacy_gguf_linear.py``: ``KLinearGGUF`` (a KLinearTorch subclass:
   every tensor or setting it does not handle takes KLinearTorch's path), with the defaults of
-  ``ktlegacy/facts.py`` (``GPU_LINEAR*``) written in;
+  ``ktlegacy/core/facts.py`` (``GPU_LINEAR*``) written in;
 * ``<cuda dir>/ktlegacy_gguf/ktlegacy_gguf.cu`` + ``.cuh``: the fused dequant-matvec (decode) and
   the dequantize-into-scratch kernel (prefill) for Q4_0, Q5_0, Q8_0, Q2_K-Q6_K and IQ4_XS, built by
   ``setup.py`` as the extension ``ktlegacy_gguf_ops`` next to KTransformersOps (the image's compile
@@ -25,9 +25,9 @@ every ref; from v0.3.1 the XPU and NPU branches have lists of their own, left al
 import re
 from pathlib import Path
 
-from ktlegacy import facts
-from ktlegacy.gpu_linear import GPU_LINEAR_OP
-from ktlegacy.overlay import Overlay
+from ktlegacy.core import facts
+from ktlegacy.core.gpu_linear import GPU_LINEAR_OP
+from ktlegacy.core.overlay import Overlay
 
 HERE = Path(__file__).resolve().parent / "gguf_linear"
 OPERATOR_SOURCE = HERE / "ktlegacy_gguf_linear.py"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from ktlegacy.gpu_linear import GPU_LINEAR_OP, SM80_ONLY, lm_head_devices, lm_head_rule
-from ktlegacy.gpu_linear import PATCHED_OP as TORCH_EQUIVALENT  # op -> the op the patched rules name
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.gpu_linear import GPU_LINEAR_OP, SM80_ONLY, lm_head_devices, lm_head_rule
+from ktlegacy.core.gpu_linear import PATCHED_OP as TORCH_EQUIVALENT  # op -> the op the patched rules name
+from ktlegacy.core.overlay import Overlay
 
 RULES_GLOBS = ("ktransformers/optimize/optimize_rules/**/*.yaml", "ktransformers/optimize/optimize_rules/**/*.yml")
 OPS = "|".join(TORCH_EQUIVALENT)
@@ -91,7 +91,7 @@ class TorchLinearRulesOverlay(Overlay):
 
     def shipped_files(self):
         # the op table and the lm_head rule come from the library: a change there changes what this writes
-        from ktlegacy import gpu_linear
+        from ktlegacy.core import gpu_linear
         return [Path(gpu_linear.__file__)]
 
     def apply(self, tree, ctx):
@@ -130,7 +130,7 @@ class TorchLinearRulesOverlay(Overlay):
             if devices is not None:
                 head = LM_HEAD_RULE.format(generate=devices[0], prefill=devices[1])
                 if yaml.safe_load(head) != [lm_head_rule(*devices)]:
-                    raise RuntimeError("LM_HEAD_RULE does not parse to ktlegacy.gpu_linear.lm_head_rule")
+                    raise RuntimeError("LM_HEAD_RULE does not parse to ktlegacy.core.gpu_linear.lm_head_rule")
                 new = head + new
                 after = list(yaml.safe_load_all(new))
                 if after[0][:1] != [lm_head_rule(*devices)]:

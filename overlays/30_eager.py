@@ -9,7 +9,7 @@ holds neither the anchor nor the marker is drift.
 
 import re
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 MARKER = "# ktlegacy: eager attention (FlashAttention 2 needs sm80+)"
 ASSIGNED = re.compile(r"(?<![=!<>])(=\s*)([\"'])flash_attention_2\2")

@@ -16,7 +16,7 @@ scale, bottom-right causal mask, v head dim; see overlays/runtime/ktlegacy_runti
 
 import re
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 ATTENTION = "ktransformers/operators/attention.py"
 MODELS = "ktransformers/operators/models.py"

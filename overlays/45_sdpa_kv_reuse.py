@@ -30,7 +30,7 @@ does. Line numbers in the unpatched file (count / update / slices / key_states):
 ``patch`` then reports the overlay as "already applied, nothing to change" for these refs.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 ATTENTION = "ktransformers/operators/attention.py"
 MARK = "  # ktlegacy: kv reuse"

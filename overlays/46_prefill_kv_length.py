@@ -26,7 +26,7 @@ graphs, where reading a GPU value would fail) keeps upstream's count, which it d
 0.2.1.post1 has no such count: sdpa-kv-reuse takes the same positions there.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 ATTENTION = "ktransformers/operators/attention.py"
 COUNT = (r"(        kv_seq_len = q_len\n        if past_key_value is not None:\n(?:.*\n){0,8}?"

@@ -8,8 +8,8 @@ both files); the overlay brings it to the sdist ref. With it, lm_head is a one-r
 every forward, which KLinearGGUF (overlay ``gguf-linear``) runs as its fused matvec.
 """
 
-from ktlegacy.facts import REFS
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.facts import REFS
+from ktlegacy.core.overlay import Overlay
 
 EDITS = {
     "ktransformers/models/modeling_deepseek_v3.py": (

@@ -8,7 +8,7 @@ on sm80+, where the second stage is worth it (49.5 vs 85.2 us per call on an H10
 
 import re
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 TRITON = "ktransformers/operators/triton_attention.py"
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"

@@ -9,7 +9,7 @@ turns bf16 into fp16 below.
 
 import re
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"
 REQUIRED = ("ktransformers/local_chat.py", "ktransformers/server/backend/interfaces/ktransformers.py")

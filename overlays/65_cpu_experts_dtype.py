@@ -36,7 +36,7 @@ bf16 ``output_cpu`` (0.2.1.post1 :337/:344, v0.2.4post1 :752/:759, v0.3.1 :754/:
 ref). It gets the same two edits. It is in no rule the H100 run used, so this is read, not run.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 EXPERTS = "ktransformers/operators/experts.py"
 LINEAR = "ktransformers/operators/linear.py"

@@ -16,7 +16,7 @@ block stays a whole number of the down type's quantisation blocks: GGUF stores a
 multiple of every block size (32 or 256).
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 CANDIDATES = ("ktransformers/ktransformers_ext/operators/llamafile/moe.cpp",  # 0.2.1.post1 (sdist)
               "csrc/ktransformers_ext/operators/llamafile/moe.cpp")           # the git tags

@@ -18,7 +18,7 @@ Same prompt branch at every supported ref (0.2.1.post1 :219; from v0.2.4post1 it
 ``bsz_tensor``, the rows that are real, so padded rows are not routed): the edit is the same.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 EXPERTS = "ktransformers/operators/experts.py"  # v0.7.0 too: fetch-source lays its archive/ out at the root
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"

@@ -14,8 +14,8 @@ overlay makes its flag follow them too.
 
 import re
 
-from ktlegacy.facts import CPU_FLAGS, CPU_INSTRUCTS
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.facts import CPU_FLAGS, CPU_INSTRUCTS
+from ktlegacy.core.overlay import Overlay
 
 SETUP = "setup.py"
 CHOICE = '    CPU_INSTRUCT = os.getenv("CPU_INSTRUCT", "NATIVE")\n'
@@ -54,7 +54,7 @@ BALANCE_PROJECT = r"^project\(balance_serve\b.*\)$"
 
 
 def march(instruct: str) -> str:
-    """The gcc flags of an instruction set's code: -m + each CPU flag of ktlegacy/facts.py without "_"."""
+    """The gcc flags of an instruction set's code: -m + each CPU flag of ktlegacy/core/facts.py without "_"."""
     return " ".join("-m" + flag.replace("_", "") for flag in CPU_FLAGS[instruct])
 
 

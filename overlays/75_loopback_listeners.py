@@ -16,7 +16,7 @@ it on ``KTLEGACY_BIND`` only).
 0.2.1.post1 has no balance_serve and opens no listener but the API, so the overlay is not for it.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 SCHED_RPC = "ktransformers/server/balance_serve/sched_rpc.py"
 SCHEDULER = "csrc/balance_serve/sched/scheduler.cpp"

@@ -14,7 +14,7 @@ one line naming the model (its ``config.json`` architecture) and why; on sm80+ n
 not for it.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 CREATE = "ktransformers/server/utils/create_interface.py"
 IMPORT_LINE = "from ktransformers import ktlegacy_runtime  # ktlegacy"

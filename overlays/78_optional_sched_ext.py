@@ -11,7 +11,7 @@ caches (``load(self, inference_context: "sched_ext.InferenceContext")``), which 
 alone calls, and which the serve-backend-guard overlay keeps from starting below sm80.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 CACHE = "ktransformers/models/custom_cache.py"
 BARE = ("from transformers.models.llama.modeling_llama import LlamaDecoderLayer\n"

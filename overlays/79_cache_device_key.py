@@ -15,7 +15,7 @@ NPU path (and any map built the old way) keeps working, and a multi-GPU rule fil
 layer's cache on that layer's GPU.
 """
 
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 CACHE = "ktransformers/models/custom_cache.py"
 OLD = 'device[f"blk.{idx}.self_attn"]["generate_device"]'

@@ -21,8 +21,8 @@ per-request sampler hook. Written against 0.2.1.post1's server; the git refs rew
 
 from pathlib import Path
 
-from ktlegacy.facts import REFS
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.facts import REFS
+from ktlegacy.core.overlay import Overlay
 
 SOURCE = Path(__file__).resolve().parent / "server_api" / "ktlegacy_api.py"
 TARGET = "ktransformers/server/api/ktlegacy_api.py"

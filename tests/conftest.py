@@ -47,7 +47,7 @@ def exported_tag_tree(tag: str, dest_root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def sdist_tree(tmp_path_factory) -> Path:
     """A pristine 0.2.1.post1 tree, fetched once per session. Do not modify: copy it."""
-    from ktlegacy.source import fetch_source
+    from ktlegacy.core.source import fetch_source
     dest = tmp_path_factory.mktemp("upstream") / "ktransformers-0.2.1.post1"
     fetch_source(dest, "0.2.1.post1")
     return dest
@@ -58,9 +58,9 @@ def patched_tree(tmp_path_factory, request):
     """``patched_tree(ref, arch)``: the tree of a supported ref patched for an arch, made once per
     session; read only. The sdist ref is fetched (CI); a git ref comes from KTLEGACY_TAG_TREES (the
     test skips without it, see exported_tag_tree)."""
-    from ktlegacy.arch import get_arch
-    from ktlegacy.facts import REFS
-    from ktlegacy.overlay import patch_tree
+    from ktlegacy.core.arch import get_arch
+    from ktlegacy.core.facts import REFS
+    from ktlegacy.core.overlay import patch_tree
     made: dict[tuple[str, str], Path] = {}
 
     def get(ref: str, arch: str) -> Path:
@@ -89,7 +89,7 @@ def pristine_tree(sdist_tree, tmp_path) -> Path:
 def docker():
     """The BuildKit-capable Docker client (ktlegacy.docker.client)."""
     from ktlegacy.docker import client
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     try:
         return client()
     except KtlegacyError as exc:
@@ -124,7 +124,7 @@ def standin_runtime_image(docker, standin_base, standin_wheelhouse) -> str:
     offline (--network none) from the wheelhouse. Its extensions are not compiled and its
     labels say so (io.ktlegacy.standin=true); its build ran the in-container smoke."""
     from ktlegacy.build import BuildRequest, build
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     try:
         result = build(BuildRequest("sm75", standin=True, base_image=standin_base,
                                     torch_version=STANDIN_TORCH_VERSION, wheelhouse=standin_wheelhouse,

@@ -38,12 +38,12 @@ def api_python() -> Path:
 
 def prepare(root: Path, python: Path, sdist_tree: Path | None = None) -> dict:
     """A patched 0.2.1.post1 tree and the two test models under ``root``."""
-    from ktlegacy.arch import get_arch
-    from ktlegacy.overlay import patch_tree
+    from ktlegacy.core.arch import get_arch
+    from ktlegacy.core.overlay import patch_tree
     root.mkdir(parents=True, exist_ok=True)
     tree = root / "tree"
     if sdist_tree is None:
-        from ktlegacy.source import fetch_source
+        from ktlegacy.core.source import fetch_source
         fetch_source(tree, "0.2.1.post1")
     else:
         shutil.copytree(sdist_tree, tree, symlinks=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy import images
+from ktlegacy.core.facts import ARCHES, arch_choice
 from ktlegacy.build import (DEFAULT_BASE_IMAGE, DEFAULT_RUNTIME_IMAGE, DEFAULT_TORCH_INDEX_URL, DEFAULT_TORCH_VERSION,
                             BuildRequest, plan)
 
@@ -61,7 +62,7 @@ def test_dry_run_sm75_is_a_cuda_11_8_build_for_7_5():
     assert line.rstrip().endswith(str(REPO))
     assert f"-t {images.DEFAULT_REPOSITORY}:0.2.1.post1-cu118-sm75-avx2" in line
     from ktlegacy.docker import client
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     try:
         buildx = client().buildx
     except KtlegacyError:  # no daemon here: the dry run prints for a docker.io-style client
@@ -90,12 +91,12 @@ def test_dry_run_without_a_daemon_prints_the_client_that_can_build(tmp_path, doc
     assert str(fake) not in line
 
 
-def test_dry_run_all_builds_both_arches():
+def test_dry_run_all_builds_every_arch():
     proc = cli("build", "--arch", "all", "--dry-run", check=True)
     lines = _build_lines(proc.stdout)
-    assert len(lines) == 2
-    assert "TORCH_CUDA_ARCH_LIST=7.0" in lines[0] and "-cu118-sm70-avx2" in lines[0]
-    assert "TORCH_CUDA_ARCH_LIST=7.5" in lines[1] and "-cu118-sm75-avx2" in lines[1]
+    assert len(lines) == len(ARCHES)
+    for line, arch in zip(lines, ARCHES.values()):
+        assert f"TORCH_CUDA_ARCH_LIST={arch.torch_cuda_arch_list}" in line and f"-cu118-{arch.name}-avx2" in line
 
 
 def test_dry_run_secret_and_wheelhouse(standin_wheelhouse):
@@ -119,14 +120,14 @@ def test_invoke_front_matches_the_cli():
     assert _build_lines(via_invoke.stdout) == _build_lines(via_cli.stdout)
     missing = subprocess.run(invoke[:2], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode != 0 and missing.stderr.strip() == \
-        "error: --arch is required: sm70 (Tesla V100, Titan V), sm75 (Tesla T4, RTX 2080 Ti, Quadro RTX) or all"
+        f"error: --arch is required: {arch_choice('all', cards=True)}"
 
 
 def test_build_request_is_the_build_flags_and_its_args_are_dockerfile_args():
     """The build command's flags are BuildRequest's fields with help, parsed into one request;
     every build arg it maps to is an ARG of images/Dockerfile."""
     from dataclasses import fields
-    from ktlegacy.arch import get_arch
+    from ktlegacy.core.arch import get_arch
     from ktlegacy.cli import build_parser
     parser = build_parser().commands["build"]
     assert {f.name for f in fields(BuildRequest) if "help" in f.metadata} == \
@@ -227,7 +228,7 @@ def test_daemon_without_buildkit(tmp_path, monkeypatch, docker):
     fake.chmod(0o755)
     import ktlegacy.docker as kdocker
     from ktlegacy.build import build
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     kdocker.client.cache_clear()
     monkeypatch.setattr(kdocker, "_candidates", lambda: [str(fake)])
     try:
@@ -247,7 +248,7 @@ def test_cache_export_without_buildx_is_refused(docker):
     if docker.buildx:
         pytest.skip("this client has buildx: --cache-to is supported")
     from ktlegacy.build import build
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     with pytest.raises(KtlegacyError, match="--cache-to .* needs docker buildx"):
         build(BuildRequest("sm75", tag="h3-bad/ktransformers:cacheto", cache_to="type=local,dest=/tmp/h3-cache"),
               out=lambda line: None)
@@ -283,7 +284,7 @@ def test_smoke_refuses_an_image_of_another_arch(standin_runtime_image):
 
 @pytest.mark.docker
 def test_smoke_without_the_image_names_the_build_command(docker):
-    from ktlegacy.arch import get_arch
+    from ktlegacy.core.arch import get_arch
     tag = images.image_tag("v0.3.2", get_arch("sm70"), "AVX512")
     assert docker.inspect(tag) is None, f"{tag} exists on this daemon (this test expects it absent)"
     line = one_line_error(cli("smoke", "--arch", "sm70", "--ref", "v0.3.2", "--cpu-instruct", "avx512"))
@@ -440,7 +441,7 @@ def test_ca_bundle_is_in_no_layer_and_no_history(standin_base, standin_wheelhous
 @pytest.fixture(scope="module")
 def triton_wheelhouse(standin_wheelhouse) -> Path:
     """The stand-in wheelhouse plus triton 3.1.0 (torch 2.5.1's) and 3.2.0 (torch 2.6's), from PyPI."""
-    from ktlegacy.source import CACHE_DIR
+    from ktlegacy.core.source import CACHE_DIR
     wheels = CACHE_DIR / "h3-triton-wheels"
     for version in ("3.1.0", "3.2.0"):
         if not list(wheels.glob(f"triton-{version}-*.whl")):
@@ -470,7 +471,7 @@ def _kernels_stage(standin_base, wheelhouse, arch, triton, tag):
 @pytest.mark.docker
 @pytest.mark.slow
 def test_bad_triton_pin_fails_the_build_naming_kernel_and_arch(standin_base, triton_wheelhouse):
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     tag = "h3-test/ktransformers:kernels-sm70-triton320"
     with pytest.raises(KtlegacyError) as info:
         _kernels_stage(standin_base, triton_wheelhouse, "sm70", "3.2.0", tag)
@@ -500,7 +501,7 @@ def test_pinned_triton_fits_sm75_in_the_kernels_stage(standin_base, triton_wheel
 
 def _expected_overlay_digest(ref, arch) -> str:
     """What ``patch`` writes for (ref, arch): overlay.digest over the overlays that apply to ref."""
-    from ktlegacy.overlay import digest, load_overlays
+    from ktlegacy.core.overlay import digest, load_overlays
     files = []
     for overlay, path in load_overlays():
         if overlay.applies_to(ref):
@@ -511,7 +512,7 @@ def _expected_overlay_digest(ref, arch) -> str:
 # (request, the arches it names, its CPU set as the table spells it)
 _REPRESENTATIVE = [
     (dict(arch="sm75"), ["sm75"], "AVX2"),
-    (dict(arch="all", cpu_instruct="avx512", max_jobs=2), ["sm70", "sm75"], "AVX512"),
+    (dict(arch="all", cpu_instruct="avx512", max_jobs=2), list(ARCHES), "AVX512"),
     (dict(arch=" SM_70", cpu_instruct=" fancy", standin=True, base_image="b/std:1", target="toolchain"),
      ["sm70"], "FANCY"),
     (dict(arch="sm75", debian_bases=True, ci_torch="2.5.1", repository="r/k"), ["sm75"], "AVX2"),
@@ -522,7 +523,7 @@ _REPRESENTATIVE = [
 def test_plan_output_is_the_tables_facts(asked, arch_names, cpu):
     """Steps, build args, tags and labels of a few requests, each value taken from the table
     (facts, images.image_tag, the overlays), not from plan."""
-    from ktlegacy import facts
+    from ktlegacy.core import facts
     from ktlegacy.build import DEBIAN_BASE_REPOSITORY, DOCKERFILE, dockerfile_stages
     request = BuildRequest(**asked, dry_run=True)
     if request.target != "runtime":
@@ -571,7 +572,7 @@ def test_plan_output_is_the_tables_facts(asked, arch_names, cpu):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--arch", "sm86"], "error: arch 'sm86' is Ampere or newer"),
-    (["--arch", "sm60"], "error: unknown arch 'sm60': use sm70, sm75 or all"),
+    (["--arch", "sm60"], f"error: unknown arch 'sm60': use {arch_choice('all')}"),
     (["--arch", "sm75", "--ref", "v9.9.9"], "error: unknown ktransformers ref 'v9.9.9'"),
     (["--arch", "sm75", "--cpu-instruct", "SSE4"], "error: unknown CPU instruction set 'SSE4'"),
     # the removed --push is named first, before any other flag is looked at
@@ -586,7 +587,8 @@ def test_bad_arch_ref_or_cpu_is_one_line_before_anything_runs(argv, expected):
 
 def test_a_request_resolves_once_and_plan_takes_the_resolved_objects(monkeypatch):
     """Ref, arches and CPU set are resolved when the request is made; plan looks none of them up again."""
-    from ktlegacy import build, facts
+    from ktlegacy import build
+    from ktlegacy.core import facts
     request = BuildRequest("all", cpu_instruct=" avx512", dry_run=True)
     assert (request.upstream, request.arches, request.cpu) == (facts.REFS[facts.DEFAULT_REF],
                                                                tuple(facts.ARCHES.values()), "AVX512")

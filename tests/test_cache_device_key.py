@@ -25,10 +25,10 @@ import pytest
 
 from cached_venv import TORCH_CPU, cached_venv
 from conftest import exported_tag_tree
-from ktlegacy.overlay import Drift, PatchContext, StagedTree, load_overlays
-from ktlegacy.refs import REFS
-from ktlegacy.arch import get_arch
-from ktlegacy.facts import TRITON_VERSION
+from ktlegacy.core.overlay import Drift, PatchContext, StagedTree, load_overlays
+from ktlegacy.core.refs import REFS
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.facts import TRITON_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 TAGS = ("v0.4.1", "v0.7.0")

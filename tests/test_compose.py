@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from ktlegacy.images import DEFAULT_CPU_INSTRUCT, image_tag
-from ktlegacy.arch import get_arch
+from ktlegacy.core.arch import get_arch
 from ktlegacy.profiles import CONTAINER_PORT, PROFILES, SMOKE_PROFILE, spec_defaults, spec_from_config
-from ktlegacy.refs import DEFAULT_REF
+from ktlegacy.core.refs import DEFAULT_REF
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy import facts
+from ktlegacy.core import facts
 from ktlegacy.build import DEBIAN_BASE_REPOSITORY, BuildRequest, plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def _docker(*args, check=True) -> subprocess.CompletedProcess:
 def cuda118_compile_images(docker) -> dict:
     """arch -> tag of the `compile` stage built for it on the Debian CUDA 11.8 bases."""
     from ktlegacy.build import BuildRequest, build
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     tags = {}
     for arch in ARCHES:  # one at a time: 2 cores, and the second reuses the first's toolchain layer
         try:

@@ -13,8 +13,8 @@ import pytest
 
 from ggufmodel import write_model
 from ktlegacy.doctor import FAIL, OK, check_profile, doctor
-from ktlegacy.errors import KtlegacyError
-from ktlegacy.facts import CPU_FLAGS, DEFAULT_CPU_INSTRUCT
+from ktlegacy.core.errors import KtlegacyError
+from ktlegacy.core.facts import CPU_FLAGS, DEFAULT_CPU_INSTRUCT
 from ktlegacy.hostfacts import HostFacts
 from ktlegacy.images import LABEL_ARCH, LABEL_CPU, LABEL_REF
 from ktlegacy.profiles import PROFILES, spec_defaults

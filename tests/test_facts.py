@@ -1,4 +1,4 @@
-"""ktlegacy/facts.py is the one table; what cannot import it is generated or loads it.
+"""ktlegacy/core/facts.py is the one table; what cannot import it is generated or loads it.
 
 What is left here is what ``python -m ktlegacy.generate --check`` (tests/test_generate.py) and the
 by-path loaders cannot see:
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ktlegacy import facts, generate
-from ktlegacy.facts import (ARCHES, BASE_IMAGE, CPU_FLAGS, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION,
+from ktlegacy import generate
+from ktlegacy.core import facts
+from ktlegacy.core.facts import (ARCHES, BASE_IMAGE, CPU_FLAGS, CPU_INSTRUCTS, CUDA_TAG, CUDA_VERSION,
                             DEFAULT_CPU_INSTRUCT, DEFAULT_REF, DEFAULT_REPOSITORY, REFS, RUNTIME_IMAGE,
                             TORCH_INDEX_URL, TORCH_VERSION)
 from ktlegacy.images import image_tag, parse_tag
@@ -151,7 +152,7 @@ def _needles() -> dict[str, re.Pattern]:
 
 # ktlegacy.generate writes the table's values into these files (and names them): any needle may be there.
 GENERATED = {rule.path for rule in generate.rules()} | {"ktlegacy/generate.py"}
-# Where else a needle may appear besides ktlegacy/facts.py: {needle: {path: why}}.
+# Where else a needle may appear besides ktlegacy/core/facts.py: {needle: {path: why}}.
 PROSE = "prose: says which value and why, changes with the table by hand (like docs/)"
 ALLOWED = {
     "Triton of the pin": {
@@ -170,7 +171,7 @@ def _scanned_files() -> list[Path]:
                             capture_output=True, text=True, check=True).stdout.split("\0")
     files = []
     for rel in filter(None, listed):
-        if rel.startswith(NOT_SCANNED) or rel == "ktlegacy/facts.py" or rel.endswith(".json"):
+        if rel.startswith(NOT_SCANNED) or rel == "ktlegacy/core/facts.py" or rel.endswith(".json"):
             continue
         if rel.startswith("tests/") and not rel.startswith("tests/smoke/"):
             continue
@@ -193,7 +194,7 @@ def test_no_copy_of_a_fact_outside_the_table():
                 found[name].add(rel.as_posix())
     stray = {f"{name}: {path}" for name, paths in found.items()
              for path in paths - set(ALLOWED.get(name, ())) - GENERATED}
-    assert not stray, ("a fact of ktlegacy/facts.py copied outside it (import it, load it by path, or have "
+    assert not stray, ("a fact of ktlegacy/core/facts.py copied outside it (import it, load it by path, or have "
                        f"ktlegacy/generate.py write it): {sorted(stray)}")
     stale = {f"{name}: {path}" for name, paths in ALLOWED.items() for path in set(paths) - found[name]}
     assert not stale, f"ALLOWED lists places that no longer hold the value: {sorted(stale)}"

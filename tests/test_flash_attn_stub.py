@@ -1,6 +1,6 @@
 """The flash-attn stand-in (overlays/flash-attn-stub) against flash-attn 2's documented semantics.
 
-The stub is built into a wheel with ktlegacy.stub.build_stub_wheel and installed with pip into
+The stub is built into a wheel with ktlegacy.core.stub.build_stub_wheel and installed with pip into
 a scratch target directory; every test imports that installed copy, so what is tested is what
 the image installs. Results are compared on CPU with an explicit fp32 reference (per-head
 matmul, softmax, and a causal mask built element by element with the bottom-right rule
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktlegacy.errors import KtlegacyError
-from ktlegacy.stub import STUB_DIR, build_stub_wheel, stub_version
+from ktlegacy.core.errors import KtlegacyError
+from ktlegacy.core.stub import STUB_DIR, build_stub_wheel, stub_version
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "tests" / "smoke" / "check_flash_attn_stub.py"

@@ -1,4 +1,4 @@
-"""ktlegacy.generate: the files that cannot import ktlegacy/facts.py are written from it.
+"""ktlegacy.generate: the files that cannot import ktlegacy/core/facts.py are written from it.
 
 CI runs ``python -m ktlegacy.generate --check`` through the first test; the others change the
 table (monkeypatched) or a file on a copy in tmp, never the checkout.
@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ktlegacy import facts, generate
+from ktlegacy import generate
+from ktlegacy.core import facts
 
 REPO = Path(__file__).resolve().parent.parent
 

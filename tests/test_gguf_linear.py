@@ -7,7 +7,7 @@
 * **the operator's forward** (KLinearGGUF.forward: matvec for few rows, scratch + slices for
   more) on that host decoder instead of the CUDA extension, against an fp64 reference.
 * **the overlays** on the real sdist: sources written, setup.py's extension, LINEAR_MAP, the rule
-  files (the patched files parse to exactly what ktlegacy.gpu_linear.patched_rules says, which is
+  files (the patched files parse to exactly what ktlegacy.core.gpu_linear.patched_rules says, which is
   what the doctor estimates from), lm_head on the last position, no-op re-runs, drift refused.
 * **the test-model quantizers** (Q4_K, Q6_K) give valid blocks close to their input.
 
@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ktlegacy import facts, gpu_linear
-from ktlegacy.arch import get_arch
-from ktlegacy.overlay import Drift, patch_tree
-from ktlegacy.refs import REFS
+from ktlegacy.core import facts, gpu_linear
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.overlay import Drift, patch_tree
+from ktlegacy.core.refs import REFS
 from ktlegacy.testing import ggml_quant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def test_mode_setting(operator, monkeypatch):
     monkeypatch.setenv("KTLEGACY_GPU_LINEAR", "int4")
     with pytest.raises(ValueError, match=r"KTLEGACY_GPU_LINEAR='int4': use one of quant, fp16"):
         operator.gpu_linear_mode()
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     from ktlegacy.profiles import setting
     assert setting({}, "KTLEGACY_GPU_LINEAR") == "quant" and setting({"KTLEGACY_GPU_LINEAR": "fp16"}, "KTLEGACY_GPU_LINEAR") == "fp16"
     with pytest.raises(KtlegacyError, match=r"KTLEGACY_GPU_LINEAR='int4' is not one of quant \| fp16"):

@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-from ktlegacy.arch import get_arch
-from ktlegacy.overlay import patch_tree
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.overlay import patch_tree
 from ktlegacy.testing.moe_reference import moe_reference
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,8 +29,8 @@ def run(script: str, *args, env=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def patched_tree(sdist_tree, tmp_path_factory) -> Path:
-    from ktlegacy.arch import get_arch
-    from ktlegacy.overlay import patch_tree
+    from ktlegacy.core.arch import get_arch
+    from ktlegacy.core.overlay import patch_tree
     tree = tmp_path_factory.mktemp("patched") / "tree"
     shutil.copytree(sdist_tree, tree)
     patch_tree(tree, get_arch("sm75"), out=lambda line: None)
@@ -193,9 +193,9 @@ def test_check_source_refuses_labels_that_would_lie(patched_tree):
 
 
 def test_overlay_digest_planned_on_the_host_is_what_patch_writes(patched_tree):
-    from ktlegacy.arch import get_arch
+    from ktlegacy.core.arch import get_arch
     from ktlegacy.build import overlay_digest
-    from ktlegacy.refs import get_ref
+    from ktlegacy.core.refs import get_ref
     manifest = json.loads((patched_tree / "ktlegacy-overlays.json").read_text())
     assert overlay_digest(get_ref("0.2.1.post1"), get_arch("sm75")) == manifest["overlay_digest"]
     assert overlay_digest(get_ref("0.2.1.post1"), get_arch("sm70")) != manifest["overlay_digest"]
@@ -205,7 +205,7 @@ def test_smoke_runner_protocol(tmp_path):
     smoke = tmp_path / "smoke"
     shutil.copytree(REPO / "tests" / "smoke", smoke, ignore=shutil.ignore_patterns("check_*.py", "__pycache__"))
     (smoke / "lib").mkdir()
-    for name in ("ktlegacy/facts.py", "images/scripts/check_cuda_arch.py"):   # as the Dockerfile lays the smoke out
+    for name in ("ktlegacy/core/facts.py", "images/scripts/check_cuda_arch.py"):   # as the Dockerfile lays the smoke out
         shutil.copy(REPO / name, smoke / "lib")
     (smoke / "check_a_pass.py").write_text("print('fine')\n")
     (smoke / "check_b_skip.py").write_text("from smokelib import skip\nskip('no widget here')\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ktlegacy import images
-from ktlegacy.arch import ARCHES
-from ktlegacy.refs import REFS
+from ktlegacy.core.arch import ARCHES
+from ktlegacy.core.refs import REFS
 
 
 @pytest.mark.parametrize("standin", [False, True])

@@ -17,8 +17,8 @@ import shutil
 import pytest
 import torch
 
-from ktlegacy.arch import get_arch
-from ktlegacy.overlay import patch_tree
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.overlay import patch_tree
 
 
 @pytest.fixture(scope="module", params=["sm70", "sm75"])

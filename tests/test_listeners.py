@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ktlegacy import fingerprint
-from ktlegacy.refs import REFS
+from ktlegacy.core import fingerprint
+from ktlegacy.core.refs import REFS
 
 REPO = Path(__file__).resolve().parent.parent
 SCHED_RPC = "ktransformers/server/balance_serve/sched_rpc.py"

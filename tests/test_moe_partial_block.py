@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.arch import get_arch
-from ktlegacy.overlay import load_overlays, patch_tree
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.overlay import load_overlays, patch_tree
 from test_portable_cpu import EXT, cmake_cpu_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,8 +185,8 @@ def test_prefill_computes_every_intermediate_row(sdist_tree, patched_ext, tmp_pa
     tree = tmp_path / "upstream"
     shutil.copytree(sdist_tree, tree, symlinks=True)
     # only the overlay that makes the CPU flags portable: the same build, upstream's MoE code
-    from ktlegacy.overlay import PatchContext, StagedTree
-    from ktlegacy.refs import REFS
+    from ktlegacy.core.overlay import PatchContext, StagedTree
+    from ktlegacy.core.refs import REFS
     staged = StagedTree(tree)
     portable = next(o for o, _ in load_overlays() if o.name == "portable-cpu")
     portable.apply(staged, PatchContext(get_arch("sm75"), REFS["0.2.1.post1"]))

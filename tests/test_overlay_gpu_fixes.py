@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.arch import get_arch
-from ktlegacy.overlay import patch_tree
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.overlay import patch_tree
 
 REPO = Path(__file__).resolve().parent.parent
 ATTENTION = "ktransformers/operators/attention.py"

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import exported_tag_tree
-from ktlegacy.overlay import Drift, StagedTree, load_overlays
-from ktlegacy.refs import REFS
+from ktlegacy.core.overlay import Drift, StagedTree, load_overlays
+from ktlegacy.core.refs import REFS
 
 REPO = Path(__file__).resolve().parent.parent
 ATTENTION = "ktransformers/operators/attention.py"

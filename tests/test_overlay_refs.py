@@ -1,4 +1,4 @@
-"""Which overlays a ref gets: every overlay applies to every supported ref (ktlegacy/facts.py's
+"""Which overlays a ref gets: every overlay applies to every supported ref (ktlegacy/core/facts.py's
 ``REFS``) but those it declares ``not_applicable``, with the reason ``patch`` prints.
 
 * The supported refs get the overlays recorded below (the set they got when each overlay still
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy import facts
-from ktlegacy.arch import get_arch
-from ktlegacy.errors import KtlegacyError
-from ktlegacy.facts import REFS, Ref
-from ktlegacy.overlay import MANIFEST_NAME, Drift, load_overlays, patch_tree
+from ktlegacy.core import facts
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.errors import KtlegacyError
+from ktlegacy.core.facts import REFS, Ref
+from ktlegacy.core.overlay import MANIFEST_NAME, Drift, load_overlays, patch_tree
 
 from conftest import TAG_TREES_ENV
 
@@ -151,7 +151,7 @@ def test_a_new_ref_with_v070s_content_is_patched_as_v070(new_ref, sdist_tree, tm
 def test_not_applicable_names_supported_refs_with_a_reason(tmp_path):
     for bad in ('{"v0.9": "typo of a ref"}', '{"v0.7.0": ""}'):
         (tmp_path / "10_x.py").write_text(
-            "from ktlegacy.overlay import Overlay\n"
+            "from ktlegacy.core.overlay import Overlay\n"
             f"class X(Overlay):\n    name = 'x'\n    summary = 'x'\n    not_applicable = {bad}\n"
             "    def apply(self, tree, ctx):\n        pass\nOVERLAY = X()\n")
         with pytest.raises(KtlegacyError, match="not_applicable must map supported refs"):

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ktlegacy.arch import get_arch
-from ktlegacy.facts import SM80_ONLY_OPS
-from ktlegacy.overlay import MANIFEST_NAME, patch_tree
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.facts import SM80_ONLY_OPS
+from ktlegacy.core.overlay import MANIFEST_NAME, patch_tree
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "gguf-linear", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "last-token-logits",
@@ -212,10 +212,10 @@ def _leaves(node, path=()):
 
 
 def test_rules_lose_every_sm80_op_and_nothing_else(sdist_tree, patched):
-    """Every op value is replaced by the op ktlegacy.gpu_linear.PATCHED_OP names (the GPU linears
+    """Every op value is replaced by the op ktlegacy.core.gpu_linear.PATCHED_OP names (the GPU linears
     KLinearGGUF, KExpertsMarlin KExpertsTorch), lm_head's rule goes in front where a file left it a
     GPU nn.Linear, and nothing else changes: same keys and values, same lines and comments."""
-    from ktlegacy.gpu_linear import PATCHED_OP, lm_head_devices
+    from ktlegacy.core.gpu_linear import PATCHED_OP, lm_head_devices
     files = sorted(p.relative_to(sdist_tree) for p in (sdist_tree / RULES).rglob("*.yaml"))
     assert len(files) >= 10
     replaced = active = heads = 0

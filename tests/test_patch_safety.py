@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.overlay import JOURNAL_NAME, MANIFEST_NAME
+from ktlegacy.core.overlay import JOURNAL_NAME, MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 KILLED = -signal.SIGKILL
@@ -196,7 +196,7 @@ def test_a_kill_while_staging_or_cleaning_up_is_finished_by_the_next_patch(sdist
 
 
 NEW_FILES_OVERLAY = '''
-from ktlegacy.overlay import Overlay
+from ktlegacy.core.overlay import Overlay
 
 class NewFiles(Overlay):
     name = "test-new-files"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.testing.peer_model import (GGUF_NAME, LiteSpec, QK, Q6K_SCALE, _q4k_scales, decode_cpu_bytes, load_record,
                                  make_lite_model, nbytes, quant_blocks, tensor_plan)
 

@@ -12,7 +12,7 @@ possible on a machine without CUDA and independent of its CPU:
   build would show (upstream v0.3.x probes lscpu; the sdist must not start to).
 
 The NATIVE configuration is the control: it must show -march=native, proving the inspection
-sees host-derived flags when they are there. The same inspection checks ktlegacy/facts.py's
+sees host-derived flags when they are there. The same inspection checks ktlegacy/core/facts.py's
 CPU_FLAGS (what the doctor and the in-image smoke require of a CPU) against the flags each set
 really compiles with.
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.arch import get_arch
-from ktlegacy.facts import CPU_FLAGS
-from ktlegacy.overlay import patch_tree
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.facts import CPU_FLAGS
+from ktlegacy.core.overlay import patch_tree
 
 EXT = "ktransformers/ktransformers_ext"
 
@@ -103,7 +103,7 @@ def test_native_build_is_the_control(tree, stand_ins, tmp_path):
 
 @pytest.mark.parametrize("instruct", list(CPU_FLAGS))
 def test_cpu_flags_table_is_what_the_build_compiles_for(tree, stand_ins, tmp_path, instruct):
-    """Each set's CPU flags in ktlegacy/facts.py are its compile flags, -m<flag> (without "_"),
+    """Each set's CPU flags in ktlegacy/core/facts.py are its compile flags, -m<flag> (without "_"),
     no more and no fewer: a CPU with those flags runs the code, one lacking any of them may not."""
     flags = configure(tree, stand_ins, instruct, tmp_path / "build")
     isa = {f for f in flags if re.fullmatch(r"-m(avx\w*|fma\w*|f16c|amx\w*|sse\w*|bmi\w*)|-march=\S+", f)}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy import facts
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core import facts
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.preflight import TorchWheel, check_torch_cuda, check_torch_wheel, torch_wheel
 
 REPO = Path(__file__).resolve().parent.parent

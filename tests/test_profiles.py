@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.profiles import COMPOSE_FILE, PROFILES, Profile, load_profiles
 
 REPO = Path(__file__).resolve().parent.parent

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from ktlegacy import images
-from ktlegacy.arch import get_arch
+from ktlegacy.core.arch import get_arch
 
 pytestmark = pytest.mark.docker
 
@@ -544,7 +544,7 @@ def test_refuses_labels_that_contradict_the_tag(registry, docker, docker_config,
 def test_refuses_a_native_cpu_image_before_any_other_check():
     """--cpu-instruct NATIVE images run only on the CPU they were built on: never published
     (build --push refused them before publish became the one push path)."""
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     from ktlegacy.publish import LocalImage, check_labels
     arch = get_arch("sm75")
     image = LocalImage("r/ktransformers:0.2.1.post1-cu118-sm75-native", "0.2.1.post1", arch, "NATIVE", "",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from ktlegacy import images
-from ktlegacy.arch import ARCHES
+from ktlegacy.core.arch import ARCHES
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy import fingerprint
-from ktlegacy.errors import KtlegacyError
-from ktlegacy.overlay import MANIFEST_NAME, detect_ref
-from ktlegacy.refs import REFS
+from ktlegacy.core import fingerprint
+from ktlegacy.core.errors import KtlegacyError
+from ktlegacy.core.overlay import MANIFEST_NAME, detect_ref
+from ktlegacy.core.refs import REFS
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "tag_fingerprints.json").read_text())
@@ -66,7 +66,7 @@ def test_fixture_covers_every_tag_and_every_supported_ref():
     assert tags[0] == SDIST_TAG and tags[-1] == "v0.7.0" and len(tags) >= 30
     assert set(REFS) - {"0.2.1.post1"} <= set(tags)
     recorded = sorted({rel for fp in fingerprint.load().values() for rel in fp["files"]})
-    assert FIXTURE["paths"] == recorded, "ktlegacy/fingerprints.json changed: regenerate the tag fixture " \
+    assert FIXTURE["paths"] == recorded, "ktlegacy/core/fingerprints.json changed: regenerate the tag fixture " \
                                          "(tests/fixtures/make_tag_fingerprints.py)"
 
 
@@ -279,8 +279,8 @@ def test_post_conditions_hold_at_every_git_ref(tag, tmp_path):
 
 
 def test_the_recorded_fingerprint_is_what_the_overlays_read_now(pristine_tree):
-    """ktlegacy/fingerprints.json's sdist entry is what ``fingerprint`` records from the real tree
+    """ktlegacy/core/fingerprints.json's sdist entry is what ``fingerprint`` records from the real tree
     today: an overlay that reads another file makes this fail until it is regenerated."""
-    from ktlegacy.arch import get_arch
-    from ktlegacy.overlay import record_fingerprint
+    from ktlegacy.core.arch import get_arch
+    from ktlegacy.core.overlay import record_fingerprint
     assert record_fingerprint(pristine_tree, REFS["0.2.1.post1"], get_arch("sm75")) == fingerprint.load()["0.2.1.post1"]

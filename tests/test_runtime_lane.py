@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from ktlegacy import facts
+from ktlegacy.core import facts
 from test_cuda118_compile import ARCHES, CI_TORCH_VERSION, lane_request
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.cuda118]
@@ -40,7 +40,7 @@ def _docker(*args, check=True) -> subprocess.CompletedProcess:
 def runtime_images(docker) -> dict:
     """arch -> tag of the runtime image (its build ran the smoke: it exists only if the smoke passed)."""
     from ktlegacy.build import build
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.errors import KtlegacyError
     tags = {}
     for arch in ARCHES:  # one at a time: 2 cores; the second reuses the first's arch-free layers
         try:
@@ -105,8 +105,8 @@ def test_runtime_holds_no_toolkit_headers_or_static_libraries(runtime_images, ar
 
 @pytest.mark.parametrize("arch", list(ARCHES))
 def test_labels_say_ci_torch_and_publish_refuses(runtime_images, arch, docker):
-    from ktlegacy.arch import get_arch
-    from ktlegacy.errors import KtlegacyError
+    from ktlegacy.core.arch import get_arch
+    from ktlegacy.core.errors import KtlegacyError
     from ktlegacy.publish import LocalImage, check_labels
     tag = runtime_images[arch]
     labels = docker.labels(tag)

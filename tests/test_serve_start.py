@@ -2,7 +2,7 @@
 bad setting in one line; the doctor says the same from compose/.env (issue 20).
 
 serve.sh runs outside Docker with /bin/sh (dash, as the image runs it): its files laid out as
-compose.yaml mounts them (serve.sh, ktlegacy/serving.py, ktlegacy/facts.py under a scratch
+compose.yaml mounts them (serve.sh, ktlegacy/serving.py, ktlegacy/core/facts.py under a scratch
 /opt/ktlegacy-compose), the service's environment from compose.yaml, the model mounts pointed
 elsewhere with KTLEGACY_MODELS_MOUNT, ``python3`` the suite's interpreter with the patched tree on
 PYTHONPATH (what the image has installed), and a stand-in ``ktransformers`` first on PATH that
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from ktlegacy.doctor import FAIL, OK, RuleText, doctor, read_rules, row_rules
-from ktlegacy.facts import REFS, SETTINGS, SM80_ONLY_OPS
+from ktlegacy.core.facts import REFS, SETTINGS, SM80_ONLY_OPS
 from ktlegacy.hostfacts import HostFacts
 from ktlegacy.profiles import PROFILES, read_settings, spec_defaults
 from ktlegacy.serving import OWN_FLAGS, RuleFileError, check_rules, server_args, validate
@@ -176,7 +176,7 @@ def test_a_broken_rule_file_is_one_line(text, problem):
 def test_upstreams_own_files_are_refused_and_the_overlay_rewrites_what_the_check_forbids(sdist_tree):
     """The forbidden ops are the overlay's: what torch-linear-rules rewrites includes every op the check
     refuses (and KLinearTorch, which it rewrites to KLinearGGUF too), and none it writes is refused."""
-    from ktlegacy.overlay import load_overlays
+    from ktlegacy.core.overlay import load_overlays
     (overlay,) = [o for o, _ in load_overlays() if o.name == "torch-linear-rules"]
     equivalent = sys.modules[type(overlay).__module__].TORCH_EQUIVALENT
     assert set(equivalent) == set(SM80_ONLY_OPS) | {"KLinearTorch"}

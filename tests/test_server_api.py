@@ -27,9 +27,9 @@ import pytest
 
 import hostile_cases
 import server_harness
-from ktlegacy.arch import get_arch
-from ktlegacy.overlay import Drift, load_overlays, patch_tree
-from ktlegacy.refs import get_ref
+from ktlegacy.core.arch import get_arch
+from ktlegacy.core.overlay import Drift, load_overlays, patch_tree
+from ktlegacy.core.refs import get_ref
 
 REPO = Path(__file__).resolve().parent.parent
 APP = server_harness.APP

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.errors import KtlegacyError
-from ktlegacy.refs import REFS, get_ref
-from ktlegacy.source import fetch_source, read_record
+from ktlegacy.core.errors import KtlegacyError
+from ktlegacy.core.refs import REFS, get_ref
+from ktlegacy.core.source import fetch_source, read_record
 
 
 def test_sdist_tree_is_pristine_and_recorded(sdist_tree):
@@ -24,15 +24,15 @@ def test_sdist_tree_is_pristine_and_recorded(sdist_tree):
 
 
 def test_cached_sdist_matches_hash():
-    from ktlegacy.source import CACHE_DIR
+    from ktlegacy.core.source import CACHE_DIR
     ref = REFS["0.2.1.post1"]
     data = (CACHE_DIR / ref.filename).read_bytes()
     assert hashlib.sha256(data).hexdigest() == ref.sha256
 
 
 def test_corrupt_cache_is_refetched(tmp_path, monkeypatch):
-    import ktlegacy.source as source
-    from ktlegacy.source import CACHE_DIR
+    import ktlegacy.core.source as source
+    from ktlegacy.core.source import CACHE_DIR
     ref = REFS["0.2.1.post1"]
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -43,7 +43,7 @@ def test_corrupt_cache_is_refetched(tmp_path, monkeypatch):
 
 def test_wrong_hash_is_refused_and_nothing_written(tmp_path, monkeypatch):
     import dataclasses
-    import ktlegacy.source as source
+    import ktlegacy.core.source as source
     bad = dataclasses.replace(REFS["0.2.1.post1"], sha256="0" * 64)
     with pytest.raises(KtlegacyError, match="sha256"):
         source.download_sdist(bad, cache=tmp_path)
@@ -110,7 +110,7 @@ def test_occupied_dest_is_refused(tmp_path):
 def test_ref_table_is_consistent():
     """sdist refs carry what the download checks, git refs a full commit, the default is one CI
     can fetch (PyPI), and an unknown ref names the supported ones."""
-    from ktlegacy.refs import DEFAULT_REF
+    from ktlegacy.core.refs import DEFAULT_REF
     assert all(name == ref.name for name, ref in REFS.items())   # get_ref(name) is the ref named so
     assert REFS[DEFAULT_REF].kind == "sdist"
     for ref in REFS.values():
@@ -140,7 +140,7 @@ def _checkout_with_archive(root: Path) -> Path:
 
 
 def test_v070_engine_is_archive_with_the_top_level_submodules(tmp_path):
-    from ktlegacy.source import engine_tree
+    from ktlegacy.core.source import engine_tree
     repo = _checkout_with_archive(tmp_path / "checkout")
     extra = engine_tree(repo, REFS["v0.7.0"], tmp_path / "engine")
     engine = tmp_path / "engine"
@@ -152,7 +152,7 @@ def test_v070_engine_is_archive_with_the_top_level_submodules(tmp_path):
 
 
 def test_v070_checkout_without_its_submodules_is_refused(tmp_path):
-    from ktlegacy.source import engine_tree
+    from ktlegacy.core.source import engine_tree
     repo = _checkout_with_archive(tmp_path / "checkout")
     shutil.rmtree(repo / "third_party" / "pybind11")
     (repo / "third_party" / "pybind11").mkdir()
@@ -170,7 +170,7 @@ def test_local_repository_with_archive_says_where_the_engine_is(tmp_path):
 
 def test_local_tarball_is_unpacked_and_recorded(sdist_tree, tmp_path):
     """--local FILE: a tar archive of a tree (how the GPU machine gets a git ref without network)."""
-    from ktlegacy.source import CACHE_DIR
+    from ktlegacy.core.source import CACHE_DIR
     archive = CACHE_DIR / REFS["0.2.1.post1"].filename
     record = fetch_source(tmp_path / "t", "0.2.1.post1", local=archive)
     assert record["origin"] == "local" and record["sha256"] == REFS["0.2.1.post1"].sha256
@@ -263,7 +263,7 @@ def test_extraction_without_tarfile_filters_gives_the_same_tree(sdist_state, tmp
     """Python before 3.11.4 (Debian bookworm's 3.11.2, the image build's stand-in base) has no
     extraction filters and no TarInfo.replace: the same checks by hand give the same tree."""
     import tarfile
-    from ktlegacy.source import CACHE_DIR
+    from ktlegacy.core.source import CACHE_DIR
     monkeypatch.delattr(tarfile, "data_filter")
     monkeypatch.delattr(tarfile.TarInfo, "replace")
     fetch_source(tmp_path / "t", "0.2.1.post1", local=CACHE_DIR / REFS["0.2.1.post1"].filename)

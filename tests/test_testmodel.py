@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.testing.testmodel import GGUF_NAME, PRESETS, TestModelSpec, load_spec, make_test_model, preset
 
 REPO = Path(__file__).resolve().parent.parent

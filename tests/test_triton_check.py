@@ -1,4 +1,4 @@
-"""The build-time Triton check (ktlegacy/triton_check.py) against real Triton wheels, no GPU.
+"""The build-time Triton check (ktlegacy/core/triton_check.py) against real Triton wheels, no GPU.
 
 Two Triton versions, each in a cached venv from PyPI (tests/cached_venv.py) with a CPU torch
 (the patched tree's ktlegacy_runtime imports torch):
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from cached_venv import TORCH_CPU, cached_venv
-from ktlegacy.arch import ARCHES
-from ktlegacy.errors import KtlegacyError
-from ktlegacy.triton_check import (DECODE, KERNELS, PREFILL, KernelSpec, Scenario, check_tree,
+from ktlegacy.core.arch import ARCHES
+from ktlegacy.core.errors import KtlegacyError
+from ktlegacy.core.triton_check import (DECODE, KERNELS, PREFILL, KernelSpec, Scenario, check_tree,
                                    find_kernels, run_check)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def triton_320() -> Path:
 @pytest.fixture(scope="module")
 def patched_trees(sdist_tree, tmp_path_factory) -> dict:
     """The 0.2.1.post1 sdist patched by the real overlays, once per arch."""
-    from ktlegacy.overlay import patch_tree
+    from ktlegacy.core.overlay import patch_tree
     trees = {}
     for name, arch in ARCHES.items():
         dest = tmp_path_factory.mktemp(f"patched-{name}") / "tree"

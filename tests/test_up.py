@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.hostfacts import HostFacts
 from ktlegacy.profiles import PROFILES
 from ktlegacy.up import up

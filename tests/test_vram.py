@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ggufmodel import DIMS, layer_elements, write_model
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.vram import (GPU_RUNTIME_MIB, MIB, estimate, load_rules, module_for_tensor, place, read_gguf,
                            rule_devices)
 
@@ -180,7 +180,7 @@ def test_deepseek_v3_quantized_linears_on_the_profiles_cards(sdist_tree, ftype):
     assert all(four.need_mib(f"cuda:{i}") < 0.75 * T4 for i in range(4))
     patched = [{**r, "replace": {**r["replace"], "kwargs": {**r["replace"].get("kwargs", {})}}}
                for r in rules(sdist_tree, "DeepSeek-V3-Chat.yaml")]
-    from ktlegacy.gpu_linear import patched_rules
+    from ktlegacy.core.gpu_linear import patched_rules
     again = estimate(model, patched_rules(patched), 8192)
     assert again.weights_mib == one.weights_mib and again.need_mib("cuda:0") == one.need_mib("cuda:0")
     print(f"{ftype}: 1 GPU {one.need_mib('cuda:0') / gib:.1f} GiB; 2 GPUs "

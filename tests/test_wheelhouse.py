@@ -2,7 +2,7 @@
 
 import pytest
 
-from ktlegacy.errors import KtlegacyError
+from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.testing.wheelhouse import ktransformers_requirements, make_wheelhouse, wheelhouse_requirements
 
 

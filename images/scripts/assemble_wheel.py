@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, type=Path, help="patched ktransformers tree")
     p.add_argument("--ext", required=True, type=Path, help="compile_extensions.py's output directory")
     p.add_argument("--out", required=True, type=Path, help="directory to write the wheel into")
-    p.add_argument("--arch", required=True, help="the arch the extensions were compiled for (ktlegacy/facts.py's ARCHES)")
+    p.add_argument("--arch", required=True, help="the arch the extensions were compiled for (ktlegacy/core/facts.py's ARCHES)")
     p.add_argument("--cpu-instruct", default="AVX2")
     args = p.parse_args(argv)
     wheel = build_wheel(args.src, args.ext, args.out, args.arch.lower(), args.cpu_instruct.upper())

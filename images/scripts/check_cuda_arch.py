@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 def _load_facts(*places: Path):
-    """ktlegacy/facts.py (standard library only), loaded by path: beside this script in the image (the
+    """ktlegacy/core/facts.py (standard library only), loaded by path: beside this script in the image (the
     compile stage's scripts, the smoke's lib/), in the checkout otherwise."""
     import importlib.util
     for path in places:
@@ -57,7 +57,7 @@ def _load_facts(*places: Path):
 HERE = Path(__file__).resolve().parent
 # the one loader: compile_extensions.py (beside it in the compile stage) and the smoke's smokelib.py
 # (beside it in lib/) import FACTS from here
-FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "facts.py")
+FACTS = _load_facts(HERE / "facts.py", HERE.parents[1] / "ktlegacy" / "core" / "facts.py")
 # arch name -> (cubin name as cuobjdump prints it, TORCH_CUDA_ARCH_LIST value)
 ARCHES = {name: (arch.cuobjdump_name, arch.torch_cuda_arch_list) for name, arch in FACTS.ARCHES.items()}
 DEFAULT_REQUIRED = ("KTransformersOps*", "ktlegacy_gguf_ops*")   # CUDA extensions that must hold device code

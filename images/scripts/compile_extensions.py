@@ -38,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from check_cuda_arch import FACTS as _FACTS  # noqa: E402  beside this script; it loads ktlegacy/facts.py
+from check_cuda_arch import FACTS as _FACTS  # noqa: E402  beside this script; it loads ktlegacy/core/facts.py
 # arch -> TORCH_CUDA_ARCH_LIST (one arch per image: SASS only, no PTX for other GPUs to JIT), and the CPU sets
 ARCH_LISTS = {name: arch.torch_cuda_arch_list for name, arch in _FACTS.ARCHES.items()}
 CPU_INSTRUCTS = _FACTS.CPU_INSTRUCTS

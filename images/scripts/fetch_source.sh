@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# source stage, step 1: a pristine upstream tree at DEST via the library (python -m ktlegacy fetch-source).
+# source stage, step 1: a pristine upstream tree at DEST via the library (python -m ktlegacy.core fetch-source).
 # Env: KTRANSFORMERS_REF, PIP_INDEX_URL (sdist refs come from the package index).
 # An sdist placed in the wheelhouse seeds the library's cache, so a --wheelhouse build fetches
 # nothing over the network; the library verifies the sha256 either way.
@@ -19,5 +19,5 @@ fi
 use_ca_secret
 args=(--ref "$KTRANSFORMERS_REF" --dest "$dest")
 [ -n "${PIP_INDEX_URL:-}" ] && args+=(--index-url "$PIP_INDEX_URL")
-"$py" -m ktlegacy fetch-source "${args[@]}"
+"$py" -m ktlegacy.core fetch-source "${args[@]}"
 rm -rf "$KTLEGACY_CACHE"

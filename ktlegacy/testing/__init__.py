@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import KtlegacyError
+from ..core.errors import KtlegacyError
 
 EXTRA = "testing"
 

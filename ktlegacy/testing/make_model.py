@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import command
-from ..errors import KtlegacyError
+from ..core.command import command
+from ..core.errors import KtlegacyError
 from . import require
 from .peer_model import V3_DIMS, LiteSpec, make_lite_model
 from .testmodel import (GGUF_NAME, LINEAR_QUANTS, MODEL_MODULES, PRESETS, TestModelSpec, make_test_model,

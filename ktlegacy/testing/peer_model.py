@@ -38,7 +38,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..errors import KtlegacyError
+from ..core.errors import KtlegacyError
 from . import require
 from .testmodel import (BOS, CHAT_TEMPLATE, EOS, MODEL_MODULES, V3_ROPE_SCALING, TestModelSpec, build_tokenizer,
                         staged_dir, write_hf_files)

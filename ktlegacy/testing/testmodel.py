@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import KtlegacyError
+from ..core.errors import KtlegacyError
 from . import require
 
 GGUF_NAME = "model.gguf"

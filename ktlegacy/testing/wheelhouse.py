@@ -23,9 +23,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..errors import KtlegacyError
-from ..refs import DEFAULT_REF, get_ref
-from ..source import CACHE_DIR, download_sdist
+from ..core.errors import KtlegacyError
+from ..core.refs import DEFAULT_REF, get_ref
+from ..core.source import CACHE_DIR, download_sdist
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO_ROOT / "images" / "requirements"

@@ -21,7 +21,7 @@ import os
 import torch
 
 # The --arch given to `ktlegacy patch` and its compute capability. The tree has no ktlegacy: the
-# runtime overlay (overlays/10_runtime.py) writes these "@...@" values in from ktlegacy/facts.py.
+# runtime overlay (overlays/10_runtime.py) writes these "@...@" values in from ktlegacy/core/facts.py.
 BUILD_ARCH = "@KTLEGACY_BUILD_ARCH@"
 BUILD_CC = "@KTLEGACY_BUILD_CC@"
 

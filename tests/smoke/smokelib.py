@@ -37,7 +37,7 @@ def fail(reason: str):
     sys.exit(1)
 
 
-# ktlegacy/facts.py through check_cuda_arch.py, its one loader (in lib/ in the image, images/scripts/ in a checkout)
+# ktlegacy/core/facts.py through check_cuda_arch.py, its one loader (in lib/ in the image, images/scripts/ in a checkout)
 sys.path.insert(0, str(helper_file("check_cuda_arch.py").parent))
 from check_cuda_arch import FACTS as _FACTS  # noqa: E402
 

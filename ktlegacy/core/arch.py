@@ -1,13 +1,13 @@
 """The GPU architectures ktlegacy builds for, and what each one implies.
 
-One table (``ARCHES``, in :mod:`ktlegacy.facts`), used by the overlays, the image build, the
+One table (``ARCHES``, in :mod:`ktlegacy.core.facts`), used by the overlays, the image build, the
 doctor and the smoke tests, so an arch means the same thing everywhere.
 """
 
 from __future__ import annotations
 
 from .errors import KtlegacyError
-from .facts import ARCHES, Arch  # noqa: F401  (the table lives in ktlegacy/facts.py; re-exported)
+from .facts import ARCHES, Arch  # noqa: F401  (the table lives in ktlegacy/core/facts.py; re-exported)
 
 
 def get_arch(name: str) -> Arch:

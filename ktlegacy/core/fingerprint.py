@@ -6,7 +6,7 @@ in R's fingerprint (``fingerprints.json`` beside this module) has exactly R's co
 that matches no ref is refused before any overlay runs; ``--ref`` forces a set, and then each
 overlay still refuses a file that does not hold its anchors (drift, tree untouched).
 
-The fingerprint of a ref is made by :func:`ktlegacy.overlay.record_fingerprint` on its pristine tree: the sha256 of each file
+The fingerprint of a ref is made by :func:`ktlegacy.core.overlay.record_fingerprint` on its pristine tree: the sha256 of each file
 the overlay set edits or reads there (plus ``ktransformers/__init__.py``), except the files it
 only scans through a glob (every ``ktransformers/**/*.py`` for the fp16 overlay, every rule
 file): those count as one digest over their paths and contents, so an added, removed or changed
@@ -135,7 +135,7 @@ def identify(src: Path, fingerprints: dict[str, dict[str, str]] | None = None) -
 
 def write(fingerprints: dict[str, dict[str, str]], path: Path = FINGERPRINTS) -> None:
     body = {"about": "sha256 of the files the overlays read or edit, per supported ref, in its pristine "
-                     "tree (ktlegacy/fingerprint.py; regenerate with python -m ktlegacy fingerprint)",
+                     "tree (ktlegacy/core/fingerprint.py; regenerate with python -m ktlegacy fingerprint)",
             "refs": {ref: {"files": dict(sorted(fp["files"].items())), "scanned": fp["scanned"]}
                      for ref, fp in sorted(fingerprints.items())}}
     Path(path).write_text(json.dumps(body, indent=1, sort_keys=False) + "\n")

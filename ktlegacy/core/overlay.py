@@ -8,7 +8,7 @@ set of overlays:
   is *drift* and raises :class:`Drift`, one line naming the overlay, the file and the
   expected text;
 * **all-or-nothing**: every edit is staged in memory first; if any overlay drifts, not a
-  byte of the tree is written. The commit is journaled (:func:`ktlegacy.safefs.commit`): a
+  byte of the tree is written. The commit is journaled (:func:`ktlegacy.core.safefs.commit`): a
   kill at any instant is finished or undone by the next ``patch`` (or ``patch --check``), a
   failed write is undone, and the manifest, which says "patched", is written last;
 * **inside the tree**: every path read or written is resolved; one that leaves the tree
@@ -38,7 +38,7 @@ from .errors import KtlegacyError
 from . import fingerprint, safefs
 from .refs import REFS, Ref
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS_DIR = Path(os.environ.get("KTLEGACY_OVERLAYS_DIR", REPO_ROOT / "overlays"))
 MANIFEST_NAME = "ktlegacy-overlays.json"
 JOURNAL_NAME = "ktlegacy-patch-journal.json"  # present only while a commit runs (or was killed)
@@ -187,7 +187,7 @@ class StagedTree:
             safefs.write_path(self.root, rel)
 
     def commit(self) -> None:
-        """Write every staged file as one journaled transaction (:func:`ktlegacy.safefs.commit`):
+        """Write every staged file as one journaled transaction (:func:`ktlegacy.core.safefs.commit`):
         the manifest last; a kill is finished or undone by the next ``patch``; a failed write is
         undone and raised as one line. CRLF files are written back with CRLF line ends."""
         order = [rel for rel in self.changed_paths if rel != MANIFEST_NAME]
@@ -259,7 +259,7 @@ def detect_ref(src: Path) -> Ref:
 
     A tree ``patch`` already wrote keeps the ref of its manifest (its files are no longer
     pristine; re-applying is a no-op or drift). Otherwise every file of a ref's fingerprint must
-    hold that ref's content (:mod:`ktlegacy.fingerprint`), and the ref ``fetch-source`` recorded,
+    hold that ref's content (:mod:`ktlegacy.core.fingerprint`), and the ref ``fetch-source`` recorded,
     if any, must be that one."""
     src = Path(src)
     manifest = read_manifest(src)
@@ -426,5 +426,5 @@ def read_manifest(src: Path) -> dict | None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__

@@ -7,7 +7,7 @@ pick the overlay set, and the image build turns it into OCI labels.
 Failures (hash mismatch, unknown ref, network) are one-line :class:`KtlegacyError`s and leave
 ``dest`` as it was: everything is fetched into a temporary directory next to ``dest``
 (``.DEST.fetch-*``) and renamed into place only when complete. A tree being filled holds
-``ktlegacy-fetch-incomplete`` (:data:`ktlegacy.safefs.INCOMPLETE_NAME`) from before its first
+``ktlegacy-fetch-incomplete`` (:data:`ktlegacy.core.safefs.INCOMPLETE_NAME`) from before its first
 file until after its last, and a tree being removed gets it back before its first file goes:
 ``patch`` refuses such a tree, so a killed fetch leaves no half tree it would accept. The next
 fetch-source for the same ``dest`` removes what a killed one left.
@@ -328,7 +328,7 @@ def fetch_source(dest: Path, ref: str | None = None, *, git_url: str | None = No
                                         f"--ref {r.name}, or a checked-out tree with --local DIR") from None
                 if r.commit and commit != r.commit:
                     raise KtlegacyError(f"tag {r.name} of {UPSTREAM_GIT_URL} resolves to {commit}, not {r.commit} "
-                                        "as recorded in ktlegacy/refs.py; refusing a moved tag")
+                                        "as recorded in ktlegacy/core/refs.py; refusing a moved tag")
                 extra = engine_tree(checkout, r, tree)
                 record = {"ref": r.name, "origin": "git", "url": UPSTREAM_GIT_URL, "commit": commit, **extra}
         if record["ref"] and record["ref"] not in REFS:

@@ -2,7 +2,7 @@
 
 The torch/Triton pin, the CUDA base images and toolkit version, the GPU arches, the upstream refs
 and the default one, the CPU instruction sets and the CPU flags each needs, the pieces of the
-image tag scheme and the label names. ``ktlegacy.arch``, ``ktlegacy.refs``, ``ktlegacy.images``,
+image tag scheme and the label names. ``ktlegacy.core.arch``, ``ktlegacy.core.refs``, ``ktlegacy.images``,
 ``ktlegacy.build``, ``ktlegacy.doctor`` and the overlays import them from here (their public names
 stay: they are re-exported).
 
@@ -99,7 +99,7 @@ REFS = {
     # Upstream did not bump __version__ in step with its tags: the v0.3.1 tree says "0.3", the
     # v0.3.2 tree "0.3.1", v0.4.1 "0.3.2", and every tag from v0.4.2 to v0.7.0 "0.4.1" (read
     # with `git show <tag>:ktransformers/__init__.py`). So the version names no ref: a tree's
-    # ref comes from its content (ktlegacy/fingerprints.json, see ktlegacy.fingerprint).
+    # ref comes from its content (ktlegacy/core/fingerprints.json, see ktlegacy.core.fingerprint).
     "v0.2.4post1": Ref("v0.2.4post1", "0.2.4post1", "git", commit="6617549de0d1f40b0e9254105be7dcc11bf97de5"),
     "v0.3.1": Ref("v0.3.1", "0.3", "git", commit="32f3d7befb906ddc2563e43dda1ad04703272f49"),
     "v0.3.2": Ref("v0.3.2", "0.3.1", "git", commit="495ae374780bff7aeb4c5742b8a6a13ec1eca221"),

@@ -2,9 +2,9 @@
 
 No GPU is needed: each kernel launch the patched code makes on the target arch is compiled
 with the installed Triton for a ``GPUTarget("cuda", 70|75, 32)`` by
-:mod:`ktlegacy.triton_worker` (one process per compile, because some Triton versions abort
+:mod:`ktlegacy.core.triton_worker` (one process per compile, because some Triton versions abort
 the process), and the shared memory the compiled kernel asks for is compared with what a
-block may use on that arch (:attr:`ktlegacy.arch.Arch.shared_mem_per_block`). A kernel that
+block may use on that arch (:attr:`ktlegacy.core.arch.Arch.shared_mem_per_block`). A kernel that
 does not compile, or needs more than the limit, fails the check with one line naming the
 kernel, the arch and the bytes (or the compiler's error). This is what pins the image's
 torch: its Triton must pass here (docs/torch-pin.md).
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from .arch import ARCHES, Arch
+from .command import command
 from .errors import KtlegacyError
 from .facts import arch_choice
 
@@ -227,7 +228,7 @@ class Result:
             return f"{where} does not compile for {self.arch} with {tri}: {self.detail}"
         if self.verdict == "unknown-kernel":
             return (f"Triton kernel {self.kernel} ({self.path}) has no launch scenario: add one to "
-                    f"ktlegacy/triton_check.py KERNELS so it is compiled for {self.arch}")
+                    f"ktlegacy/core/triton_check.py KERNELS so it is compiled for {self.arch}")
         return f"{where} on {self.arch}: {self.verdict}"
 
 
@@ -243,7 +244,7 @@ def _interesting_stderr(stderr: str) -> str:
 
 
 def _install_pin() -> str:
-    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/facts.py."""
+    """How to get the image's torch (it brings the Triton it requires): the pin of ktlegacy/core/facts.py."""
     try:
         from .facts import TORCH_INDEX_URL, TORCH_VERSION
     except ModuleNotFoundError:  # the image's kernels stage copies only the check (images/Dockerfile)
@@ -323,7 +324,7 @@ def compile_launch(tree: Path, path: str, kernel: str, scenario: Scenario, arch:
     if answer["status"] == "not-launched":
         launched = ", ".join(sorted({l["kernel"] for l in answer.get("launches", [])})) or "nothing"
         raise KtlegacyError(f"{scenario.entry}() in {path} no longer launches {kernel} (it launched "
-                            f"{launched}): update ktlegacy/triton_check.py KERNELS for this ref")
+                            f"{launched}): update ktlegacy/core/triton_check.py KERNELS for this ref")
     result.shared = int(answer["shared"])
     result.num_warps = answer.get("num_warps")
     result.num_stages = answer.get("num_stages")
@@ -434,10 +435,5 @@ def main(args) -> int:
     return 0
 
 
-def _register() -> None:
-    from .cli import command
-    command("check-triton", f"compile every Triton kernel of a patched tree for {'/'.join(ARCHES)} (no GPU) and "
-            "check its shared memory", add_arguments)(main)
-
-
-_register()
+command("check-triton", f"compile every Triton kernel of a patched tree for {'/'.join(ARCHES)} (no GPU) and "
+        "check its shared memory", add_arguments)(main)

@@ -3,7 +3,7 @@
 Run by path (``python triton_worker.py REQUEST.json``) with the interpreter whose Triton is
 under test, one process per compile: Triton 3.2 aborts the whole process with "LLVM ERROR:
 Failed to compute parent layout for slice layout" on sm70, so the caller
-(:mod:`ktlegacy.triton_check`) must survive a dead worker. Only the standard library and
+(:mod:`ktlegacy.core.triton_check`) must survive a dead worker. Only the standard library and
 Triton are imported here, never ktlegacy, so any venv holding a Triton wheel can run it.
 
 How the launch is reproduced exactly: the worker imports the tree's real module, calls its

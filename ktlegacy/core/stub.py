@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 from . import safefs
-from .cli import command
+from .command import command
 from .errors import KtlegacyError
 
-STUB_DIR = Path(__file__).resolve().parent.parent / "overlays" / "flash-attn-stub"
+STUB_DIR = Path(__file__).resolve().parents[2] / "overlays" / "flash-attn-stub"
 DISTRIBUTION = "flash-attn"
 # Building without isolation needs setuptools and its bdist_wheel (built in from setuptools
 # 70.1, from the ``wheel`` package before that).
@@ -60,7 +60,7 @@ def build_stub_wheel(dest_dir: Path, python: str = sys.executable, isolation: bo
     Without ``isolation`` nothing is downloaded: ``python`` must have setuptools >= 61 (and
     ``wheel`` if setuptools < 70.1). With ``isolation`` pip fetches setuptools from its index.
     An existing wheel of the same name in ``dest_dir`` is replaced; nothing is left half-written
-    (temp file and rename, :func:`ktlegacy.safefs.write_atomic`), and a symlinked ``dest_dir``
+    (temp file and rename, :func:`ktlegacy.core.safefs.write_atomic`), and a symlinked ``dest_dir``
     or wheel path is refused.
     """
     stub_version()  # fails clearly if the source is missing
