@@ -203,6 +203,89 @@ def test_source_archive_refuses_a_wrong_sdist(tmp_path):
     assert not (tmp_path / "a.tar.gz").exists() and not (tmp_path / "a.tar.gz.partial").exists()
 
 
+IK_FILES = {
+    # kept: what the CPU + CUDA llama-bench build reads
+    "vendor/ik_llama.cpp/CMakeLists.txt": "project(x)\n",
+    "vendor/ik_llama.cpp/src/llama.cpp": "// src\n",
+    "vendor/ik_llama.cpp/examples/llama-bench/CMakeLists.txt": "set(TARGET llama-bench)\n",
+    "vendor/ik_llama.cpp/examples/llama-bench/llama-bench.cpp": "// bench\n",
+    "vendor/ik_llama.cpp/ggml/src/iqk/iqk_mul_mat.cpp": "// iqk\n",
+    "vendor/ik_llama.cpp/ggml/src/ggml-cuda/fattn.cu": "// cuda\n",
+    "vendor/ik_llama.cpp/vendor/nlohmann/json.hpp": "// json\n",
+    # dropped
+    "vendor/ik_llama.cpp/examples/CMakeLists.txt": "add_subdirectory(main)\n",
+    "vendor/ik_llama.cpp/examples/main/main.cpp": "// another example\n",
+    "vendor/ik_llama.cpp/examples/server/public/index.html.gz": "web ui",
+    "vendor/ik_llama.cpp/models/ggml-vocab-x.gguf": "vocab",
+    "vendor/ik_llama.cpp/github-data/issues.json": "{}",
+    "vendor/ik_llama.cpp/convert_hf_to_gguf.py": "# converter\n",
+    "vendor/ik_llama.cpp/ggml/src/ggml-vulkan.cpp": "// vulkan\n",
+    "vendor/ik_llama.cpp/ggml/src/kompute/k.cpp": "// kompute\n",
+    "vendor/ik_llama.cpp/vendor/miniaudio/miniaudio.h": "// audio\n",
+    "ik_llama_cpp/llama.py": "# not vendored\n",
+}
+
+
+def _fake_ik_sdist(path: Path, drop: str = "") -> Path:
+    top = f"ik_llama_cpp_python-{peer_source.PEERS['ik_llama_cpp'].version}/"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in IK_FILES.items():
+            if name == drop:
+                continue
+            data = text.encode()
+            info = tarfile.TarInfo(top + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_ik_source_archive_keeps_what_the_build_reads(tmp_path):
+    sdist = _fake_ik_sdist(tmp_path / "s.tar.gz")
+    sha = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    rec = peer_source.make_archive(sdist, tmp_path / "out" / "ik.tar.gz", sha256=sha, peer="ik_llama_cpp")
+    with tarfile.open(tmp_path / "out" / "ik.tar.gz") as tar:
+        names = sorted(tar.getnames())
+        meta = json.loads(tar.extractfile("ik_llama.cpp/KTLEGACY-SOURCE.json").read())
+    assert names == ["ik_llama.cpp/CMakeLists.txt", "ik_llama.cpp/KTLEGACY-SOURCE.json",
+                     "ik_llama.cpp/examples/llama-bench/CMakeLists.txt",
+                     "ik_llama.cpp/examples/llama-bench/llama-bench.cpp",
+                     "ik_llama.cpp/ggml/src/ggml-cuda/fattn.cu", "ik_llama.cpp/ggml/src/iqk/iqk_mul_mat.cpp",
+                     "ik_llama.cpp/src/llama.cpp", "ik_llama.cpp/vendor/nlohmann/json.hpp"]
+    assert rec["files"] == 7 and rec["peer"] == "ik_llama_cpp"
+    # the sdist records no ik_llama.cpp commit: the record says so instead of inventing one
+    assert meta["ik_llama_cpp_commit"] is None and "records no commit" in meta["commit_note"]
+    assert meta["sdist_sha256"] == sha and meta["from"] == "PyPI ik-llama-cpp-python 0.1.5 sdist"
+    assert "examples/llama-bench/" in meta["kept_only"] and "ggml/src/ggml-vulkan.cpp" in meta["dropped"]
+    assert not (tmp_path / "out" / "ik.tar.gz.partial").exists()
+
+
+def test_ik_source_archive_refuses_a_wrong_sdist(tmp_path):
+    sdist = _fake_ik_sdist(tmp_path / "s.tar.gz", drop="vendor/ik_llama.cpp/examples/llama-bench/llama-bench.cpp")
+    with pytest.raises(SystemExit, match="ik-llama-cpp-python 0.1.5's sdist"):
+        peer_source.make_archive(sdist, tmp_path / "a.tar.gz", peer="ik_llama_cpp")  # the pinned hash
+    with pytest.raises(ValueError, match="holds no .*examples/llama-bench/llama-bench.cpp"):
+        peer_source.make_archive(sdist, tmp_path / "a.tar.gz", sha256=hashlib.sha256(sdist.read_bytes()).hexdigest(),
+                                 peer="ik_llama_cpp")
+    # llama.cpp's sdist is not ik's: its vendored tree is elsewhere
+    other = _fake_sdist(tmp_path / "l.tar.gz", "- update llama.cpp to ggml-org/llama.cpp@0c1e57098\n")
+    with pytest.raises(ValueError, match="holds no"):
+        peer_source.make_archive(other, tmp_path / "a.tar.gz", sha256=hashlib.sha256(other.read_bytes()).hexdigest(),
+                                 peer="ik_llama_cpp")
+    assert not (tmp_path / "a.tar.gz").exists() and not (tmp_path / "a.tar.gz.partial").exists()
+
+
+@pytest.mark.parametrize("peer, dist, top", [("llama_cpp", "llama-cpp-python", "llama.cpp"),
+                                             ("ik_llama_cpp", "ik-llama-cpp-python", "ik_llama.cpp")])
+def test_peer_table_pins_each_sdist(peer, dist, top):
+    p = peer_source.PEERS[peer]
+    assert (p.dist, p.top) == (dist, top) and len(p.sha256) == 64 and int(p.sha256, 16) >= 0
+    assert p.sdist_name == f"{dist.replace('-', '_')}-{p.version}.tar.gz"
+    assert p.keep("CMakeLists.txt") and p.keep("ggml/src/ggml-cuda/fattn.cu") and not p.keep("models/x.gguf")
+    # the llama.cpp names callers used before there were two peers
+    assert (peer_source.SDIST_VERSION, peer_source.SDIST_SHA256) == (
+        peer_source.PEERS["llama_cpp"].version, peer_source.PEERS["llama_cpp"].sha256)
+
+
 # ---------------------------------------------------------------- the GPU-machine scripts
 
 def test_scripts_parse_and_refuse_missing_inputs(tmp_path):
