@@ -140,6 +140,10 @@ def _record(peer: Peer, src: tarfile.TarFile, names: set, sha256: str) -> dict:
         record["ik_llama_cpp_commit"] = None
         record["commit_note"] = (f"{peer.dist} {peer.version} vendors ik_llama.cpp as a git submodule "
                                  "(github.com/ikawrakow/ik_llama.cpp) and records no commit")
+        # ik's .gitignore has "build*", so the sdist lacks this script that common/CMakeLists.txt runs
+        record["missing_from_sdist"] = {
+            "common/cmake/build-info-gen-cpp.cmake": "bench/peer_build_llama.sh writes it (build-info.cpp from "
+                                                     "build-info.cpp.in, commit 'unknown')"}
     if peer.keep_only:
         record["kept_only"] = list(peer.keep_only)
     record["dropped"] = list(peer.drop)

@@ -256,6 +256,7 @@ def test_ik_source_archive_keeps_what_the_build_reads(tmp_path):
     assert meta["ik_llama_cpp_commit"] is None and "records no commit" in meta["commit_note"]
     assert meta["sdist_sha256"] == sha and meta["from"] == "PyPI ik-llama-cpp-python 0.1.5 sdist"
     assert "examples/llama-bench/" in meta["kept_only"] and "ggml/src/ggml-vulkan.cpp" in meta["dropped"]
+    assert "common/cmake/build-info-gen-cpp.cmake" in meta["missing_from_sdist"]  # peer_build_llama.sh writes it
     assert not (tmp_path / "out" / "ik.tar.gz.partial").exists()
 
 
@@ -307,6 +308,14 @@ def test_scripts_parse_and_refuse_missing_inputs(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "x.tar.gz"),
                            str(tmp_path / "b"), "metal"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: mode must be cuda or cpu, not metal"
+    # an archive with neither peer's top folder is refused before anything is built
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("whisper.cpp/CMakeLists.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "other.tar.gz"),
+                           str(tmp_path / "b"), "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {tmp_path / 'other.tar.gz'} has no llama.cpp/CMakeLists.txt or ik_llama.cpp/CMakeLists.txt")
 
 
 def test_cpu_expert_wait_times_and_restores(monkeypatch):
