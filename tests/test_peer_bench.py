@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -58,6 +59,44 @@ def test_parse_recorded_llama_bench_output():
     assert peer_bench.parse_llama_bench("load: something\n" + text) == rows
     with pytest.raises(ValueError, match="samples_ts"):
         peer_bench.parse_llama_bench('{"n_prompt": 1, "n_gen": 0, "avg_ts": 1.0}')
+
+
+def _raw_objects(text: str) -> list[dict]:
+    """Every JSON object a line opens, all fields (the parser keeps only those it uses)."""
+    dec, out, pos = json.JSONDecoder(), [], 0
+    for m in re.finditer(r"^[ \t]*\{", text, re.M):
+        if m.start() >= pos:
+            obj, pos = dec.raw_decode(text, m.end() - 1)
+            out.append(obj)
+    return out
+
+
+def test_parse_recorded_ik_llama_bench_output():
+    """ik_llama.cpp's llama-bench (no -o jsonl): two -o json invocations as printed, log lines
+    ("Computed blk.N.attn_k_b ...") among the array's rows on stdout (see the README)."""
+    text = (FIXTURES / "ik-llama-bench-cpu.out").read_text()
+    assert text.index("Computed blk.0.attn_k_b") > text.index("[")  # logs inside the JSON array
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text[: text.index("]") + 1])
+    rows = peer_bench.parse_llama_bench(text)
+    assert [(r["test"], r["n_prompt"], r["n_gen"], r["n_ubatch"]) for r in rows] == [
+        ("pp64", 64, 0, 512), ("tg4", 0, 4, 512), ("tg4@pp64", 64, 4, 512),
+        ("pp64", 64, 0, 128), ("tg4", 0, 4, 128), ("pp64", 64, 0, 256), ("tg4", 0, 4, 256)]
+    for r in rows:
+        assert r["n_depth"] == 0  # ik's rows have no n_depth: depth is -gp's prompt
+        assert len(r["samples_ts"]) == 3 and all(x > 0 for x in r["samples_ts"])
+        assert r["avg_ts"] == pytest.approx(sum(r["samples_ts"]) / 3, rel=1e-3)
+    raw = _raw_objects(text)
+    assert len(raw) == len(rows)
+    for r in raw:  # the flags each row was run with, under ik's field names
+        assert (r["fused_moe"], r["mla_attn"], r["attn_max_batch"], r["override_tensor"], r["flash_attn"]) == (
+            True, 3, 512, "exps=CPU", True)
+        assert "n_depth" not in r and "tensor_buft_overrides" not in r
+    assert [r["repack"] for r in raw] == [False] * 3 + [True] * 4
+    # -gp (tg4@pp64) times the 4 generated tokens only: tokens/s = 4 / time, not (64 + 4) / time
+    gp = raw[2]
+    for ts, ns in zip(gp["samples_ts"], gp["samples_ns"]):
+        assert ts * ns / 1e9 == pytest.approx(4, rel=1e-3)
 
 
 def _pts(prefill: dict, decode: dict) -> dict:
