@@ -621,6 +621,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path, help="make_lite_model output directory")
     p.add_argument("--llama-bench", help="llama-bench binary (needed for the llama_cpp engine)")
+    p.add_argument("--ik-llama-bench", help="ik_llama.cpp's llama-bench binary (bench/peer_run.sh builds it; "
+                   "stored in args.ik_llama_bench: no ik_llama.cpp configuration is run from it yet)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: physical cores)")
     p.add_argument("--cpu-infer", type=int, default=None,

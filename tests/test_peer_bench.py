@@ -192,6 +192,10 @@ def test_cli_refusals(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--out", str(tmp_path / "o.json"),
                            "--runs", "2"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--runs must be at least 3" in proc.stderr
+    # --ik-llama-bench is taken (stored for ik_llama.cpp's configurations; bench/peer_run.sh passes it)
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--out", str(tmp_path / "o.json"),
+                           "--ik-llama-bench", str(tmp_path / "ik-llama-bench")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds no ktlegacy-peer-model.json" in proc.stderr
 
 
 # ---------------------------------------------------------------- the source archive
