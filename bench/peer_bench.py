@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -118,12 +119,20 @@ def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/device
 
 def parse_llama_bench(text: str) -> list[dict]:
     """llama-bench ``-o json`` (one array) or ``-o jsonl`` (one object per line) output ->
-    rows with the fields this benchmark uses; other lines (logs) are ignored for jsonl."""
+    rows with the fields this benchmark uses; other lines (logs) are ignored. ik_llama.cpp's
+    llama-bench has no jsonl, and its ``-o json`` array has log lines on stdout among its
+    rows (before the first, at each model load): a row is read wherever a line opens an object."""
     text = text.strip()
-    if text.startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip().startswith("{")]
+    try:
+        rows = json.loads(text) if text.startswith("[") else None
+    except json.JSONDecodeError:
+        rows = None
+    if rows is None:
+        rows, pos, dec = [], 0, json.JSONDecoder()
+        for m in re.finditer(r"^[ \t]*\{", text, re.M):
+            if m.start() >= pos:
+                row, pos = dec.raw_decode(text, m.end() - 1)
+                rows.append(row)
     out = []
     for r in rows:
         samples = r.get("samples_ts")
@@ -136,7 +145,10 @@ def parse_llama_bench(text: str) -> list[dict]:
                     "gpu_info": r.get("gpu_info"), "cpu_info": r.get("cpu_info"),
                     "n_batch": r.get("n_batch"), "n_ubatch": r.get("n_ubatch"),
                     "model_size": r.get("model_size"), "model_n_params": r.get("model_n_params"),
-                    "tensor_buft_overrides": r.get("tensor_buft_overrides")})
+                    "tensor_buft_overrides": r.get("tensor_buft_overrides"),
+                    # ik_llama.cpp: "pp512", "tg32", "tg32@pp1024" (-gp: decode after a prompt,
+                    # timed over the generated tokens only) or "pp512+tg32" (-pg: both timed)
+                    "test": r.get("test")})
     return out
 
 
@@ -609,6 +621,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path, help="make_lite_model output directory")
     p.add_argument("--llama-bench", help="llama-bench binary (needed for the llama_cpp engine)")
+    p.add_argument("--ik-llama-bench", help="ik_llama.cpp's llama-bench binary (bench/peer_run.sh builds it; "
+                   "stored in args.ik_llama_bench: no ik_llama.cpp configuration is run from it yet)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: physical cores)")
     p.add_argument("--cpu-infer", type=int, default=None,

@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# ktlegacy vs llama.cpp on the GPU machine, one command (issue 13):
+# ktlegacy vs llama.cpp and ik_llama.cpp on the GPU machine, one command (issues 13, 26):
 #
 #   OUT=/some/dir bash bench/peer_run.sh          # from the repo root
 #
 # Carried in the repo's git-ignored .whl/: everything bench/gpu_run.sh needs (its wheels, the
 # cpufeature sdist, the upstream sdist) plus llama.cpp-src.tar.gz, written here by
 #   python bench/peer_source.py --out .whl/llama.cpp-src.tar.gz     (~5 MB, from PyPI)
+# and ik_llama.cpp-src.tar.gz (without it, or if its build fails, the other engines still run):
+#   python bench/peer_source.py --peer ik_llama_cpp --out .whl/ik_llama.cpp-src.tar.gz   (~2 MB)
 # Optional: KTLEGACY_PREBUILT=.whl/ext-sm75-ptx.tar.gz (our extensions from an earlier run: no
 # compile), PEER_LLAMA_PREBUILT=.whl/llama-bench-cuda.tar.gz (llama-bench from an earlier run),
+# PEER_IK_PREBUILT=.whl/ik-llama-bench-cuda.tar.gz (ik_llama.cpp's, likewise),
 # PEER_LLAMA_CPU=native|avx2 (llama.cpp's CPU code; default native), PEER_THREADS=N (default:
 # physical cores), PEER_DEADLINE_S (default 570: the device's 10-minute limit less a margin),
 # PEER_PREPARE_ONLY=1 (build and generate, no benchmark), PEER_BENCH_ARGS="..." (extra arguments
 # for bench/peer_bench.py, e.g. "--decode-tokens 16" if a run does not fit).
 #
 # Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.testing.peer_model,
-# ~9.4 GiB, never leaves the machine) | llama.cpp's llama-bench (bench/peer_build_llama.sh: PTX for
-# 7.5 only, flash attention on) | our patched ktransformers 0.2.1.post1, 7.5+PTX (bench/gpu_run.sh
+# ~9.4 GiB, never leaves the machine) | llama.cpp's and ik_llama.cpp's llama-bench (bench/peer_build_llama.sh:
+# PTX for 7.5 only, flash attention on) | our patched ktransformers 0.2.1.post1, 7.5+PTX (bench/gpu_run.sh
 # with KTLEGACY_PROOF=install) -> bench/peer_bench.py (KTLEGACY_EMULATE_CC=7.5): triad,
 # llama.cpp, ktlegacy (SDPA), ktlegacy (windows).
 # State lives in build/peer-gpu/ (git-ignored: the device keeps it between calls while the machine
 # stays warm): a second call finds the builds, the install and the model and only benchmarks.
 # Expected on a 16-core H200 host: builds + model ~5 min, the benchmark ~7 min, so the plan is two
 # calls: PEER_PREPARE_ONLY=1 first, then the same command without it (the JSON comes from that one
-# call alone, all three engines). $OUT also gets ext-sm75-ptx.tar.gz and llama-bench-cuda.tar.gz:
-# carry them in .whl/ with KTLEGACY_PREBUILT / PEER_LLAMA_PREBUILT if the machine was handed back.
+# call alone, all three engines). $OUT also gets ext-sm75-ptx.tar.gz, llama-bench-cuda.tar.gz and
+# ik-llama-bench-cuda.tar.gz: carry them in .whl/ with KTLEGACY_PREBUILT / PEER_LLAMA_PREBUILT /
+# PEER_IK_PREBUILT if the machine was handed back.
+# ik_llama.cpp's build is waited for like llama.cpp's, except that the benchmark does not wait for
+# it past PEER_IK_WAIT_LEFT seconds left (default 480): then the build is stopped (a later call on
+# this machine resumes it) and the benchmark runs without ik_llama.cpp. A PEER_PREPARE_ONLY=1 call
+# waits for it until a minute is left.
 # Results: $OUT/peer_vs_llama_cpp.json (.partial.json while running), peer-logs.tar.gz.
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
@@ -33,6 +41,7 @@ work="${PEER_WORK:-$repo/build/peer-gpu}"
 logs="$work/logs"
 limit="${PEER_DEADLINE_S:-570}"
 src_tar="${PEER_LLAMA_SRC:-.whl/llama.cpp-src.tar.gz}"
+ik_src_tar="${PEER_IK_SRC:-.whl/ik_llama.cpp-src.tar.gz}"
 [ -f "$src_tar" ] || [ -n "${PEER_LLAMA_PREBUILT:-}" ] || {
   echo "error: $src_tar is missing: run python bench/peer_source.py --out $src_tar here and carry .whl/" >&2; exit 2; }
 mkdir -p "$work" "$logs" "$OUT"
@@ -77,6 +86,32 @@ else
     [ $rc = 0 ] && echo "$want" >"$work/llama.stamp"; echo $rc >"$work/llama.rc" ) &
 fi
 
+# ---- 2b. ik_llama.cpp's llama-bench (background; optional: rc 9 = no archive)
+ik_bin="$work/ik/build/bin/llama-bench"
+ik_want="$( [ -f "$ik_src_tar" ] && sha256sum "$ik_src_tar" | cut -d' ' -f1) ${PEER_LLAMA_CPU:-native}"
+rm -f "$work/ik.pid"
+if [ -x "$ik_bin" ] && [ "$(cat "$work/ik.stamp" 2>/dev/null)" = "$ik_want" ]; then
+  say "ik_llama.cpp: reusing $ik_bin"; echo 0 >"$work/ik.rc"
+elif [ -n "${PEER_IK_PREBUILT:-}" ]; then
+  say "ik_llama.cpp: using $PEER_IK_PREBUILT"
+  if rm -rf "$work/ik" && mkdir -p "$work/ik" && tar -C "$work/ik" -xzf "$PEER_IK_PREBUILT"; then
+    echo "$ik_want" >"$work/ik.stamp"; echo 0 >"$work/ik.rc"
+  else
+    say "ik_llama.cpp: $PEER_IK_PREBUILT did not unpack: running without it"; echo 4 >"$work/ik.rc"
+  fi
+elif [ ! -f "$ik_src_tar" ]; then
+  say "ik_llama.cpp: no $ik_src_tar (python bench/peer_source.py --peer ik_llama_cpp --out $ik_src_tar): running without it"
+  echo 9 >"$work/ik.rc"
+else
+  rm -f "$work/ik.rc" "$work/ik.stamp"
+  say "ik_llama.cpp: building llama-bench (CUDA, 75-virtual) in the background"
+  # its own process group (setsid), so that an unfinished build can be stopped before the benchmark
+  ( setsid bash bench/peer_build_llama.sh "$ik_src_tar" "$work/ik" cuda >"$logs/ik-build.log" 2>&1 &
+    echo $! >"$work/ik.pid"; wait $!
+    rc=$?; for f in "$work/ik/"cmake-*.log; do [ -f "$f" ] && cp "$f" "$logs/ik-$(basename "$f")"; done
+    [ $rc = 0 ] && echo "$ik_want" >"$work/ik.stamp"; echo $rc >"$work/ik.rc" ) &
+fi
+
 # ---- 3. our engine (foreground): bench/gpu_run.sh up to the install
 # the installed tree is reused while the code that makes it (overlays, library, build scripts) is unchanged
 kt_want="$(find overlays ktlegacy images/scripts bench/gpu_run.sh -type f ! -name '*.pyc' -print0 | sort -z \
@@ -105,7 +140,17 @@ while [ ! -f "$work/model.rc" ] || [ ! -f "$work/llama.rc" ]; do
   [ "$(left)" -gt 60 ] || { say "out of time waiting for the model/llama.cpp build"; finish 6; }
   sleep 2
 done
-say "model rc $(cat "$work/model.rc"); llama.cpp rc $(cat "$work/llama.rc")"
+ik_wait_left="${PEER_IK_WAIT_LEFT:-480}"
+[ "${PEER_PREPARE_ONLY:-0}" = 1 ] && ik_wait_left=60
+while [ ! -f "$work/ik.rc" ] && [ "$(left)" -gt "$ik_wait_left" ]; do sleep 2; done
+if [ ! -f "$work/ik.rc" ]; then
+  say "ik_llama.cpp: build not finished with $(left)s left: stopped (a later call resumes it), running without it"
+  [ -f "$work/ik.pid" ] && kill -- -"$(cat "$work/ik.pid")" 2>/dev/null
+  for _ in $(seq 30); do [ -f "$work/ik.rc" ] && break; sleep 1; done
+  [ -f "$work/ik.rc" ] || echo 6 >"$work/ik.rc"
+fi
+ik_rc=$(cat "$work/ik.rc")
+say "model rc $(cat "$work/model.rc"); llama.cpp rc $(cat "$work/llama.rc"); ik_llama.cpp rc $ik_rc"
 cat "$logs/model.log" 2>/dev/null | tail -3
 [ "$(cat "$work/model.rc")" = 0 ] || finish 5
 if [ "$(cat "$work/llama.rc")" = 0 ]; then
@@ -113,10 +158,16 @@ if [ "$(cat "$work/llama.rc")" = 0 ]; then
 else
   tail -30 "$logs/llama-build.log"
 fi
+if [ "$ik_rc" = 0 ]; then
+  [ -f "$OUT/ik-llama-bench-cuda.tar.gz" ] \
+    || tar -C "$work/ik" -czf "$OUT/ik-llama-bench-cuda.tar.gz" build/bin/llama-bench ik_llama.cpp/KTLEGACY-SOURCE.json
+elif [ "$ik_rc" != 9 ]; then
+  tail -30 "$logs/ik-build.log" 2>/dev/null
+fi
 
 if [ "${PEER_PREPARE_ONLY:-0}" = 1 ]; then
   say "prepared (PEER_PREPARE_ONLY=1): the next call on this machine only benchmarks"
-  finish $(( kt_rc != 0 || $(cat "$work/llama.rc") != 0 ))
+  finish $(( kt_rc != 0 || $(cat "$work/llama.rc") != 0 || (ik_rc != 0 && ik_rc != 9) ))
 fi
 
 # ---- 4. the benchmark
@@ -127,6 +178,7 @@ engines=()
 export PYTHONPATH="$work/kt-work/kt:$work/kt-work/site:$repo"
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" KTLEGACY_EMULATE_CC=7.5 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PEER_LLAMA_SOURCE_JSON="$work/llama/llama.cpp/KTLEGACY-SOURCE.json"
+export PEER_IK_SOURCE_JSON="$work/ik/ik_llama.cpp/KTLEGACY-SOURCE.json"
 # both engines JIT-compile sm75 PTX on a newer GPU: keep the JIT cache across the processes of a call
 export CUDA_CACHE_MAXSIZE=4294967296
 budget=$(left)
@@ -134,7 +186,9 @@ budget=$(left)
 say "peer_bench: engines ${engines[*]}, ${budget}s left"
 threads=()
 [ -n "${PEER_THREADS:-}" ] && threads=(--threads "$PEER_THREADS")
-timeout "$budget" $py bench/peer_bench.py --model "$model" --llama-bench "$llama_bin" --engines "${engines[@]}" \
+ik_args=()
+[ "$ik_rc" = 0 ] && ik_args=(--ik-llama-bench "$ik_bin")
+timeout "$budget" $py bench/peer_bench.py --model "$model" --llama-bench "$llama_bin" "${ik_args[@]}" --engines "${engines[@]}" \
   "${threads[@]}" --out "$OUT/peer_vs_llama_cpp.json" --deadline-s $(( budget - 45 )) ${PEER_BENCH_ARGS:-} 2>&1 | tee "$logs/peer_bench.log" \
   | grep -E "^\[peer_bench|Error|error" | tail -80
 rc=${PIPESTATUS[0]}

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -58,6 +59,44 @@ def test_parse_recorded_llama_bench_output():
     assert peer_bench.parse_llama_bench("load: something\n" + text) == rows
     with pytest.raises(ValueError, match="samples_ts"):
         peer_bench.parse_llama_bench('{"n_prompt": 1, "n_gen": 0, "avg_ts": 1.0}')
+
+
+def _raw_objects(text: str) -> list[dict]:
+    """Every JSON object a line opens, all fields (the parser keeps only those it uses)."""
+    dec, out, pos = json.JSONDecoder(), [], 0
+    for m in re.finditer(r"^[ \t]*\{", text, re.M):
+        if m.start() >= pos:
+            obj, pos = dec.raw_decode(text, m.end() - 1)
+            out.append(obj)
+    return out
+
+
+def test_parse_recorded_ik_llama_bench_output():
+    """ik_llama.cpp's llama-bench (no -o jsonl): two -o json invocations as printed, log lines
+    ("Computed blk.N.attn_k_b ...") among the array's rows on stdout (see the README)."""
+    text = (FIXTURES / "ik-llama-bench-cpu.out").read_text()
+    assert text.index("Computed blk.0.attn_k_b") > text.index("[")  # logs inside the JSON array
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text[: text.index("]") + 1])
+    rows = peer_bench.parse_llama_bench(text)
+    assert [(r["test"], r["n_prompt"], r["n_gen"], r["n_ubatch"]) for r in rows] == [
+        ("pp64", 64, 0, 512), ("tg4", 0, 4, 512), ("tg4@pp64", 64, 4, 512),
+        ("pp64", 64, 0, 128), ("tg4", 0, 4, 128), ("pp64", 64, 0, 256), ("tg4", 0, 4, 256)]
+    for r in rows:
+        assert r["n_depth"] == 0  # ik's rows have no n_depth: depth is -gp's prompt
+        assert len(r["samples_ts"]) == 3 and all(x > 0 for x in r["samples_ts"])
+        assert r["avg_ts"] == pytest.approx(sum(r["samples_ts"]) / 3, rel=1e-3)
+    raw = _raw_objects(text)
+    assert len(raw) == len(rows)
+    for r in raw:  # the flags each row was run with, under ik's field names
+        assert (r["fused_moe"], r["mla_attn"], r["attn_max_batch"], r["override_tensor"], r["flash_attn"]) == (
+            True, 3, 512, "exps=CPU", True)
+        assert "n_depth" not in r and "tensor_buft_overrides" not in r
+    assert [r["repack"] for r in raw] == [False] * 3 + [True] * 4
+    # -gp (tg4@pp64) times the 4 generated tokens only: tokens/s = 4 / time, not (64 + 4) / time
+    gp = raw[2]
+    for ts, ns in zip(gp["samples_ts"], gp["samples_ns"]):
+        assert ts * ns / 1e9 == pytest.approx(4, rel=1e-3)
 
 
 def _pts(prefill: dict, decode: dict) -> dict:
@@ -153,6 +192,10 @@ def test_cli_refusals(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--out", str(tmp_path / "o.json"),
                            "--runs", "2"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--runs must be at least 3" in proc.stderr
+    # --ik-llama-bench is taken (stored for ik_llama.cpp's configurations; bench/peer_run.sh passes it)
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--out", str(tmp_path / "o.json"),
+                           "--ik-llama-bench", str(tmp_path / "ik-llama-bench")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds no ktlegacy-peer-model.json" in proc.stderr
 
 
 # ---------------------------------------------------------------- the source archive
@@ -203,6 +246,90 @@ def test_source_archive_refuses_a_wrong_sdist(tmp_path):
     assert not (tmp_path / "a.tar.gz").exists() and not (tmp_path / "a.tar.gz.partial").exists()
 
 
+IK_FILES = {
+    # kept: what the CPU + CUDA llama-bench build reads
+    "vendor/ik_llama.cpp/CMakeLists.txt": "project(x)\n",
+    "vendor/ik_llama.cpp/src/llama.cpp": "// src\n",
+    "vendor/ik_llama.cpp/examples/llama-bench/CMakeLists.txt": "set(TARGET llama-bench)\n",
+    "vendor/ik_llama.cpp/examples/llama-bench/llama-bench.cpp": "// bench\n",
+    "vendor/ik_llama.cpp/ggml/src/iqk/iqk_mul_mat.cpp": "// iqk\n",
+    "vendor/ik_llama.cpp/ggml/src/ggml-cuda/fattn.cu": "// cuda\n",
+    "vendor/ik_llama.cpp/vendor/nlohmann/json.hpp": "// json\n",
+    # dropped
+    "vendor/ik_llama.cpp/examples/CMakeLists.txt": "add_subdirectory(main)\n",
+    "vendor/ik_llama.cpp/examples/main/main.cpp": "// another example\n",
+    "vendor/ik_llama.cpp/examples/server/public/index.html.gz": "web ui",
+    "vendor/ik_llama.cpp/models/ggml-vocab-x.gguf": "vocab",
+    "vendor/ik_llama.cpp/github-data/issues.json": "{}",
+    "vendor/ik_llama.cpp/convert_hf_to_gguf.py": "# converter\n",
+    "vendor/ik_llama.cpp/ggml/src/ggml-vulkan.cpp": "// vulkan\n",
+    "vendor/ik_llama.cpp/ggml/src/kompute/k.cpp": "// kompute\n",
+    "vendor/ik_llama.cpp/vendor/miniaudio/miniaudio.h": "// audio\n",
+    "ik_llama_cpp/llama.py": "# not vendored\n",
+}
+
+
+def _fake_ik_sdist(path: Path, drop: str = "") -> Path:
+    top = f"ik_llama_cpp_python-{peer_source.PEERS['ik_llama_cpp'].version}/"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in IK_FILES.items():
+            if name == drop:
+                continue
+            data = text.encode()
+            info = tarfile.TarInfo(top + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_ik_source_archive_keeps_what_the_build_reads(tmp_path):
+    sdist = _fake_ik_sdist(tmp_path / "s.tar.gz")
+    sha = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    rec = peer_source.make_archive(sdist, tmp_path / "out" / "ik.tar.gz", sha256=sha, peer="ik_llama_cpp")
+    with tarfile.open(tmp_path / "out" / "ik.tar.gz") as tar:
+        names = sorted(tar.getnames())
+        meta = json.loads(tar.extractfile("ik_llama.cpp/KTLEGACY-SOURCE.json").read())
+    assert names == ["ik_llama.cpp/CMakeLists.txt", "ik_llama.cpp/KTLEGACY-SOURCE.json",
+                     "ik_llama.cpp/examples/llama-bench/CMakeLists.txt",
+                     "ik_llama.cpp/examples/llama-bench/llama-bench.cpp",
+                     "ik_llama.cpp/ggml/src/ggml-cuda/fattn.cu", "ik_llama.cpp/ggml/src/iqk/iqk_mul_mat.cpp",
+                     "ik_llama.cpp/src/llama.cpp", "ik_llama.cpp/vendor/nlohmann/json.hpp"]
+    assert rec["files"] == 7 and rec["peer"] == "ik_llama_cpp"
+    # the sdist records no ik_llama.cpp commit: the record says so instead of inventing one
+    assert meta["ik_llama_cpp_commit"] is None and "records no commit" in meta["commit_note"]
+    assert meta["sdist_sha256"] == sha and meta["from"] == "PyPI ik-llama-cpp-python 0.1.5 sdist"
+    assert "examples/llama-bench/" in meta["kept_only"] and "ggml/src/ggml-vulkan.cpp" in meta["dropped"]
+    assert "common/cmake/build-info-gen-cpp.cmake" in meta["missing_from_sdist"]  # peer_build_llama.sh writes it
+    assert not (tmp_path / "out" / "ik.tar.gz.partial").exists()
+
+
+def test_ik_source_archive_refuses_a_wrong_sdist(tmp_path):
+    sdist = _fake_ik_sdist(tmp_path / "s.tar.gz", drop="vendor/ik_llama.cpp/examples/llama-bench/llama-bench.cpp")
+    with pytest.raises(SystemExit, match="ik-llama-cpp-python 0.1.5's sdist"):
+        peer_source.make_archive(sdist, tmp_path / "a.tar.gz", peer="ik_llama_cpp")  # the pinned hash
+    with pytest.raises(ValueError, match="holds no .*examples/llama-bench/llama-bench.cpp"):
+        peer_source.make_archive(sdist, tmp_path / "a.tar.gz", sha256=hashlib.sha256(sdist.read_bytes()).hexdigest(),
+                                 peer="ik_llama_cpp")
+    # llama.cpp's sdist is not ik's: its vendored tree is elsewhere
+    other = _fake_sdist(tmp_path / "l.tar.gz", "- update llama.cpp to ggml-org/llama.cpp@0c1e57098\n")
+    with pytest.raises(ValueError, match="holds no"):
+        peer_source.make_archive(other, tmp_path / "a.tar.gz", sha256=hashlib.sha256(other.read_bytes()).hexdigest(),
+                                 peer="ik_llama_cpp")
+    assert not (tmp_path / "a.tar.gz").exists() and not (tmp_path / "a.tar.gz.partial").exists()
+
+
+@pytest.mark.parametrize("peer, dist, top", [("llama_cpp", "llama-cpp-python", "llama.cpp"),
+                                             ("ik_llama_cpp", "ik-llama-cpp-python", "ik_llama.cpp")])
+def test_peer_table_pins_each_sdist(peer, dist, top):
+    p = peer_source.PEERS[peer]
+    assert (p.dist, p.top) == (dist, top) and len(p.sha256) == 64 and int(p.sha256, 16) >= 0
+    assert p.sdist_name == f"{dist.replace('-', '_')}-{p.version}.tar.gz"
+    assert p.keep("CMakeLists.txt") and p.keep("ggml/src/ggml-cuda/fattn.cu") and not p.keep("models/x.gguf")
+    # the llama.cpp names callers used before there were two peers
+    assert (peer_source.SDIST_VERSION, peer_source.SDIST_SHA256) == (
+        peer_source.PEERS["llama_cpp"].version, peer_source.PEERS["llama_cpp"].sha256)
+
+
 # ---------------------------------------------------------------- the GPU-machine scripts
 
 def test_scripts_parse_and_refuse_missing_inputs(tmp_path):
@@ -224,6 +351,14 @@ def test_scripts_parse_and_refuse_missing_inputs(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "x.tar.gz"),
                            str(tmp_path / "b"), "metal"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: mode must be cuda or cpu, not metal"
+    # an archive with neither peer's top folder is refused before anything is built
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("whisper.cpp/CMakeLists.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "peer_build_llama.sh"), str(tmp_path / "other.tar.gz"),
+                           str(tmp_path / "b"), "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {tmp_path / 'other.tar.gz'} has no llama.cpp/CMakeLists.txt or ik_llama.cpp/CMakeLists.txt")
 
 
 def test_cpu_expert_wait_times_and_restores(monkeypatch):
