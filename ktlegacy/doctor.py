@@ -214,6 +214,56 @@ def row_cpu(spec: ServiceSpec, facts: HostFacts, labels: dict | None) -> Row:
     return Row("CPU vs image", OK, f"CPU has every flag of the image's {cpu} build ({', '.join(need)})")
 
 
+def _cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (the form cpuset and numactl take)."""
+    parts, start = [], None
+    for i, c in enumerate(cpus):
+        if start is None:
+            start = c
+        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
+            parts.append(f"{start}-{c}" if c != start else str(c))
+            start = None
+    return ",".join(parts)
+
+
+def row_cpu_threads(spec: ServiceSpec, facts: HostFacts, model: GgufModel | None) -> Row:
+    """KTLEGACY_CPU_INFER and thread placement from the host's topology. The CPU experts' pool spins
+    between jobs, and the engine's CUDA-callback and Python threads need cores of their own: one
+    node's physical cores minus 2 (measured: all 16 of 16 cores stalled whole layers,
+    docs/performance.md). On two or more NUMA nodes the threads should stay on one node with the
+    memory they stream, the node the GPUs hang off (PCIe from the far node: ~4 vs ~12 GB/s)."""
+    nodes = facts.numa_cpus
+    if not nodes:
+        return Row("CPU threads", SKIP, "lscpu gave no NUMA CPU lists: cannot advise KTLEGACY_CPU_INFER")
+    cores = {n: max(1, len(c) // facts.threads_per_core) for n, c in sorted(nodes.items())}
+    have = int(setting(spec.environment, "KTLEGACY_CPU_INFER"))
+    if len(nodes) == 1:
+        (node, n_cores), = cores.items()
+        advice = max(1, n_cores - 2)
+        text = f"1 NUMA node, {n_cores} physical cores: KTLEGACY_CPU_INFER={advice} advised, {have} set"
+        if have > advice:
+            return Row("CPU threads", WARN, text + ": the experts' spinning threads then compete with the engine's own",
+                       f"set KTLEGACY_CPU_INFER={advice} in compose/.env")
+        return Row("CPU threads", OK, text)
+    node = 0
+    n_cores = cores[node]
+    advice = max(1, n_cores - 2)
+    cpus = _cpu_list(sorted(nodes[node]))
+    fits = model is None or facts.numa_mem_kib.get(node, 0) * 1024 >= model.total_bytes
+    text = (f"{len(nodes)} NUMA nodes of {', '.join(str(c) for c in cores.values())} physical cores: keep the "
+            f"experts' threads and the memory they stream on the GPUs' node (nvidia-smi topo -m; node{node} "
+            f"here): KTLEGACY_CPU_INFER={advice} advised, {have} set, and the container on node{node}'s CPUs "
+            f"({cpus}) with its memory there")
+    if not fits:
+        text += (f"; the GGUF ({_gib(model.total_bytes)}) does not fit node{node}'s RAM, so its pages spread over "
+                 f"the nodes whatever you pin: start with numactl --interleave=all")
+    fix = (f"set KTLEGACY_CPU_INFER={advice} in compose/.env and add cpuset: \"{cpus}\" to the profile's service "
+           f"(a compose.override.yaml), or start it under numactl --cpunodebind={node} --membind={node}")
+    if have > advice:
+        text += f"; {have} threads spill onto the other node"
+    return Row("CPU threads", WARN, text, fix)   # advice to act on: the doctor cannot see a cpuset
+
+
 def row_model_dir(spec: ServiceSpec) -> Row:
     d = spec.model_dir
     fix = ("set KTLEGACY_MODEL_DIR in compose/.env (or --model-dir) to the model's Hugging Face directory "
@@ -258,7 +308,7 @@ def row_vram(spec: ServiceSpec, model: GgufModel | None, rules: RuleText,
     if rules_text is None:
         return Row("VRAM per GPU", WARN, f"cannot read rule file {spec.rules}: {rules_note}",
                    "pass --rules FILE, or build/pull the image so its rule file can be read"), None
-    min_tokens = int(setting(spec.environment, "KTLEGACY_GPU_PREFILL_MIN_TOKENS"))
+    min_tokens = setting(spec.environment, "KTLEGACY_GPU_PREFILL_MIN_TOKENS")
     budget = int(setting(spec.environment, "KTLEGACY_GPU_PREFILL_MIB"))
     linear = setting(spec.environment, "KTLEGACY_GPU_LINEAR").strip().lower()
     est = estimate(model, load_rules(rules_text, spec.rules), spec.cache_lens, min_tokens, budget, linear)
@@ -426,7 +476,7 @@ def check_profile(spec: ServiceSpec, facts: HostFacts, docker=None,
     image_row, labels = row_image(spec, facts)
     rows += [image_row, row_arch(spec, gpus, labels), row_cpu(spec, facts, labels), row_model_dir(spec)]
     gguf_row, model = row_gguf(spec)
-    rows += [gguf_row, row_ram(model, facts)]
+    rows += [gguf_row, row_ram(model, facts), row_cpu_threads(spec, facts, model)]
     # upstream's sdist (a download) only when there is a model to estimate VRAM for
     rules = read_rules(spec, labels, docker, rules_file, upstream=model is not None)
     rows.append(row_rules(spec, rules))

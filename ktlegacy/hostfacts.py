@@ -67,6 +67,8 @@ class HostFacts:
     source: str = "live"
     image_probe: Callable[[str], dict | None] | None = None
     port_probe: Callable[[str, int], bool] | None = None
+    numa_cpus: dict = field(default_factory=dict)                  # NUMA node -> [cpu ids] (lscpu)
+    threads_per_core: int = 1                                      # SMT siblings per physical core
 
     # --- derived ----------------------------------------------------------------------------
     @property
@@ -97,6 +99,7 @@ class HostFacts:
         smi = text("nvidia-smi.csv")
         gpus, gpu_error = (parse_nvidia_smi(smi), "") if smi is not None else (None, (text("nvidia-smi.err") or "nvidia-smi not recorded").strip())
         flags, model = parse_lscpu(text("lscpu.txt") or "")
+        numa_cpus, smt = parse_cpu_topology(text("lscpu.txt") or "")
         numa = {int(m.group(1)): parse_meminfo(p.read_text())
                 for p in sorted((d / "numa").glob("node*.meminfo")) if (m := re.match(r"node(\d+)", p.name))}
         runtimes_text = text("docker-runtimes.json")
@@ -107,14 +110,16 @@ class HostFacts:
         return cls(gpus=gpus, gpu_error=gpu_error, cpu_flags=flags, cpu_model=model, numa_mem_kib=numa,
                    docker_runtimes=runtimes, docker_error=docker_error,
                    nvidia_hook=(text("nvidia-hook.txt") or "").strip(), images=images,
-                   listening=listening, source=str(d))
+                   listening=listening, source=str(d), numa_cpus=numa_cpus, threads_per_core=smt)
 
     @classmethod
     def probe(cls, docker=None, docker_error: str = "") -> "HostFacts":
         """Facts of this host, now. ``docker`` (a :class:`ktlegacy.docker.DockerClient`) None: no
         Docker (``docker_error`` says why)."""
         gpus, gpu_error = probe_gpus()
-        flags, model = parse_lscpu(_run_text(["lscpu"]) or _read("/proc/cpuinfo"))
+        lscpu = _run_text(["lscpu"])
+        flags, model = parse_lscpu(lscpu or _read("/proc/cpuinfo"))
+        numa_cpus, smt = parse_cpu_topology(lscpu or "")
         numa = {}
         for p in sorted(Path("/sys/devices/system/node").glob("node[0-9]*/meminfo")):
             numa[int(p.parent.name[4:])] = parse_meminfo(p.read_text())
@@ -132,7 +137,8 @@ class HostFacts:
 
         return cls(gpus=gpus, gpu_error=gpu_error, cpu_flags=flags, cpu_model=model, numa_mem_kib=numa,
                    docker_runtimes=runtimes, docker_error=docker_error, nvidia_hook=hook,
-                   source="live", image_probe=image_probe, port_probe=port_in_use)
+                   source="live", image_probe=image_probe, port_probe=port_in_use, numa_cpus=numa_cpus,
+                   threads_per_core=smt)
 
 
 # --- parsers (also used on recorded files) -----------------------------------------------------
@@ -182,6 +188,30 @@ def parse_lscpu(text: str) -> tuple[frozenset, str]:
         elif key in ("model name",) and not model:
             model = value.strip()
     return frozenset(flags), model
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """"0-19,40-59" -> [0, ..., 19, 40, ..., 59]."""
+    cpus = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus += range(int(lo), int(hi or lo) + 1)
+    return cpus
+
+
+def parse_cpu_topology(text: str) -> tuple[dict, int]:
+    """({NUMA node: [cpu ids]}, threads per core) from ``lscpu``; ({}, 1) where it does not say."""
+    nodes, smt = {}, 1
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if m := re.fullmatch(r"NUMA node(\d+) CPU\(s\)", key):
+            nodes[int(m.group(1))] = parse_cpu_list(value)
+        elif key == "Thread(s) per core" and value.strip().isdigit():
+            smt = max(1, int(value))
+    return nodes, smt
 
 
 def parse_meminfo(text: str) -> int:

@@ -166,12 +166,15 @@ def check_value(name: str, value: str) -> str:
     sign or padding). Raises :class:`SettingError`."""
     s = SETTINGS[name]
     text = value.strip()
+    if s.kind == "count" and text.lower() in s.words:
+        return text.lower()
     if s.kind in ("count", "port"):
         number = int(text) if _COUNT.match(text) else None
         if s.kind == "port" and (number is None or not 1 <= number <= 65535):
             raise SettingError(f"{name}={value!r} is not a TCP port (1-65535)", _fix(s))
         if number is None or number < s.minimum:
-            raise SettingError(f"{name}={value!r} is not a whole number >= {s.minimum}", _fix(s))
+            raise SettingError(f"{name}={value!r} is not " + " or ".join([*s.words, f"a whole number >= {s.minimum}"]),
+                              _fix(s))
         return str(number)
     if s.kind == "address":
         try:

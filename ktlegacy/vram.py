@@ -34,9 +34,11 @@ Model of the estimate (stated, not measured; the doctor prints it):
   / ``_MIB``, defaults in ``ktlegacy/core/facts.py``): when a ``cache_lens``-token prompt reaches the
   threshold, each GPU whose MoE layers run it holds up to ``KTLEGACY_GPU_PREFILL_MIB`` of
   dequantised expert weights plus the prompt's hidden states (fp16 in, fp32 sum: 6 bytes per
-  token and hidden unit). This happens after the layer's attention, whose intermediates the
+  token and hidden unit) and the raw GGUF bytes of the ``STAGED_RUNS`` runs of experts in flight
+  (a run's dequantised weights take 10 bytes per weight of one projection: three fp16 projections
+  and one fp32 transient; its raw bytes 3 x the GGUF's bytes per weight). ``auto`` counts as on. This happens after the layer's attention, whose intermediates the
   allocator can reuse, so the estimate counts the larger of the two, not both. 0 tokens: not
-  counted. DeepSeek-V3 at 8192 tokens: 1.33 GiB, below its 3.09 GiB of attention.
+  counted. DeepSeek-V3 (Q4_K_M) at 8192 tokens: about 1.7 GiB, below its 3.09 GiB of attention.
 * **runtime**: :data:`GPU_RUNTIME_MIB` per GPU for the CUDA context, cuBLAS workspaces, the CUDA
   graph pool and allocator slack of the running server: measured 844-953 MiB above weights + KV
   cache per GPU on H200s (CUDA 13, torch 2.11, 1 and 2 GPUs, the server with CUDA graphs,
@@ -262,7 +264,10 @@ class Estimate:
         return sorted((d for d in devs if d.startswith("cuda")), key=lambda d: int(d.split(":")[1]))
 
 
-def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_min_tokens: int = GPU_PREFILL_MIN_TOKENS,
+STAGED_RUNS = 2   # overlay 68's staging: the run being computed and the next one (or the next layer's first)
+
+
+def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_min_tokens=GPU_PREFILL_MIN_TOKENS,
              gpu_prefill_mib: int = GPU_PREFILL_MIB, linear_mode: str = GPU_LINEAR) -> Estimate:
     """The VRAM each GPU needs (see the module docstring); ``linear_mode``: KTLEGACY_GPU_LINEAR."""
     rules = gpu_linear.patched_rules(rules)
@@ -290,6 +295,10 @@ def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_m
                                               gpu_linear.scratch_bytes(t.n_elements) / MIB)
         else:
             est.cpu_bytes += t.n_bytes
+    # "auto" may pick any length (the estimate assumes the GPU path); raw bytes per expert weight
+    threshold = 1 if str(gpu_prefill_min_tokens).strip().lower() == "auto" else int(gpu_prefill_min_tokens)
+    experts = [t for t in model.tensors if re.match(r"blk\.\d+\.ffn_\w+_exps\.", t.name)]
+    raw_per_value = sum(t.n_bytes for t in experts) / max(1, sum(t.n_elements for t in experts))
     per_token = _kv_bytes_per_token_per_layer(model)
     hidden = int(model.meta("embedding_length", 0) or 0)
     for layer, device in attn_device.items():
@@ -297,8 +306,9 @@ def estimate(model: GgufModel, rules: list[dict], cache_lens: int, gpu_prefill_m
             est.kv_mib[device] = est.kv_mib.get(device, 0.0) + cache_lens * per_token / MIB
             act = cache_lens * _prefill_elements_per_token(model, layer) * FP16_BYTES / MIB
             est.prefill_mib[device] = max(est.prefill_mib.get(device, 0.0), act)
-            if layer in moe_layers and 0 < gpu_prefill_min_tokens <= cache_lens:
-                est.experts_prefill_mib[device] = gpu_prefill_mib + cache_lens * hidden * 6 / MIB
+            if layer in moe_layers and 0 < threshold <= cache_lens:
+                est.experts_prefill_mib[device] = (gpu_prefill_mib * (1 + STAGED_RUNS * 3 * raw_per_value / 10)
+                                                   + cache_lens * hidden * 6 / MIB)
     return est
 
 

@@ -257,7 +257,7 @@ def test_serve_sh_starts_the_server_with_the_patched_rule_file(docker, real_runt
     ("marlin", "rule file /opt/rules/Mine.yaml selects sm80+ op(s) KLinearMarlin (1x, first in rule 1)"),
     ("no-config", "no config.json in /models/hf"),
     ("no-rules", "optimize_rules/Nope.yaml does not exist"),
-    ("bad-gpu-prefill", "KTLEGACY_GPU_PREFILL_MIN_TOKENS='1k' is not a whole number >= 0: set "
+    ("bad-gpu-prefill", "KTLEGACY_GPU_PREFILL_MIN_TOKENS='1k' is not auto or a whole number >= 0: set "
                         "KTLEGACY_GPU_PREFILL_MIN_TOKENS in compose/.env to"),
     ("bad-cache-lens", "KTLEGACY_CACHE_LENS='abc' is not a whole number >= 1: set KTLEGACY_CACHE_LENS in compose/.env"),
     ("server-args-port", "KTLEGACY_SERVER_ARGS has '--port', a flag ktlegacy sets itself: remove it from "

@@ -8,11 +8,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from ggufmodel import write_model
-from ktlegacy.doctor import FAIL, OK, check_profile, doctor
+from ktlegacy.doctor import FAIL, OK, SKIP, WARN, Row, check_profile, doctor
 from ktlegacy.core.errors import KtlegacyError
 from ktlegacy.core.facts import CPU_FLAGS, DEFAULT_CPU_INSTRUCT
 from ktlegacy.hostfacts import HostFacts
@@ -86,10 +87,42 @@ def test_profile_passes_on_its_host(host, profile, model_dirs, patched_tree):
     by = rows(report)
     assert report.failed == [], report.table()
     assert [r.check for r in report.rows] == ["GPUs", "NVIDIA container runtime", "image", "GPU arch vs image",
-                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "rule file",
-                                              "VRAM per GPU", "port", "API key"]
+                                              "CPU vs image", "model dir", "GGUF", "RAM vs GGUF", "CPU threads",
+                                              "rule file", "VRAM per GPU", "port", "API key"]
     assert by["VRAM per GPU"].detail.count("cuda:") == PROFILES[profile].gpus
     assert "127.0.0.1:10050 free" in by["port"].detail
+
+
+@pytest.mark.parametrize("host, topology", [("v100-x1", {0: 20, 1: 20}), ("t4-x4", {0: 20, 1: 20}),
+                                            ("2080ti-x2", {0: 16}), ("h100", {0: 16})])
+def test_recorded_topology(host, topology):
+    facts = facts_of(host)
+    assert {n: len(c) // facts.threads_per_core for n, c in facts.numa_cpus.items()} == topology
+
+
+def test_cpu_threads_advice_from_the_hosts_topology(model_dirs):
+    from ktlegacy.doctor import row_cpu_threads
+    # two sockets of 20 cores (40 threads each): one node's cores - 2, pinned with its memory
+    spec = spec_for("t4x4", model_dirs, port=10050)
+    row = row_cpu_threads(spec, facts_of("t4-x4"), None)
+    assert row.status == WARN and "\n" not in row.detail
+    assert "2 NUMA nodes of 20, 20 physical cores" in row.detail and "KTLEGACY_CPU_INFER=18 advised, 10 set" in row.detail
+    assert "node0's CPUs (0-19,40-59)" in row.detail and "spill" not in row.detail
+    assert row.fix == ('set KTLEGACY_CPU_INFER=18 in compose/.env and add cpuset: "0-19,40-59" to the profile\'s '
+                       'service (a compose.override.yaml), or start it under numactl --cpunodebind=0 --membind=0')
+    many = dataclasses.replace(spec, environment={"KTLEGACY_CPU_INFER": "38"})
+    assert "38 threads spill onto the other node" in row_cpu_threads(many, facts_of("t4-x4"), None).detail
+    # one node of 16 cores: 14, and more is a warning
+    h100 = facts_of("h100")
+    assert row_cpu_threads(spec, h100, None) == Row("CPU threads", OK, "1 NUMA node, 16 physical cores: "
+                                                    "KTLEGACY_CPU_INFER=14 advised, 10 set")
+    over = row_cpu_threads(dataclasses.replace(spec, environment={"KTLEGACY_CPU_INFER": "16"}), h100, None)
+    assert over.status == WARN and over.fix == "set KTLEGACY_CPU_INFER=14 in compose/.env"
+    # a GGUF bigger than the node's RAM: interleave
+    big = SimpleNamespace(total_bytes=10 ** 15)
+    assert "start with numactl --interleave=all" in row_cpu_threads(spec, facts_of("v100-x1"), big).detail
+    # no topology: skipped, not guessed
+    assert row_cpu_threads(spec, dataclasses.replace(h100, numa_cpus={}), None).status == SKIP
 
 
 def test_rules_come_from_upstream_sdist_when_the_image_cannot_be_asked(model_dirs, sdist_tree):
@@ -221,8 +254,9 @@ def test_vram_short_and_rule_file_for_more_gpus(model_dirs, sdist_tree):
     facts.gpus = [dataclasses.replace(g, vram_mib=900) for g in facts.gpus]
     row = failing(check_profile(spec, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")
     # the tiny GGUF: the 1024 MiB runtime term alone is more than these 900 MiB cards; an 8192-token prompt's
-    # routed experts on the GPU (KTLEGACY_GPU_PREFILL_MIB, 1024 by default) count on top
-    assert "cuda:0 needs ~2.0 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 0.9 GiB" in row.detail
+    # routed experts on the GPU (KTLEGACY_GPU_PREFILL_MIB, 1024 by default, and two staged runs of their F32
+    # bytes: 2.4x that) count on top
+    assert "cuda:0 needs ~4.4 GiB under DeepSeek-V3-Chat-multi-gpu.yaml, GPU 0 (NVIDIA GeForce RTX 2080 Ti) has 0.9 GiB" in row.detail
     # without the GPU experts path (compose/.env: KTLEGACY_GPU_PREFILL_MIN_TOKENS=0) that term is gone
     off = dataclasses.replace(spec, environment={"KTLEGACY_GPU_PREFILL_MIN_TOKENS": "0"})
     row = failing(check_profile(off, facts, rules_file=sdist_tree / RULES_DIR / spec.rules), "VRAM per GPU")

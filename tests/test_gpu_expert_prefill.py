@@ -179,7 +179,7 @@ def _experts(tensors, shape, out_device="cuda:0", gate_type=12):
 
 def test_short_prompts_cpu_devices_and_zero_stay_on_the_cpu(rt, monkeypatch):
     x, ids, weights, tensors, shape = _layer(tokens=16)
-    assert rt.gpu_prefill_min_tokens() == rt.GPU_PREFILL_MIN_TOKENS == 1024
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "1024")
     assert rt.experts_prefill_on_gpu(_experts(tensors, shape), x, ids, weights) is None  # 16 < 1024
     monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "8")
     assert rt.experts_prefill_on_gpu(_experts(tensors, shape, out_device="cpu"), x, ids, weights) is None
@@ -191,7 +191,7 @@ def test_short_prompts_cpu_devices_and_zero_stay_on_the_cpu(rt, monkeypatch):
 
 def test_a_bad_threshold_is_one_clear_error(rt, monkeypatch):
     monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "lots")
-    with pytest.raises(ValueError, match=r"KTLEGACY_GPU_PREFILL_MIN_TOKENS='lots': expected a whole number >= 0"):
+    with pytest.raises(ValueError, match=r"KTLEGACY_GPU_PREFILL_MIN_TOKENS='lots': expected auto or a whole number >= 0"):
         rt.gpu_prefill_min_tokens()
 
 
@@ -230,3 +230,51 @@ def test_reapply_is_a_no_op_and_drift_is_refused(patched, pristine_tree):
     assert refused.returncode != 0
     assert "overlay gpu-expert-prefill: ktransformers/operators/experts.py: expected 1 occurrence(s)" in refused.stderr
     assert {p: p.read_bytes() for p in pristine_tree.rglob("*.py")} == before
+
+
+# ---------------------------------------------------------------- KTLEGACY_GPU_PREFILL_MIN_TOKENS=auto
+
+def test_auto_is_the_default_and_any_case_reads(rt, monkeypatch):
+    assert rt.GPU_PREFILL_MIN_TOKENS == "auto" and rt.gpu_prefill_min_tokens() == "auto"
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", " AUTO ")
+    assert rt.gpu_prefill_min_tokens() == "auto"
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "512")
+    assert rt.gpu_prefill_min_tokens() == 512
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "-3")
+    with pytest.raises(ValueError, match=r"KTLEGACY_GPU_PREFILL_MIN_TOKENS='-3': expected auto or a whole number >= 0"):
+        rt.gpu_prefill_min_tokens()
+
+
+def test_auto_threshold_is_the_crossover_of_the_measured_costs(rt):
+    # per layer at 1024 tokens: CPU 100 ms; copy 20 ms of 240 MB; GPU path 30 ms (10 ms beyond the copy)
+    warm_up = (1024, 0.5, 0.2, 0.5, 240e6)     # the first sample (cold page cache) is dropped
+    threshold, detail = rt.AutoThreshold.decide([warm_up, (1024, 0.1, 0.02, 0.03, 240e6)] * 1)
+    # CPU 97.7 us/token, GPU 9.8 us/token beyond the 20 ms copy: 0.02 / (97.66e-6 - 9.77e-6) = 227.6
+    assert threshold == 228
+    t_cpu = lambda n: n * 0.1 / 1024
+    t_gpu = lambda n: 0.02 + n * 0.01 / 1024
+    assert t_gpu(threshold) <= t_cpu(threshold) and t_gpu(threshold - 1) > t_cpu(threshold - 1)
+    assert "12.0 GB/s" in detail and "100.0 ms" in detail
+    # a GPU path that costs more per token than the CPU never wins
+    assert rt.AutoThreshold.decide([(1024, 0.01, 0.02, 0.05, 1e6)])[0] == 0
+
+
+def test_auto_runs_short_prompts_on_the_cpu_before_and_after_calibrating(rt, monkeypatch):
+    x, ids, weights, tensors, shape = _layer(tokens=16)
+    assert rt.AUTO_STATE.threshold is None
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape), x, ids, weights) is None  # 16 < 256: no calibration
+    assert rt.AUTO_STATE.samples == []
+    monkeypatch.setattr(rt.AUTO_STATE, "threshold", 8)
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape, out_device="cpu"), x, ids, weights) is None
+    monkeypatch.setattr(rt.AUTO_STATE, "threshold", 0)   # measured: the CPU is faster at any length
+    assert rt.experts_prefill_on_gpu(_experts(tensors, shape), x, ids, weights) is None
+
+
+def test_run_plan_skips_unrouted_runs_and_staging_makes_four(rt):
+    # the benchmark model's experts (64 x 1408 x 2048, fp16): 37 fit 1 GiB; staged, four runs a layer
+    assert rt.run_size(64, 1408, 2048, torch.float16, 2**30, staged=False) == 37
+    assert rt.run_size(64, 1408, 2048, torch.float16, 2**30, staged=True) == 16
+    assert rt.run_size(64, 1408, 2048, torch.float16, 2**20, staged=True) == 1
+    counts = [0] * 64
+    counts[5] = counts[40] = 3
+    assert rt._runs(counts, 64, 16) == [(0, 16), (32, 48)]

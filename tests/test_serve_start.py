@@ -195,7 +195,7 @@ BAD_SERVER_SETTINGS = [   # what reaches the container; the issue's list
     ("KTLEGACY_CPU_INFER", "lots", "is not a whole number >= 1"),
     ("KTLEGACY_MAX_NEW_TOKENS", "0", "is not a whole number >= 1"),
     ("KTLEGACY_MAX_NEW_TOKENS", "-1", "is not a whole number >= 1"),
-    ("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "1k", "is not a whole number >= 0"),
+    ("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "1k", "is not auto or a whole number >= 0"),
     ("KTLEGACY_SERVER_ARGS", "--web True --port 9", "has '--port', a flag ktlegacy sets itself"),
     ("KTLEGACY_SERVER_ARGS", "--host=0.0.0.0", "has '--host=0.0.0.0', a flag ktlegacy sets itself"),
     ("KTLEGACY_SERVER_ARGS", "--cache_len 5", "has '--cache_len', which argparse takes for --cache_lens, a flag"),

@@ -61,7 +61,7 @@ def test_header_is_read(model):
                                            "cuda:2": (range(30, 45), False), "cuda:3": (range(45, 61), True)}),
 ])
 def test_estimate_per_gpu(model, sdist_tree, rule_file, split):
-    est = estimate(model, rules(sdist_tree, rule_file), CACHE_LENS)
+    est = estimate(model, rules(sdist_tree, rule_file), CACHE_LENS, gpu_prefill_min_tokens=1024)
     assert est.unplaced == []
     assert est.gpu_devices == list(split)
     for dev, (layers, head) in split.items():
@@ -189,22 +189,28 @@ def test_deepseek_v3_quantized_linears_on_the_profiles_cards(sdist_tree, ftype):
 
 
 def test_gpu_experts_prefill_term(model, sdist_tree):
-    """Overlay 68's transient (KTLEGACY_GPU_PREFILL_MIB of expert weights + the prompt's hidden states,
-    fp16 in and fp32 out) counts when cache_lens reaches the threshold, as the larger of it and the
-    attention's intermediates, on every GPU whose layers have routed experts."""
+    """Overlay 68's transient (KTLEGACY_GPU_PREFILL_MIB of expert weights, two staged runs of their raw
+    GGUF bytes, the prompt's hidden states, fp16 in and fp32 out) counts when cache_lens reaches the
+    threshold ("auto": always), as the larger of it and the attention's intermediates, on every GPU
+    whose layers have routed experts."""
     four = rules(sdist_tree, "DeepSeek-V3-Chat-multi-gpu-4.yaml")
-    below = estimate(model, four, CACHE_LENS)                     # 1000 < 1024: a prompt that long never takes it
+    below = estimate(model, four, CACHE_LENS, gpu_prefill_min_tokens=1024)  # 1000 < 1024: never taken
     assert below.experts_prefill_mib == {}
-    at = estimate(model, four, 1024)
-    term = 1024 + 1024 * DIMS["hidden"] * 6 / MIB
+    at = estimate(model, four, 1024, gpu_prefill_min_tokens=1024)
+    # the test model's experts are F32: a run's raw bytes are 3 x 4 / 10 of its dequantised budget
+    term = 1024 * (1 + 2 * 3 * 4 / 10) + 1024 * DIMS["hidden"] * 6 / MIB
     assert at.experts_prefill_mib == {d: pytest.approx(term) for d in ("cuda:0", "cuda:1", "cuda:2", "cuda:3")}
     for d in at.gpu_devices:
         assert at.prefill_peak_mib(d) == max(at.prefill_mib[d], term)
         assert at.need_mib(d) == pytest.approx(at.weights_mib[d] + at.kv_mib[d] + max(at.prefill_mib[d], term)
                                                + GPU_RUNTIME_MIB)
     assert estimate(model, four, 1024, gpu_prefill_min_tokens=0).experts_prefill_mib == {}
-    assert estimate(model, four, 1024, gpu_prefill_mib=256).experts_prefill_mib["cuda:0"] == pytest.approx(term - 768)
-    # DeepSeek-V3 at 8192 tokens: 1024 MiB + 8192 x 7168 x 6 B = 1360 MiB, under its 3.09 GiB of attention
+    assert estimate(model, four, CACHE_LENS, gpu_prefill_min_tokens="auto").experts_prefill_mib["cuda:0"] \
+        == pytest.approx(term - 24 * DIMS["hidden"] * 6 / MIB)
+    assert estimate(model, four, 1024, gpu_prefill_min_tokens=1024, gpu_prefill_mib=256).experts_prefill_mib["cuda:0"] \
+        == pytest.approx(term - 768 * 3.4)
+    # DeepSeek-V3 at 8192 tokens, F16 experts: 2253 + 336 MiB; Q4_K_M (Q4_K/Q6_K experts): less; both
+    # under its 3.09 GiB of attention
     v3 = estimate(deepseek_v3_model(), four, 8192)
-    assert v3.experts_prefill_mib["cuda:3"] == pytest.approx(1024 + 8192 * 7168 * 6 / MIB)
+    assert v3.experts_prefill_mib["cuda:3"] == pytest.approx(1024 * (1 + 0.6 * 2) + 8192 * 7168 * 6 / MIB)
     assert all(v3.prefill_peak_mib(d) == v3.prefill_mib[d] for d in v3.gpu_devices)

@@ -176,9 +176,10 @@ CACHE_LENS = 8192
 
 # --- run-time defaults of the patched engine -------------------------------------------------------
 # Prompts of at least this many tokens run the CPU-resident routed experts on the GPU (overlay 68,
-# ktlegacy_runtime.experts_prefill_on_gpu; 0: never), with at most this many MiB of dequantised
-# expert weights on the GPU at a time. Written into the runtime module and compose (ktlegacy.generate).
-GPU_PREFILL_MIN_TOKENS = 1024
+# ktlegacy_runtime.experts_prefill_on_gpu; 0: never; "auto": the crossover the engine measures on
+# its first long prompt), with at most this many MiB of dequantised expert weights on the GPU at a
+# time. Written into the runtime module and compose (ktlegacy.generate).
+GPU_PREFILL_MIN_TOKENS = "auto"
 GPU_PREFILL_MIB = 1024
 
 # GPU linear layers below sm80 (overlay gguf-linear, KLinearGGUF): "quant" computes from the GGUF
@@ -206,7 +207,7 @@ class Setting:
 
     ``default`` is what compose.yaml's ``${NAME:-default}`` and .env.example say (ktlegacy.generate
     writes both); an empty value means the default, as in compose. ktlegacy.serving.validate
-    checks a value by ``kind``: "count" a whole number >= ``minimum``, "port" 1-65535, "address" an
+    checks a value by ``kind``: "count" a whole number >= ``minimum`` (or one of ``words``), "port" 1-65535, "address" an
     IP address, "gpu" an nvidia-smi index or UUID (distinct within a profile), "choice" one of
     ``choices``, "args" extra server flags, "text" anything.
     """
@@ -215,6 +216,7 @@ class Setting:
     default: str
     what: str                # what the value is, for the one-line fix
     minimum: int = 0         # "count" only
+    words: tuple = ()        # "count" only: words taken besides a number
     choices: tuple = ()      # "choice" only
 
 
@@ -229,7 +231,8 @@ SETTINGS = {s.name: s for s in (
     Setting("KTLEGACY_SERVER_ARGS", "args", "", "extra upstream server flags"),
     # read by the patched engine (overlays/runtime/ktlegacy_runtime.py) on every long prompt
     Setting("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "count", str(GPU_PREFILL_MIN_TOKENS),
-            "the prompt length from which the routed experts run on the GPU (0: never)"),
+            "the prompt length from which the routed experts run on the GPU (0: never; auto: measured "
+            "on the first long prompt)", words=("auto",)),
     Setting("KTLEGACY_GPU_PREFILL_MIB", "count", str(GPU_PREFILL_MIB),
             "the MiB of expert weights on the GPU at a time"),
     # read by the patched engine's GPU linears (overlays/gguf_linear/ktlegacy_gguf_linear.py) at load

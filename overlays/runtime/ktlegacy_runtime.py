@@ -216,9 +216,16 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-def gpu_prefill_min_tokens() -> int:
-    """Prompt length from which the routed experts run on the GPU (0: never)."""
-    return _env_int(GPU_PREFILL_MIN_TOKENS_ENV, GPU_PREFILL_MIN_TOKENS)
+def gpu_prefill_min_tokens():
+    """Prompt length from which the routed experts run on the GPU (0: never), or "auto": measured
+    on the first prompt of >= AUTO_CALIBRATE_TOKENS tokens (see AutoThreshold)."""
+    text = os.environ.get(GPU_PREFILL_MIN_TOKENS_ENV, "").strip().lower()
+    if text == AUTO or (not text and GPU_PREFILL_MIN_TOKENS == AUTO):
+        return AUTO
+    try:
+        return _env_int(GPU_PREFILL_MIN_TOKENS_ENV, GPU_PREFILL_MIN_TOKENS)
+    except ValueError:
+        raise ValueError(f"{GPU_PREFILL_MIN_TOKENS_ENV}={text!r}: expected auto or a whole number >= 0") from None
 
 
 def _note_once(key: str, text: str) -> None:
@@ -293,17 +300,21 @@ def _dequant_float(name: str):
     return lambda b: b.contiguous().view(dtype).float()
 
 
-# Dequantisers in torch (any device). On CUDA the K-quants and Q8_0 use upstream's kernels
-# (KTransformersOps, one pass each), Q4_0/Q5_0 these (upstream has no GPU kernel for them).
+# Dequantisers in torch (any device): on CUDA they are used wherever they exist (faster than
+# upstream's KTransformersOps kernels, which serve Q2_K/Q3_K/IQ4_XS).
 TORCH_DEQUANT = {"Q4_0": _dequant_q4_0, "Q5_0": _dequant_q5_0, "Q8_0": _dequant_q8_0, "Q4_K": _dequant_q4_k,
                  "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k,
                  **{n: _dequant_float(n) for n in ("F32", "F16", "BF16")}}
 UPSTREAM_GPU_DEQUANT = ("Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
 
 
-def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, upstream: bool = True) -> torch.Tensor:
+def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, upstream: bool | None = None) -> torch.Tensor:
     """The values of ``raw`` (uint8 numpy or tensor: whole ggml blocks of ``ggml_type``) as a flat
-    ``dtype`` tensor on ``device``. ``upstream``: on CUDA, use upstream's kernels where it has one."""
+    ``dtype`` tensor on ``device``. ``upstream``: on CUDA, use upstream's kernels where it has one;
+    None (default): these torch dequantisers where there is one (on a GPU ~9x faster than upstream's
+    for a V2-Lite layer's Q4_K experts, bench/results/gpu_prefill_path_h200.json), else upstream's."""
+    if upstream is None:
+        upstream = GGML_BLOCKS.get(ggml_type, ("",))[0] not in TORCH_DEQUANT
     if ggml_type not in GGML_BLOCKS:
         raise NotImplementedError(f"ggml type {ggml_type}")
     name, _, block_bytes = GGML_BLOCKS[ggml_type]
@@ -319,15 +330,102 @@ def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, upstream: bool =
     return TORCH_DEQUANT[name](blocks).view(-1).to(dtype)
 
 
+def _runs(counts: list, n_experts: int, run: int) -> list:
+    """(first, last) expert runs of ``run`` consecutive experts that some token routes to."""
+    out = []
+    for first in range(0, n_experts, run):
+        last = min(n_experts, first + run)
+        if sum(counts[first:last]):
+            out.append((first, last))
+    return out
+
+
+def run_size(n_experts: int, intermediate: int, hidden: int, dtype, budget_bytes: int, staged: bool) -> int:
+    """Experts per run: as many as fit ``budget_bytes`` dequantised (three projections + one fp32
+    transient); staged, at least four runs a layer, so copies overlap compute."""
+    run = max(1, budget_bytes // (intermediate * hidden * (3 * dtype.itemsize + 4)))
+    return min(run, -(-n_experts // 4)) if staged else run
+
+
+class Staging:
+    """Raw GGUF expert bytes to a GPU through two pinned host buffers: a worker thread copies a run
+    of experts from the mmap into pinned buffer k (torch's multi-threaded CPU copy) and queues its
+    host-to-device copy on a side stream, while the GPU computes on the run before it. A pageable
+    ``.to(device)`` of the same bytes goes through the driver's own staging at a fraction of the
+    link's speed (bench/results/gpu_prefill_path_h200.json: 5.3 vs 54 GB/s)."""
+
+    def __init__(self):
+        self._pool = None
+        self._pinned = [None, None]
+        self._done = [None, None]
+        self._slot = 0
+        self._streams: dict = {}
+        self.prefetched = None          # (key, Future) of the next layer's first run
+        self.failed = ""                # why staging was turned off (then runs are copied unstaged)
+
+    def submit(self, parts: list, device):
+        """parts: [(name, uint8 numpy array, ggml type)]; a Future of (gpu bytes, {name: (view, type)}, event)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ktlegacy-staging")
+        slot, self._slot = self._slot, self._slot ^ 1
+        return self._pool.submit(self._copy, slot, parts, torch.device(device))
+
+    def _copy(self, slot: int, parts: list, device):
+        import warnings
+        total = sum(int(a.nbytes) for _, a, _ in parts)
+        if self._done[slot] is not None:
+            self._done[slot].synchronize()          # the buffer's last host-to-device copy has read it
+        buf = self._pinned[slot]
+        if buf is None or buf.numel() < total:
+            self._pinned[slot] = buf = None
+            buf = self._pinned[slot] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        views, offset = {}, 0
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            gpu = torch.empty(total, dtype=torch.uint8, device=device)
+            for name, array, ggml_type in parts:
+                n = int(array.nbytes)
+                with warnings.catch_warnings():   # the GGUF mmap is read-only; it is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    source = torch.from_numpy(array.reshape(-1))
+                buf[offset:offset + n].copy_(source)
+                gpu[offset:offset + n].copy_(buf[offset:offset + n], non_blocking=True)
+                views[name] = (gpu[offset:offset + n], ggml_type)
+                offset += n
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._done[slot] = event
+        return gpu, views, event
+
+    @staticmethod
+    def take(future, device):
+        """The run's {name: (bytes on the GPU, type)}, ordered after its copy on the current stream."""
+        gpu, views, event = future.result()
+        current = torch.cuda.current_stream(device)
+        current.wait_event(event)
+        gpu.record_stream(current)
+        return views
+
+
+STAGING = Staging()
+
+
 def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, tensors: dict,
-                   n_experts: int, intermediate: int, budget_bytes: int, dequant=dequantize) -> torch.Tensor:
+                   n_experts: int, intermediate: int, budget_bytes: int, dequant=dequantize,
+                   staging: Staging | None = None, layer_key=None, next_layer=None) -> torch.Tensor:
     """One MoE layer's routed experts on ``x``'s device: sum over k of weights[t, k] * down(silu(gate(x))
     * up(x)) of expert expert_ids[t, k], as KExpertsCPU's backend computes it.
 
     ``tensors``: {"gate"|"up"|"down": (raw uint8 bytes of all experts, ggml type)} in GGUF order
     (gate/up: experts x intermediate x hidden; down: experts x hidden x intermediate). Experts go to
     the device in runs of consecutive ones whose dequantised projection fits ``budget_bytes``;
-    runs no token routes to are skipped. Returns (tokens, hidden) in ``x``'s dtype."""
+    runs no token routes to are skipped. ``staging`` (CUDA, torch dequantisers): runs are copied
+    through it, run i + 1 while run i computes, in at least four runs per layer; ``next_layer``
+    ((key, tensors)): the next MoE layer's first run is copied while this layer finishes.
+    Returns (tokens, hidden) in ``x``'s dtype."""
     tokens, hidden = x.shape
     top_k = expert_ids.shape[1]
     device, dtype = x.device, x.dtype
@@ -340,17 +438,38 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     for c in counts:
         starts.append(starts[-1] + c)
     out = torch.zeros((tokens, hidden), dtype=torch.float32, device=device)
-    per_expert = intermediate * hidden * (3 * dtype.itemsize + 4)  # three projections + one fp32 transient
-    run = max(1, budget_bytes // per_expert)
-    raw = {name: (t[0].reshape(-1), t[1]) for name, t in tensors.items()}
-    for first in range(0, n_experts, run):
-        last = min(n_experts, first + run)
-        if starts[last] == starts[first]:
-            continue
-        w = {}
+    run = run_size(n_experts, intermediate, hidden, dtype, budget_bytes, staging is not None)
+
+    def parts(raw: dict, first: int, last: int) -> list:
+        out_parts = []
         for name, (data, ggml_type) in raw.items():
+            data = data.reshape(-1)
             per = data.shape[0] // n_experts
-            w[name] = dequant(data[first * per:last * per], ggml_type, device, dtype)
+            out_parts.append((name, data[first * per:last * per], ggml_type))
+        return out_parts
+
+    plan = _runs(counts, n_experts, run)
+    futures = {}
+    if staging is not None:
+        pre, staging.prefetched = staging.prefetched, None
+        if pre is not None:
+            if plan and pre[0] == (layer_key, plan[0]):
+                futures[plan[0]] = pre[1]
+            else:
+                pre[1].result()          # not this run: let its copy finish, drop it
+        if plan and plan[0] not in futures:
+            futures[plan[0]] = staging.submit(parts(tensors, *plan[0]), device)
+    for i, (first, last) in enumerate(plan):
+        if staging is not None:
+            if i + 1 < len(plan):
+                futures[plan[i + 1]] = staging.submit(parts(tensors, *plan[i + 1]), device)
+            elif next_layer is not None:
+                key, next_tensors = next_layer
+                staging.prefetched = ((key, (0, run)), staging.submit(parts(next_tensors, 0, run), device))
+            got = Staging.take(futures.pop((first, last)), device)
+            w = {name: dequant(data, ggml_type, device, dtype) for name, (data, ggml_type) in got.items()}
+        else:
+            w = {name: dequant(data, ggml_type, device, dtype) for name, data, ggml_type in parts(tensors, first, last)}
         gate = w["gate"].view(last - first, intermediate, hidden)
         up = w["up"].view(last - first, intermediate, hidden)
         down = w["down"].view(last - first, hidden, intermediate)
@@ -367,20 +486,118 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     return out.to(dtype)
 
 
+# ---------------------------------------------------------------- KTLEGACY_GPU_PREFILL_MIN_TOKENS=auto
+AUTO = "auto"
+AUTO_CALIBRATE_TOKENS = 256     # the shortest prompt the calibration runs on (shorter ones: CPU until then)
+AUTO_LAYERS = 3                 # MoE layers timed both ways; the first is a warm-up (page cache, kernels)
+
+
+class AutoThreshold:
+    """The prompt length from which the GPU path is faster, measured on this host.
+
+    On the first prompt of >= AUTO_CALIBRATE_TOKENS tokens, its first AUTO_LAYERS MoE layers run
+    both paths: the CPU backend (timed), a copy-only pass of the layer's experts through the
+    staging (timed: the link and the mmap), then the GPU path (timed; its output is used). Per
+    layer, the CPU costs ``c`` seconds a token; the GPU path costs the copy ``F`` plus ``g`` a token
+    (whatever the overlapped copy did not hide is counted in ``F``: conservative). The GPU path wins
+    from ``n* = F / (c - g)`` tokens (never, where c <= g). Layers after the warm-up one are
+    averaged. The chosen threshold and its inputs are printed once."""
+
+    def __init__(self):
+        self.threshold = None
+        self.samples: list = []     # (tokens, cpu_s, copy_s, gpu_s, bytes)
+        self.calibrating = False
+        self.detail = ""
+
+    @staticmethod
+    def decide(samples: list) -> tuple:
+        """(threshold, detail) from (tokens, cpu_s, copy_s, gpu_s, bytes) samples (the first dropped
+        when there are more than one)."""
+        use = samples[1:] if len(samples) > 1 else samples
+        n = sum(s[0] for s in use) / len(use)
+        cpu = sum(s[1] for s in use) / len(use)
+        copy = sum(s[2] for s in use) / len(use)
+        gpu = sum(s[3] for s in use) / len(use)
+        nbytes = sum(s[4] for s in use) / len(use)
+        c, g = cpu / n, max(0.0, gpu - copy) / n
+        threshold = math.ceil(copy / (c - g)) if c > g else 0
+        detail = (f"per MoE layer at {n:.0f} tokens: CPU experts {cpu * 1e3:.1f} ms ({c * 1e6:.1f} us/token); "
+                  f"GPU path {gpu * 1e3:.1f} ms, of which copying {nbytes / 1e6:.0f} MB of experts "
+                  f"{copy * 1e3:.1f} ms ({nbytes / copy / 1e9:.1f} GB/s) and {g * 1e6:.1f} us/token")
+        return threshold, detail
+
+
+AUTO_STATE = AutoThreshold()
+
+
+def _sync(device) -> float:
+    import time
+    torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _calibrate(experts, input_tensor, expert_ids, weights, bsz_tensor, run_gpu, tensors, device, run: int):
+    """One layer of the calibration (see AutoThreshold): the CPU backend's output is discarded."""
+    state = AUTO_STATE
+    t0 = _sync(device)
+    state.calibrating = True
+    try:
+        kwargs = {} if bsz_tensor is None else {"bsz_tensor": bsz_tensor}
+        experts.forward(input_tensor, expert_ids, weights, **kwargs)
+    finally:
+        state.calibrating = False
+    t1 = _sync(device)
+    # copy-only: the first ``run`` experts (one staging run's worth), scaled to the whole layer
+    n_experts = experts.n_routed_experts
+    run = min(n_experts, run)
+    nbytes = sum(int(d.nbytes) for d, _ in tensors.values())
+    parts = [(n, d.reshape(-1)[: d.reshape(-1).shape[0] // n_experts * run], t) for n, (d, t) in tensors.items()]
+    Staging.take(STAGING.submit(parts, device), device)
+    t2 = _sync(device)
+    out = run_gpu()
+    t3 = _sync(device)
+    rows = input_tensor.size(0) if bsz_tensor is None else int(bsz_tensor.reshape(-1)[0])
+    state.samples.append((rows, t1 - t0, (t2 - t1) * n_experts / run, t3 - t2, nbytes))
+    if len(state.samples) >= AUTO_LAYERS:
+        state.threshold, state.detail = AutoThreshold.decide(state.samples)
+        _note_once("auto", f"{GPU_PREFILL_MIN_TOKENS_ENV}=auto: " + (
+            f"prompts of >= {state.threshold} tokens run the routed experts on the GPU" if state.threshold
+            else "the CPU experts are faster at any length: prompts keep them on the CPU")
+            + f" ({state.detail}; a number in {GPU_PREFILL_MIN_TOKENS_ENV} forces a threshold)")
+    return out
+
+
+_LAYERS: dict = {}     # MoE layer number -> experts module seen on the GPU path (for the next-layer prefetch)
+
+
+def _layer_number(experts):
+    import re
+    m = re.search(r"blk\.(\d+)", str(getattr(experts, "key", "") or ""))
+    return int(m.group(1)) if m else None
+
+
 def experts_prefill_on_gpu(experts, input_tensor: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                            bsz_tensor: torch.Tensor | None = None):
     """KExpertsCPU.forward's prompt path on the GPU (see above), or None to run it on the CPU:
-    the prompt is shorter than KTLEGACY_GPU_PREFILL_MIN_TOKENS, the output device is not a GPU,
-    a weight type has no GPU dequantiser, or the GPU ran out of memory (then the CPU path runs).
-    ``bsz_tensor`` (v0.2.4post1+): the number of real rows; the rows after it are padding and
-    get zeros (the CPU backend leaves them unwritten)."""
-    minimum = gpu_prefill_min_tokens()
+    the prompt is shorter than KTLEGACY_GPU_PREFILL_MIN_TOKENS (auto: the measured crossover),
+    the output device is not a GPU, a weight type has no GPU dequantiser, or the GPU ran out of
+    memory (then the CPU path runs). ``bsz_tensor`` (v0.2.4post1+): the number of real rows; the
+    rows after it are padding and get zeros (the CPU backend leaves them unwritten)."""
+    if AUTO_STATE.calibrating:
+        return None                  # the calibration's own CPU run
+    setting = gpu_prefill_min_tokens()
     device = torch.device(object.__getattribute__(experts, "out_device"))
-    if minimum == 0 or input_tensor.size(0) < minimum or device.type != "cuda":
+    if setting == 0 or device.type != "cuda":
         return None
     rows = input_tensor.size(0) if bsz_tensor is None else int(bsz_tensor.reshape(-1)[0])
-    if rows < minimum:
-        return None
+    calibrate = setting == AUTO and AUTO_STATE.threshold is None
+    if calibrate:
+        if rows < AUTO_CALIBRATE_TOKENS:
+            return None
+    else:
+        minimum = AUTO_STATE.threshold if setting == AUTO else setting
+        if minimum == 0 or rows < minimum:
+            return None
     types = {n: getattr(experts, f"{n}_type") for n in ("gate", "up", "down")}
     missing = sorted({GGML_BLOCKS.get(t, (f"type {t}",))[0] for t in types.values()
                       if t not in GGML_BLOCKS or (GGML_BLOCKS[t][0] not in TORCH_DEQUANT
@@ -392,21 +609,50 @@ def experts_prefill_on_gpu(experts, input_tensor: torch.Tensor, expert_ids: torc
         _note_once("layout", "routed experts stored per expert (not one GGUF tensor): prompts run them on the CPU")
         return None
     budget = _env_int(GPU_PREFILL_MIB_ENV, GPU_PREFILL_MIB) * 2**20
-    _note_once("on", f"prompts of >= {minimum} tokens run the routed experts on {device} "
-                     f"({GPU_PREFILL_MIB_ENV}={budget >> 20} MiB at a time; {GPU_PREFILL_MIN_TOKENS_ENV}=0 turns this off)")
+    if not calibrate:
+        _note_once("on", f"prompts of >= {AUTO_STATE.threshold if setting == AUTO else setting} tokens run the routed "
+                         f"experts on {device} ({GPU_PREFILL_MIB_ENV}={budget >> 20} MiB at a time; "
+                         f"{GPU_PREFILL_MIN_TOKENS_ENV}=0 turns this off)")
     config = experts.config
     dtype = input_tensor.dtype if input_tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+    tensors = {n: (getattr(experts, n), types[n]) for n in ("gate", "up", "down")}
+    staged = not STAGING.failed and all(GGML_BLOCKS[t][0] in TORCH_DEQUANT for t in types.values())
+    number = _layer_number(experts)
+    next_layer = None
+    if staged and number is not None:
+        _LAYERS[number] = experts
+        later = [k for k in _LAYERS if k > number]
+        if later:
+            nxt = _LAYERS[min(later)]
+            next_layer = (min(later), {n: (getattr(nxt, n), getattr(nxt, f"{n}_type")) for n in ("gate", "up", "down")})
+
+    def run_gpu():
+        x = input_tensor[:rows].to(device=device, dtype=dtype).contiguous()
+        out = routed_experts(x, expert_ids[:rows], weights[:rows], tensors, experts.n_routed_experts,
+                             config.moe_intermediate_size, budget, staging=STAGING if staged else None,
+                             layer_key=number, next_layer=next_layer)
+        if rows < input_tensor.size(0):
+            out = torch.cat([out, out.new_zeros((input_tensor.size(0) - rows, out.size(1)))])
+        return out
+
     try:
         with torch.cuda.device(device):
-            x = input_tensor[:rows].to(device=device, dtype=dtype).contiguous()
-            out = routed_experts(x, expert_ids[:rows], weights[:rows],
-                                 {n: (getattr(experts, n), types[n]) for n in ("gate", "up", "down")},
-                                 experts.n_routed_experts, config.moe_intermediate_size, budget)
-            if rows < input_tensor.size(0):
-                out = torch.cat([out, out.new_zeros((input_tensor.size(0) - rows, out.size(1)))])
-            return out
+            if calibrate:
+                return _calibrate(experts, input_tensor, expert_ids, weights, bsz_tensor, run_gpu, tensors, device,
+                                  run_size(experts.n_routed_experts, config.moe_intermediate_size,
+                                           input_tensor.size(1), dtype, budget, staged))
+            return run_gpu()
     except torch.cuda.OutOfMemoryError:
+        STAGING.prefetched = None
         torch.cuda.empty_cache()
         _note_once("oom", f"the GPU had no room for {budget >> 20} MiB of experts: this prompt runs them on the CPU "
                           f"(set {GPU_PREFILL_MIB_ENV} lower)")
         return None
+    except (RuntimeError, OSError) as exc:
+        if not staged:
+            raise
+        # pinned memory refused (a container's memlock limit) or a copy-stream failure: say so once
+        # and copy the way the unstaged path does from now on
+        STAGING.failed, STAGING.prefetched = f"{type(exc).__name__}: {exc}", None
+        _note_once("staging", f"pinned staging of the experts failed ({STAGING.failed}): copying them unstaged")
+        return experts_prefill_on_gpu(experts, input_tensor, expert_ids, weights, bsz_tensor)
