@@ -53,19 +53,56 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ENGINES = ("llama_cpp", "ktlegacy", "ktlegacy_windows")
+ENGINES = ("llama_cpp", "ik_llama_cpp", "ktlegacy", "ktlegacy_windows")
+PEERS = ("llama_cpp", "ik_llama_cpp")
 PREFILL_MODE = {"ktlegacy": "sdpa", "ktlegacy_windows": "windows"}
-# Targets of issue 13 (benchmark targets, not tests): ktlegacy vs llama.cpp.
-TARGET_DECODE_RATIO = 1.0
-TARGET_PREFILL_RATIO = 1.5          # at 2048 and 8192 tokens
-TARGET_PREFILL_LENGTHS = (2048, 8192)
-TARGET_BANDWIDTH_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One way a peer's users run it. ``flags`` come after the common ones (-ngl 99 -ot exps=CPU
+    -fa 1 -t THREADS); ``above``: the prompt lengths it is measured at are those > above (a larger
+    -ub only changes prompts longer than the next smaller one: at 512 tokens -ub 2048 is -ub 512);
+    ``decode``: also measure decode (-b/-ub do not change a one-token step)."""
+    peer: str
+    name: str
+    flags: tuple = ()
+    above: int = 0
+    decode: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.peer}:{self.name}"
+
+
+# ik_llama.cpp's recommended hybrid DeepSeek flags (its README / discussions: fused MoE, MLA mode 3
+# with flash attention, attention compute buffer capped at 512 MiB)
+IK_FLAGS = ("-fmoe", "1", "-mla", "3", "-amb", "512")
+UB2048, UB4096 = ("-b", "2048", "-ub", "2048"), ("-b", "4096", "-ub", "4096")
+PEER_CONFIGS = (
+    PeerConfig("llama_cpp", "default", (), 0, decode=True),
+    PeerConfig("llama_cpp", "ub2048", UB2048, 512),
+    PeerConfig("llama_cpp", "ub4096", UB4096, 2048),
+    PeerConfig("ik_llama_cpp", "fmoe-mla3", IK_FLAGS, 0, decode=True),
+    PeerConfig("ik_llama_cpp", "fmoe-mla3-ub2048", IK_FLAGS + UB2048, 512),
+    PeerConfig("ik_llama_cpp", "fmoe-mla3-ub4096", IK_FLAGS + UB4096, 2048),
+    # run-time repacking of the CPU-held experts (faster CPU matmuls; ik's CPU-only prefill ~4x on the
+    # test machine), at the default ubatch and the larger ones
+    PeerConfig("ik_llama_cpp", "fmoe-mla3-rtr", IK_FLAGS + ("-rtr", "1"), 0, decode=True),
+    PeerConfig("ik_llama_cpp", "fmoe-mla3-rtr-ub2048", IK_FLAGS + ("-rtr", "1") + UB2048, 512),
+)
+
+# Targets of issue 26 (benchmark targets, not tests): ktlegacy vs the best peer configuration.
+TARGETS = {"prefill": {"512": 1.0, "2048": 1.5, "8192": 1.5}, "decode": {"1024": 1.2, "4096": 1.2}}
+TARGET_BANDWIDTH_FRACTION = 0.6
+AUTO_WITHIN = 0.10     # auto's path: the faster one, or within 10% of it
 
 PARTIAL_OUT: Path | None = None
 
@@ -159,10 +196,11 @@ def llama_points(rows: list[dict]) -> dict:
     for r in rows:
         if r["n_prompt"] > 0 and r["n_gen"] == 0 and r["n_depth"] == 0:
             pts["prefill"][str(r["n_prompt"])] = summarize(r["samples_ts"])
-        elif r["n_gen"] > 0 and r["n_prompt"] == 0:
+        elif r["n_gen"] > 0 and (r["n_prompt"] == 0 or "@pp" in (r.get("test") or "")):
+            # mainline: -p 0 -n N -d D; ik_llama.cpp: -gp D,N ("tgN@ppD": timed over the N tokens only)
             s = summarize(r["samples_ts"])
             s["decode_tokens"] = r["n_gen"]
-            pts["decode"][str(r["n_depth"])] = s
+            pts["decode"][str(r["n_depth"] or r["n_prompt"])] = s
     return pts
 
 
@@ -172,41 +210,65 @@ def bandwidth_limit_tok_s(bandwidth_gb_s: float, bytes_per_token: int) -> float:
 
 
 def derive(results: dict) -> dict:
-    """The issue's summary keys from the measured points: tok/s by engine and length, ratios
-    vs llama.cpp, decode as a fraction of the bandwidth limit, and the targets."""
+    """The issue's summary keys from the measured points: tok/s by engine (peers: by configuration),
+    the best peer configuration at each point and ktlegacy's ratio to it, decode as a fraction of
+    the bandwidth limit, auto's choice, and the targets."""
     out: dict = {"prefill_tok_s": {}, "decode_tok_s": {}}
-    for eng in ENGINES:
-        pts = results.get(eng) or {}
-        if pts.get("prefill"):
-            out["prefill_tok_s"][eng] = {k: v["median"] for k, v in pts["prefill"].items() if "median" in v}
-        if pts.get("decode"):
-            out["decode_tok_s"][eng] = {k: v["median"] for k, v in pts["decode"].items() if "median" in v}
-    ref_p = out["prefill_tok_s"].get("llama_cpp", {})
-    ref_d = out["decode_tok_s"].get("llama_cpp", {})
-    for eng, key in (("ktlegacy", "ratio_vs_llama_cpp"), ("ktlegacy_windows", "ratio_vs_llama_cpp_windows")):
-        p, d = out["prefill_tok_s"].get(eng, {}), out["decode_tok_s"].get(eng, {})
-        if (ref_p or ref_d) and (p or d):
-            out[key] = {"prefill": {k: p[k] / ref_p[k] for k in p if k in ref_p},
-                        "decode": {k: d[k] / ref_d[k] for k in d if k in ref_d}}
+    series = {}
+    for peer in PEERS:
+        for key, cfg in ((results.get(peer) or {}).get("configs") or {}).items():
+            series[key] = cfg
+    for eng in ("ktlegacy", "ktlegacy_windows"):
+        if results.get(eng):
+            series[eng] = results[eng]
+    for key, pts in series.items():
+        for kind in ("prefill", "decode"):
+            got = {k: v["median"] for k, v in (pts.get(kind) or {}).items() if "median" in v}
+            if got:
+                out[f"{kind}_tok_s"][key] = got
+    best: dict = {"prefill": {}, "decode": {}}
+    for kind in ("prefill", "decode"):
+        for key, got in out[f"{kind}_tok_s"].items():
+            if key.startswith("ktlegacy"):
+                continue
+            for point, rate in got.items():
+                if point not in best[kind] or rate > best[kind][point]["tok_s"]:
+                    cfg = series[key]
+                    best[kind][point] = {"config": key, "peer": key.split(":")[0], "flags": cfg.get("flags"),
+                                         "tok_s": rate}
+    if best["prefill"] or best["decode"]:
+        out["best_peer"] = best
+    kt = {kind: out[f"{kind}_tok_s"].get("ktlegacy", {}) for kind in ("prefill", "decode")}
+    if out.get("best_peer") and (kt["prefill"] or kt["decode"]):
+        out["ratio_vs_best_peer"] = {kind: {k: v / best[kind][k]["tok_s"] for k, v in kt[kind].items()
+                                            if k in best[kind]} for kind in ("prefill", "decode")}
     bw = results.get("bandwidth", {}).get("best_gb_s")
     bpt = (results.get("model") or {}).get("decode_cpu_bytes_per_token", {}).get("total")
     if bw and bpt:
         limit = bandwidth_limit_tok_s(bw, bpt)
         out["bandwidth_gb_s"] = bw
         out["decode_bandwidth_limit_tok_s"] = limit
-        out["decode_fraction_of_bandwidth_limit"] = {
-            eng: {k: v / limit for k, v in d.items()} for eng, d in out["decode_tok_s"].items()}
-    r = out.get("ratio_vs_llama_cpp")
+        fractions = {key: {k: v / limit for k, v in d.items()} for key, d in out["decode_tok_s"].items()}
+        out["decode_fraction_of_bandwidth_limit"] = fractions.get("ktlegacy", {})
+        out["decode_fraction_of_bandwidth_limit_all"] = fractions
+    auto = (results.get("ktlegacy") or {}).get("gpu_prefill_auto")
+    if auto:
+        out["gpu_prefill_auto"] = auto
+    r = out.get("ratio_vs_best_peer")
     if r:
         t = {}
-        if r["decode"]:
-            t["decode_ge_1x_llama_cpp"] = all(v >= TARGET_DECODE_RATIO for v in r["decode"].values())
-        lens = [str(n) for n in TARGET_PREFILL_LENGTHS if str(n) in r["prefill"]]
-        if lens:
-            t["prefill_ge_1.5x_llama_cpp_at_2048_8192"] = all(r["prefill"][k] >= TARGET_PREFILL_RATIO for k in lens)
-        frac = out.get("decode_fraction_of_bandwidth_limit", {}).get("ktlegacy")
+        for kind, want in TARGETS.items():
+            for point, target in want.items():
+                if point in r[kind]:
+                    t[f"{kind}_{point}_ge_{target}x_best_peer"] = {"met": r[kind][point] >= target,
+                                                                  "ratio": r[kind][point],
+                                                                  "shortfall": max(0.0, target - r[kind][point])}
+        frac = out.get("decode_fraction_of_bandwidth_limit")
         if frac:
-            t["decode_ge_50pct_of_bandwidth_limit"] = all(v >= TARGET_BANDWIDTH_FRACTION for v in frac.values())
+            t[f"decode_ge_{TARGET_BANDWIDTH_FRACTION}_of_bandwidth_limit"] = {
+                "met": all(v >= TARGET_BANDWIDTH_FRACTION for v in frac.values()), "fractions": frac}
+        if auto:
+            t["auto_picks_faster_or_within_10pct"] = {"met": auto.get("picked_faster_or_within_10pct")}
         out["targets_met"] = t
     return out
 
@@ -245,50 +307,75 @@ def triad(n_elems: int, threads: int, reps: int = 10) -> dict:
 
 # ---------------------------------------------------------------- llama.cpp
 
-def llama_bench_cmd(binary: str, model: Path, threads: int, runs: int, *, prompts=(), depths=(), n_gen=0) -> list[str]:
+def llama_bench_cmd(binary: str, model: Path, threads: int, runs: int, *, prompts=(), depths=(), n_gen=0,
+                    flags=(), ik: bool = False) -> list[str]:
+    """One llama-bench run. ``ik``: ik_llama.cpp's llama-bench, which has no jsonl output (json) and
+    no -d (decode after a context is -gp DEPTH,TOKENS, once per depth)."""
     cmd = [binary, "-m", str(model), "-ngl", "99", "-ot", "exps=CPU", "-fa", "1", "-t", str(threads),
-           "-r", str(runs), "-o", "jsonl"]
+           "-r", str(runs), "-o", "json" if ik else "jsonl", *flags]
     if prompts:
         cmd += ["-p", ",".join(map(str, prompts)), "-n", "0"]
+    elif ik:
+        cmd += [arg for d in depths for arg in ("-gp", f"{d},{n_gen}")]
     else:
         cmd += ["-p", "0", "-n", str(n_gen), "-d", ",".join(map(str, depths))]
     return cmd
 
 
-def run_llama(args, gguf: Path, deadline: float) -> dict:
-    out: dict = {"commands": [], "logs_tail": []}
-    rows = []
-    for kind, cmd in (
-        ("prefill", llama_bench_cmd(args.llama_bench, gguf, args.threads, args.runs, prompts=args.prefill)),
-        ("decode", llama_bench_cmd(args.llama_bench, gguf, args.threads, args.runs, depths=args.decode_ctx,
-                                   n_gen=args.decode_tokens)),
-    ):
+def peer_commands(args, peer: str, binary: str, gguf: Path) -> list:
+    """(config, kind, command) of every llama-bench run of ``peer``'s configurations."""
+    out = []
+    for cfg in PEER_CONFIGS:
+        if cfg.peer != peer:
+            continue
+        prompts = [n for n in args.prefill if n > cfg.above]
+        if prompts:
+            out.append((cfg, "prefill", llama_bench_cmd(binary, gguf, args.threads, args.runs, prompts=prompts,
+                                                         flags=cfg.flags, ik=peer == "ik_llama_cpp")))
+        if cfg.decode:
+            out.append((cfg, "decode", llama_bench_cmd(binary, gguf, args.threads, args.runs, depths=args.decode_ctx,
+                                                        n_gen=args.decode_tokens, flags=cfg.flags,
+                                                        ik=peer == "ik_llama_cpp")))
+    return out
+
+
+def run_peer(args, peer: str, binary: str, gguf: Path, deadline: float) -> dict:
+    """Every configuration of ``peer`` (PEER_CONFIGS): {"configs": {key: {flags, commands, prefill,
+    decode, rows}}, "logs_tail", "skipped"}."""
+    out: dict = {"configs": {}, "logs_tail": []}
+    for cfg, kind, cmd in peer_commands(args, peer, binary, gguf):
+        rec = out["configs"].setdefault(cfg.key, {"flags": " ".join(cfg.flags) or "(defaults: -b 2048 -ub 512)",
+                                                  "commands": [], "rows": []})
         left = deadline - time.monotonic()
         if left < 30:
-            out.setdefault("skipped", []).append(f"{kind}: deadline")
+            out.setdefault("skipped", []).append(f"{cfg.key} {kind}: deadline")
             continue
-        out["commands"].append(shlex.join(cmd))
-        log(f"llama.cpp {kind}: {shlex.join(cmd)}")
+        rec["commands"].append(shlex.join(cmd))
+        log(f"{cfg.key} {kind}: {shlex.join(cmd)}")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=None if left == float("inf") else left)
             stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:  # keep the rows it finished (jsonl is flushed per test)
             stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             stderr, rc = "timeout", None
-            out.setdefault("skipped", []).append(f"{kind}: timed out at the deadline")
-        out["logs_tail"].append(stderr[-3000:])
+            out.setdefault("skipped", []).append(f"{cfg.key} {kind}: timed out at the deadline")
+        out["logs_tail"].append(stderr[-2000:])
         got = parse_llama_bench(stdout) if stdout.strip() else []
-        rows += got
+        rec["rows"] += got
         for r in got:
-            log(f"llama.cpp pp{r['n_prompt']} tg{r['n_gen']} @d{r['n_depth']}: "
+            log(f"{cfg.key} pp{r['n_prompt']} tg{r['n_gen']} @d{r['n_depth']}: "
                 f"{statistics.median(r['samples_ts']):.1f} tok/s ({r['samples_ts']})")
         if rc not in (0, None):
-            raise RuntimeError(f"llama-bench exited {rc}: {stderr[-2000:]}")
-    out.update(llama_points(rows))
-    out["rows"] = rows
-    if rows:
-        out["build_commit"], out["gpu_info"], out["cpu_info"] = (rows[0]["build_commit"], rows[0]["gpu_info"],
-                                                                  rows[0]["cpu_info"])
+            rec["error"] = f"llama-bench exited {rc}: {stderr[-1500:]}"
+            log(f"{cfg.key} {kind}: {rec['error']}")
+    for rec in out["configs"].values():
+        rec.update(llama_points(rec["rows"]))
+        if rec["rows"]:
+            out["build_commit"], out["gpu_info"], out["cpu_info"] = (rec["rows"][0]["build_commit"],
+                                                                      rec["rows"][0]["gpu_info"], rec["rows"][0]["cpu_info"])
+    if not any(rec["rows"] for rec in out["configs"].values()):
+        raise RuntimeError(f"{peer}: no llama-bench run finished: " + "; ".join(
+            rec.get("error", "") for rec in out["configs"].values()))
     return out
 
 
@@ -412,6 +499,36 @@ def profile_decode(sess, tok: int, steps: int = 8, rows: int = 15) -> dict:
         for e in top]}
 
 
+def cpu_experts_alone(model, reps: int = 10) -> dict:
+    """One decode token's routed experts on the CPU alone: every KExpertsCPU layer's forward for one
+    row (random top-k routing, what the CPU backend does per decode step, without the GPU work
+    around it), timed per token over ``reps`` tokens. Beside the CUDA-graph step time this splits a
+    step into the CPU experts and the rest (GPU kernels, the callbacks, waiting)."""
+    import torch
+    layers = [m for m in model.modules() if type(m).__name__ == "KExpertsCPU"]
+    if not layers:
+        return {"error": "no KExpertsCPU modules"}
+    first = layers[0]
+    n, k = first.n_routed_experts, first.config.num_experts_per_tok
+    hidden = first.config.hidden_size
+    gen = torch.Generator().manual_seed(1)
+    device = torch.device(object.__getattribute__(first, "out_device"))
+    x = torch.randn(1, hidden, generator=gen).to(device=device, dtype=torch.float16)
+    times = []
+    for _ in range(reps + 1):
+        ids = torch.randperm(n, generator=gen)[:k].view(1, k).to(device)
+        w = torch.softmax(torch.randn(1, k, generator=gen), dim=-1).to(device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for m in layers:
+            m.forward(x, ids, w)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    per = statistics.median(times[1:])
+    return {"moe_layers": len(layers), "ms_per_token": per * 1e3, "reps": reps,
+            "what": "every KExpertsCPU layer's forward for one row, eager (includes its Python and copies)"}
+
+
 def decode_windows(sess, step, tok: int, args, deadline: float):
     """``--runs`` consecutive timed windows of ``--decode-tokens`` steps: (summary or None, tok)."""
     rates, waits, contexts = [], [], []
@@ -457,6 +574,26 @@ def graph_decoder(sess, tok: int):
     return step, tok
 
 
+def auto_check(out: dict, threshold) -> dict:
+    """Per prompt length: the path the default (auto) took, both forced paths' tok/s, and whether
+    auto's path was the faster one or within AUTO_WITHIN of it."""
+    points, ok = {}, True
+    for n, point in (out.get("prefill") or {}).items():
+        cpu = ((out.get("experts_path") or {}).get("cpu") or {}).get(n)
+        gpu = ((out.get("experts_path") or {}).get("gpu") or {}).get(n)
+        if not (cpu and gpu):
+            continue
+        took = "gpu" if point.get("moe_layers_experts_on_gpu") else "cpu"
+        best = max(cpu["median"], gpu["median"])
+        picked = {"cpu": cpu, "gpu": gpu}[took]["median"]
+        good = picked >= (1 - AUTO_WITHIN) * best
+        ok = ok and good
+        points[n] = {"auto_path": took, "auto_tok_s": point["median"], "cpu_tok_s": cpu["median"],
+                     "gpu_tok_s": gpu["median"], "faster_path": "gpu" if gpu["median"] >= cpu["median"] else "cpu",
+                     "picked_faster_or_within_10pct": good}
+    return {"threshold": threshold, "points": points, "picked_faster_or_within_10pct": ok if points else None}
+
+
 def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
     import torch
     from gpu_proof import EngineSession, _keep_kv_b
@@ -479,23 +616,33 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
         restore()
         torch.cuda.empty_cache()
 
-    # warm-up (Triton/SDPA selection, allocator, CPU expert buffers): not timed
+    # warm-up (Triton/SDPA selection, allocator, CPU expert buffers): not timed. With the default
+    # KTLEGACY_GPU_PREFILL_MIN_TOKENS=auto this first 512-token prompt is also where the engine
+    # measures its crossover (three MoE layers timed both ways), as a server's first prompt would.
+    from ktransformers import ktlegacy_runtime as rt
     sess = session(512 + 16)
+    t0 = time.perf_counter()
     tok = int(sess.prefill(ids[:512]).argmax())
+    first_prompt_s = time.perf_counter() - t0
     for _ in range(8):
         tok = int(sess.decode(tok).argmax())
     done(sess)
-    if engine == "ktlegacy":  # the GPU experts path too (its dequant kernels JIT from PTX on first use)
+    if engine == "ktlegacy":  # the GPU experts path too (its kernels JIT from PTX on first use)
+        out["gpu_prefill_setting"] = os.environ.get(GPU_PREFILL_ENV, "(default: %s)" % rt.GPU_PREFILL_MIN_TOKENS)
+        out["gpu_prefill_calibration"] = {"threshold": rt.AUTO_STATE.threshold, "detail": rt.AUTO_STATE.detail,
+                                          "samples_tokens_cpu_copy_gpu_s_bytes": rt.AUTO_STATE.samples,
+                                          "first_prompt_s": first_prompt_s}
+        log(f"{engine}: auto threshold {rt.AUTO_STATE.threshold} ({rt.AUTO_STATE.detail})")
         sess = session(512 + 16)
         with ExpertsPath(1):
             sess.prefill(ids[:512])
         done(sess)
 
-    def prefill_point(n: int, min_tokens: int | None = None) -> dict | None:
+    def prefill_point(n: int, min_tokens: int | None = None, runs: int | None = None) -> dict | None:
         """``--runs`` prefills of ``n`` tokens: tok/s, the time in KExpertsCPU.forward (the routed
         experts, on whichever path) and how many MoE layers ran them on the GPU / the CPU."""
         rates, experts_s, paths = [], [], set()
-        for _ in range(args.runs):
+        for _ in range(runs or args.runs):
             if time.monotonic() > deadline:
                 out["skipped"].append(f"prefill {n}: deadline")
                 break
@@ -523,14 +670,19 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                 f"{point['moe_layers_experts_on_gpu']}/{point['moe_layers_experts_on_cpu']}")
 
     if engine == "ktlegacy" and not args.skip_extras:
-        # the other experts path beside the default one, one length each, and the two paths' logits
+        # both experts paths forced beside the default (auto) at every length: did auto pick the
+        # faster one (or one within 10% of it)? A path 2x+ slower than the other needs one run only.
         out["experts_path"] = {}
-        for label, n, min_tokens in (("cpu", 2048, 0), ("gpu", 512, 1)):
-            if n in args.prefill and time.monotonic() < deadline:
-                point = prefill_point(n, min_tokens)
+        for n in args.prefill:
+            for label, min_tokens in (("cpu", 0), ("gpu", 1)):
+                if time.monotonic() > deadline:
+                    break
+                point = prefill_point(n, min_tokens, runs=args.runs if n <= 2048 else 1)
                 if point:
                     out["experts_path"].setdefault(label, {})[str(n)] = point
                     log(f"{engine} prefill {n}, experts forced on the {label.upper()}: {point['median']:.1f} tok/s")
+        out["gpu_prefill_auto"] = auto_check(out, rt.AUTO_STATE.threshold)
+        log(f"{engine} auto: {out['gpu_prefill_auto']}")
         if time.monotonic() < deadline:
             logits = {}
             for label, min_tokens in (("cpu", 0), ("gpu", 1)):
@@ -567,6 +719,20 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
             except Exception as exc:  # recorded: the eager number stands alone then
                 traceback.print_exc()
                 graph_error = f"{type(exc).__name__}: {exc}"
+        if engine == "ktlegacy" and not args.skip_extras and "decode_breakdown" not in out and graph:
+            try:
+                alone = cpu_experts_alone(sess.model)
+                step_ms = 1e3 / graph["median"]
+                out["decode_breakdown"] = dict(
+                    context=ctx, cuda_graph_step_ms=step_ms, eager_step_ms=1e3 / eager["median"] if eager else None,
+                    eager_cpu_experts_wait_ms=(statistics.median(eager["cpu_experts_wait_s"]) * 1e3 / args.decode_tokens
+                                               if eager else None),
+                    cpu_experts_alone=alone,
+                    rest_of_step_ms=step_ms - alone.get("ms_per_token", float("nan")))
+                log(f"{engine} decode @{ctx}: step {step_ms:.2f} ms (CUDA graph), CPU experts alone "
+                    f"{alone.get('ms_per_token', float('nan')):.2f} ms/token")
+            except Exception as exc:
+                out["decode_breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
         done(sess)
         row = {}
         if eager:
@@ -609,9 +775,10 @@ def environment(args) -> dict:
             env["device_cc"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
     except ImportError:
         pass
-    src = os.environ.get("PEER_LLAMA_SOURCE_JSON")
-    if src and Path(src).is_file():
-        env["llama_cpp_source"] = json.loads(Path(src).read_text())
+    for var, key in (("PEER_LLAMA_SOURCE_JSON", "llama_cpp_source"), ("PEER_IK_SOURCE_JSON", "ik_llama_cpp_source")):
+        src = os.environ.get(var)
+        if src and Path(src).is_file():
+            env[key] = json.loads(Path(src).read_text())
     env["llama_cpp_cpu_build"] = os.environ.get("PEER_LLAMA_CPU", "native")
     return env
 
@@ -621,8 +788,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path, help="make_lite_model output directory")
     p.add_argument("--llama-bench", help="llama-bench binary (needed for the llama_cpp engine)")
-    p.add_argument("--ik-llama-bench", help="ik_llama.cpp's llama-bench binary (bench/peer_run.sh builds it; "
-                   "stored in args.ik_llama_bench: no ik_llama.cpp configuration is run from it yet)")
+    p.add_argument("--ik-llama-bench", help="ik_llama.cpp's llama-bench binary (needed for the ik_llama_cpp engine)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="results of an earlier call on this machine (same model, threads and points): its engines "
+                        "that this call does not run are kept, so one benchmark can span calls of the device's "
+                        "10-minute limit")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: physical cores)")
     p.add_argument("--cpu-infer", type=int, default=None,
@@ -645,8 +815,16 @@ def main(argv=None) -> int:
         record = load_record(args.model)
     except Exception as exc:
         p.error(str(exc))
-    if "llama_cpp" in args.engines and not (args.llama_bench and Path(args.llama_bench).is_file()):
-        p.error("--llama-bench BIN is required for the llama_cpp engine (bench/peer_run.sh builds it)")
+    for eng, binary, flag in (("llama_cpp", args.llama_bench, "--llama-bench"),
+                              ("ik_llama_cpp", args.ik_llama_bench, "--ik-llama-bench")):
+        if eng in args.engines and not (binary and Path(binary).is_file()):
+            p.error(f"{flag} BIN is required for the {eng} engine (bench/peer_run.sh builds it)")
+    earlier = None
+    if args.resume is not None and args.resume.is_file():
+        try:
+            earlier = json.loads(args.resume.read_text())
+        except ValueError as exc:
+            p.error(f"--resume {args.resume}: not JSON ({exc})")
     args.threads = args.threads or physical_cores()
     args.cpu_infer = args.cpu_infer or max(1, args.threads - 2)
     start = time.monotonic()
@@ -660,14 +838,26 @@ def main(argv=None) -> int:
         "model": {k: record[k] for k in ("spec", "quant_mix", "file_bytes", "decode_cpu_bytes_per_token")},
         "points": {"prefill": args.prefill, "decode_ctx": args.decode_ctx, "decode_tokens": args.decode_tokens},
     }
+    if earlier is not None:
+        same = all(earlier.get(k) == results[k] for k in ("threads", "ktlegacy_cpu_infer", "runs", "model", "points"))
+        if not same:
+            p.error(f"--resume {args.resume}: another model, thread count or set of points; run without it")
+        kept = [e for e in ENGINES if e in earlier and e not in args.engines]
+        for key in ("bandwidth", "environment", *kept):
+            if key in earlier:
+                results[key] = earlier[key]
+        results["calls"] = earlier.get("calls", [earlier.get("command")])
+        log(f"resumed from {args.resume}: kept {kept}")
     phase(results, "environment", lambda: environment(args))
     log(f"threads {args.threads}; model {record['file_bytes'] / 2**30:.2f} GiB; engines {args.engines}")
-    phase(results, "bandwidth", lambda: triad(args.triad_mib * 2**20 // 8, args.threads))
+    if "bandwidth" not in results:
+        phase(results, "bandwidth", lambda: triad(args.triad_mib * 2**20 // 8, args.threads))
     if "bandwidth" in results:
         log(f"triad: best {results['bandwidth']['best_gb_s']:.1f} GB/s, median {results['bandwidth']['median_gb_s']:.1f}")
-    if "llama_cpp" in args.engines:
-        phase(results, "llama_cpp", lambda: run_llama(args, gguf, deadline))
-    kt = [e for e in args.engines if e != "llama_cpp"]
+    for peer, binary in (("llama_cpp", args.llama_bench), ("ik_llama_cpp", args.ik_llama_bench)):
+        if peer in args.engines:
+            phase(results, peer, lambda peer=peer, binary=binary: run_peer(args, peer, binary, gguf, deadline))
+    kt = [e for e in args.engines if e not in PEERS]
     if kt:
         def load():
             model, config, info = load_ktlegacy(args.model, args.cpu_infer, args.rules)
@@ -683,8 +873,10 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(public(results), indent=2, default=str) + "\n")
     PARTIAL_OUT.unlink(missing_ok=True)
     log(f"wrote {args.out}; errors: {list(results.get('errors', {}))}")
-    for key in ("prefill_tok_s", "decode_tok_s", "ratio_vs_llama_cpp", "decode_fraction_of_bandwidth_limit",
-                "targets_met"):
+    if earlier is not None:
+        results["calls"] = results.get("calls", []) + [results["command"]]
+    for key in ("prefill_tok_s", "decode_tok_s", "best_peer", "ratio_vs_best_peer", "decode_fraction_of_bandwidth_limit",
+                "gpu_prefill_auto", "targets_met"):
         if key in results:
             log(f"{key}: {json.dumps(results[key])}")
     return 1 if results.get("errors") else 0

@@ -171,10 +171,23 @@ if [ "${PEER_PREPARE_ONLY:-0}" = 1 ]; then
 fi
 
 # ---- 4. the benchmark
+# PEER_ENGINES: which engines this call runs (default: every one that built). A benchmark longer
+# than one call's limit runs as several calls on the warm machine, each naming its engines: every
+# call resumes the results of the calls before it ($work/peer-results.json, same model, threads
+# and points), and its $OUT JSON holds them all.
+want_engines="${PEER_ENGINES:-llama_cpp ik_llama_cpp ktlegacy}"
 engines=()
-[ "$(cat "$work/llama.rc")" = 0 ] && engines+=(llama_cpp)
-[ $kt_rc = 0 ] && engines+=(ktlegacy ktlegacy_windows)
+for e in $want_engines; do
+  case "$e" in
+    llama_cpp) [ "$(cat "$work/llama.rc")" = 0 ] && engines+=(llama_cpp) ;;
+    ik_llama_cpp) [ "$ik_rc" = 0 ] && engines+=(ik_llama_cpp) ;;
+    ktlegacy|ktlegacy_windows) [ $kt_rc = 0 ] && engines+=("$e") ;;
+    *) echo "error: PEER_ENGINES has $e: use llama_cpp, ik_llama_cpp, ktlegacy, ktlegacy_windows" >&2; finish 2 ;;
+  esac
+done
 [ ${#engines[@]} -gt 0 ] || finish 7
+resume=()
+[ -f "$work/peer-results.json" ] && [ "${PEER_FRESH:-0}" != 1 ] && resume=(--resume "$work/peer-results.json")
 export PYTHONPATH="$work/kt-work/kt:$work/kt-work/site:$repo"
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" KTLEGACY_EMULATE_CC=7.5 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PEER_LLAMA_SOURCE_JSON="$work/llama/llama.cpp/KTLEGACY-SOURCE.json"
@@ -189,8 +202,11 @@ threads=()
 ik_args=()
 [ "$ik_rc" = 0 ] && ik_args=(--ik-llama-bench "$ik_bin")
 timeout "$budget" $py bench/peer_bench.py --model "$model" --llama-bench "$llama_bin" "${ik_args[@]}" --engines "${engines[@]}" \
-  "${threads[@]}" --out "$OUT/peer_vs_llama_cpp.json" --deadline-s $(( budget - 45 )) ${PEER_BENCH_ARGS:-} 2>&1 | tee "$logs/peer_bench.log" \
-  | grep -E "^\[peer_bench|Error|error" | tail -80
+  "${threads[@]}" "${resume[@]}" --out "$OUT/peer_vs_llama_cpp.json" --deadline-s $(( budget - 45 )) ${PEER_BENCH_ARGS:-} 2>&1 \
+  | tee "$logs/peer_bench.log" | grep -E "^\[peer_bench|Error|error|^ktlegacy: " | tail -80
 rc=${PIPESTATUS[0]}
 say "peer_bench exit $rc"
+for f in "$OUT/peer_vs_llama_cpp.json" "$OUT/peer_vs_llama_cpp.partial.json"; do
+  [ -f "$f" ] && { cp "$f" "$work/peer-results.json"; break; }
+done
 finish "$rc"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,36 +105,68 @@ def _pts(prefill: dict, decode: dict) -> dict:
             "decode": {k: peer_bench.summarize(v) for k, v in decode.items()}}
 
 
-def test_ratios_bandwidth_fraction_and_targets():
+def _cfg(flags: str, prefill: dict, decode: dict) -> dict:
+    return dict(_pts(prefill, decode), flags=flags)
+
+
+def test_best_peer_ratios_bandwidth_fraction_auto_and_targets():
     results = {
         "model": {"decode_cpu_bytes_per_token": {"total": 500_000_000}},
         "bandwidth": {"best_gb_s": 100.0},          # limit: 100e9 / 5e8 = 200 tok/s
-        "llama_cpp": _pts({"512": [100, 110, 90], "2048": [200, 210, 190], "8192": [100, 100, 100]},
-                          {"1024": [40, 41, 39], "4096": [20, 20, 20]}),
-        "ktlegacy": _pts({"512": [300, 300, 300], "2048": [400, 300, 350], "8192": [140, 150, 160]},
-                         {"1024": [50, 50, 50], "4096": [110, 100, 105]}),
+        "llama_cpp": {"configs": {
+            "llama_cpp:default": _cfg("(defaults)", {"512": [100, 110, 90], "2048": [200, 210, 190], "8192": [100] * 3},
+                                      {"1024": [40, 41, 39], "4096": [20, 20, 20]}),
+            "llama_cpp:ub2048": _cfg("-b 2048 -ub 2048", {"2048": [260] * 3, "8192": [120] * 3}, {})}},
+        "ik_llama_cpp": {"configs": {
+            "ik_llama_cpp:fmoe-mla3": _cfg("-fmoe 1 -mla 3 -amb 512", {"512": [150] * 3, "2048": [250] * 3},
+                                           {"1024": [45] * 3, "4096": [30] * 3})}},
+        "ktlegacy": dict(_pts({"512": [300, 300, 300], "2048": [400, 300, 350], "8192": [150] * 3},
+                              {"1024": [50, 50, 50], "4096": [110, 100, 105]}),
+                         gpu_prefill_auto={"threshold": 700, "picked_faster_or_within_10pct": True}),
         "ktlegacy_windows": _pts({"512": [50, 50, 50]}, {}),
     }
     d = peer_bench.derive(results)
     assert d["prefill_tok_s"]["ktlegacy"] == {"512": 300, "2048": 350, "8192": 150}
-    assert d["decode_tok_s"]["llama_cpp"] == {"1024": 40, "4096": 20}
-    r = d["ratio_vs_llama_cpp"]
-    assert r["prefill"] == {"512": pytest.approx(3.0), "2048": pytest.approx(1.75), "8192": pytest.approx(1.5)}
-    assert r["decode"] == {"1024": pytest.approx(1.25), "4096": pytest.approx(5.25)}
-    assert d["ratio_vs_llama_cpp_windows"] == {"prefill": {"512": pytest.approx(0.5)}, "decode": {}}
-    assert d["bandwidth_gb_s"] == 100.0
+    assert d["prefill_tok_s"]["llama_cpp:ub2048"] == {"2048": 260, "8192": 120}
+    best = d["best_peer"]
+    assert {k: (v["config"], v["tok_s"]) for k, v in best["prefill"].items()} == {
+        "512": ("ik_llama_cpp:fmoe-mla3", 150), "2048": ("llama_cpp:ub2048", 260), "8192": ("llama_cpp:ub2048", 120)}
+    assert best["prefill"]["2048"]["flags"] == "-b 2048 -ub 2048" and best["prefill"]["2048"]["peer"] == "llama_cpp"
+    assert {k: v["config"] for k, v in best["decode"].items()} == {"1024": "ik_llama_cpp:fmoe-mla3",
+                                                                   "4096": "ik_llama_cpp:fmoe-mla3"}
+    r = d["ratio_vs_best_peer"]
+    assert r["prefill"] == {"512": pytest.approx(2.0), "2048": pytest.approx(350 / 260), "8192": pytest.approx(1.25)}
+    assert r["decode"] == {"1024": pytest.approx(50 / 45), "4096": pytest.approx(105 / 30)}
     assert d["decode_bandwidth_limit_tok_s"] == pytest.approx(200.0)
-    assert d["decode_fraction_of_bandwidth_limit"]["ktlegacy"] == {"1024": pytest.approx(0.25),
-                                                                   "4096": pytest.approx(0.525)}
-    assert d["decode_fraction_of_bandwidth_limit"]["llama_cpp"]["4096"] == pytest.approx(0.1)
-    assert d["targets_met"] == {"decode_ge_1x_llama_cpp": True,
-                                "prefill_ge_1.5x_llama_cpp_at_2048_8192": True,
-                                "decode_ge_50pct_of_bandwidth_limit": False}
-    # one point below target flips it
-    results["ktlegacy"]["prefill"]["8192"] = peer_bench.summarize([149, 149, 149])
-    assert peer_bench.derive(results)["targets_met"]["prefill_ge_1.5x_llama_cpp_at_2048_8192"] is False
-    # nothing measured for llama.cpp: no ratios, no targets
-    assert "ratio_vs_llama_cpp" not in peer_bench.derive({"ktlegacy": results["ktlegacy"]})
+    assert d["decode_fraction_of_bandwidth_limit"] == {"1024": pytest.approx(0.25), "4096": pytest.approx(0.525)}
+    assert d["decode_fraction_of_bandwidth_limit_all"]["llama_cpp:default"]["4096"] == pytest.approx(0.1)
+    t = d["targets_met"]
+    assert t["prefill_512_ge_1.0x_best_peer"]["met"] is True
+    assert t["prefill_2048_ge_1.5x_best_peer"] == {"met": False, "ratio": pytest.approx(350 / 260),
+                                                   "shortfall": pytest.approx(1.5 - 350 / 260)}
+    assert t["prefill_8192_ge_1.5x_best_peer"]["met"] is False
+    assert t["decode_1024_ge_1.2x_best_peer"]["met"] is False and t["decode_4096_ge_1.2x_best_peer"]["met"] is True
+    assert t["decode_ge_0.6_of_bandwidth_limit"]["met"] is False
+    assert t["auto_picks_faster_or_within_10pct"] == {"met": True}
+    assert d["gpu_prefill_auto"]["threshold"] == 700
+    # no peer measured: no best peer, no ratios, no targets
+    only = peer_bench.derive({"ktlegacy": results["ktlegacy"]})
+    assert "ratio_vs_best_peer" not in only and "targets_met" not in only
+
+
+def test_auto_check_compares_the_path_taken_with_both_forced():
+    s = peer_bench.summarize
+    out = {"prefill": {"512": dict(s([100] * 3), moe_layers_experts_on_gpu=0),
+                       "2048": dict(s([400] * 3), moe_layers_experts_on_gpu=26),
+                       "8192": dict(s([900] * 3), moe_layers_experts_on_gpu=0)},
+           "experts_path": {"cpu": {"512": s([100] * 3), "2048": s([300] * 3), "8192": s([300] * 3)},
+                            "gpu": {"512": s([105] * 3), "2048": s([400] * 3), "8192": s([900] * 3)}}}
+    got = peer_bench.auto_check(out, 1000)
+    assert got["points"]["512"]["picked_faster_or_within_10pct"] is True      # CPU, within 5% of the GPU
+    assert got["points"]["2048"] == {"auto_path": "gpu", "auto_tok_s": 400, "cpu_tok_s": 300, "gpu_tok_s": 400,
+                                     "faster_path": "gpu", "picked_faster_or_within_10pct": True}
+    assert got["points"]["8192"]["picked_faster_or_within_10pct"] is False     # CPU at a third of the GPU
+    assert got["picked_faster_or_within_10pct"] is False and got["threshold"] == 1000
 
 
 def test_bandwidth_limit_from_the_model_record():
@@ -181,6 +214,32 @@ def test_llama_bench_commands():
         assert part in joined
     d = " ".join(peer_bench.llama_bench_cmd("b", Path("m"), 8, 5, depths=[1024, 4096], n_gen=32))
     assert "-p 0 -n 32 -d 1024,4096" in d and "-t 8" in d and "-r 5" in d
+
+
+def test_peer_configurations_measure_only_the_points_they_change():
+    args = SimpleNamespace(prefill=[512, 2048, 8192], decode_ctx=[1024, 4096], decode_tokens=32, threads=16, runs=3)
+    llama = {(cfg.name, kind): " ".join(cmd) for cfg, kind, cmd in peer_bench.peer_commands(args, "llama_cpp", "b", Path("m"))}
+    assert set(llama) == {("default", "prefill"), ("default", "decode"), ("ub2048", "prefill"), ("ub4096", "prefill")}
+    assert "-o jsonl -p 512,2048,8192 -n 0" in llama["default", "prefill"]
+    assert "-o jsonl -p 0 -n 32 -d 1024,4096" in llama["default", "decode"]
+    assert "-b 2048 -ub 2048 -p 2048,8192 -n 0" in llama["ub2048", "prefill"]   # at 512, ub 2048 is ub 512
+    assert "-b 4096 -ub 4096 -p 8192 -n 0" in llama["ub4096", "prefill"]        # at 2048, ub 4096 is ub 2048
+    assert not any("-fmoe" in c for c in llama.values())
+    ik = {(cfg.name, kind): " ".join(cmd) for cfg, kind, cmd in peer_bench.peer_commands(args, "ik_llama_cpp", "b", Path("m"))}
+    assert set(ik) == {("fmoe-mla3", "prefill"), ("fmoe-mla3", "decode"), ("fmoe-mla3-ub2048", "prefill"),
+                       ("fmoe-mla3-ub4096", "prefill"), ("fmoe-mla3-rtr", "prefill"), ("fmoe-mla3-rtr", "decode"),
+                       ("fmoe-mla3-rtr-ub2048", "prefill")}
+    assert all("-ot exps=CPU -fa 1" in c and "-o json -fmoe 1 -mla 3 -amb 512" in c for c in ik.values())
+    assert ik["fmoe-mla3", "decode"].endswith("-gp 1024,32 -gp 4096,32")      # ik has no -d
+    assert "-rtr 1 -b 2048 -ub 2048 -p 2048,8192 -n 0" in ik["fmoe-mla3-rtr-ub2048", "prefill"]
+
+
+def test_ik_decode_rows_are_points_at_their_prompt_depth():
+    rows = peer_bench.parse_llama_bench((FIXTURES / "ik-llama-bench-cpu.out").read_text())
+    first = rows[:3]    # -p 64 -n 4 -gp 64,4 at -ub 512: pp64, tg4 (depth 0), tg4@pp64 (depth 64)
+    pts = peer_bench.llama_points(first)
+    assert set(pts["prefill"]) == {"64"} and set(pts["decode"]) == {"0", "64"}
+    assert pts["decode"]["64"]["runs"] == first[2]["samples_ts"] and pts["decode"]["64"]["decode_tokens"] == 4
 
 
 def test_cli_refusals(tmp_path):
