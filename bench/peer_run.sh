@@ -19,13 +19,17 @@
 # Steps, the first three at the same time: the DeepSeek-V2-Lite-shaped model (ktlegacy.testing.peer_model,
 # ~9.4 GiB, never leaves the machine) | llama.cpp's and ik_llama.cpp's llama-bench (bench/peer_build_llama.sh:
 # PTX for 7.5 only, flash attention on) | our patched ktransformers 0.2.1.post1, 7.5+PTX (bench/gpu_run.sh
-# with KTLEGACY_PROOF=install) -> bench/peer_bench.py (KTLEGACY_EMULATE_CC=7.5): triad,
-# llama.cpp, ktlegacy (SDPA), ktlegacy (windows).
+# with KTLEGACY_PROOF=install) -> bench/peer_bench.py (KTLEGACY_EMULATE_CC=7.5): triad, every peer
+# configuration of its PEER_CONFIGS (llama.cpp default and tuned -ub/-b, ik_llama.cpp's hybrid
+# DeepSeek flags), ktlegacy (auto threshold, both experts paths forced, decode breakdown).
 # State lives in build/peer-gpu/ (git-ignored: the device keeps it between calls while the machine
-# stays warm): a second call finds the builds, the install and the model and only benchmarks.
-# Expected on a 16-core H200 host: builds + model ~5 min, the benchmark ~7 min, so the plan is two
-# calls: PEER_PREPARE_ONLY=1 first, then the same command without it (the JSON comes from that one
-# call alone, all three engines). $OUT also gets ext-sm75-ptx.tar.gz, llama-bench-cuda.tar.gz and
+# stays warm): a later call finds the builds, the install and the model and only benchmarks.
+# The whole benchmark takes longer than one 10-minute call, so it runs as calls on the warm machine:
+#   PEER_PREPARE_ONLY=1 ...                      builds, model, install
+#   PEER_ENGINES=llama_cpp ...                   then each engine (or several) per call;
+#   PEER_ENGINES=ik_llama_cpp ...                every call resumes build/peer-gpu/peer-results.json
+#   PEER_ENGINES=ktlegacy ...                    and its $OUT JSON holds every engine so far
+# (PEER_FRESH=1 starts the results over). $OUT also gets ext-sm75-ptx.tar.gz, llama-bench-cuda.tar.gz and
 # ik-llama-bench-cuda.tar.gz: carry them in .whl/ with KTLEGACY_PREBUILT / PEER_LLAMA_PREBUILT /
 # PEER_IK_PREBUILT if the machine was handed back.
 # ik_llama.cpp's build is waited for like llama.cpp's, except that the benchmark does not wait for
