@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""ktlegacy vs llama.cpp on one GPU machine, same GGUF, same CPU threads (issue 13).
+"""ktlegacy vs llama.cpp and ik_llama.cpp on one GPU machine, same GGUF, same CPU threads (issues 13, 26).
 
-    python bench/peer_bench.py --model DIR --llama-bench BIN --out results.json \
-        [--threads N] [--runs 3] [--prefill 512 2048 8192] [--decode-ctx 1024 4096] \
-        [--decode-tokens 32] [--engines llama_cpp ktlegacy ktlegacy_windows] [--deadline-s S]
+    python bench/peer_bench.py --model DIR --llama-bench BIN [--ik-llama-bench BIN] --out results.json \
+        [--threads N] [--runs 3] [--prefill 512 2048 8192] [--decode-ctx 1024 4096] [--decode-tokens 32] \
+        [--engines llama_cpp ik_llama_cpp ktlegacy ktlegacy_windows] [--deadline-s S] [--resume EARLIER.json]
 
 MODEL is ``ktlegacy.testing.peer_model.make_lite_model``'s output (DeepSeek-V2-Lite's shapes and quant
 mix, random weights). bench/peer_run.sh builds everything and runs this on the GPU machine.
 
 Engines, all with the routed experts on the CPU and everything else on the GPU:
 
+- ``llama_cpp`` and ``ik_llama_cpp``: ``llama-bench -ngl 99 -ot exps=CPU -fa 1 -t THREADS`` and
+  each configuration of PEER_CONFIGS (below): what their users run, tuned ubatches included. The
+  ratios are against the best configuration at each point (``best_peer``, ``ratio_vs_best_peer``).
 - ``ktlegacy``: the patched ktransformers (built 7.5+PTX, ``KTLEGACY_EMULATE_CC=7.5``) driven as
   bench/gpu_proof.py drives it (``optimize_and_load_gguf`` with the patched
   DeepSeek-V2-Lite-Chat.yaml, its ``StaticCache``), SDPA prefill; decode is timed eager and
@@ -17,15 +20,14 @@ Engines, all with the routed experts on the CPU and everything else on the GPU:
   default): the CUDA-graph number is the headline, the eager one is kept beside it; the CPU
   experts get ``cpu_infer = --threads - 2`` (``--cpu-infer``): the pool's workers spin, and the
   engine's CUDA-callback thread (which waits for them in decode) and its Python thread need the
-  other two of the ``--threads`` cores every engine gets. Prompts of at least
-  ``KTLEGACY_GPU_PREFILL_MIN_TOKENS`` tokens (default 1024, the product's) run the routed experts
-  on the GPU (overlay 68); beside the headline, ``experts_path`` times the other path at one
-  length each (CPU experts at 2048, GPU experts at 512) and ``gpu_prefill_check`` compares the
-  two paths' logits after the same 1024-token prompt;
+  other two of the ``--threads`` cores every engine gets. The product's default
+  ``KTLEGACY_GPU_PREFILL_MIN_TOKENS=auto`` calibrates on the warm-up prompt (recorded in
+  ``gpu_prefill_calibration``); every prefill length is also timed with the experts forced onto
+  each path, and ``gpu_prefill_auto`` says whether auto took the faster one (or one within 10%);
+  ``gpu_prefill_check`` compares the two paths' logits after the same 1024-token prompt;
+  ``decode_breakdown`` puts one CUDA-graph step beside one token's CPU experts alone;
 - ``ktlegacy_windows``: the same loaded model with ``KTLEGACY_PREFILL=windows`` (upstream's
-  ``forward_windows`` prefill);
-- ``llama_cpp``: ``llama-bench -ngl 99 -ot exps=CPU -fa 1 -t THREADS`` (its defaults otherwise:
-  batch 2048, ubatch 512, mmap, op offload on).
+  ``forward_windows`` prefill).
 
 Points: prefill tokens/s at each ``--prefill`` length (a fresh cache each run) and decode
 tokens/s at each ``--decode-ctx`` context, ``--runs`` runs each: median, min, max and every
