@@ -596,6 +596,26 @@ def auto_check(out: dict, threshold) -> dict:
     return {"threshold": threshold, "points": points, "picked_faster_or_within_10pct": ok if points else None}
 
 
+# Where issue 26 asks what auto would pick on a T4/V100 box: PCIe 3 x16 (~12 GB/s pinned from the
+# local node) and two sockets of 14 cores, the experts on one node's 12 threads (the doctor's
+# advice) or both nodes' 26.
+PROJECTIONS = {"pcie3_x16_12GBs_one_node_12_threads": (12e9, 12), "pcie3_x16_12GBs_two_nodes_26_threads": (12e9, 26)}
+
+
+def projected_thresholds(rt, samples: list, threads: int) -> dict:
+    """The runtime's own crossover model (AutoThreshold.decide) on this run's calibration samples,
+    with the copy at another link speed and the CPU experts' time scaled by thread count (linear:
+    prefill's expert GEMMs are compute-bound; a far-node read would make the CPU slower still)."""
+    out = {}
+    for name, (link, cores) in PROJECTIONS.items():
+        moved = [(n, cpu * threads / cores, nbytes / link, gpu - copy + nbytes / link, nbytes)
+                 for n, cpu, copy, gpu, nbytes in samples]
+        if moved:
+            threshold, detail = rt.AutoThreshold.decide(moved)
+            out[name] = {"threshold": threshold, "detail": detail}
+    return out
+
+
 def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
     import torch
     from gpu_proof import EngineSession, _keep_kv_b
@@ -684,6 +704,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                     out["experts_path"].setdefault(label, {})[str(n)] = point
                     log(f"{engine} prefill {n}, experts forced on the {label.upper()}: {point['median']:.1f} tok/s")
         out["gpu_prefill_auto"] = auto_check(out, rt.AUTO_STATE.threshold)
+        out["gpu_prefill_auto"]["projected"] = projected_thresholds(rt, rt.AUTO_STATE.samples, args.cpu_infer)
         log(f"{engine} auto: {out['gpu_prefill_auto']}")
         if time.monotonic() < deadline:
             logits = {}

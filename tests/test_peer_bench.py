@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -232,6 +233,22 @@ def test_peer_configurations_measure_only_the_points_they_change():
     assert all("-ot exps=CPU -fa 1" in c and "-o json -fmoe 1 -mla 3 -amb 512" in c for c in ik.values())
     assert ik["fmoe-mla3", "decode"].endswith("-gp 1024,32 -gp 4096,32")      # ik has no -d
     assert "-rtr 1 -b 2048 -ub 2048 -p 2048,8192 -n 0" in ik["fmoe-mla3-rtr-ub2048", "prefill"]
+
+
+def test_projected_thresholds_move_the_copy_and_scale_the_cpu():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rt_for_projection", REPO / "overlays" / "runtime" / "ktlegacy_runtime.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    # a 334 MB layer copied in 6.7 ms (50 GB/s), CPU 100 ms for 1024 tokens on 14 threads, GPU 20 ms
+    samples = [(1024, 0.1, 334e6 / 50e9, 0.02, 334e6)] * 2
+    got = peer_bench.projected_thresholds(rt, samples, threads=14)
+    one, two = got["pcie3_x16_12GBs_one_node_12_threads"], got["pcie3_x16_12GBs_two_nodes_26_threads"]
+    c12, c26 = 0.1 * 14 / 12 / 1024, 0.1 * 14 / 26 / 1024
+    g = (0.02 - 334e6 / 50e9) / 1024
+    assert one["threshold"] == math.ceil((334e6 / 12e9) / (c12 - g))
+    assert two["threshold"] == math.ceil((334e6 / 12e9) / (c26 - g)) > one["threshold"]
+    assert "12.0 GB/s" in one["detail"]
 
 
 def test_ik_decode_rows_are_points_at_their_prompt_depth():
