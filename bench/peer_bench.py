@@ -95,11 +95,10 @@ PEER_CONFIGS = (
     PeerConfig("ik_llama_cpp", "fmoe-mla3", IK_FLAGS, 0, decode=True),
     PeerConfig("ik_llama_cpp", "fmoe-mla3-ub2048", IK_FLAGS + UB2048, 512),
     PeerConfig("ik_llama_cpp", "fmoe-mla3-ub4096", IK_FLAGS + UB4096, 2048),
-    # run-time repacking of the CPU-held experts (faster CPU matmuls; ik's CPU-only prefill ~4x on the
-    # test machine), at the default ubatch and the larger ones
-    PeerConfig("ik_llama_cpp", "fmoe-mla3-rtr", IK_FLAGS + ("-rtr", "1"), 0, decode=True),
-    PeerConfig("ik_llama_cpp", "fmoe-mla3-rtr-ub2048", IK_FLAGS + ("-rtr", "1") + UB2048, 512),
 )
+# No warm-up run (the device's 10-minute calls): the median of --runs absorbs the first run's
+# one-time costs, and the spread shows them.
+NO_WARMUP = {"llama_cpp": ("--no-warmup",), "ik_llama_cpp": ("-w", "0")}
 
 # Targets of issue 26 (benchmark targets, not tests): ktlegacy vs the best peer configuration.
 TARGETS = {"prefill": {"512": 1.0, "2048": 1.5, "8192": 1.5}, "decode": {"1024": 1.2, "4096": 1.2}}
@@ -314,7 +313,7 @@ def llama_bench_cmd(binary: str, model: Path, threads: int, runs: int, *, prompt
     """One llama-bench run. ``ik``: ik_llama.cpp's llama-bench, which has no jsonl output (json) and
     no -d (decode after a context is -gp DEPTH,TOKENS, once per depth)."""
     cmd = [binary, "-m", str(model), "-ngl", "99", "-ot", "exps=CPU", "-fa", "1", "-t", str(threads),
-           "-r", str(runs), "-o", "json" if ik else "jsonl", *flags]
+           "-r", str(runs), "-o", "json" if ik else "jsonl", *NO_WARMUP["ik_llama_cpp" if ik else "llama_cpp"], *flags]
     if prompts:
         cmd += ["-p", ",".join(map(str, prompts)), "-n", "0"]
     elif ik:

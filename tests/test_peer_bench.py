@@ -221,18 +221,18 @@ def test_peer_configurations_measure_only_the_points_they_change():
     args = SimpleNamespace(prefill=[512, 2048, 8192], decode_ctx=[1024, 4096], decode_tokens=32, threads=16, runs=3)
     llama = {(cfg.name, kind): " ".join(cmd) for cfg, kind, cmd in peer_bench.peer_commands(args, "llama_cpp", "b", Path("m"))}
     assert set(llama) == {("default", "prefill"), ("default", "decode"), ("ub2048", "prefill"), ("ub4096", "prefill")}
-    assert "-o jsonl -p 512,2048,8192 -n 0" in llama["default", "prefill"]
-    assert "-o jsonl -p 0 -n 32 -d 1024,4096" in llama["default", "decode"]
+    assert "--no-warmup -p 512,2048,8192 -n 0" in llama["default", "prefill"]
+    assert "--no-warmup -p 0 -n 32 -d 1024,4096" in llama["default", "decode"]
     assert "-b 2048 -ub 2048 -p 2048,8192 -n 0" in llama["ub2048", "prefill"]   # at 512, ub 2048 is ub 512
     assert "-b 4096 -ub 4096 -p 8192 -n 0" in llama["ub4096", "prefill"]        # at 2048, ub 4096 is ub 2048
     assert not any("-fmoe" in c for c in llama.values())
     ik = {(cfg.name, kind): " ".join(cmd) for cfg, kind, cmd in peer_bench.peer_commands(args, "ik_llama_cpp", "b", Path("m"))}
     assert set(ik) == {("fmoe-mla3", "prefill"), ("fmoe-mla3", "decode"), ("fmoe-mla3-ub2048", "prefill"),
-                       ("fmoe-mla3-ub4096", "prefill"), ("fmoe-mla3-rtr", "prefill"), ("fmoe-mla3-rtr", "decode"),
-                       ("fmoe-mla3-rtr-ub2048", "prefill")}
-    assert all("-ot exps=CPU -fa 1" in c and "-o json -fmoe 1 -mla 3 -amb 512" in c for c in ik.values())
+                       ("fmoe-mla3-ub4096", "prefill")}
+    assert all("-ot exps=CPU -fa 1" in c and "-o json -w 0 -fmoe 1 -mla 3 -amb 512" in c for c in ik.values())
+    assert all("-o jsonl --no-warmup" in c for c in llama.values())
     assert ik["fmoe-mla3", "decode"].endswith("-gp 1024,32 -gp 4096,32")      # ik has no -d
-    assert "-rtr 1 -b 2048 -ub 2048 -p 2048,8192 -n 0" in ik["fmoe-mla3-rtr-ub2048", "prefill"]
+    assert "-b 2048 -ub 2048 -p 2048,8192 -n 0" in ik["fmoe-mla3-ub2048", "prefill"]
 
 
 def test_projected_thresholds_move_the_copy_and_scale_the_cpu():
