@@ -692,13 +692,13 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
 
     if engine == "ktlegacy" and not args.skip_extras:
         # both experts paths forced beside the default (auto) at every length: did auto pick the
-        # faster one (or one within 10% of it)? A path 2x+ slower than the other needs one run only.
+        # faster one (or one within 10% of it)? Past 512 tokens the paths differ by 2x+: one run each.
         out["experts_path"] = {}
         for n in args.prefill:
             for label, min_tokens in (("cpu", 0), ("gpu", 1)):
                 if time.monotonic() > deadline:
                     break
-                point = prefill_point(n, min_tokens, runs=args.runs if n <= 2048 else 1)
+                point = prefill_point(n, min_tokens, runs=args.runs if n <= 512 else 1)
                 if point:
                     out["experts_path"].setdefault(label, {})[str(n)] = point
                     log(f"{engine} prefill {n}, experts forced on the {label.upper()}: {point['median']:.1f} tok/s")
