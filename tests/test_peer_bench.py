@@ -288,7 +288,10 @@ def _fake_sdist(path: Path, changelog: str) -> Path:
         "vendor/llama.cpp/ggml/src/ggml-vulkan/v.cpp": "// dropped\n",
         "llama_cpp/llama.py": "# not vendored\n",
     }
-    top = f"llama_cpp_python-{peer_source.SDIST_VERSION}/"
+    return _write_tar(path, f"llama_cpp_python-{peer_source.SDIST_VERSION}/", files)
+
+
+def _write_tar(path: Path, top: str, files: dict) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, text in files.items():
             data = text.encode()
@@ -346,16 +349,8 @@ IK_FILES = {
 
 
 def _fake_ik_sdist(path: Path, drop: str = "") -> Path:
-    top = f"ik_llama_cpp_python-{peer_source.PEERS['ik_llama_cpp'].version}/"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in IK_FILES.items():
-            if name == drop:
-                continue
-            data = text.encode()
-            info = tarfile.TarInfo(top + name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return _write_tar(path, f"ik_llama_cpp_python-{peer_source.PEERS['ik_llama_cpp'].version}/",
+                      {name: text for name, text in IK_FILES.items() if name != drop})
 
 
 def test_ik_source_archive_keeps_what_the_build_reads(tmp_path):
