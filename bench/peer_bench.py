@@ -78,6 +78,7 @@ class PeerConfig:
     flags: tuple = ()
     above: int = 0
     decode: bool = False
+    upto: int | None = None     # measured only at lengths <= upto (None: every length above ``above``)
 
     @property
     def key(self) -> str:
@@ -92,10 +93,13 @@ PEER_CONFIGS = (
     PeerConfig("llama_cpp", "default", (), 0, decode=True),
     PeerConfig("llama_cpp", "ub2048", UB2048, 512),
     PeerConfig("llama_cpp", "ub4096", UB4096, 2048),
-    PeerConfig("ik_llama_cpp", "fmoe-mla3", IK_FLAGS, 0, decode=True),
+    # ik_llama.cpp "with the best -ub" (issue 26): its default ubatch at 512 tokens and for decode only
+    PeerConfig("ik_llama_cpp", "fmoe-mla3", IK_FLAGS, 0, decode=True, upto=512),
     PeerConfig("ik_llama_cpp", "fmoe-mla3-ub2048", IK_FLAGS + UB2048, 512),
     PeerConfig("ik_llama_cpp", "fmoe-mla3-ub4096", IK_FLAGS + UB4096, 2048),
 )
+# Prompts this long are timed --long-runs times (every engine), the others --runs times.
+LONG = 8192
 # No warm-up run (the device's 10-minute calls): the median of --runs absorbs the first run's
 # one-time costs, and the spread shows them.
 NO_WARMUP = {"llama_cpp": ("--no-warmup",), "ik_llama_cpp": ("-w", "0")}
@@ -329,10 +333,12 @@ def peer_commands(args, peer: str, binary: str, gguf: Path) -> list:
     for cfg in PEER_CONFIGS:
         if cfg.peer != peer:
             continue
-        prompts = [n for n in args.prefill if n > cfg.above]
-        if prompts:
-            out.append((cfg, "prefill", llama_bench_cmd(binary, gguf, args.threads, args.runs, prompts=prompts,
-                                                         flags=cfg.flags, ik=peer == "ik_llama_cpp")))
+        prompts = [n for n in args.prefill if n > cfg.above and (cfg.upto is None or n <= cfg.upto)]
+        for group, runs in (([n for n in prompts if n < LONG], args.runs), ([n for n in prompts if n >= LONG],
+                                                                            args.long_runs)):
+            if group:
+                out.append((cfg, "prefill", llama_bench_cmd(binary, gguf, args.threads, runs, prompts=group,
+                                                             flags=cfg.flags, ik=peer == "ik_llama_cpp")))
         if cfg.decode:
             out.append((cfg, "decode", llama_bench_cmd(binary, gguf, args.threads, args.runs, depths=args.decode_ctx,
                                                         n_gen=args.decode_tokens, flags=cfg.flags,
@@ -683,7 +689,7 @@ def run_ktlegacy(results: dict, engine: str, args, deadline: float) -> dict:
                     moe_layers_experts_on_cpu=cpu)
 
     for n in args.prefill:
-        point = prefill_point(n)
+        point = prefill_point(n, runs=args.long_runs if n >= LONG else None)
         if point:
             out["prefill"][str(n)] = point
             log(f"{engine} prefill {n}: {point['median']:.1f} tok/s ({[round(r, 1) for r in point['runs']]}); "
@@ -821,6 +827,9 @@ def main(argv=None) -> int:
                    help="ktlegacy's CPU-expert pool (default: threads - 2, as compose/.env.example advises: its "
                         "CUDA-callback thread and the Python thread take the other two)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--long-runs", type=int, default=None,
+                   help=f"runs of prompts of {LONG}+ tokens, every engine (default: --runs; 1 fits the device's calls: "
+                        "there the engines differ several-fold)")
     p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--decode-ctx", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -833,6 +842,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.runs < 3:
         p.error("--runs must be at least 3 (median with a spread)")
+    args.long_runs = args.long_runs or args.runs
+    if args.long_runs < 1:
+        p.error("--long-runs must be at least 1")
     try:
         record = load_record(args.model)
     except Exception as exc:
@@ -857,6 +869,7 @@ def main(argv=None) -> int:
     gguf = args.model / GGUF_NAME
     results: dict = {
         "command": shlex.join(sys.argv), "threads": args.threads, "ktlegacy_cpu_infer": args.cpu_infer, "runs": args.runs,
+        "long_runs": {"from_tokens": LONG, "runs": args.long_runs},
         "model": {k: record[k] for k in ("spec", "quant_mix", "file_bytes", "decode_cpu_bytes_per_token")},
         "points": {"prefill": args.prefill, "decode_ctx": args.decode_ctx, "decode_tokens": args.decode_tokens},
     }

@@ -218,21 +218,33 @@ def test_llama_bench_commands():
 
 
 def test_peer_configurations_measure_only_the_points_they_change():
-    args = SimpleNamespace(prefill=[512, 2048, 8192], decode_ctx=[1024, 4096], decode_tokens=32, threads=16, runs=3)
-    llama = {(cfg.name, kind): " ".join(cmd) for cfg, kind, cmd in peer_bench.peer_commands(args, "llama_cpp", "b", Path("m"))}
+    args = SimpleNamespace(prefill=[512, 2048, 8192], decode_ctx=[1024, 4096], decode_tokens=32, threads=16, runs=3,
+                           long_runs=1)
+
+    def commands(peer):
+        got = {}
+        for cfg, kind, cmd in peer_bench.peer_commands(args, peer, "b", Path("m")):
+            got.setdefault((cfg.name, kind), []).append(" ".join(cmd))
+        return got
+    llama = commands("llama_cpp")
     assert set(llama) == {("default", "prefill"), ("default", "decode"), ("ub2048", "prefill"), ("ub4096", "prefill")}
-    assert "--no-warmup -p 512,2048,8192 -n 0" in llama["default", "prefill"]
-    assert "--no-warmup -p 0 -n 32 -d 1024,4096" in llama["default", "decode"]
-    assert "-b 2048 -ub 2048 -p 2048,8192 -n 0" in llama["ub2048", "prefill"]   # at 512, ub 2048 is ub 512
-    assert "-b 4096 -ub 4096 -p 8192 -n 0" in llama["ub4096", "prefill"]        # at 2048, ub 4096 is ub 2048
-    assert not any("-fmoe" in c for c in llama.values())
-    ik = {(cfg.name, kind): " ".join(cmd) for cfg, kind, cmd in peer_bench.peer_commands(args, "ik_llama_cpp", "b", Path("m"))}
+    assert llama["default", "prefill"] == [  # 8192 tokens --long-runs times
+        "b -m m -ngl 99 -ot exps=CPU -fa 1 -t 16 -r 3 -o jsonl --no-warmup -p 512,2048 -n 0",
+        "b -m m -ngl 99 -ot exps=CPU -fa 1 -t 16 -r 1 -o jsonl --no-warmup -p 8192 -n 0"]
+    assert llama["default", "decode"] == ["b -m m -ngl 99 -ot exps=CPU -fa 1 -t 16 -r 3 -o jsonl --no-warmup "
+                                          "-p 0 -n 32 -d 1024,4096"]
+    assert [c.split("--no-warmup ")[1] for c in llama["ub2048", "prefill"]] == [   # at 512, ub 2048 is ub 512
+        "-b 2048 -ub 2048 -p 2048 -n 0", "-b 2048 -ub 2048 -p 8192 -n 0"]
+    assert [c.split("--no-warmup ")[1] for c in llama["ub4096", "prefill"]] == [   # at 2048, ub 4096 is ub 2048
+        "-b 4096 -ub 4096 -p 8192 -n 0"]
+    ik = commands("ik_llama_cpp")
     assert set(ik) == {("fmoe-mla3", "prefill"), ("fmoe-mla3", "decode"), ("fmoe-mla3-ub2048", "prefill"),
                        ("fmoe-mla3-ub4096", "prefill")}
-    assert all("-ot exps=CPU -fa 1" in c and "-o json -w 0 -fmoe 1 -mla 3 -amb 512" in c for c in ik.values())
-    assert all("-o jsonl --no-warmup" in c for c in llama.values())
-    assert ik["fmoe-mla3", "decode"].endswith("-gp 1024,32 -gp 4096,32")      # ik has no -d
-    assert "-b 2048 -ub 2048 -p 2048,8192 -n 0" in ik["fmoe-mla3-ub2048", "prefill"]
+    every = [c for cs in ik.values() for c in cs]
+    assert all("-ot exps=CPU -fa 1" in c and "-o json -w 0 -fmoe 1 -mla 3 -amb 512" in c for c in every)
+    assert ik["fmoe-mla3", "prefill"] == [every[0]] and every[0].endswith("-p 512 -n 0")  # the default ubatch: 512 only
+    assert ik["fmoe-mla3", "decode"][0].endswith("-gp 1024,32 -gp 4096,32")      # ik has no -d
+    assert ik["fmoe-mla3-ub2048", "prefill"][1].endswith("-b 2048 -ub 2048 -p 8192 -n 0")
 
 
 def test_projected_thresholds_move_the_copy_and_scale_the_cpu():
