@@ -468,6 +468,7 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
                 staging.prefetched = ((key, (0, run)), staging.submit(parts(next_tensors, 0, run), device))
             got = Staging.take(futures.pop((first, last)), device)
             w = {name: dequant(data, ggml_type, device, dtype) for name, (data, ggml_type) in got.items()}
+            del got             # the raw bytes: freed once the dequantisers have read them
         else:
             w = {name: dequant(data, ggml_type, device, dtype) for name, data, ggml_type in parts(tensors, first, last)}
         gate = w["gate"].view(last - first, intermediate, hidden)
