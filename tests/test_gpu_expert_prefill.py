@@ -161,6 +161,51 @@ def test_routed_experts_match_the_fp32_reference_at_any_budget(rt):
     assert torch.allclose(results["all"], results["three at a time"], rtol=1e-5, atol=1e-6)
 
 
+class _InlineStaging:
+    """The real Staging's bookkeeping (slots, the next layer's prefetch) with the copy done inline
+    on the CPU: what routed_experts does with runs, futures and prefetches, checkable here."""
+
+    def __init__(self):
+        self.submitted = []
+        self.prefetched = None
+
+    def submit(self, parts, device):
+        from concurrent.futures import Future
+        self.submitted.append(tuple((name, len(array)) for name, array, _ in parts))
+        done = Future()
+        done.set_result({name: (torch.from_numpy(np.array(array)), t) for name, array, t in parts})
+        return done
+
+    @staticmethod
+    def take(future, device):
+        return future.result()
+
+
+def test_staged_runs_and_the_next_layers_prefetch(rt):
+    x, ids, weights, tensors, shape = _layer()
+    want = _reference(x, ids, weights, tensors, shape)
+    staging = _InlineStaging()
+    nxt = _layer(seed=1)
+    got = rt.routed_experts(x, ids, weights, tensors, shape["experts"], shape["inter"], 1 << 40, staging=staging,
+                            layer_key=3, next_layer=(4, nxt[3], torch.device("cpu")))
+    assert ((got.double() - want).abs().mean() / want.abs().mean()).item() < 1e-5
+    # 8 experts, staged: four runs of two; expert 3 has no token but shares run (2, 3) with expert 2;
+    # after the last run, the next layer's first run
+    per = {n: len(t[0]) // shape["experts"] for n, t in tensors.items()}
+    run = tuple((n, 2 * per[n]) for n in ("gate", "up", "down"))
+    assert staging.submitted == [run] * 5
+    assert staging.prefetched[0] == (4, "cpu", (0, 2))
+    # layer 4 takes its prefetched first run instead of copying it again
+    x4, ids4, w4, t4, _ = nxt
+    got4 = rt.routed_experts(x4, ids4, w4, t4, shape["experts"], shape["inter"], 1 << 40, staging=staging, layer_key=4)
+    assert len(staging.submitted) == 5 + 3 and staging.prefetched is None
+    assert torch.allclose(got4, rt.routed_experts(x4, ids4, w4, t4, shape["experts"], shape["inter"], 1 << 40))
+    # a prefetch for another layer (or device) is dropped and the run copied again
+    staging.prefetched = ((9, "cpu", (0, 2)), staging.submit([(n, a[:2 * per[n]], t) for n, (a, t) in t4.items()], "cpu"))
+    rt.routed_experts(x4, ids4, w4, t4, shape["experts"], shape["inter"], 1 << 40, staging=staging, layer_key=4)
+    assert len(staging.submitted) == 8 + 1 + 4
+
+
 def test_routed_experts_keep_the_activation_dtype(rt):
     x, ids, weights, tensors, shape = _layer(tokens=12)
     got = rt.routed_experts(x.half(), ids, weights, tensors, shape["experts"], shape["inter"], 1 << 30)

@@ -424,7 +424,8 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     the device in runs of consecutive ones whose dequantised projection fits ``budget_bytes``;
     runs no token routes to are skipped. ``staging`` (CUDA, torch dequantisers): runs are copied
     through it, run i + 1 while run i computes, in at least four runs per layer; ``next_layer``
-    ((key, tensors)): the next MoE layer's first run is copied while this layer finishes.
+    ((key, tensors, device)): the next MoE layer's first run is copied to its GPU while this layer
+    finishes (used there if that layer's first run is the same; the same size: same model).
     Returns (tokens, hidden) in ``x``'s dtype."""
     tokens, hidden = x.shape
     top_k = expert_ids.shape[1]
@@ -453,7 +454,7 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     if staging is not None:
         pre, staging.prefetched = staging.prefetched, None
         if pre is not None:
-            if plan and pre[0] == (layer_key, plan[0]):
+            if plan and pre[0] == (layer_key, str(device), plan[0]):
                 futures[plan[0]] = pre[1]
             else:
                 pre[1].result()          # not this run: let its copy finish, drop it
@@ -464,9 +465,10 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
             if i + 1 < len(plan):
                 futures[plan[i + 1]] = staging.submit(parts(tensors, *plan[i + 1]), device)
             elif next_layer is not None:
-                key, next_tensors = next_layer
-                staging.prefetched = ((key, (0, run)), staging.submit(parts(next_tensors, 0, run), device))
-            got = Staging.take(futures.pop((first, last)), device)
+                key, next_tensors, next_device = next_layer
+                staging.prefetched = ((key, str(next_device), (0, run)),
+                                      staging.submit(parts(next_tensors, 0, run), next_device))
+            got = staging.take(futures.pop((first, last)), device)
             w = {name: dequant(data, ggml_type, device, dtype) for name, (data, ggml_type) in got.items()}
             del got             # the raw bytes: freed once the dequantisers have read them
         else:
@@ -625,7 +627,8 @@ def experts_prefill_on_gpu(experts, input_tensor: torch.Tensor, expert_ids: torc
         later = [k for k in _LAYERS if k > number]
         if later:
             nxt = _LAYERS[min(later)]
-            next_layer = (min(later), {n: (getattr(nxt, n), getattr(nxt, f"{n}_type")) for n in ("gate", "up", "down")})
+            next_layer = (min(later), {n: (getattr(nxt, n), getattr(nxt, f"{n}_type")) for n in ("gate", "up", "down")},
+                          torch.device(object.__getattribute__(nxt, "out_device")))
 
     def run_gpu():
         x = input_tensor[:rows].to(device=device, dtype=dtype).contiguous()
