@@ -320,8 +320,8 @@ def llama_bench_cmd(binary: str, model: Path, threads: int, runs: int, *, prompt
            "-r", str(runs), "-o", "json" if ik else "jsonl", *NO_WARMUP["ik_llama_cpp" if ik else "llama_cpp"], *flags]
     if prompts:
         cmd += ["-p", ",".join(map(str, prompts)), "-n", "0"]
-    elif ik:
-        cmd += [arg for d in depths for arg in ("-gp", f"{d},{n_gen}")]
+    elif ik:  # -p 0 -n 0: without them ik's defaults (-p 512 -n 128) run too
+        cmd += ["-p", "0", "-n", "0", *(arg for d in depths for arg in ("-gp", f"{d},{n_gen}"))]
     else:
         cmd += ["-p", "0", "-n", str(n_gen), "-d", ",".join(map(str, depths))]
     return cmd
@@ -512,7 +512,9 @@ def cpu_experts_alone(model, reps: int = 10) -> dict:
     around it), timed per token over ``reps`` tokens. Beside the CUDA-graph step time this splits a
     step into the CPU experts and the rest (GPU kernels, the callbacks, waiting)."""
     import torch
-    layers = [m for m in model.modules() if type(m).__name__ == "KExpertsCPU"]
+    # KExpertsCPU is not an nn.Module child: KTransformersExperts holds it as generate_experts
+    layers = [e for m in model.modules() for e in (getattr(m, "generate_experts", None),)
+              if type(e).__name__ == "KExpertsCPU"]
     if not layers:
         return {"error": "no KExpertsCPU modules"}
     first = layers[0]

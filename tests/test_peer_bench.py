@@ -243,7 +243,7 @@ def test_peer_configurations_measure_only_the_points_they_change():
     every = [c for cs in ik.values() for c in cs]
     assert all("-ot exps=CPU -fa 1" in c and "-o json -w 0 -fmoe 1 -mla 3 -amb 512" in c for c in every)
     assert ik["fmoe-mla3", "prefill"] == [every[0]] and every[0].endswith("-p 512 -n 0")  # the default ubatch: 512 only
-    assert ik["fmoe-mla3", "decode"][0].endswith("-gp 1024,32 -gp 4096,32")      # ik has no -d
+    assert ik["fmoe-mla3", "decode"][0].endswith("-p 0 -n 0 -gp 1024,32 -gp 4096,32")  # ik has no -d
     assert ik["fmoe-mla3-ub2048", "prefill"][1].endswith("-b 2048 -ub 2048 -p 8192 -n 0")
 
 
