@@ -65,7 +65,7 @@ if command -v ktransformers >/dev/null 2>&1; then
 else
   set -- python3 -m ktransformers.server.main "$@"
 fi
-echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer $KTLEGACY_CPU_INFER, max_new_tokens $KTLEGACY_MAX_NEW_TOKENS, cache_lens $KTLEGACY_CACHE_LENS, GPU experts from prompts of KTLEGACY_GPU_PREFILL_MIN_TOKENS=${KTLEGACY_GPU_PREFILL_MIN_TOKENS:-auto} tokens (auto: measured and logged at the first long prompt)" >&2
+echo "ktlegacy serve: profile ${KTLEGACY_PROFILE:-?}, rules $rules, cpu_infer $KTLEGACY_CPU_INFER, max_new_tokens $KTLEGACY_MAX_NEW_TOKENS, cache_lens $KTLEGACY_CACHE_LENS, GPU experts from prompts of KTLEGACY_GPU_PREFILL_MIN_TOKENS=${KTLEGACY_GPU_PREFILL_MIN_TOKENS:-(the default)} tokens (auto: measured and logged at the first long prompt)" >&2
 exec "$@" \
   --host 0.0.0.0 --port 10002 \
   --model_path "$models/hf" --gguf_path "$models/gguf" \
