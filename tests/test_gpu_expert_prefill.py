@@ -161,6 +161,13 @@ def test_routed_experts_match_the_fp32_reference_at_any_budget(rt):
     assert torch.allclose(results["all"], results["three at a time"], rtol=1e-5, atol=1e-6)
 
 
+def test_padded_slots_place_each_assignment_in_its_runs_batch(rt):
+    # experts 0..3 with 2, 0, 3, 1 assignments; runs (0, 2) and (2, 4): batches of 2 x 2 and 2 x 3 rows
+    assert rt._padded_slots([2, 0, 3, 1], [(0, 2), (2, 4)]).tolist() == [0, 1, 0, 1, 2, 3]
+    # one run of all four: 4 x 3 rows; expert 3's row is the first of its block of three
+    assert rt._padded_slots([2, 0, 3, 1], [(0, 4)]).tolist() == [0, 1, 6, 7, 8, 9]
+
+
 class _InlineStaging:
     """The real Staging's bookkeeping (slots, the next layer's prefetch) with the copy done inline
     on the CPU: what routed_experts does with runs, futures and prefetches, checkable here."""
@@ -248,6 +255,69 @@ def test_a_type_without_a_gpu_dequantiser_stays_on_the_cpu(rt, monkeypatch, caps
     assert "routed experts in type 3 have no GPU dequantiser" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- the experts in page-locked memory
+
+def _loaded(tmp_path, tensors):
+    """KExpertsCPU.load's ``w`` as upstream builds it: 1-D views of a read-only np.memmap of the file."""
+    names = ("gate", "up", "down")
+    blob = b"".join(np.asarray(tensors[n][0]).tobytes() for n in names)
+    (tmp_path / "model.gguf").write_bytes(b"\0" * 64 + blob)
+    mm = np.memmap(tmp_path / "model.gguf", mode="r")
+    w, offset = {}, 64
+    for n in names:
+        size = np.asarray(tensors[n][0]).nbytes
+        w[n], w[f"{n}_type"], offset = mm[offset:offset + size], tensors[n][1], offset + size
+    return w
+
+
+def test_pin_experts_moves_a_layer_into_one_registered_buffer(rt, tmp_path, monkeypatch):
+    x, ids, weights, tensors, shape = _layer()
+    w = _loaded(tmp_path, tensors)
+    calls = []
+    monkeypatch.setattr(rt, "_PINNED", [])
+    monkeypatch.setattr(rt, "_PIN_REFUSED", [])
+    got = rt.pin_experts(_experts(tensors, shape), w, register=lambda address, n: calls.append((address, n)) or 0)
+    total = sum(w[n].nbytes for n in ("gate", "up", "down"))
+    assert len(calls) == 1 and calls[0][1] == total
+    for n in ("gate", "up", "down"):
+        assert np.array_equal(got[n], w[n]) and got[n].dtype == w[n].dtype and got[n].ndim == 1
+        assert rt.is_pinned(got[n]) and not rt.is_pinned(w[n])       # the backend gets the copy, not the mmap
+        assert got[f"{n}_type"] == w[f"{n}_type"]
+    assert rt.is_pinned(got["up"][7:19]) and not rt.is_pinned(np.zeros(4, np.uint8))
+    # one buffer, registered from its first byte, the three projections back to back
+    assert calls[0][0] == got["gate"].ctypes.data == got["down"].ctypes.data - got["gate"].nbytes - got["up"].nbytes
+    # the pinned copy computes what the mmap does
+    assert torch.equal(rt.routed_experts(x, ids, weights, {n: (got[n], got[f"{n}_type"]) for n in ("gate", "up", "down")},
+                                         shape["experts"], shape["inter"], 1 << 40),
+                       rt.routed_experts(x, ids, weights, tensors, shape["experts"], shape["inter"], 1 << 40))
+
+
+def test_pin_experts_leaves_the_mmap_where_it_does_not_apply(rt, tmp_path, monkeypatch, capsys):
+    _, _, _, tensors, shape = _layer()
+    w = _loaded(tmp_path, tensors)
+    monkeypatch.setattr(rt, "_PINNED", [])
+    monkeypatch.setattr(rt, "_PIN_REFUSED", [])
+    never = lambda address, n: pytest.fail("registered where it should not")  # noqa: E731
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "0")                 # the GPU path is off
+    assert rt.pin_experts(_experts(tensors, shape), w, register=never) is w
+    monkeypatch.setenv("KTLEGACY_GPU_PREFILL_MIN_TOKENS", "auto")
+    assert rt.pin_experts(_experts(tensors, shape, out_device="cpu"), w, register=never) is w
+    assert rt.pin_experts(_experts(tensors, shape, gate_type=3), dict(w, gate_type=3), register=never)["gate_type"] == 3
+    amx = SimpleNamespace(**vars(_experts(tensors, shape)), backend="AMXInt8")
+    assert rt.pin_experts(amx, w, register=never) is w
+    assert rt.pin_experts(_experts(tensors, shape), dict(w, gate=[w["gate"]]), register=never)["gate"][0] is w["gate"]
+    # memory short: said once, in one line, with the numbers
+    monkeypatch.setattr(rt, "_mem_available", lambda: (rt.PIN_RESERVE_MIB << 20) + 1024)
+    assert rt.pin_experts(_experts(tensors, shape), w, register=never) is w
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would leave less than 4096 MiB of MemAvailable" in err
+    # CUDA refuses: said once; later layers do not try again
+    monkeypatch.setattr(rt, "_mem_available", lambda: None)
+    assert rt.pin_experts(_experts(tensors, shape), w, register=lambda address, n: 712) is w
+    assert "cudaHostRegister error 712" in capsys.readouterr().err
+    assert rt.pin_experts(_experts(tensors, shape), w, register=never) is w and not rt._PINNED
+
+
 # ---------------------------------------------------------------- the overlay
 
 def test_the_hook_is_in_the_prompt_branch_only(patched):
@@ -259,6 +329,11 @@ def test_the_hook_is_in_the_prompt_branch_only(patched):
     assert prompt.lstrip().startswith("on_gpu = ktlegacy_runtime.experts_prefill_on_gpu(self, input_tensor, expert_ids, weights)")
     assert prompt.index("return on_gpu") < prompt.index("input_tensor = input_tensor.contiguous().cpu()")
     assert "from ktransformers import ktlegacy_runtime  # ktlegacy" in text
+    # KExpertsCPU.load pins the weights before the backend takes their addresses (gate_ptr)
+    load = text.split("class KExpertsCPU(KExpertsBase):", 1)[1].split("    def load(", 1)[1].split("    def ", 1)[0]
+    assert text.count("ktlegacy_runtime.pin_experts(") == 1
+    assert load.index("w = self.load_weights()") < load.index("w = ktlegacy_runtime.pin_experts(self, w)") \
+        < load.index('self.gate = w["gate"]') < load.index("gate_ptr")
     compile(text, EXPERTS, "exec")
 
 

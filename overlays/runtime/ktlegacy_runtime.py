@@ -347,12 +347,108 @@ def run_size(n_experts: int, intermediate: int, hidden: int, dtype, budget_bytes
     return min(run, -(-n_experts // 4)) if staged else run
 
 
+# ---------------------------------------------------------------- the experts in page-locked memory
+# A prompt on the GPU path copies every MoE layer's quantised experts to the GPU. From the GGUF's
+# mmap that is a CPU copy into a pinned buffer first (bench/results/peer_h100.json: 23 of 32 ms a
+# layer at 512 tokens, 14.4 GB/s); from page-locked memory the GPU reads them directly at the
+# link's speed. So, where the GPU path can run, KExpertsCPU.load (overlay 68) hands its weights to
+# pin_experts: one anonymous buffer per layer, filled from the mmap and registered with CUDA
+# (cudaHostRegister: no power-of-two rounding, unlike torch's pinned allocator). The CPU backend
+# is built on these copies, so the experts are in RAM once, as before (the GGUF's page cache is
+# clean and can be dropped), only not pageable. A layer is not pinned, and keeps reading the mmap,
+# where it would leave less than PIN_RESERVE_MIB of MemAvailable, or CUDA refuses the
+# registration; either is said once.
+PIN_RESERVE_MIB = 4096
+_PINNED: list = []          # (first address, end address, buffer) of every registered buffer
+_PIN_REFUSED: list = []     # cudaHostRegister's error, once it refused: later layers do not try
+
+
+def is_pinned(array) -> bool:
+    """Whether a numpy array lies in a buffer pin_experts registered."""
+    try:
+        start = int(array.ctypes.data)
+    except AttributeError:
+        return False
+    return any(lo <= start and start + int(array.nbytes) <= hi for lo, hi, _ in _PINNED)
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pin_experts(experts, w: dict, register=None) -> dict:
+    """KExpertsCPU.load's weights ``w`` with gate/up/down moved into one page-locked buffer (see
+    above), or ``w`` itself where that does not apply: the GPU path is off or has no GPU, the
+    experts are per-expert tensors or of a type without a GPU dequantiser, the backend is not
+    llamafile (AMX repacks its own copy), memory is short, or the registration fails.
+    ``register(address, nbytes)`` -> error code (0: done); default cudaHostRegister."""
+    import warnings
+    import numpy as np
+    try:
+        if gpu_prefill_min_tokens() == 0:
+            return w
+    except ValueError:
+        return w                    # a bad setting is reported by the first prompt, in one line
+    if not isinstance(w, dict):
+        return w
+    names = ("gate", "up", "down")
+    arrays = [w.get(n) for n in names]
+    if (getattr(experts, "backend", "llamafile") != "llamafile"
+            or any(not isinstance(a, np.ndarray) or a.ndim != 1 for a in arrays)
+            or any(GGML_BLOCKS.get(w.get(f"{n}_type"), ("?",))[0] not in TORCH_DEQUANT and
+                   GGML_BLOCKS.get(w.get(f"{n}_type"), ("?",))[0] not in UPSTREAM_GPU_DEQUANT for n in names)):
+        return w
+    try:
+        device = torch.device(object.__getattribute__(experts, "out_device"))
+    except (AttributeError, RuntimeError):
+        return w
+    if device.type != "cuda" or _PIN_REFUSED or (register is None and not torch.cuda.is_available()):
+        return w
+    total = sum(int(a.nbytes) for a in arrays)
+    available = _mem_available()
+    if available is not None and total + (PIN_RESERVE_MIB << 20) > available:
+        _note_once("pin-memory", f"experts of {getattr(experts, 'key', 'a layer')} and later stay pageable: pinning "
+                                 f"{total >> 20} MiB would leave less than {PIN_RESERVE_MIB} MiB of MemAvailable "
+                                 f"({available >> 20} MiB); prompts copy them through pinned buffers (slower)")
+        return w
+    if register is None:
+        def register(address, nbytes):
+            return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+    buf = np.empty(total, dtype=np.uint8)
+    code = register(int(buf.ctypes.data), total)
+    if code != 0:
+        _PIN_REFUSED.append(code)
+        _note_once("pin-refused", f"CUDA refused to page-lock the experts (cudaHostRegister error {code}): "
+                                  "prompts copy them through pinned buffers (slower)")
+        return w
+    _PINNED.append((int(buf.ctypes.data), int(buf.ctypes.data) + total, buf))   # never freed: the backend reads it
+    out, offset = dict(w), 0
+    with warnings.catch_warnings():     # the GGUF mmap is read-only; it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        for name, array in zip(names, arrays):
+            n = int(array.nbytes)
+            view = buf[offset:offset + n]
+            torch.from_numpy(view).copy_(torch.from_numpy(array.view(np.uint8)))
+            out[name] = view.view(array.dtype)
+            offset += n
+    return out
+
+
 class Staging:
-    """Raw GGUF expert bytes to a GPU through two pinned host buffers: a worker thread copies a run
-    of experts from the mmap into pinned buffer k (torch's multi-threaded CPU copy) and queues its
-    host-to-device copy on a side stream, while the GPU computes on the run before it. A pageable
-    ``.to(device)`` of the same bytes goes through the driver's own staging at a fraction of the
-    link's speed (bench/results/gpu_prefill_path_h200.json: 5.3 vs 54 GB/s)."""
+    """Raw GGUF expert bytes to a GPU on a side stream, while the GPU computes on the run before.
+    Experts that ``pin_experts`` put in page-locked memory at load are copied straight from there
+    (DMA at the link's speed); others go through two pinned host buffers: a worker thread copies a
+    run of experts from the mmap into pinned buffer k (torch's multi-threaded CPU copy) and queues
+    its host-to-device copy. A pageable ``.to(device)`` of the same bytes goes through the driver's
+    own staging at a fraction of the link's speed (bench/results/gpu_prefill_path_h200.json: 5.3
+    vs 54 GB/s)."""
 
     def __init__(self):
         self._pool = None
@@ -374,16 +470,19 @@ class Staging:
     def _copy(self, slot: int, parts: list, device):
         import warnings
         total = sum(int(a.nbytes) for _, a, _ in parts)
-        if self._done[slot] is not None:
-            self._done[slot].synchronize()          # the buffer's last host-to-device copy has read it
-        buf = self._pinned[slot]
-        if buf is None or buf.numel() < total:
-            self._pinned[slot] = buf = None
-            buf = self._pinned[slot] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        staged = sum(int(a.nbytes) for _, a, _ in parts if not is_pinned(a))
+        buf = None
+        if staged:
+            if self._done[slot] is not None:
+                self._done[slot].synchronize()      # the buffer's last host-to-device copy has read it
+            buf = self._pinned[slot]
+            if buf is None or buf.numel() < staged:
+                self._pinned[slot] = buf = None
+                buf = self._pinned[slot] = torch.empty(staged, dtype=torch.uint8, pin_memory=True)
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
-        views, offset = {}, 0
+        views, offset, at = {}, 0, 0
         with torch.cuda.device(device), torch.cuda.stream(stream):
             gpu = torch.empty(total, dtype=torch.uint8, device=device)
             for name, array, ggml_type in parts:
@@ -391,8 +490,10 @@ class Staging:
                 with warnings.catch_warnings():   # the GGUF mmap is read-only; it is only read
                     warnings.simplefilter("ignore", UserWarning)
                     source = torch.from_numpy(array.reshape(-1))
-                buf[offset:offset + n].copy_(source)
-                gpu[offset:offset + n].copy_(buf[offset:offset + n], non_blocking=True)
+                if buf is not None and not is_pinned(array):
+                    buf[at:at + n].copy_(source)
+                    source, at = buf[at:at + n], at + n
+                gpu[offset:offset + n].copy_(source, non_blocking=True)
                 views[name] = (gpu[offset:offset + n], ggml_type)
                 offset += n
             event = torch.cuda.Event()
@@ -450,6 +551,7 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         return out_parts
 
     plan = _runs(counts, n_experts, run)
+    slots = _padded_slots(counts, plan).to(device)   # one small copy a layer, where counts.tolist() waited anyway
     futures = {}
     if staging is not None:
         pre, staging.prefetched = staging.prefetched, None
@@ -476,17 +578,42 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         gate = w["gate"].view(last - first, intermediate, hidden)
         up = w["up"].view(last - first, intermediate, hidden)
         down = w["down"].view(last - first, hidden, intermediate)
-        for e in range(first, last):
-            lo, hi = starts[e], starts[e + 1]
-            if lo == hi:
-                continue
-            rows = token_of[lo:hi]
-            xe = x.index_select(0, rows)
-            h = torch.nn.functional.silu(xe @ gate[e - first].T) * (xe @ up[e - first].T)
-            y = h @ down[e - first].T
-            out.index_add_(0, rows, y.float() * weight_of[lo:hi].unsqueeze(1))
+        lo, hi = starts[first], starts[last]
+        _run_mlp(x, out, token_of[lo:hi], weight_of[lo:hi], slots[lo:hi], max(counts[first:last]), gate, up, down)
         del w, gate, up, down
     return out.to(dtype)
+
+
+def _padded_slots(counts: list, plan: list) -> torch.Tensor:
+    """For every (token, expert) assignment, sorted by expert: its row in its run's zero-padded
+    (experts of the run x most rows of one of them) batch (see _run_mlp), i.e. its rank within its
+    expert + the expert's place in the run x the run's most rows."""
+    import numpy as np
+    offset = np.zeros(len(counts), dtype=np.int64)
+    for first, last in plan:
+        most = max(counts[first:last])
+        offset[first:last] = np.arange(last - first) * most
+    starts = np.cumsum([0] + counts[:-1])
+    return torch.from_numpy(np.arange(sum(counts)) + np.repeat(offset - starts, counts))
+
+
+def _run_mlp(x, out, rows, weight, slot, most: int, gate, up, down) -> None:
+    """One run's experts on their tokens, added into ``out``: the rows of the run's experts are
+    gathered into one zero-padded (experts, most rows, hidden) batch, so each projection is one
+    batched GEMM (a few launches a run, where one GEMM chain per expert costs ~10 launches per
+    expert: most of a 512-token layer's GPU time). Padding rows compute zeros and are dropped.
+    ``rows``/``weight``/``slot``: the run's assignments' tokens, routing weights and padded rows
+    (on the device: nothing here waits for the GPU)."""
+    if rows.numel() == 0:
+        return
+    experts = gate.shape[0]
+    padded = x.new_zeros((experts * most, x.shape[1]))
+    padded.index_copy_(0, slot, x.index_select(0, rows))
+    padded = padded.view(experts, most, x.shape[1])
+    h = torch.bmm(padded, gate.transpose(1, 2))
+    h = torch.nn.functional.silu(h).mul_(torch.bmm(padded, up.transpose(1, 2)))
+    y = torch.bmm(h, down.transpose(1, 2)).view(experts * most, -1).index_select(0, slot)
+    out.index_add_(0, rows, y.float() * weight.unsqueeze(1))
 
 
 # ---------------------------------------------------------------- KTLEGACY_GPU_PREFILL_MIN_TOKENS=auto
