@@ -382,7 +382,7 @@ def run_peer(args, peer: str, binary: str, gguf: Path, deadline: float) -> dict:
                                                                       rec["rows"][0]["gpu_info"], rec["rows"][0]["cpu_info"])
     if not any(rec["rows"] for rec in out["configs"].values()):
         raise RuntimeError(f"{peer}: no llama-bench run finished: " + "; ".join(
-            rec.get("error", "") for rec in out["configs"].values()))
+            [rec["error"] for rec in out["configs"].values() if rec.get("error")] + out.get("skipped", [])))
     return out
 
 
@@ -512,9 +512,10 @@ def cpu_experts_alone(model, reps: int = 10) -> dict:
     around it), timed per token over ``reps`` tokens. Beside the CUDA-graph step time this splits a
     step into the CPU experts and the rest (GPU kernels, the callbacks, waiting)."""
     import torch
-    # KExpertsCPU is not an nn.Module child: KTransformersExperts holds it as generate_experts
-    layers = [e for m in model.modules() for e in (getattr(m, "generate_experts", None),)
-              if type(e).__name__ == "KExpertsCPU"]
+    # KExpertsCPU is not an nn.Module child: KTransformersExperts holds it as generate_experts (and
+    # more than one module can reach the same one: each layer once)
+    layers = list({id(e): e for m in model.modules() for e in (getattr(m, "generate_experts", None),)
+                   if type(e).__name__ == "KExpertsCPU"}.values())
     if not layers:
         return {"error": "no KExpertsCPU modules"}
     first = layers[0]
@@ -813,6 +814,28 @@ def environment(args) -> dict:
     return env
 
 
+def jit_warmup(args, gguf: Path) -> int:
+    """--jit-warmup: every peer configuration once with a 512-token prompt and 4 decode steps after a
+    16-token context. Both peers are built as sm75 PTX only, which the driver JIT-compiles for the
+    GPU on a binary's first runs (ik_llama.cpp's first 512-token run took over 90 s on the H100);
+    later runs read the compiled code from the JIT cache (CUDA_CACHE_MAXSIZE, bench/peer_run.sh)."""
+    rc = 0
+    for peer, binary in (("llama_cpp", args.llama_bench), ("ik_llama_cpp", args.ik_llama_bench)):
+        if peer not in args.engines:
+            continue
+        ik = peer == "ik_llama_cpp"
+        for cfg in (c for c in PEER_CONFIGS if c.peer == peer):
+            for cmd in (llama_bench_cmd(binary, gguf, args.threads, 1, prompts=[512], flags=cfg.flags, ik=ik),
+                        llama_bench_cmd(binary, gguf, args.threads, 1, depths=[16], n_gen=4, flags=cfg.flags, ik=ik)):
+                t0 = time.monotonic()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                log(f"jit warm-up {cfg.key}: exit {proc.returncode} in {time.monotonic() - t0:.1f}s: {shlex.join(cmd)}")
+                if proc.returncode != 0:
+                    log(proc.stderr[-1500:])
+                    rc = 1
+    return rc
+
+
 def main(argv=None) -> int:
     from ktlegacy.testing.peer_model import GGUF_NAME, load_record
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -823,7 +846,7 @@ def main(argv=None) -> int:
                    help="results of an earlier call on this machine (same model, threads and points): its engines "
                         "that this call does not run are kept, so one benchmark can span calls of the device's "
                         "10-minute limit")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="the results JSON (required unless --jit-warmup)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: physical cores)")
     p.add_argument("--cpu-infer", type=int, default=None,
                    help="ktlegacy's CPU-expert pool (default: threads - 2, as compose/.env.example advises: its "
@@ -841,9 +864,14 @@ def main(argv=None) -> int:
     p.add_argument("--skip-extras", action="store_true",
                    help="time only the default paths: no forced experts path, no GPU-vs-CPU logits check, no decode profile")
     p.add_argument("--rules", default=None, help="ktlegacy's rule file (default: gpu_proof's DeepSeek-V2-Lite-Chat.yaml)")
+    p.add_argument("--jit-warmup", action="store_true",
+                   help="only run each peer configuration once, untimed (a short prompt and a few decode steps), so "
+                        "that the driver's JIT cache holds their sm75 PTX compiled before a timed call (no --out)")
     args = p.parse_args(argv)
     if args.runs < 3:
         p.error("--runs must be at least 3 (median with a spread)")
+    if args.out is None and not args.jit_warmup:
+        p.error("--out FILE is required (the results JSON)")
     args.long_runs = args.long_runs or args.runs
     if args.long_runs < 1:
         p.error("--long-runs must be at least 1")
@@ -863,6 +891,8 @@ def main(argv=None) -> int:
             p.error(f"--resume {args.resume}: not JSON ({exc})")
     args.threads = args.threads or physical_cores()
     args.cpu_infer = args.cpu_infer or max(1, args.threads - 2)
+    if args.jit_warmup:
+        return jit_warmup(args, args.model / GGUF_NAME)
     start = time.monotonic()
     deadline = start + args.deadline_s if args.deadline_s else float("inf")
     global PARTIAL_OUT

@@ -58,6 +58,9 @@ finish() {
 }
 py=python3
 unset TORCH_CUDA_ARCH_LIST
+# every engine JIT-compiles sm75 PTX on a newer GPU: a JIT cache big enough for all of them, kept
+# across the processes and calls on this machine
+export CUDA_CACHE_MAXSIZE=4294967296
 export PATH="$PATH:$work/kt-work/site/bin"  # a cmake from a carried wheel, if that is where it is
 
 # ---- 1. the model (background)
@@ -169,6 +172,22 @@ elif [ "$ik_rc" != 9 ]; then
   tail -30 "$logs/ik-build.log" 2>/dev/null
 fi
 
+# both peers are PTX for 7.5 only: the driver JIT-compiles it on a binary's first runs (over 90 s for
+# ik_llama.cpp on the H100), so a prepare call runs every peer configuration once, untimed, to fill the
+# JIT cache (kept on the machine between calls; CUDA_CACHE_MAXSIZE above) for the timed calls
+jit_want="$(cat "$work/llama.stamp" 2>/dev/null) / $(cat "$work/ik.stamp" 2>/dev/null)"
+if [ "${PEER_PREPARE_ONLY:-0}" = 1 ] && [ "$(cat "$work/jit.stamp" 2>/dev/null)" != "$jit_want" ] && [ "$(left)" -gt 90 ]; then
+  warm=()
+  [ "$(cat "$work/llama.rc")" = 0 ] && warm+=(llama_cpp)
+  [ "$ik_rc" = 0 ] && warm+=(ik_llama_cpp)
+  if [ ${#warm[@]} -gt 0 ]; then
+    say "JIT warm-up of ${warm[*]} ($(left)s left)"
+    PYTHONPATH="$repo" timeout $(( $(left) - 30 )) $py bench/peer_bench.py --jit-warmup --model "$model" \
+      --llama-bench "$llama_bin" --ik-llama-bench "$ik_bin" --engines "${warm[@]}" 2>&1 | tee "$logs/jit-warmup.log" | tail -12
+    [ "${PIPESTATUS[0]}" = 0 ] && echo "$jit_want" >"$work/jit.stamp"
+  fi
+fi
+
 if [ "${PEER_PREPARE_ONLY:-0}" = 1 ]; then
   say "prepared (PEER_PREPARE_ONLY=1): the next call on this machine only benchmarks"
   finish $(( kt_rc != 0 || $(cat "$work/llama.rc") != 0 || (ik_rc != 0 && ik_rc != 9) ))
@@ -196,8 +215,6 @@ export PYTHONPATH="$work/kt-work/kt:$work/kt-work/site:$repo"
 export KTLEGACY_ARCH=sm75 KTLEGACY_ARCH_LIST="7.5+PTX" KTLEGACY_EMULATE_CC=7.5 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PEER_LLAMA_SOURCE_JSON="$work/llama/llama.cpp/KTLEGACY-SOURCE.json"
 export PEER_IK_SOURCE_JSON="$work/ik/ik_llama.cpp/KTLEGACY-SOURCE.json"
-# both engines JIT-compile sm75 PTX on a newer GPU: keep the JIT cache across the processes of a call
-export CUDA_CACHE_MAXSIZE=4294967296
 budget=$(left)
 [ "$budget" -ge 120 ] || { say "only ${budget}s left: call again (the builds and the model are reused on this machine)"; finish 8; }
 say "peer_bench: engines ${engines[*]}, ${budget}s left"

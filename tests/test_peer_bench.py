@@ -286,6 +286,32 @@ def test_cli_refusals(tmp_path):
     assert proc.returncode == 2 and "holds no ktlegacy-peer-model.json" in proc.stderr
 
 
+def test_jit_warmup_runs_every_configuration_once_untimed(tmp_path):
+    """--jit-warmup: a prompt and a few decode steps per configuration, each peer's own flags and
+    command form; a failing run is reported (exit 1) and the others still run."""
+    log = tmp_path / "argv.log"
+    stand_in = tmp_path / "llama-bench"
+    stand_in.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {log}\ncase \"$*\" in *-gp*) exit 3;; esac\n")
+    stand_in.chmod(0o755)
+    args = SimpleNamespace(engines=["llama_cpp", "ik_llama_cpp"], llama_bench=str(stand_in), ik_llama_bench=str(stand_in),
+                           threads=4)
+    assert peer_bench.jit_warmup(args, tmp_path / "m.gguf") == 1      # ik's decode form (-gp) fails here
+    lines = log.read_text().splitlines()
+    configs = [c for c in peer_bench.PEER_CONFIGS if c.peer in args.engines]
+    assert len(lines) == 2 * len(configs)
+    for cfg, prompt, decode in zip(configs, lines[::2], lines[1::2]):
+        assert " -p 512 -n 0" in prompt and " -r 1 " in prompt
+        assert all(flag in prompt and flag in decode for flag in cfg.flags)
+        if cfg.peer == "ik_llama_cpp":
+            assert "-gp 16,4" in decode
+        else:
+            assert "-n 4 -d 16" in decode
+    # only the engines asked for
+    log.unlink()
+    assert peer_bench.jit_warmup(SimpleNamespace(**(vars(args) | {"engines": ["llama_cpp"]})), tmp_path / "m.gguf") == 0
+    assert len(log.read_text().splitlines()) == 2 * len([c for c in configs if c.peer == "llama_cpp"])
+
+
 # ---------------------------------------------------------------- the source archive
 
 def _fake_sdist(path: Path, changelog: str) -> Path:
