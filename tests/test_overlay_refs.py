@@ -28,7 +28,7 @@ from conftest import TAG_TREES_ENV
 
 ALL = ["runtime", "gguf-linear", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "prefill-kv-length",
        "last-token-logits", "triton-stages", "fp16", "cpu-experts-dtype", "moe-partial-block",
-       "gpu-expert-prefill", "portable-cpu", "loopback-listeners", "serve-backend-guard", "optional-sched-ext",
+       "gpu-expert-prefill", "task-queue-start", "portable-cpu", "loopback-listeners", "serve-backend-guard", "optional-sched-ext",
        "cache-device-key", "server-api"]
 # ref -> overlays skipped there (recorded before refs became data: 10 overlays listed them by hand)
 SKIPPED = {

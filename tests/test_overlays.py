@@ -28,7 +28,8 @@ from ktlegacy.core.overlay import MANIFEST_NAME, patch_tree
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_NAMES = ["runtime", "gguf-linear", "torch-linear-rules", "eager", "sdpa", "sdpa-kv-reuse", "last-token-logits",
-                 "triton-stages", "fp16", "cpu-experts-dtype", "moe-partial-block", "gpu-expert-prefill", "portable-cpu",
+                 "triton-stages", "fp16", "cpu-experts-dtype", "moe-partial-block", "gpu-expert-prefill", "task-queue-start",
+                 "portable-cpu",
                  "server-api"]
 NOT_FOR_SDIST = ["prefill-kv-length", "loopback-listeners", "serve-backend-guard", "optional-sched-ext", "cache-device-key"]  # later refs only
 SM80_OPS = set(SM80_ONLY_OPS)   # the ops overlay 20 rewrites and ktlegacy.serving refuses
@@ -177,6 +178,7 @@ def test_only_expected_files_change(sdist_tree, patched):
         "ktransformers/operators/attention.py",
         "ktransformers/operators/experts.py",  # cpu-experts-dtype
         "ktransformers/ktransformers_ext/operators/llamafile/moe.cpp",  # moe-partial-block
+        "ktransformers/ktransformers_ext/cpu_backend/task_queue.cpp",   # task-queue-start
         "ktransformers/ktransformers_ext/cuda/ktlegacy_gguf/ktlegacy_gguf.cu",   # gguf-linear
         "ktransformers/ktransformers_ext/cuda/ktlegacy_gguf/ktlegacy_gguf.cuh",
         "ktransformers/operators/ktlegacy_gguf_linear.py",
