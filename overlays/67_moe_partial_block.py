@@ -41,10 +41,7 @@ class MoePartialBlockOverlay(Overlay):
     summary = "CPU-expert prefill (forward_many) computes the last rows when moe_intermediate_size % 256 != 0 (V2-Lite: 1408)"
 
     def apply(self, tree, ctx):
-        found = [p for p in CANDIDATES if tree.exists(p)]
-        if len(found) != 1:
-            raise tree.drift(" or ".join(CANDIDATES), "exactly one llamafile moe.cpp")
-        moe = found[0]
+        moe = tree.one_of(CANDIDATES, "llamafile moe.cpp")
         tree.replace(moe, SPLIT, SPLIT_NEW, what="forward_many: gate/up blocks rounded up, the last one partial")
         for proj in ("gate", "up"):
             tree.replace(moe, GEMM.format(proj), GEMM.format(proj).replace("(stride,", "(rows,", 1),

@@ -33,10 +33,8 @@ class TaskQueueStartOverlay(Overlay):
     summary = "cpu_backend TaskQueue: sync_flag/exit_flag set before the worker thread starts (it could read them unset and exit)"
 
     def apply(self, tree, ctx):
-        found = [p for p in CANDIDATES if tree.exists(p)]
-        if len(found) != 1:
-            raise tree.drift(" or ".join(CANDIDATES), "exactly one cpu_backend/task_queue.cpp")
-        tree.replace(found[0], START, START_NEW, what="TaskQueue(): flags stored before the worker thread starts")
+        queue = tree.one_of(CANDIDATES, "cpu_backend/task_queue.cpp")
+        tree.replace(queue, START, START_NEW, what="TaskQueue(): flags stored before the worker thread starts")
 
 
 OVERLAY = TaskQueueStartOverlay()

@@ -92,3 +92,25 @@ def test_the_worker_cannot_read_the_flags_unset(pristine_tree, tmp_path):
     after = _build(pristine_tree, tmp_path / "after")
     run = subprocess.run([str(after)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "task ran: 1", (run.stdout, run.stderr)
+
+
+def test_drift_and_a_missing_file_are_refused_leaving_the_tree_untouched(pristine_tree):
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    queue = pristine_tree / QUEUE
+
+    def patch():
+        before = {p: p.read_bytes() for p in pristine_tree.rglob("*") if p.is_file()}
+        run = subprocess.run([sys.executable, "-m", "ktlegacy", "patch", "--src", str(pristine_tree), "--arch", "sm75",
+                              "--ref", "0.2.1.post1"], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0
+        assert {p: p.read_bytes() for p in pristine_tree.rglob("*") if p.is_file()} == before
+        return run.stderr
+
+    queue.write_text(queue.read_text().replace("    worker = std::thread(&TaskQueue::processTasks, this);\n",
+                                               "    worker = std::thread([this] { processTasks(); });\n"))
+    err = patch()
+    assert "overlay task-queue-start: ktransformers/ktransformers_ext/cpu_backend/task_queue.cpp: expected 1 occurrence" in err
+    queue.unlink()
+    err = patch()
+    assert "overlay task-queue-start:" in err and "expected exactly one cpu_backend/task_queue.cpp" in err

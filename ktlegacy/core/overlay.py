@@ -80,6 +80,14 @@ class StagedTree:
     def exists(self, rel: str) -> bool:
         return rel in self._staged or safefs.read_path(self.root, rel, self._inside).is_file()
 
+    def one_of(self, candidates: tuple, what: str) -> str:
+        """The one of ``candidates`` (a file's paths at different refs) the tree holds; Drift if
+        it holds none or several."""
+        found = [rel for rel in candidates if self.exists(rel)]
+        if len(found) != 1:
+            raise self.drift(" or ".join(candidates), f"exactly one {what}")
+        return found[0]
+
     def read(self, rel: str) -> str:
         if rel in self._staged:
             return self._staged[rel]
