@@ -314,8 +314,16 @@ def test_pin_experts_leaves_the_mmap_where_it_does_not_apply(rt, tmp_path, monke
     # CUDA refuses: said once; later layers do not try again
     monkeypatch.setattr(rt, "_mem_available", lambda: None)
     assert rt.pin_experts(_experts(tensors, shape), w, register=lambda address, n: 712) is w
-    assert "cudaHostRegister error 712" in capsys.readouterr().err
+    assert "cudaHostRegister: 712" in capsys.readouterr().err
     assert rt.pin_experts(_experts(tensors, shape), w, register=never) is w and not rt._PINNED
+    # a cudart that raises instead of answering: the same, never an error at load
+    monkeypatch.setattr(rt, "_PIN_REFUSED", [])
+    monkeypatch.setattr(rt, "_gpu_prefill_notes", set())
+
+    def raising(address, n):
+        raise RuntimeError("CUDA driver initialization failed")
+    assert rt.pin_experts(_experts(tensors, shape), w, register=raising) is w
+    assert "cudaHostRegister: RuntimeError: CUDA driver initialization failed" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the overlay

@@ -422,10 +422,13 @@ def pin_experts(experts, w: dict, register=None) -> dict:
         def register(address, nbytes):
             return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
     buf = np.empty(total, dtype=np.uint8)
-    code = register(int(buf.ctypes.data), total)
+    try:
+        code = register(int(buf.ctypes.data), total)
+    except (RuntimeError, AttributeError, OSError) as exc:    # no usable cudart: the same as a refusal
+        code = f"{type(exc).__name__}: {exc}"
     if code != 0:
         _PIN_REFUSED.append(code)
-        _note_once("pin-refused", f"CUDA refused to page-lock the experts (cudaHostRegister error {code}): "
+        _note_once("pin-refused", f"CUDA refused to page-lock the experts (cudaHostRegister: {code}): "
                                   "prompts copy them through pinned buffers (slower)")
         return w
     _PINNED.append((int(buf.ctypes.data), int(buf.ctypes.data) + total, buf))   # never freed: the backend reads it
