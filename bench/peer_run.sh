@@ -173,18 +173,26 @@ elif [ "$ik_rc" != 9 ]; then
 fi
 
 # both peers are PTX for 7.5 only: the driver JIT-compiles it on a binary's first runs (over 90 s for
-# ik_llama.cpp on the H100), so a prepare call runs every peer configuration once, untimed, to fill the
-# JIT cache (kept on the machine between calls; CUDA_CACHE_MAXSIZE above) for the timed calls
-jit_want="$(cat "$work/llama.stamp" 2>/dev/null) / $(cat "$work/ik.stamp" 2>/dev/null)"
-if [ "${PEER_PREPARE_ONLY:-0}" = 1 ] && [ "$(cat "$work/jit.stamp" 2>/dev/null)" != "$jit_want" ] && [ "$(left)" -gt 90 ]; then
-  warm=()
-  [ "$(cat "$work/llama.rc")" = 0 ] && warm+=(llama_cpp)
-  [ "$ik_rc" = 0 ] && warm+=(ik_llama_cpp)
-  if [ ${#warm[@]} -gt 0 ]; then
-    say "JIT warm-up of ${warm[*]} ($(left)s left)"
-    PYTHONPATH="$repo" timeout $(( $(left) - 30 )) $py bench/peer_bench.py --jit-warmup --model "$model" \
-      --llama-bench "$llama_bin" --ik-llama-bench "$ik_bin" --engines "${warm[@]}" 2>&1 | tee "$logs/jit-warmup.log" | tail -12
-    [ "${PIPESTATUS[0]}" = 0 ] && echo "$jit_want" >"$work/jit.stamp"
+# ik_llama.cpp on the H100), so each built peer's configurations run once, untimed, before its first
+# timed call (a prepare call: every built peer; a benchmark call: those of PEER_ENGINES), which fills
+# the JIT cache (kept on the machine between calls; CUDA_CACHE_MAXSIZE above). jit-PEER.stamp: the
+# build that was warmed.
+warm=()
+for peer in llama_cpp ik_llama_cpp; do
+  stamp="$work/$( [ $peer = llama_cpp ] && echo llama || echo ik ).stamp"
+  rc_file="$work/$( [ $peer = llama_cpp ] && echo llama || echo ik ).rc"
+  [ "$(cat "$rc_file")" = 0 ] || continue
+  [ "${PEER_PREPARE_ONLY:-0}" = 1 ] || [[ " ${PEER_ENGINES:-llama_cpp ik_llama_cpp} " == *" $peer "* ]] || continue
+  [ "$(cat "$work/jit-$peer.stamp" 2>/dev/null)" = "$(cat "$stamp" 2>/dev/null)" ] || warm+=("$peer")
+done
+if [ ${#warm[@]} -gt 0 ] && [ "$(left)" -gt 90 ]; then
+  say "JIT warm-up of ${warm[*]} ($(left)s left)"
+  PYTHONPATH="$repo" timeout $(( $(left) - 30 )) $py bench/peer_bench.py --jit-warmup --model "$model" \
+    --llama-bench "$llama_bin" --ik-llama-bench "$ik_bin" --engines "${warm[@]}" 2>&1 | tee "$logs/jit-warmup.log" | tail -12
+  if [ "${PIPESTATUS[0]}" = 0 ]; then
+    for peer in "${warm[@]}"; do
+      cp "$work/$( [ $peer = llama_cpp ] && echo llama || echo ik ).stamp" "$work/jit-$peer.stamp"
+    done
   fi
 fi
 
