@@ -123,7 +123,7 @@ def open_webui(served: dict, shots: Path, root: Path) -> dict:
     script_b.write_text(json.dumps([{"when": "<｜tool▁output▁begin｜>", "reply": t.TOOL_REPLY},
                                     {"when": ["get_current_timestamp", "What time is it"], "reply": t.TOOL_CALL}]),
                         encoding="utf-8")
-    page_port = server_harness.free_port()
+    pages = owui.PageServer()
     t0 = time.monotonic()
     python = owui.open_webui_python()
     venv_s = time.monotonic() - t0
@@ -131,7 +131,7 @@ def open_webui(served: dict, shots: Path, root: Path) -> dict:
                              "--cache-lens", "8192", "--max-new-tokens", "128", "--script", str(script_a),
                              name="ktlegacy-test")
     b = server_harness.start(served, "owui-tools", served["models"]["deepseek-v3"],
-                             {"KTLEGACY_API_KEY": t.KEY_B, "KTLEGACY_CORS_ORIGINS": f"http://127.0.0.1:{page_port}"},
+                             {"KTLEGACY_API_KEY": t.KEY_B, "KTLEGACY_CORS_ORIGINS": pages.origin},
                              "--cache-lens", "32768", "--max-new-tokens", "128", "--script", str(script_b),
                              name="ktlegacy-tools")
     ui = owui.start_open_webui(python, root, server_harness.free_port(),
@@ -158,10 +158,11 @@ def open_webui(served: dict, shots: Path, root: Path) -> dict:
                 out[key], out[key + "_detail"] = False, {"model": model, "error": str(exc)}
         errors = owui.backend_errors(ui, [a, b])
         out["backend_errors"], out["backend_error_lines"] = len(errors), errors[:20]
-        out["browser_foreign_origin"] = owui.browser_fetch(driver, a["base"], t.KEY_A, page_port)
-        out["browser_listed_origin"] = owui.browser_fetch(driver, b["base"], t.KEY_B, page_port)
+        out["browser_foreign_origin"] = owui.browser_fetch(driver, pages, a["base"], t.KEY_A)
+        out["browser_listed_origin"] = owui.browser_fetch(driver, pages, b["base"], t.KEY_B)
     finally:
         driver.quit()
+        pages.close()
         owui.stop_open_webui(ui)
         server_harness.stop(a)
         server_harness.stop(b)

@@ -12,6 +12,7 @@ leaves 127.0.0.1.
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import os
 import re
@@ -159,41 +160,61 @@ def chat(driver, base: str, token: str, model: str, text: str, shot: Path | None
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
-    html = b""
+    pages: dict[str, bytes] = {}
 
     def do_GET(self):  # noqa: N802 - http.server's name
-        self.send_response(200)
+        html = self.pages.get(self.path.lstrip("/"))
+        self.send_response(200 if html is not None else 404)
         self.send_header("content-type", "text/html; charset=utf-8")
+        self.send_header("cache-control", "no-store")
         self.end_headers()
-        self.wfile.write(self.html)
+        self.wfile.write(html or b"")
 
     def log_message(self, *args):
         pass
 
 
-def browser_fetch(driver, api_base: str, key: str, port: int = 0) -> dict:
-    """A page of another origin (127.0.0.1 on a port of its own) calls the API with fetch(), as
-    an attacker's page would in the user's browser: what the page's script could read
-    (title "read STATUS") or that the browser blocked it (title "blocked TypeError")."""
-    script = f"""<!doctype html><title>pending</title><script>
+class PageServer:
+    """Web pages of another origin (127.0.0.1 on a port of its own), one server for all of them.
+
+    One server for the whole run, each page on a path of its own: a page server shut down and
+    bound again on the same port left Chrome's next navigation there hanging (it kept showing the
+    previous page, whose title the next check then read: 11 of 20 pairs locally, once in CI)."""
+
+    def __init__(self):
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Page", (_Page,), {"pages": {}}))
+        self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._count = itertools.count()
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add(self, html: str) -> tuple[str, str]:
+        mark = f"p{next(self._count)}"
+        self._server.RequestHandlerClass.pages[mark] = html.replace("{mark}", mark).encode()
+        return mark, f"{self.origin}/{mark}"
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def browser_fetch(driver, pages: PageServer, api_base: str, key: str) -> dict:
+    """A page of ``pages``' origin calls the API with fetch(), as an attacker's page would in the
+    user's browser: what the page's script could read (title "read STATUS") or that the browser
+    blocked it (title "blocked TypeError"). Each call's page and title carry a mark of their own,
+    so an earlier page's title is never taken for this one's answer."""
+    script = f"""<!doctype html><title>{{mark}} pending</title><script>
 fetch({json.dumps(api_base + '/v1/chat/completions')}, {{method: "POST",
   headers: {{"Authorization": "Bearer {key}", "Content-Type": "application/json"}},
   body: JSON.stringify({{model: "x", messages: [{{role: "user", content: "hi"}}]}})}})
- .then(r => r.text().then(t => {{ document.title = "read " + r.status; document.body.innerText = t; }}))
- .catch(e => {{ document.title = "blocked " + e.name; }});
+ .then(r => r.text().then(t => {{ document.title = "{{mark}} read " + r.status; document.body.innerText = t; }}))
+ .catch(e => {{ document.title = "{{mark}} blocked " + e.name; }});
 </script>"""
-    handler = type("Page", (_Page,), {"html": script.encode()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        origin = f"http://127.0.0.1:{server.server_address[1]}"
-        driver.get(origin + "/")
-        title = _wait(lambda: driver.title if driver.title != "pending" else None, 30, "the page's fetch")
-        return {"origin": origin, "title": title, "body": driver.find_element("tag name", "body").text[:300]}
-    finally:
-        server.shutdown()
-        server.server_close()   # the port is asked for again (the allowed origin's page): free it now, not at GC
+    mark, url = pages.add(script)
+    driver.get(url)
+    title = _wait(lambda: driver.title if driver.title.startswith(mark + " ") and
+                  not driver.title.endswith(" pending") else None, 30, f"the fetch of page {url}")
+    return {"origin": pages.origin, "title": title[len(mark) + 1:],
+            "body": driver.find_element("tag name", "body").text[:300]}
 
 
 def backend_errors(ui: dict, servers: list[dict]) -> list[str]:

@@ -48,7 +48,7 @@ def stack(sdist_tree, tmp_path_factory):
     script_b.write_text(json.dumps([
         {"when": "<｜tool▁output▁begin｜>", "reply": TOOL_REPLY},
         {"when": ["get_current_timestamp", "What time is it"], "reply": TOOL_CALL}]), encoding="utf-8")
-    page_port = server_harness.free_port()
+    pages = owui.PageServer()   # the one origin server b lists
     servers = []
     try:
         servers.append(server_harness.start(served, "plain", served["models"]["default"], {"KTLEGACY_API_KEY": KEY_A},
@@ -57,7 +57,7 @@ def stack(sdist_tree, tmp_path_factory):
         # Open WebUI's 36 built-in tools render to ~18k tokens of this small tokenizer
         servers.append(server_harness.start(served, "tools", served["models"]["deepseek-v3"],
                                             {"KTLEGACY_API_KEY": KEY_B,
-                                             "KTLEGACY_CORS_ORIGINS": f"http://127.0.0.1:{page_port}"},
+                                             "KTLEGACY_CORS_ORIGINS": pages.origin},
                                             "--cache-lens", "32768", "--max-new-tokens", "128", "--script",
                                             str(script_b), name="ktlegacy-tools"))
         a, b = servers
@@ -67,11 +67,13 @@ def stack(sdist_tree, tmp_path_factory):
     except (server_harness.HarnessError, owui.DriverError) as exc:
         for s in servers:
             server_harness.stop(s)
+        pages.close()
         pytest.fail(str(exc))
     driver = owui.browser()
     yield {"a": a, "b": b, "ui": ui, "token": owui.admin_token(ui["base"]), "driver": driver, "root": root,
-           "page_port": page_port}
+           "pages": pages}
     driver.quit()
+    pages.close()
     owui.stop_open_webui(ui)
     for s in servers:
         server_harness.stop(s)
@@ -122,7 +124,7 @@ def test_no_errors_for_our_endpoints(stack):
 
 def test_a_foreign_page_cannot_use_the_api(stack):
     """The same browser on a page of another origin: blocked; the one origin the server lists: read."""
-    blocked = owui.browser_fetch(stack["driver"], stack["a"]["base"], KEY_A, stack["page_port"])
+    blocked = owui.browser_fetch(stack["driver"], stack["pages"], stack["a"]["base"], KEY_A)
     assert blocked["title"] == "blocked TypeError", blocked
-    allowed = owui.browser_fetch(stack["driver"], stack["b"]["base"], KEY_B, stack["page_port"])
+    allowed = owui.browser_fetch(stack["driver"], stack["pages"], stack["b"]["base"], KEY_B)
     assert allowed["title"] == "read 404" and "is not served here" in allowed["body"], allowed
