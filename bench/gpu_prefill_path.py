@@ -4,8 +4,9 @@
     python bench/gpu_prefill_path.py --out bench/results/gpu_prefill_path_<machine>.json [--tokens 512 2048]
 
 Needs a CUDA GPU and torch; not ktransformers: ``ktlegacy_runtime.routed_experts`` is loaded from
-overlays/runtime by path and run with its torch dequantisers (on the engine, the K-quants and Q8_0
-go through upstream's KTransformersOps kernels instead). The layer has DeepSeek-V2-Lite's shapes
+overlays/runtime by path and run with each dequantiser it has here: the torch ones always, our
+``ktlegacy_gguf_ops`` kernels where that extension is importable (the engine's choice wherever it
+is built), upstream's KTransformersOps kernels with ``--upstream``. The layer has DeepSeek-V2-Lite's shapes
 and the benchmark model's quant mix (64 experts, hidden 2048, intermediate 1408, top-6; gate/up
 Q4_K, down Q5_0; ``ktlegacy.testing.peer_model.quant_blocks``), written to a file and read back
 through ``np.memmap`` as the engine reads the GGUF (page cache warm). Timed, median of
@@ -101,31 +102,42 @@ def main(argv=None) -> int:
                                       args.runs)
         res["copy_pinned"] = _timed(lambda: [t.to(device, non_blocking=True) for t in pinned.values()], args.runs)
         gpu_raw = {n: t.to(device) for n, t in pinned.items()}
-        res["dequant_on_gpu"] = _timed(lambda: [rt.dequantize(gpu_raw[n], tensors[n][1], device, dtype, upstream=False)
+        res["dequant_on_gpu"] = _timed(lambda: [rt.dequantize(gpu_raw[n], tensors[n][1], device, dtype, impl="torch")
                                                 for n in tensors], args.runs)
+        ways = [("torch", "torch")]
+        if rt.gguf_ops()[0] is not None:
+            res["dequant_on_gpu_ktlegacy_kernels"] = _timed(
+                lambda: [rt.dequantize(gpu_raw[n], tensors[n][1], device, dtype, impl="ktlegacy") for n in tensors],
+                args.runs)
+            ways.append(("ktlegacy", "ktlegacy"))
+            res["dequant_ktlegacy_vs_torch_max_abs"] = max(
+                float((rt.dequantize(gpu_raw[n], tensors[n][1], device, torch.float32, impl="ktlegacy")
+                       - rt.dequantize(gpu_raw[n], tensors[n][1], device, torch.float32, impl="torch")).abs().max())
+                for n in tensors)
+        else:
+            res["dequant_on_gpu_ktlegacy_kernels"] = "ktlegacy_gguf_ops is not importable here"
         for key in ("copy_pageable", "copy_pinned"):
             res[key]["gb_s"] = layer_bytes / res[key]["median_s"] / 1e9
-        ways = [("torch", False)]
         if args.upstream:
             from ktransformers.util.custom_gguf import GGML_DEQUANTIZE_GPU  # noqa: F401  (fails here if not installed)
             res["dequant_on_gpu_upstream_kernels"] = _timed(
-                lambda: [rt.dequantize(np.asarray(tensors[n][0]), tensors[n][1], device, dtype, upstream=True)
+                lambda: [rt.dequantize(np.asarray(tensors[n][0]), tensors[n][1], device, dtype, impl="upstream")
                          for n in tensors], args.runs)
-            ways.append(("upstream", True))
-        res["routed_experts"] = {}
-        res["routed_experts_upstream_kernels"] = {}
-        for label, upstream in ways:
+            ways.append(("upstream", "upstream"))
+        keys = {"torch": "routed_experts", "ktlegacy": "routed_experts_ktlegacy_kernels",
+                "upstream": "routed_experts_upstream_kernels"}
+        for label, impl in ways:
+            res[keys[label]] = {}
             for n in args.tokens:
                 g = torch.Generator(device="cpu").manual_seed(n)
                 x = torch.randn((n, h), generator=g).to(device, dtype)
                 ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]).to(device)
                 w = torch.rand((n, k), generator=g).to(device)
                 budget = 1024 * 2**20
-                # torch: the torch dequantisers for every type; upstream: the engine's choice (KTransformersOps for Q4_K)
-                deq = lambda raw, t, d, dt, u=upstream: rt.dequantize(raw, t, d, dt, upstream=u)  # noqa: E731
+                deq = lambda raw, t, d, dt, u=impl: rt.dequantize(raw, t, d, dt, impl=u)  # noqa: E731
                 r = _timed(lambda: rt.routed_experts(x, ids, w, tensors, e, i, budget, dequant=deq), args.runs)
                 r["tok_s_per_layer"] = n / r["median_s"]
-                res["routed_experts" if label == "torch" else "routed_experts_upstream_kernels"][str(n)] = r
+                res[keys[label]][str(n)] = r
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk != "runs_s"})

@@ -10,7 +10,8 @@ on 16 Xeon cores, where llama.cpp, which copies the expert weights to the GPU fo
 ``KTLEGACY_GPU_PREFILL_MIN_TOKENS`` tokens (default auto: the crossover measured on the first long
 prompt; 0 turns it off) has each MoE layer's quantised experts copied to the layer's GPU in runs
 that fit ``KTLEGACY_GPU_PREFILL_MIB`` (default 1024) of dequantised weights, and computed there in
-the model dtype (fp16 below sm80). Anything else (a weight type without a GPU dequantiser,
+the model dtype (fp16 below sm80), dequantised by the fastest kernels the build has for the type
+(``ktlegacy_gguf_ops``, the gguf-linear overlay's, where built; else torch's or upstream's). Anything else (a weight type without a GPU dequantiser,
 per-expert tensors, CUDA out of memory, a CPU output device) returns None and the CPU path runs
 as before.
 

@@ -4,6 +4,8 @@ On this CPU machine, with the runtime module as the overlays write it into the r
 
 * every torch dequantiser equals gguf-py's (llama.cpp's Python reference) on the same blocks:
   Q4_0/Q5_0/Q8_0 blocks from gguf-py's quantiser, K-quant blocks of random bytes with sane scales;
+* the dequantiser is the fastest the build has: our ktlegacy_gguf_ops kernels where importable
+  (CUDA only: not on this machine), else torch's, else upstream's;
 * ``routed_experts`` (run here on the CPU device) equals an fp32 reference of the MoE layer for the
   benchmark model's quant mix (Q4_K gate/up, Q5_0 down at intermediate 1408), whatever the memory
   budget (one expert at a time or all at once), and leaves unrouted experts alone;
@@ -14,8 +16,8 @@ On this CPU machine, with the runtime module as the overlays write it into the r
   refuses drift leaving the tree untouched.
 
 tests/test_moe_partial_block.py checks the same function against the real C++ backend
-(cpuinfer_ext built from the sdist); the GPU run (bench/peer_run.sh) checks it on CUDA with
-upstream's dequant kernels, against the CPU backend, and times it.
+(cpuinfer_ext built from the sdist); the GPU run (bench/peer_run.sh) checks it on CUDA, against
+the CPU backend, and times it; bench/gpu_prefill_path.py compares our kernels with torch's there.
 """
 
 from __future__ import annotations
@@ -108,6 +110,26 @@ def test_block_table_is_ggmls():
         qtype = gguf.GGMLQuantizationType[name]
         assert int(qtype) == ggml_type, name
         assert gguf.GGML_QUANT_SIZES[qtype] == (per_block, block_bytes), name
+
+
+def test_the_fastest_gpu_dequantiser_this_build_has_is_chosen(rt, monkeypatch):
+    """Our kernels (ktlegacy_gguf_ops) where built, then torch's, then upstream's; a CPU tensor takes torch's."""
+    try:
+        import ktlegacy_gguf_ops  # noqa: F401
+        pytest.skip("ktlegacy_gguf_ops is importable here: this checks a build without it")
+    except ImportError:
+        pass
+    assert rt.gguf_ops() == (None, set())
+    assert [rt.gpu_dequant_impl(t) for t in (12, 6, 10, 23, 3, None)] == ["torch", "torch", "upstream", "upstream",
+                                                                           None, None]
+    monkeypatch.setattr(rt, "_GGUF_OPS", [(SimpleNamespace(), {2, 6, 8, 10, 11, 12, 13, 14, 23})])
+    assert [rt.gpu_dequant_impl(t) for t in (12, 6, 10, 23, 3, 1)] == ["ktlegacy"] * 4 + [None, "torch"]
+    raw = np.ascontiguousarray(_blocks(np.random.default_rng(3), "Q4_K", 8))
+    want = rt.dequantize(raw, 12, "cpu", torch.float32, impl="torch")
+    for impl in (None, "ktlegacy"):   # the kernels are CUDA's: on the CPU torch's compute it
+        assert torch.equal(rt.dequantize(raw, 12, "cpu", torch.float32, impl=impl), want)
+    with pytest.raises(ValueError, match=r"dequantiser 'fast': use one of ktlegacy, torch, upstream"):
+        rt.dequantize(raw, 12, "cpu", torch.float32, impl="fast")
 
 
 # ---------------------------------------------------------------- the MoE layer

@@ -300,34 +300,74 @@ def _dequant_float(name: str):
     return lambda b: b.contiguous().view(dtype).float()
 
 
-# Dequantisers in torch (any device): on CUDA they are used wherever they exist (faster than
-# upstream's KTransformersOps kernels, which serve Q2_K/Q3_K/IQ4_XS).
+# Dequantisers in torch (any device): the fallback for the types below where our kernels are not
+# built, and the CPU's (tests).
 TORCH_DEQUANT = {"Q4_0": _dequant_q4_0, "Q5_0": _dequant_q5_0, "Q8_0": _dequant_q8_0, "Q4_K": _dequant_q4_k,
                  "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k,
                  **{n: _dequant_float(n) for n in ("F32", "F16", "BF16")}}
 UPSTREAM_GPU_DEQUANT = ("Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+DEQUANT_IMPLS = ("ktlegacy", "torch", "upstream")
+_GGUF_OPS: list = []    # [(ktlegacy_gguf_ops or None, ggml type ids it decodes)], imported once
 
 
-def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, upstream: bool | None = None) -> torch.Tensor:
+def gguf_ops():
+    """(ktlegacy_gguf_ops, the ggml type ids it decodes): the CUDA kernels the gguf-linear overlay
+    builds beside the other extensions (one pass over the blocks, decoded in registers, fp16 or
+    fp32 out), or (None, set()) where this build has none (a CPU-only install)."""
+    if not _GGUF_OPS:
+        try:
+            import ktlegacy_gguf_ops as ops
+            found = (ops, {int(t) for t in ops.supported_types()})
+        except (ImportError, OSError, AttributeError):
+            found = (None, set())
+        _GGUF_OPS.append(found)
+    return _GGUF_OPS[0]
+
+
+def gpu_dequant_impl(ggml_type: int) -> str | None:
+    """Which dequantiser a CUDA tensor of ``ggml_type`` blocks gets (None: none), fastest first:
+    our kernels (bench/results/gpu_linear_kernels_h100.json: a Q4_K weight dequantised at ~1.5 TB/s
+    of fp16 written), the torch ones (~15 element-wise passes in fp32: 12.5 ms for a V2-Lite
+    layer's 334 MB of experts, bench/results/gpu_prefill_path_h200.json), upstream's
+    KTransformersOps kernels (115 ms for the same layer; they serve the types only they decode)."""
+    name = GGML_BLOCKS.get(ggml_type, ("",))[0]
+    if ggml_type in gguf_ops()[1]:
+        return "ktlegacy"
+    if name in TORCH_DEQUANT:
+        return "torch"
+    return "upstream" if name in UPSTREAM_GPU_DEQUANT else None
+
+
+def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, impl: str | None = None) -> torch.Tensor:
     """The values of ``raw`` (uint8 numpy or tensor: whole ggml blocks of ``ggml_type``) as a flat
-    ``dtype`` tensor on ``device``. ``upstream``: on CUDA, use upstream's kernels where it has one;
-    None (default): these torch dequantisers where there is one (on a GPU ~9x faster than upstream's
-    for a V2-Lite layer's Q4_K experts, bench/results/gpu_prefill_path_h200.json), else upstream's."""
-    if upstream is None:
-        upstream = GGML_BLOCKS.get(ggml_type, ("",))[0] not in TORCH_DEQUANT
+    ``dtype`` tensor on ``device``. ``impl`` (one of DEQUANT_IMPLS): force one dequantiser; None
+    (default): on CUDA the fastest this build has for the type (gpu_dequant_impl), elsewhere torch's.
+    Our kernels read 4-byte-aligned blocks: a tensor that starts elsewhere goes to torch's."""
     if ggml_type not in GGML_BLOCKS:
         raise NotImplementedError(f"ggml type {ggml_type}")
-    name, _, block_bytes = GGML_BLOCKS[ggml_type]
+    name, per_block, block_bytes = GGML_BLOCKS[ggml_type]
     device = torch.device(device)
-    if upstream and device.type == "cuda" and name in UPSTREAM_GPU_DEQUANT:
+    if impl is None:
+        impl = gpu_dequant_impl(ggml_type) if device.type == "cuda" else "torch"
+    if impl not in DEQUANT_IMPLS:
+        raise ValueError(f"dequantiser {impl!r}: use one of {', '.join(DEQUANT_IMPLS)}")
+    if impl == "upstream" and device.type == "cuda" and name in UPSTREAM_GPU_DEQUANT:
         import numpy as np
         from ktransformers.util.custom_gguf import GGML_DEQUANTIZE_GPU
-        return GGML_DEQUANTIZE_GPU[name](np.asarray(raw), device).view(-1).to(dtype)
-    if name not in TORCH_DEQUANT:
-        raise NotImplementedError(f"{name} without upstream's GPU kernels")
+        data = raw.cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
+        return GGML_DEQUANTIZE_GPU[name](data, device).view(-1).to(dtype)
     data = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
-    blocks = data.to(device, non_blocking=False).view(-1, block_bytes)
-    return TORCH_DEQUANT[name](blocks).view(-1).to(dtype)
+    data = data.to(device, non_blocking=False).reshape(-1)
+    ops, types = gguf_ops()
+    if impl == "ktlegacy" and device.type == "cuda" and ggml_type in types and data.data_ptr() % 4 == 0:
+        blocks = data.numel() // block_bytes
+        out = torch.empty(blocks * per_block, dtype=dtype if dtype in (torch.float16, torch.float32) else torch.float32,
+                          device=device)
+        ops.dequantize(data, ggml_type, blocks, per_block, 0, blocks, out)   # one block a row: any layout
+        return out.to(dtype)
+    if name not in TORCH_DEQUANT:
+        raise NotImplementedError(f"{name} without a GPU dequantiser (ktlegacy_gguf_ops or upstream's) here")
+    return TORCH_DEQUANT[name](data.view(-1, block_bytes)).view(-1).to(dtype)
 
 
 def _runs(counts: list, n_experts: int, run: int) -> list:
@@ -402,8 +442,7 @@ def pin_experts(experts, w: dict, register=None) -> dict:
     arrays = [w.get(n) for n in names]
     if (getattr(experts, "backend", "llamafile") != "llamafile"
             or any(not isinstance(a, np.ndarray) or a.ndim != 1 for a in arrays)
-            or any(GGML_BLOCKS.get(w.get(f"{n}_type"), ("?",))[0] not in TORCH_DEQUANT and
-                   GGML_BLOCKS.get(w.get(f"{n}_type"), ("?",))[0] not in UPSTREAM_GPU_DEQUANT for n in names)):
+            or any(gpu_dequant_impl(w.get(f"{n}_type")) is None for n in names)):
         return w
     try:
         device = torch.device(object.__getattribute__(experts, "out_device"))
@@ -526,7 +565,7 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     ``tensors``: {"gate"|"up"|"down": (raw uint8 bytes of all experts, ggml type)} in GGUF order
     (gate/up: experts x intermediate x hidden; down: experts x hidden x intermediate). Experts go to
     the device in runs of consecutive ones whose dequantised projection fits ``budget_bytes``;
-    runs no token routes to are skipped. ``staging`` (CUDA, torch dequantisers): runs are copied
+    runs no token routes to are skipped. ``staging`` (CUDA, dequantisers that read GPU bytes): runs are copied
     through it, run i + 1 while run i computes, in at least four runs per layer; ``next_layer``
     ((key, tensors, device)): the next MoE layer's first run is copied to its GPU while this layer
     finishes (used there if that layer's first run is the same; the same size: same model).
@@ -732,9 +771,7 @@ def experts_prefill_on_gpu(experts, input_tensor: torch.Tensor, expert_ids: torc
         if minimum == 0 or rows < minimum:
             return None
     types = {n: getattr(experts, f"{n}_type") for n in ("gate", "up", "down")}
-    missing = sorted({GGML_BLOCKS.get(t, (f"type {t}",))[0] for t in types.values()
-                      if t not in GGML_BLOCKS or (GGML_BLOCKS[t][0] not in TORCH_DEQUANT
-                                                  and GGML_BLOCKS[t][0] not in UPSTREAM_GPU_DEQUANT)})
+    missing = sorted({GGML_BLOCKS.get(t, (f"type {t}",))[0] for t in types.values() if gpu_dequant_impl(t) is None})
     if missing:
         _note_once("types", f"routed experts in {', '.join(missing)} have no GPU dequantiser: prompts run them on the CPU")
         return None
@@ -749,7 +786,8 @@ def experts_prefill_on_gpu(experts, input_tensor: torch.Tensor, expert_ids: torc
     config = experts.config
     dtype = input_tensor.dtype if input_tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
     tensors = {n: (getattr(experts, n), types[n]) for n in ("gate", "up", "down")}
-    staged = not STAGING.failed and all(GGML_BLOCKS[t][0] in TORCH_DEQUANT for t in types.values())
+    # staged: every type is dequantised from the GPU copy (upstream's kernels take host bytes)
+    staged = not STAGING.failed and all(gpu_dequant_impl(t) in ("ktlegacy", "torch") for t in types.values())
     number = _layer_number(experts)
     next_layer = None
     if staged and number is not None:
