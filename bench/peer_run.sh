@@ -36,7 +36,8 @@
 # it past PEER_IK_WAIT_LEFT seconds left (default 480): then the build is stopped (a later call on
 # this machine resumes it) and the benchmark runs without ik_llama.cpp. A PEER_PREPARE_ONLY=1 call
 # waits for it until a minute is left.
-# Results: $OUT/peer_vs_llama_cpp.json (.partial.json while running), peer-logs.tar.gz.
+# Results: $OUT/peer_vs_llama_cpp.json (.partial.json while running), peer-logs.tar.gz, and from the
+# call that installed our engine on, gpu_prefill_path.json (one layer of the GPU experts path, each dequantiser).
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -141,6 +142,18 @@ else
   if [ $kt_rc = 0 ]; then echo "$kt_want" >"$work/kt.stamp"
   else tail -30 "$logs/gpu_run.log"; say "ktransformers install failed ($kt_rc)"; fi
 fi
+
+# ---- 3b. one MoE layer of the GPU experts path, each dequantiser (bench/gpu_prefill_path.py: our
+# ktlegacy_gguf_ops kernels, torch's, upstream's): once per install, while the peers still build
+if [ $kt_rc = 0 ] && [ "$(cat "$work/path.stamp" 2>/dev/null)" != "$kt_want" ] && [ "$(left)" -gt 200 ]; then
+  say "GPU experts path, one layer: bench/gpu_prefill_path.py"
+  if PYTHONPATH="$work/kt-work/kt:$work/kt-work/site:$repo" KTLEGACY_EMULATE_CC=7.5 timeout 150 \
+      $py bench/gpu_prefill_path.py --upstream --out "$work/gpu_prefill_path.json" >"$logs/gpu_prefill_path.log" 2>&1; then
+    echo "$kt_want" >"$work/path.stamp"
+  fi
+  tail -4 "$logs/gpu_prefill_path.log"
+fi
+[ -f "$work/gpu_prefill_path.json" ] && cp "$work/gpu_prefill_path.json" "$OUT/"
 
 # ---- wait for the background steps
 while [ ! -f "$work/model.rc" ] || [ ! -f "$work/llama.rc" ]; do
