@@ -342,7 +342,7 @@ def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, impl: str | None
     """The values of ``raw`` (uint8 numpy or tensor: whole ggml blocks of ``ggml_type``) as a flat
     ``dtype`` tensor on ``device``. ``impl`` (one of DEQUANT_IMPLS): force one dequantiser; None
     (default): on CUDA the fastest this build has for the type (gpu_dequant_impl), elsewhere torch's.
-    Our kernels read 4-byte-aligned blocks: a tensor that starts elsewhere goes to torch's."""
+    Our kernels read 4-byte words: a tensor that starts elsewhere is copied to an aligned one first."""
     if ggml_type not in GGML_BLOCKS:
         raise NotImplementedError(f"ggml type {ggml_type}")
     name, per_block, block_bytes = GGML_BLOCKS[ggml_type]
@@ -359,7 +359,9 @@ def dequantize(raw, ggml_type: int, device, dtype: torch.dtype, impl: str | None
     data = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
     data = data.to(device, non_blocking=False).reshape(-1)
     ops, types = gguf_ops()
-    if impl == "ktlegacy" and device.type == "cuda" and ggml_type in types and data.data_ptr() % 4 == 0:
+    if impl == "ktlegacy" and device.type == "cuda" and ggml_type in types:
+        if data.data_ptr() % 4:
+            data = data.clone()     # e.g. a Q3_K part (110-byte blocks) at an odd offset of a staged run
         blocks = data.numel() // block_bytes
         out = torch.empty(blocks * per_block, dtype=dtype if dtype in (torch.float16, torch.float32) else torch.float32,
                           device=device)
