@@ -326,8 +326,8 @@ def gguf_ops():
 
 def gpu_dequant_impl(ggml_type: int) -> str | None:
     """Which dequantiser a CUDA tensor of ``ggml_type`` blocks gets (None: none), fastest first:
-    our kernels (bench/results/gpu_linear_kernels_h100.json: a Q4_K weight dequantised at ~1.5 TB/s
-    of fp16 written), the torch ones (~15 element-wise passes in fp32: 12.5 ms for a V2-Lite
+    our kernels (one pass; bench/results/gpu_linear_kernels_h100.json's prefill rows minus its fp16
+    matmul imply ~1.5 TB/s of fp16 written for Q4_K: not timed on their own, nor in this path yet), the torch ones (~15 element-wise passes in fp32: 12.5 ms for a V2-Lite
     layer's 334 MB of experts, bench/results/gpu_prefill_path_h200.json), upstream's
     KTransformersOps kernels (115 ms for the same layer; they serve the types only they decode)."""
     name = GGML_BLOCKS.get(ggml_type, ("",))[0]
